@@ -1,0 +1,40 @@
+"""``edgecloud``: the operator's tools. Each command group lives in its own module with a
+``register(subparsers)`` function; this file only lists them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from edgecloud import __version__
+from edgecloud.errors import ConfigError, EdgecloudError
+
+#: modules that add sub-commands, in the order they appear in --help
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgecloud", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edgecloud {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit 0 done, 2 bad usage or configuration, 1 failure (DESIGN §9)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"edgecloud: configuration error: {e}", file=sys.stderr)
+        return 2
+    except EdgecloudError as e:
+        print(f"edgecloud: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

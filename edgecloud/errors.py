@@ -1,0 +1,35 @@
+"""One exception tree for edgecloud; each maps onto one gRPC status code (see protocol.servicer)."""
+
+from __future__ import annotations
+
+
+class EdgecloudError(Exception):
+    """Root of every error edgecloud raises on purpose."""
+
+
+class InvalidInput(EdgecloudError):
+    """A request does not match the model's inputs (name, datatype, shape, byte size)."""
+
+
+class ModelNotFound(EdgecloudError):
+    """No such model, or no such version of it."""
+
+
+class ModelUnavailable(EdgecloudError):
+    """The model exists but cannot answer now (loading, draining, shut down)."""
+
+
+class ResourceExhausted(EdgecloudError):
+    """A size or rate limit was hit."""
+
+
+class ConfigError(EdgecloudError):
+    """Configuration is invalid; the message names the key. Services exit with code 2."""
+
+
+class ModelLoadError(EdgecloudError):
+    """A model file could not be loaded or does not meet its contract."""
+
+
+class BackendUnavailable(ModelLoadError):
+    """The backend's runtime library is not installed on this machine."""

@@ -1,0 +1,225 @@
+"""numpy ⇄ KServe v2 wire format. Together with the servicer, the only code that touches protobuf.
+
+Tensors travel in ``raw_input_contents`` / ``raw_output_contents`` (little-endian; BYTES elements
+carry a 4-byte little-endian length prefix). Typed ``contents`` are accepted on input, as the
+specification requires, but outputs are always raw: tritonclient reads nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+
+from edgecloud._generated.inference import grpc_service_pb2 as pb
+from edgecloud.errors import InvalidInput
+from edgecloud.protocol.datatypes import NUMPY_OF, kserve_datatype, wire_itemsize
+
+ParamValue = Union[bool, int, float, str]
+_INT64_MAX = 2**63 - 1
+# Which InferTensorContents field carries a datatype when a client sends typed contents.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+    "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+    "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedOutput:
+    """An output a client named in ``outputs``, with its parameters (e.g. ``classification``)."""
+
+    name: str
+    parameters: Mapping[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    """A decoded ModelInferRequest."""
+
+    model_name: str
+    inputs: Mapping[str, np.ndarray]
+    model_version: str = ""
+    id: str = ""
+    parameters: Mapping[str, ParamValue] = field(default_factory=dict)
+    outputs: tuple[RequestedOutput, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class InferResponse:
+    """What a model answered: outputs in order, plus response parameters."""
+
+    model_name: str
+    outputs: Mapping[str, np.ndarray]
+    model_version: str = ""
+    id: str = ""
+    parameters: Mapping[str, ParamValue] = field(default_factory=dict)
+
+
+# --- parameters -------------------------------------------------------------------------------
+
+def params_from_pb(params: Mapping[str, pb.InferParameter]) -> dict[str, ParamValue]:
+    """InferParameter map → plain Python values."""
+    out: dict[str, ParamValue] = {}
+    for key, p in params.items():
+        which = p.WhichOneof("parameter_choice")
+        if which is not None:
+            out[key] = getattr(p, which)
+    return out
+
+
+def params_to_pb(target, values: Mapping[str, ParamValue]) -> None:
+    """Write plain values into an InferParameter map field (bool before int: bool is an int)."""
+    for key, value in values.items():
+        p = target[key]
+        if isinstance(value, bool):
+            p.bool_param = value
+        elif isinstance(value, (int, np.integer)):
+            if value > _INT64_MAX:
+                p.uint64_param = int(value)
+            else:
+                p.int64_param = int(value)
+        elif isinstance(value, (float, np.floating)):
+            p.double_param = float(value)
+        elif isinstance(value, str):
+            p.string_param = value
+        else:
+            raise TypeError(f"parameter {key!r}: unsupported type {type(value).__name__}")
+
+
+# --- tensors ----------------------------------------------------------------------------------
+
+def _serialize_bytes(array: np.ndarray) -> bytes:
+    parts = []
+    for item in array.reshape(-1):
+        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(struct.pack("<I", len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _deserialize_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
+    items, offset = [], 0
+    view = memoryview(raw)
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInput(f"input {name!r}: BYTES element {len(items)} has a truncated length prefix")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidInput(f"input {name!r}: BYTES element {len(items)} declares {length} bytes, "
+                               f"only {len(raw) - offset} remain")
+        items.append(bytes(view[offset:offset + length]))
+        offset += length
+    if len(items) != count:
+        raise InvalidInput(f"input {name!r}: {len(items)} BYTES elements, shape needs {count}")
+    return np.array(items, dtype=np.object_)
+
+
+def tensor_to_raw(array: np.ndarray, datatype: str | None = None) -> tuple[str, bytes]:
+    """Encode an array for ``raw_*_contents``; returns its KServe datatype and the bytes."""
+    datatype = datatype or kserve_datatype(array.dtype)
+    if datatype == "BYTES":
+        return datatype, _serialize_bytes(array)
+    if datatype == "BF16":
+        bits = np.ascontiguousarray(array, dtype="<f4").view("<u4")
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+        return datatype, rounded.tobytes()
+    return datatype, np.ascontiguousarray(array, dtype=NUMPY_OF[datatype].newbyteorder("<")).tobytes()
+
+
+def tensor_from_raw(raw: bytes, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """Decode ``raw`` bytes into an array of ``shape``, checking the byte size first."""
+    if datatype not in NUMPY_OF:
+        raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r}")
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input {name!r}: negative dimension in shape {list(shape)}")
+    count = int(np.prod(shape, dtype=np.int64))
+    if datatype == "BYTES":
+        return _deserialize_bytes(raw, count, name).reshape(shape)
+    expected = count * wire_itemsize(datatype)
+    if len(raw) != expected:
+        raise InvalidInput(f"input {name!r}: {len(raw)} bytes of raw data, shape {list(shape)} of "
+                           f"{datatype} needs {expected}")
+    if datatype == "BF16":
+        words = np.frombuffer(raw, dtype="<u2").astype("<u4") << 16
+        return words.view("<f4").astype(np.float32).reshape(shape)
+    return np.frombuffer(raw, dtype=NUMPY_OF[datatype].newbyteorder("<")).astype(
+        NUMPY_OF[datatype], copy=False).reshape(shape)
+
+
+def _tensor_from_contents(tensor, shape: tuple[int, ...]) -> np.ndarray:
+    field_name = _CONTENTS_FIELD.get(tensor.datatype)
+    if field_name is None:
+        raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} cannot travel in typed "
+                           "contents; send it in raw_input_contents")
+    values = list(getattr(tensor.contents, field_name))
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(values) != count:
+        raise InvalidInput(f"input {tensor.name!r}: {len(values)} values in contents.{field_name}, "
+                           f"shape {list(shape)} needs {count}")
+    return np.array(values, dtype=NUMPY_OF[tensor.datatype]).reshape(shape)
+
+
+# --- requests and responses -------------------------------------------------------------------
+
+def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
+    """ModelInferRequest → InferRequest, checking byte sizes and element counts."""
+    raw = msg.raw_input_contents
+    if raw and len(raw) != len(msg.inputs):
+        raise InvalidInput(f"{len(msg.inputs)} inputs but {len(raw)} raw_input_contents entries")
+    inputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(msg.inputs):
+        if tensor.name in inputs:
+            raise InvalidInput(f"input {tensor.name!r} appears twice")
+        shape = tuple(tensor.shape)
+        if raw:
+            inputs[tensor.name] = tensor_from_raw(raw[i], tensor.datatype, shape, tensor.name)
+        else:
+            inputs[tensor.name] = _tensor_from_contents(tensor, shape)
+    outputs = tuple(RequestedOutput(o.name, params_from_pb(o.parameters)) for o in msg.outputs)
+    return InferRequest(model_name=msg.model_name, model_version=msg.model_version, id=msg.id,
+                        inputs=inputs, parameters=params_from_pb(msg.parameters), outputs=outputs)
+
+
+def encode_request(req: InferRequest) -> pb.ModelInferRequest:
+    """InferRequest → ModelInferRequest with raw inputs (used by the agent's cloud client)."""
+    msg = pb.ModelInferRequest(model_name=req.model_name, model_version=req.model_version, id=req.id)
+    params_to_pb(msg.parameters, req.parameters)
+    for name, array in req.inputs.items():
+        datatype, data = tensor_to_raw(array)
+        msg.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        msg.raw_input_contents.append(data)
+    for out in req.outputs:
+        params_to_pb(msg.outputs.add(name=out.name).parameters, out.parameters)
+    return msg
+
+
+def encode_response(resp: InferResponse, datatypes: Mapping[str, str] | None = None) -> pb.ModelInferResponse:
+    """InferResponse → ModelInferResponse; ``datatypes`` overrides e.g. BF16 outputs."""
+    msg = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version,
+                                id=resp.id)
+    params_to_pb(msg.parameters, resp.parameters)
+    for name, array in resp.outputs.items():
+        datatype, data = tensor_to_raw(array, (datatypes or {}).get(name))
+        msg.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        msg.raw_output_contents.append(data)
+    return msg
+
+
+def decode_response(msg: pb.ModelInferResponse) -> InferResponse:
+    """ModelInferResponse → InferResponse (raw or typed outputs)."""
+    raw = msg.raw_output_contents
+    outputs = {}
+    for i, tensor in enumerate(msg.outputs):
+        shape = tuple(tensor.shape)
+        if raw:
+            outputs[tensor.name] = tensor_from_raw(raw[i], tensor.datatype, shape, tensor.name)
+        else:
+            outputs[tensor.name] = _tensor_from_contents(tensor, shape)
+    return InferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id,
+                         outputs=outputs, parameters=params_from_pb(msg.parameters))

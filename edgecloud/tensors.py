@@ -1,0 +1,66 @@
+"""Tensor specs: the name, KServe datatype and shape of a model input or output."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgecloud.errors import InvalidInput
+from edgecloud.protocol.datatypes import DATATYPES, kserve_datatype
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One model input or output; ``-1`` in ``shape`` is a dimension of any size (dim 0: the batch)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.datatype not in DATATYPES:
+            raise ValueError(f"tensor {self.name!r}: unknown datatype {self.datatype!r}")
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """Shape of one row (everything after the batch dimension)."""
+        return self.shape[1:]
+
+    def shape_matches(self, shape: Sequence[int]) -> bool:
+        """True when ``shape`` fits this spec (same rank, fixed dimensions equal)."""
+        return len(shape) == len(self.shape) and all(
+            want < 0 or want == got for want, got in zip(self.shape, shape)
+        )
+
+    def check(self, array: np.ndarray, model: str = "") -> None:
+        """Raise InvalidInput naming the tensor when ``array`` does not fit this spec."""
+        where = f"model {model!r} input {self.name!r}" if model else f"input {self.name!r}"
+        got = kserve_datatype(array.dtype)
+        if got != self.datatype and not (self.datatype == "BF16" and got == "FP32"):
+            raise InvalidInput(f"{where}: datatype {got}, expected {self.datatype}")
+        if not self.shape_matches(array.shape):
+            raise InvalidInput(f"{where}: shape {list(array.shape)}, expected {list(self.shape)} "
+                               "(-1 = any size)")
+
+
+def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray], model: str = "") -> int:
+    """Validate a full input set against ``specs`` and return the batch size (rows of dim 0)."""
+    names = {s.name for s in specs}
+    unknown = sorted(set(inputs) - names)
+    if unknown:
+        raise InvalidInput(f"model {model!r}: unknown input {unknown[0]!r}; inputs are {sorted(names)}")
+    missing = sorted(names - set(inputs))
+    if missing:
+        raise InvalidInput(f"model {model!r}: missing input {missing[0]!r}")
+    rows = set()
+    for spec in specs:
+        array = inputs[spec.name]
+        spec.check(array, model)
+        if array.ndim:
+            rows.add(array.shape[0])
+    if len(rows) > 1:
+        raise InvalidInput(f"model {model!r}: inputs disagree on the batch size: {sorted(rows)}")
+    return rows.pop() if rows else 1
