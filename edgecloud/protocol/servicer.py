@@ -1,0 +1,131 @@
+"""The KServe v2 gRPC servicer both services use: decode, call the host, encode, map errors.
+
+The host (the edge agent's cascade or the gateway's repository) never sees protobuf; this module and
+the codec are the only places that do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from edgecloud import errors
+from edgecloud._generated.inference import grpc_service_pb2 as pb
+from edgecloud._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from edgecloud.protocol.codec import InferRequest, InferResponse, decode_request, encode_response
+from edgecloud.tensors import TensorSpec
+
+log = logging.getLogger(__name__)
+
+#: error class → gRPC status; the first match in order wins (subclasses first).
+STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.EdgecloudError, grpc.StatusCode.INTERNAL),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """What ModelMetadata answers for one model."""
+
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+class InferenceHost(Protocol):
+    """What a service implements to be served over KServe v2."""
+
+    server_name: str
+    server_version: str
+
+    def is_live(self) -> bool: ...
+    def is_ready(self) -> bool: ...
+    def model_ready(self, name: str, version: str) -> bool: ...
+    def model_metadata(self, name: str, version: str) -> ModelMetadata: ...
+    def infer(self, request: InferRequest, peer: PeerInfo) -> InferResponse: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """Who is calling: the gRPC peer and, with mutual TLS, the client certificate's common name."""
+
+    peer: str = ""
+    common_name: str = ""
+    bearer_token: str = ""
+
+
+def _peer_info(context: grpc.ServicerContext) -> PeerInfo:
+    cn = ""
+    auth = context.auth_context() or {}
+    names = auth.get("x509_common_name") or []
+    if names:
+        cn = names[0].decode("utf-8", "replace")
+    token = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and value.lower().startswith("bearer "):
+            token = value[7:]
+    return PeerInfo(peer=context.peer() or "", common_name=cn, bearer_token=token)
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    for cls, code in STATUS_OF:
+        if isinstance(exc, cls):
+            context.abort(code, str(exc))
+    log.exception("event=internal_error error=%r", exc)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
+def _tensor_metadata(specs: Sequence[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
+            for s in specs]
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Thin gRPC front for an InferenceHost."""
+
+    EXTENSIONS = ("classification", "model_configuration")
+
+    def __init__(self, host: InferenceHost) -> None:
+        self.host = host
+
+    def ServerLive(self, request, context):  # noqa: N802 - gRPC method names
+        return pb.ServerLiveResponse(live=self.host.is_live())
+
+    def ServerReady(self, request, context):  # noqa: N802
+        return pb.ServerReadyResponse(ready=self.host.is_ready())
+
+    def ModelReady(self, request, context):  # noqa: N802
+        try:
+            return pb.ModelReadyResponse(ready=self.host.model_ready(request.name, request.version))
+        except Exception as e:
+            _abort(context, e)
+
+    def ServerMetadata(self, request, context):  # noqa: N802
+        return pb.ServerMetadataResponse(name=self.host.server_name, version=self.host.server_version,
+                                         extensions=list(self.EXTENSIONS))
+
+    def ModelMetadata(self, request, context):  # noqa: N802
+        try:
+            meta = self.host.model_metadata(request.name, request.version)
+        except Exception as e:
+            _abort(context, e)
+        return pb.ModelMetadataResponse(name=meta.name, versions=list(meta.versions),
+                                        platform=meta.platform, inputs=_tensor_metadata(meta.inputs),
+                                        outputs=_tensor_metadata(meta.outputs))
+
+    def ModelInfer(self, request, context):  # noqa: N802
+        try:
+            response = self.host.infer(decode_request(request), _peer_info(context))
+            return encode_response(response)
+        except Exception as e:
+            _abort(context, e)
