@@ -64,3 +64,27 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray], 
     if len(rows) > 1:
         raise InvalidInput(f"model {model!r}: inputs disagree on the batch size: {sorted(rows)}")
     return rows.pop() if rows else 1
+
+
+def contract_differences(expected: Sequence[TensorSpec], actual: Sequence[TensorSpec],
+                         what: str) -> list[str]:
+    """How ``actual`` differs from ``expected`` in names, datatypes and per-row shapes (dim 0 aside).
+
+    A dynamic dimension (-1) on either side matches any size. Used for the cloud model's contract
+    and for a new release's, so both speak of differences the same way.
+    """
+    problems = []
+    have = {s.name: s for s in actual}
+    for spec in expected:
+        other = have.get(spec.name)
+        if other is None:
+            problems.append(f"{what} {spec.name!r} is missing (has {sorted(have)})")
+            continue
+        if other.datatype != spec.datatype:
+            problems.append(f"{what} {spec.name!r}: datatype {other.datatype}, expected {spec.datatype}")
+        rows_match = len(other.row_shape) == len(spec.row_shape) and all(
+            a < 0 or b < 0 or a == b for a, b in zip(spec.row_shape, other.row_shape))
+        if not rows_match:
+            problems.append(f"{what} {spec.name!r}: per-row shape {list(other.row_shape)}, "
+                            f"expected {list(spec.row_shape)}")
+    return problems

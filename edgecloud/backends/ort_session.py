@@ -28,7 +28,8 @@ class OrtConfig:
 
     ``providers`` are ONNX Runtime execution provider names in order of preference, e.g.
     ``["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]``;
-    ``provider_options`` maps a provider name to its options (``trt_int8_enable``, ``trt_engine_cache_path``…).
+    ``provider_options`` maps a provider name to its options (``trt_int8_enable``,
+    ``trt_engine_cache_path``…).
     Thread counts of 0 let ONNX Runtime choose.
     """
 

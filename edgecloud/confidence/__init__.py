@@ -7,8 +7,13 @@ import importlib
 from edgecloud.confidence.base import ConfidencePolicy
 from edgecloud.confidence.probability import POLICIES, ProbabilityPolicy, calibrated_probabilities
 
-__all__ = ["ConfidencePolicy", "POLICIES", "ProbabilityPolicy", "calibrated_probabilities",
-           "make_policy"]
+__all__ = [
+    "POLICIES",
+    "ConfidencePolicy",
+    "ProbabilityPolicy",
+    "calibrated_probabilities",
+    "make_policy",
+]
 
 
 def make_policy(name: str, score_output: str, scores: str = "logits",

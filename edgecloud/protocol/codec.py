@@ -17,6 +17,7 @@ import numpy as np
 from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud.errors import InvalidInput
 from edgecloud.protocol.datatypes import NUMPY_OF, kserve_datatype, wire_itemsize
+from edgecloud.tensors import TensorSpec
 
 ParamValue = Union[bool, int, float, str]
 _INT64_MAX = 2**63 - 1
@@ -58,6 +59,34 @@ class InferResponse:
     model_version: str = ""
     id: str = ""
     parameters: Mapping[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """What ModelMetadata answers for one model."""
+
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def metadata_to_pb(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+    """ModelMetadata → ModelMetadataResponse."""
+    def tensors(specs):
+        return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
+                for s in specs]
+    return pb.ModelMetadataResponse(name=meta.name, versions=list(meta.versions), platform=meta.platform,
+                                    inputs=tensors(meta.inputs), outputs=tensors(meta.outputs))
+
+
+def metadata_from_pb(msg: pb.ModelMetadataResponse) -> ModelMetadata:
+    """ModelMetadataResponse → ModelMetadata (e.g. a cloud model's, to check its contract)."""
+    def specs(items):
+        return tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in items)
+    return ModelMetadata(name=msg.name, versions=tuple(msg.versions), platform=msg.platform,
+                         inputs=specs(msg.inputs), outputs=specs(msg.outputs))
 
 
 # --- parameters -------------------------------------------------------------------------------
@@ -223,3 +252,18 @@ def decode_response(msg: pb.ModelInferResponse) -> InferResponse:
             outputs[tensor.name] = _tensor_from_contents(tensor, shape)
     return InferResponse(model_name=msg.model_name, model_version=msg.model_version, id=msg.id,
                          outputs=outputs, parameters=params_from_pb(msg.parameters))
+
+
+def request_to_bytes(req: InferRequest) -> bytes:
+    """Serialize a request for storage (the agent's spool keeps cases as wire bytes)."""
+    return encode_request(req).SerializeToString()
+
+
+def request_from_bytes(data: bytes) -> InferRequest:
+    """Inverse of request_to_bytes; a corrupt file raises InvalidInput."""
+    msg = pb.ModelInferRequest()
+    try:
+        msg.ParseFromString(data)
+    except Exception as e:  # protobuf's DecodeError
+        raise InvalidInput(f"corrupt stored request: {e}") from e
+    return decode_request(msg)

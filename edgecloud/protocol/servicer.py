@@ -7,7 +7,6 @@ the codec are the only places that do.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,8 +15,14 @@ import grpc
 from edgecloud import errors
 from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud._generated.inference import grpc_service_pb2_grpc as pb_grpc
-from edgecloud.protocol.codec import InferRequest, InferResponse, decode_request, encode_response
-from edgecloud.tensors import TensorSpec
+from edgecloud.protocol.codec import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    decode_request,
+    encode_response,
+    metadata_to_pb,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +34,6 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.EdgecloudError, grpc.StatusCode.INTERNAL),
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ModelMetadata:
-    """What ModelMetadata answers for one model."""
-
-    name: str
-    versions: tuple[str, ...]
-    platform: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
 
 
 class InferenceHost(Protocol):
@@ -85,11 +79,6 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
 
-def _tensor_metadata(specs: Sequence[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
-    return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
-            for s in specs]
-
-
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Thin gRPC front for an InferenceHost."""
 
@@ -119,9 +108,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             meta = self.host.model_metadata(request.name, request.version)
         except Exception as e:
             _abort(context, e)
-        return pb.ModelMetadataResponse(name=meta.name, versions=list(meta.versions),
-                                        platform=meta.platform, inputs=_tensor_metadata(meta.inputs),
-                                        outputs=_tensor_metadata(meta.outputs))
+        return metadata_to_pb(meta)
 
     def ModelInfer(self, request, context):  # noqa: N802
         try:

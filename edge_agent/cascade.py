@@ -1,0 +1,277 @@
+"""The cascade (DESIGN §4): answer every row at the edge, send the unsure ones to the cloud in one
+call, and never let the cloud's absence become the client's error."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent.escalation import CloudError, CloudIncompatible, CloudLink
+from edge_agent.model import EdgeModel, ModelSlot
+from edge_agent.ratelimit import TokenBucket
+from edge_agent.spool import Spool
+from edge_agent.stats import CallRecord, Stats
+from edgecloud import __version__
+from edgecloud.errors import InvalidInput, ModelNotFound
+from edgecloud.protocol.classification import PARAMETER as CLASSIFICATION
+from edgecloud.protocol.classification import top_k_strings
+from edgecloud.protocol.codec import InferRequest, InferResponse, ModelMetadata
+from edgecloud.protocol.servicer import PeerInfo
+from edgecloud.tensors import TensorSpec, check_inputs
+
+log = logging.getLogger(__name__)
+
+P = "edgecloud."
+ESCALATE_MODES = ("auto", "always", "never")
+CONFIDENCE_OUTPUT = TensorSpec(P + "confidence", "FP32", (-1,))
+SOURCE_OUTPUT = TensorSpec(P + "source", "BYTES", (-1,))
+
+
+@dataclass(frozen=True, slots=True)
+class CascadeOptions:
+    """Per-request choices read from the request parameters."""
+
+    escalate: str
+    threshold: float
+
+    @classmethod
+    def parse(cls, params: Mapping[str, object], default_threshold: float) -> CascadeOptions:
+        mode = params.get(P + "escalate", "auto")
+        if mode not in ESCALATE_MODES:
+            raise InvalidInput(f"parameter {P}escalate: {mode!r}, expected one of {list(ESCALATE_MODES)}")
+        threshold = params.get(P + "threshold", default_threshold)
+        number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+        if not number or not math.isfinite(threshold):
+            raise InvalidInput(f"parameter {P}threshold: {threshold!r}, expected a finite number")
+        return cls(str(mode), float(threshold))
+
+
+@dataclass(slots=True)
+class _Call:
+    """One request on its way through the cascade."""
+
+    model: EdgeModel
+    request: InferRequest
+    request_id: str
+    outputs: dict[str, np.ndarray]
+    confidence: np.ndarray
+
+
+class Cascade:
+    """The agent's InferenceHost: edge model first, cloud for the rows that want it."""
+
+    server_name = "edgecloud-edge-agent"
+    server_version = __version__
+
+    def __init__(self, slot: ModelSlot, device_id: str, link: CloudLink | None = None,
+                 spool: Spool | None = None, bucket: TokenBucket | None = None,
+                 deadline_s: float = 0.3, audit_rate: float = 0.0, stats: Stats | None = None) -> None:
+        self.slot = slot
+        self.device_id = device_id
+        self.link = link
+        self.spool = spool
+        self.bucket = bucket
+        self.deadline_s = deadline_s
+        self.audit_rate = audit_rate
+        self.stats = stats or Stats()
+        self.accepting = True
+        self._audits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
+        self._audit_slots = threading.BoundedSemaphore(8)  # audits never pile up behind a slow cloud
+        self._random = random.Random()
+
+    # --- InferenceHost ------------------------------------------------------------------------
+
+    def is_live(self) -> bool:
+        return True
+
+    def is_ready(self) -> bool:
+        return self.accepting
+
+    def _model_for(self, name: str, version: str) -> EdgeModel:
+        model = self.slot.model
+        if name != model.name:
+            raise ModelNotFound(f"unknown model {name!r}; this agent serves {model.name!r}")
+        if version and version != model.version:
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; serving {model.version!r}")
+        return model
+
+    def model_ready(self, name: str, version: str) -> bool:
+        try:
+            self._model_for(name, version)
+        except ModelNotFound:
+            return False
+        return self.accepting
+
+    def model_metadata(self, name: str, version: str) -> ModelMetadata:
+        model = self._model_for(name, version)
+        return ModelMetadata(name=model.name, versions=(model.version,), platform=model.backend.platform,
+                             inputs=model.inputs, outputs=(*model.outputs, CONFIDENCE_OUTPUT, SOURCE_OUTPUT))
+
+    def infer(self, request: InferRequest, peer: PeerInfo | None = None) -> InferResponse:
+        started = time.perf_counter()
+        model = self._model_for(request.model_name, request.model_version)
+        options = CascadeOptions.parse(request.parameters, model.settings.threshold)
+        rows = check_inputs(model.inputs, request.inputs, model.name)
+        outputs = model.backend.infer(request.inputs)
+        confidence = np.asarray(model.settings.policy(outputs), dtype=np.float32).reshape(-1)
+        if confidence.shape[0] != rows:
+            raise InvalidInput(f"confidence policy {model.settings.policy_name!r} gave "
+                               f"{confidence.shape[0]} values for {rows} rows")
+        call = _Call(model, request, request.id or uuid.uuid4().hex, outputs, confidence)
+
+        wants = self._wants_cloud(confidence, options)
+        sent, rate_limited = self._admit(wants, options.escalate)
+        from_cloud = np.zeros(rows, dtype=bool)
+        degraded = False
+        if sent.size:
+            reason = "forced" if options.escalate == "always" else "low_confidence"
+            degraded = not self._escalate(call, sent, reason)
+            from_cloud[sent] = not degraded
+        self._maybe_audit(call, wants)
+
+        self.stats.record(CallRecord(rows, int(sent.size), int(from_cloud.sum()),
+                                     int(sent.size) if degraded else 0, rate_limited,
+                                     time.perf_counter() - started, confidence))
+        params = self._parameters(call, from_cloud, degraded, rate_limited)
+        params[P + "escalated"] = bool(sent.size)
+        return InferResponse(model_name=model.name, model_version=model.version, id=request.id,
+                             outputs=self._select_outputs(call, from_cloud), parameters=params)
+
+    # --- steps ----------------------------------------------------------------------------------
+
+    def _wants_cloud(self, confidence: np.ndarray, options: CascadeOptions) -> np.ndarray:
+        if options.escalate == "never" or self.link is None:
+            return np.zeros(confidence.shape[0], dtype=bool)
+        if options.escalate == "always":
+            return np.ones(confidence.shape[0], dtype=bool)
+        return confidence < options.threshold
+
+    def _admit(self, wants: np.ndarray, mode: str) -> tuple[np.ndarray, int]:
+        """Rows that go to the cloud, and how many the rate limit kept at the edge."""
+        rows = np.flatnonzero(wants)
+        if mode == "always" or self.bucket is None or rows.size == 0:
+            return rows, 0
+        granted = self.bucket.take(int(rows.size))
+        return rows[:granted], int(rows.size - granted)
+
+    def _upstream(self, call: _Call, rows: np.ndarray, reason: str) -> InferRequest:
+        model, confidence = call.model, call.confidence
+        scores = call.outputs[model.settings.score_output]
+        summary = {"rows": rows.tolist(),
+                   "prediction": scores.reshape(scores.shape[0], -1)[rows].argmax(axis=1).tolist(),
+                   "confidence": [round(float(c), 6) for c in confidence[rows]], "reason": reason}
+        params = {P + "request_id": call.request_id, P + "device_id": self.device_id,
+                  P + "edge_model_version": model.version, P + "edge_summary": json.dumps(summary)}
+        return InferRequest(model_name=self.link.model_name(model), model_version=self.link.cfg.model_version,
+                            id=call.request_id, inputs={k: v[rows] for k, v in call.request.inputs.items()},
+                            parameters=params)
+
+    def _escalate(self, call: _Call, rows: np.ndarray, reason: str) -> bool:
+        """Ask the cloud for ``rows`` and merge its answer into the call's outputs; False when degraded."""
+        upstream = self._upstream(call, rows, reason)
+        started = time.perf_counter()
+        try:
+            reply = self.link.ask(call.model, upstream, self.deadline_s)
+            cloud_rows = {spec.name: self._cloud_output(reply.outputs, spec, rows.size)
+                          for spec in call.model.outputs}
+        except CloudError as e:
+            keep = not isinstance(e, CloudIncompatible) and self.spool is not None
+            if keep:
+                self.spool.put(upstream)
+            log.info("event=escalation request_id=%s rows=%d outcome=degraded error=%r spooled=%s "
+                     "latency_ms=%.1f", call.request_id, rows.size, str(e), keep,
+                     (time.perf_counter() - started) * 1000)
+            return False
+        for name, values in cloud_rows.items():
+            merged = np.array(call.outputs[name], copy=True)
+            merged[rows] = values
+            call.outputs[name] = merged
+        log.info("event=escalation request_id=%s rows=%d outcome=cloud latency_ms=%.1f", call.request_id,
+                 rows.size, (time.perf_counter() - started) * 1000)
+        return True
+
+    @staticmethod
+    def _cloud_output(outputs: Mapping[str, np.ndarray], spec: TensorSpec, rows: int) -> np.ndarray:
+        if spec.name not in outputs:
+            raise CloudError(f"bad cloud answer: output {spec.name!r} missing")
+        values = outputs[spec.name]
+        if values.shape[0] != rows:
+            raise CloudError(f"bad cloud answer: output {spec.name!r} has {values.shape[0]} rows, "
+                             f"{rows} were sent")
+        return values
+
+    def _maybe_audit(self, call: _Call, wants: np.ndarray) -> None:
+        """Send a random share of confident rows to the cloud in the background (drift watching)."""
+        if not self.audit_rate or self.link is None:
+            return
+        confident = np.flatnonzero(~wants)
+        rows = confident[np.array([self._random.random() < self.audit_rate for _ in confident], dtype=bool)]
+        if not rows.size or not self._audit_slots.acquire(blocking=False):
+            return
+        upstream = self._upstream(call, rows, "audit")
+
+        def send() -> None:
+            try:
+                self.link.ask(call.model, upstream, max(self.deadline_s, 5.0))
+                self.stats.audit()
+            except CloudError:
+                if self.spool is not None:
+                    self.spool.put(upstream)
+            finally:
+                self._audit_slots.release()
+
+        self._audits.submit(send)
+
+    @staticmethod
+    def _select_outputs(call: _Call, from_cloud: np.ndarray) -> dict[str, np.ndarray]:
+        """The outputs a client asked for by name (all the model's when it named none)."""
+        model, outputs = call.model, call.outputs
+        if not call.request.outputs:
+            return outputs
+        extras = {CONFIDENCE_OUTPUT.name: lambda: call.confidence,
+                  SOURCE_OUTPUT.name: lambda: np.where(from_cloud, b"cloud", b"edge").astype(np.object_)}
+        selected = {}
+        for out in call.request.outputs:
+            if out.name in outputs:
+                value = outputs[out.name]
+            elif out.name in extras:
+                value = extras[out.name]()
+            else:
+                raise InvalidInput(f"model {model.name!r} has no output {out.name!r}; outputs are "
+                                   f"{[o.name for o in model.outputs] + list(extras)}")
+            k = out.parameters.get(CLASSIFICATION)
+            if k:
+                value = top_k_strings(value, int(k), model.labels)
+            selected[out.name] = value
+        return selected
+
+    @staticmethod
+    def _parameters(call: _Call, from_cloud: np.ndarray, degraded: bool, rate_limited: int) -> dict:
+        """Response parameters of DESIGN §3 (``escalated`` is added by the caller)."""
+        model, confidence = call.model, call.confidence
+        answered = int(from_cloud.sum())
+        source = "cloud" if answered == from_cloud.size else "mixed" if answered else "edge"
+        params = {P + "source": source, P + "confidence": float(confidence.min()) if confidence.size else 1.0,
+                  P + "degraded": degraded,
+                  P + "model_version": model.version, P + "escalated_rows": answered,
+                  P + "rate_limited_rows": rate_limited}
+        scores = call.outputs[model.settings.score_output]
+        if model.labels and scores.shape[0]:
+            top = int(scores.reshape(scores.shape[0], -1)[0].argmax())
+            if top < len(model.labels):
+                params[P + "label"] = model.labels[top]
+        return params
+
+    def close(self) -> None:
+        self.accepting = False
+        self._audits.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,104 @@
+"""``edge-agent``: run the edge agent. Flags override ``--config FILE`` (TOML)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import AgentConfig
+from edge_agent.server import EdgeAgent
+from edgecloud import __version__
+from edgecloud.config import build, merge, read_toml
+from edgecloud.errors import ConfigError, EdgecloudError
+from edgecloud.logs import setup_logging
+
+log = logging.getLogger("edge_agent")
+
+# flag dest → (section, key) in the TOML file
+FLAG_KEYS = {
+    "device_id": ("agent", "device_id"), "listen": ("agent", "listen"), "state_dir": ("agent", "state_dir"),
+    "model": ("model", "path"), "name": ("model", "name"), "backend": ("model", "backend"),
+    "policy": ("cascade", "policy"), "threshold": ("cascade", "threshold"),
+    "temperature": ("cascade", "temperature"), "score_output": ("cascade", "score_output"),
+    "scores": ("cascade", "scores"), "audit_rate": ("cascade", "audit_rate"),
+    "cloud": ("cloud", "target"), "cloud_model": ("cloud", "model"), "deadline_ms": ("cloud", "deadline_ms"),
+    "max_per_s": ("cloud", "max_per_s"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    p.add_argument("--config", type=Path, help="TOML config file (e.g. /etc/edge-agent/agent.toml)")
+    p.add_argument("--model", help="edge model file (.onnx; .plan/.engine on Jetson)")
+    p.add_argument("--name", help="name the model is served under")
+    p.add_argument("--backend", help="backend key (default: by file suffix)")
+    p.add_argument("--listen", help="HOST:PORT or unix:/path (default 127.0.0.1:8001)")
+    p.add_argument("--device-id", help="this device's id")
+    p.add_argument("--state-dir", help="spool and update state (default /var/lib/edge-agent)")
+    p.add_argument("--cloud", help="HOST:PORT of the cloud KServe v2 server")
+    p.add_argument("--cloud-model", help="model name at the cloud (default: the edge model's name)")
+    p.add_argument("--policy", help="max_prob | margin | entropy | package.module:function")
+    p.add_argument("--threshold", type=float, help="escalate rows whose confidence is below this")
+    p.add_argument("--temperature", type=float, help="softmax temperature for calibration")
+    p.add_argument("--score-output", help="output holding the class scores")
+    p.add_argument("--scores", choices=("logits", "probabilities"), help="what the score output holds")
+    p.add_argument("--deadline-ms", type=int, help="per-call deadline for escalations (default 300)")
+    p.add_argument("--max-per-s", type=float, help="escalation rate limit, rows per second")
+    p.add_argument("--audit-rate", type=float, help="share of confident rows also sent to the cloud")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING…")
+    p.add_argument("--log-format", choices=("kv", "json"), default="kv")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> AgentConfig:
+    """Config file merged under the flags, validated; errors name the key."""
+    data: dict[str, Any] = read_toml(args.config) if args.config else {}
+    overrides: dict[str, dict[str, Any]] = {}
+    for dest, (section, key) in FLAG_KEYS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    config = build(AgentConfig, merge(data, overrides), str(args.config or "flags"))
+    if config.model.path is None:
+        raise ConfigError("model.path: no model given (--model or [model] path)")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        config = load_config(args)
+        agent = EdgeAgent(config).start()
+    except ConfigError as e:
+        print(f"edge-agent: configuration error: {e}", file=sys.stderr)
+        return 2
+    except EdgecloudError as e:
+        print(f"edge-agent: {e}", file=sys.stderr)
+        return 1
+    done = threading.Event()
+
+    def on_hup(*_):
+        try:
+            agent.reload_cascade(load_config(args))
+            log.info("event=config_reloaded")
+        except EdgecloudError as e:
+            log.error("event=config_reload_failed error=%r", str(e))
+
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    signal.signal(signal.SIGHUP, on_hup)
+    print(f"edge-agent: serving {agent.slot.model.name} on port {agent.port}", flush=True)
+    done.wait()
+    agent.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

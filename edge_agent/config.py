@@ -1,0 +1,114 @@
+"""The agent's TOML configuration (``/etc/edge-agent/agent.toml``), one validated section per concern.
+
+Precedence (DESIGN §4): command-line flag > config file > release > model card > defaults. Flags and
+file are merged here; release and card values fill the cascade fields left unset (None) at load time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from edgecloud.config import Section
+from edgecloud.endpoint import parse_endpoint
+
+DEFAULT_LISTEN = "127.0.0.1:8001"
+
+
+def _endpoint(value: str) -> str:
+    parse_endpoint(value)  # raises ValueError with the reason
+    return value
+
+
+class AgentSection(Section):
+    """``[agent]``: identity and the local API."""
+
+    device_id: str = Field("edge-0", min_length=1, description="this device's id in the fleet")
+    listen: str = Field(DEFAULT_LISTEN, description="HOST:PORT or unix:/path of the local API")
+    state_dir: Path = Field(Path("/var/lib/edge-agent"), description="spool, slots, update state")
+    max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="largest accepted request")
+    workers: int = Field(8, gt=0, description="gRPC worker threads")
+
+    _listen = field_validator("listen")(_endpoint)
+
+
+class ModelSection(Section):
+    """``[model]``: the edge model file and the name it is served under."""
+
+    path: Path | None = Field(None, description=".onnx file (or .plan/.engine on Jetson)")
+    name: str | None = Field(None, description="served name; default: the model card's, else the file stem")
+    backend: str | None = Field(None, description="backend key; default: chosen by file suffix")
+    warmup_rows: int = Field(1, ge=1, description="batch size of the warm-up run")
+    budget_bytes: int = Field(1_000_000_000, gt=0, description="largest model file accepted")
+
+
+class OnnxRuntimeSection(Section):
+    """``[backend.onnxruntime]``."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    provider_options: dict[str, dict[str, str]] = Field(default_factory=dict)
+    intra_op_threads: int = Field(0, ge=0)
+    inter_op_threads: int = Field(0, ge=0)
+
+
+class BackendSection(Section):
+    """``[backend]``: one subsection per backend that needs options."""
+
+    onnxruntime: OnnxRuntimeSection = Field(default_factory=OnnxRuntimeSection)
+
+
+class CascadeSection(Section):
+    """``[cascade]``: when a row goes to the cloud. Unset values come from the release or model card."""
+
+    policy: str | None = Field(None, description="max_prob | margin | entropy | package.module:function")
+    threshold: float | None = Field(None, ge=0, le=1, description="escalate when confidence < threshold")
+    temperature: float | None = Field(None, gt=0)
+    score_output: str | None = Field(None, description="output holding the class scores")
+    scores: Literal["logits", "probabilities"] | None = None
+    audit_rate: float = Field(0.0, ge=0, le=1, description="share of confident rows also sent, in background")
+
+
+class CloudTLS(Section):
+    """``[cloud.tls]``: server CA, and this device's certificate (its identity) for mutual TLS."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = Field(None, description="override the TLS name checked on the server")
+
+
+class CloudSection(Section):
+    """``[cloud]``: the KServe v2 server escalations go to (edgecloud's gateway, Triton, …)."""
+
+    target: str | None = Field(None, description="HOST:PORT; unset = never escalate")
+    model: str | None = Field(None, description="cloud model name; default: the edge model's name")
+    model_version: str = ""
+    deadline_ms: int = Field(300, gt=0, description="per-call deadline for an escalation")
+    max_per_s: float = Field(50.0, gt=0, description="escalation rate limit (rows per second)")
+    burst: float | None = Field(None, gt=0, description="token bucket size; default: max_per_s")
+    failure_threshold: int = Field(3, ge=1, description="consecutive failures that open the circuit")
+    reset_s: float = Field(5.0, gt=0, description="how long the circuit stays open before a trial")
+    token_file: Path | None = Field(None, description="bearer token sent as authorization metadata")
+    tls: CloudTLS | None = None
+
+    _target = field_validator("target")(lambda v: v if v is None else _endpoint(v))
+
+
+class SpoolSection(Section):
+    """``[spool]``: cases the cloud did not get in time, kept on disk and replayed later."""
+
+    max_bytes: int = Field(256 * 1024 * 1024, gt=0)
+    replay_interval_s: float = Field(2.0, gt=0)
+
+
+class AgentConfig(Section):
+    """The whole agent configuration."""
+
+    agent: AgentSection = Field(default_factory=AgentSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    backend: BackendSection = Field(default_factory=BackendSection)
+    cascade: CascadeSection = Field(default_factory=CascadeSection)
+    cloud: CloudSection = Field(default_factory=CloudSection)
+    spool: SpoolSection = Field(default_factory=SpoolSection)

@@ -1,0 +1,151 @@
+"""The link to the cloud: one gRPC channel to any KServe v2 server, its circuit breaker, and the
+one-time check that the cloud model speaks the edge model's contract."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from edge_agent.circuit import CircuitBreaker
+from edge_agent.config import CloudSection
+from edge_agent.model import EdgeModel
+from edgecloud._generated.inference import grpc_service_pb2 as pb
+from edgecloud._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from edgecloud.endpoint import parse_endpoint
+from edgecloud.errors import ConfigError, EdgecloudError
+from edgecloud.protocol.codec import (
+    InferRequest,
+    InferResponse,
+    decode_response,
+    encode_request,
+    metadata_from_pb,
+)
+from edgecloud.tensors import contract_differences
+
+log = logging.getLogger(__name__)
+
+# gRPC's own retry policy: one quick retry of a call that never reached the server.
+_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": "inference.GRPCInferenceService"}],
+    "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.01s", "maxBackoff": "0.05s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
+
+
+class CloudError(EdgecloudError):
+    """The cloud did not answer usably: down, slow, rejecting, or circuit open."""
+
+
+class CloudIncompatible(CloudError):
+    """The cloud model's inputs/outputs differ from the edge model's: escalation is disabled."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloudState:
+    """What the agent knows about its cloud, for telemetry and logs."""
+
+    circuit: str
+    compatible: bool | None
+    error: str
+
+
+def _channel(cfg: CloudSection) -> grpc.Channel:
+    endpoint = parse_endpoint(cfg.target or "")
+    options = [("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1),
+               ("grpc.keepalive_time_ms", 30000), ("grpc.max_receive_message_length", 64 << 20)]
+    if cfg.tls is None:
+        if not endpoint.is_loopback:
+            raise ConfigError(f"cloud.target {cfg.target}: plaintext is only allowed on loopback; "
+                              "configure [cloud.tls]")
+        return grpc.insecure_channel(endpoint.grpc_target, options=options)
+    tls = cfg.tls
+    if (tls.cert is None) != (tls.key is None):
+        raise ConfigError("cloud.tls: cert and key go together (the device's identity)")
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca.read_bytes() if tls.ca else None,
+        private_key=tls.key.read_bytes() if tls.key else None,
+        certificate_chain=tls.cert.read_bytes() if tls.cert else None)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.secure_channel(endpoint.grpc_target, creds, options=options)
+
+
+class CloudLink:
+    """Sends escalations; fails fast while the circuit is open or the contract check failed."""
+
+    def __init__(self, cfg: CloudSection, on_circuit_change: Callable[[str, str], None] | None = None):
+        self.cfg = cfg
+        self._channel = _channel(cfg)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._metadata = ()
+        if cfg.token_file is not None:
+            self._metadata = (("authorization", "Bearer " + cfg.token_file.read_text().strip()),)
+        self.circuit = CircuitBreaker(cfg.failure_threshold, cfg.reset_s, on_change=on_circuit_change)
+        self._checked_for: tuple[str, str] | None = None  # (edge name, edge version) checked
+        self._incompatible = ""
+        self._last_error = ""
+        self._lock = threading.Lock()
+
+    def model_name(self, edge: EdgeModel) -> str:
+        return self.cfg.model or edge.name
+
+    @property
+    def state(self) -> CloudState:
+        compatible = None if self._checked_for is None else not self._incompatible
+        return CloudState(self.circuit.state, compatible, self._incompatible or self._last_error)
+
+    def _check_contract(self, edge: EdgeModel, timeout: float) -> None:
+        """ModelMetadata once per edge model: the cloud must take its inputs and give its outputs."""
+        key = (edge.name, edge.version)
+        if self._checked_for == key:
+            if self._incompatible:
+                raise CloudIncompatible(self._incompatible)
+            return
+        request = pb.ModelMetadataRequest(name=self.model_name(edge), version=self.cfg.model_version)
+        meta = metadata_from_pb(self._stub.ModelMetadata(request, timeout=timeout, metadata=self._metadata))
+        problems = (contract_differences(edge.inputs, meta.inputs, "cloud input")
+                    + contract_differences(edge.outputs, meta.outputs, "cloud output"))
+        with self._lock:
+            self._checked_for = key
+            self._incompatible = "; ".join(problems)
+        if problems:
+            log.error("event=cloud_incompatible cloud_model=%s edge_model=%s edge_version=%s problems=%r "
+                      "action=escalation_disabled", meta.name, edge.name, edge.version, self._incompatible)
+            raise CloudIncompatible(self._incompatible)
+        log.info("event=cloud_compatible cloud_model=%s versions=%s", meta.name, ",".join(meta.versions))
+
+    def ask(self, edge: EdgeModel, request: InferRequest, timeout: float) -> InferResponse:
+        """One upstream ModelInfer within ``timeout`` seconds, or CloudError saying why not."""
+        if self._incompatible and self._checked_for == (edge.name, edge.version):
+            raise CloudIncompatible(self._incompatible)
+        if not self.circuit.allow():
+            raise CloudError("circuit open")
+        try:
+            self._check_contract(edge, timeout)
+            msg = encode_request(request)
+            reply = self._stub.ModelInfer(msg, timeout=timeout, metadata=self._metadata)
+            response = decode_response(reply)
+        except CloudIncompatible:
+            self.circuit.success()  # the link works; the model does not fit
+            raise
+        except grpc.RpcError as e:
+            self.circuit.failure()
+            self._last_error = f"{e.code().name}: {e.details()}"
+            if self.circuit.state != "closed":
+                self._checked_for = None  # re-check the contract when the cloud comes back
+            raise CloudError(self._last_error) from e
+        except EdgecloudError as e:  # an undecodable answer
+            self.circuit.failure()
+            self._last_error = str(e)
+            raise CloudError(f"bad cloud answer: {e}") from e
+        self.circuit.success()
+        self._last_error = ""
+        return response
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,89 @@
+"""Assembles the agent from its config: model slot, cloud link, spool, cascade, gRPC server."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from edge_agent.cascade import Cascade
+from edge_agent.config import AgentConfig
+from edge_agent.escalation import CloudLink
+from edge_agent.model import ModelSlot, load_edge_model
+from edge_agent.ratelimit import TokenBucket
+from edge_agent.replay import Replayer
+from edge_agent.spool import Spool
+from edgecloud.endpoint import parse_endpoint
+from edgecloud.protocol.server import RunningServer, start_server
+
+log = logging.getLogger(__name__)
+
+
+class EdgeAgent:
+    """One running agent. ``start()`` returns once the model is loaded, warmed up and served."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.slot: ModelSlot | None = None
+        self.cascade: Cascade | None = None
+        self.link: CloudLink | None = None
+        self.spool: Spool | None = None
+        self.replayer: Replayer | None = None
+        self.server: RunningServer | None = None
+        self._stopped = threading.Event()
+
+    @property
+    def port(self) -> int:
+        return self.server.port if self.server else 0
+
+    def start(self) -> EdgeAgent:
+        cfg = self.config
+        listen = parse_endpoint(cfg.agent.listen)
+        self.slot = ModelSlot(load_edge_model(cfg))
+        bucket = None
+        if cfg.cloud.target:
+            self.link = CloudLink(cfg.cloud)
+            self.spool = Spool(Path(cfg.agent.state_dir) / "spool", cfg.spool.max_bytes)
+            bucket = TokenBucket(cfg.cloud.max_per_s, cfg.cloud.burst)
+            self.replayer = Replayer(self.spool, self.link, self.slot, cfg.spool.replay_interval_s)
+        self.cascade = Cascade(self.slot, cfg.agent.device_id, self.link, self.spool, bucket,
+                               cfg.cloud.deadline_ms / 1000.0, cfg.cascade.audit_rate)
+        self.server = start_server(self.cascade, listen, max_message_bytes=cfg.agent.max_message_bytes,
+                                   workers=cfg.agent.workers)
+        if self.replayer:
+            self.replayer.start()
+        model = self.slot.model
+        log.info("event=agent_ready device=%s model=%s version=%s listen=%s cloud=%s", cfg.agent.device_id,
+                 model.name, model.version, listen, cfg.cloud.target or "none")
+        return self
+
+    def reload_cascade(self, config: AgentConfig) -> None:
+        """Apply new cascade settings (thresholds, temperature…) without dropping a call."""
+        model = self.slot.model
+        self.slot.swap(model.reconfigured(config.cascade))
+        self.config = config
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Refuse new calls, let in-flight ones finish, release everything; safe to call twice."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.cascade:
+            self.cascade.accepting = False
+        if self.server:
+            self.server.stop(grace)
+        if self.replayer:
+            self.replayer.stop()
+        if self.cascade:
+            self.cascade.close()
+        if self.link:
+            self.link.close()
+        if self.slot:
+            self.slot.model.backend.close()
+        log.info("event=agent_stopped device=%s", self.config.agent.device_id)
+
+    def __enter__(self) -> EdgeAgent:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,45 @@
+"""Tiny ONNX classifiers built by hand, so tests control every weight and need no training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def linear_classifier(path: Path, features: int = 8, classes: int = 4, seed: int = 0, scale: float = 1.0,
+                      input_name: str = "x", output_name: str = "logits",
+                      card: dict | None = None) -> Path:
+    """logits = (x @ W + b) * scale for FP32 x [N, features]; dynamic batch, opset 17, IR 8.
+
+    ``card`` (if given) is written beside the model as ``<file>.card.json``.
+    """
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((features, classes)) * scale).astype(np.float32)
+    b = (rng.standard_normal(classes) * 0.1 * scale).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [input_name, "W"], ["xw"]),
+         helper.make_node("Add", ["xw", "B"], [output_name])],
+        "linear",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", classes])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    if card is not None:
+        path.with_name(path.name + ".card.json").write_text(json.dumps(card))
+    return path
+
+
+def reference_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    """The model's own answer, computed straight from its weights (no server involved)."""
+    model = onnx.load(str(path))
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return x.astype(np.float32) @ weights["W"] + weights["B"]
