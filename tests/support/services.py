@@ -1,0 +1,49 @@
+"""Start real services on loopback for tests: edge agents, and a plain KServe v2 "cloud"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from edgecloud._generated.inference import grpc_service_pb2 as pb
+from edgecloud._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from edgecloud.config import build, merge
+from edgecloud.protocol.codec import InferRequest, InferResponse, RequestedOutput, decode_response, encode_request
+from edge_agent.config import AgentConfig
+from edge_agent.server import EdgeAgent
+
+
+def agent_config(state_dir: Path, model: Path, cloud_port: int | None = None, **sections: Any) -> AgentConfig:
+    """An agent config on a free loopback port; ``sections`` deep-merge over the defaults."""
+    data: dict[str, Any] = {"agent": {"listen": "127.0.0.1:0", "state_dir": str(state_dir)},
+                            "model": {"path": str(model)}, "spool": {"replay_interval_s": 0.2}}
+    if cloud_port is not None:
+        data["cloud"] = {"target": f"127.0.0.1:{cloud_port}"}
+    return build(AgentConfig, merge(data, sections))
+
+
+def start_agent(state_dir: Path, model: Path, cloud_port: int | None = None, **sections: Any) -> EdgeAgent:
+    return EdgeAgent(agent_config(state_dir, model, cloud_port, **sections)).start()
+
+
+class Client:
+    """A KServe v2 client on our own stubs (tritonclient runs in a subprocess: tests/support/triton)."""
+
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...] = (),
+              timeout: float = 10.0, **params: Any) -> InferResponse:
+        request = InferRequest(model, inputs, parameters={f"edgecloud.{k}": v for k, v in params.items()},
+                               outputs=tuple(RequestedOutput(o) for o in outputs))
+        return decode_response(self.stub.ModelInfer(encode_request(request), timeout=timeout))
+
+    def raw_infer(self, message: pb.ModelInferRequest, timeout: float = 10.0) -> pb.ModelInferResponse:
+        return self.stub.ModelInfer(message, timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()

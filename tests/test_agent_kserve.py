@@ -1,0 +1,94 @@
+"""The agent speaks KServe v2 to a stock tritonclient in its own process, as a local app would."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.support.onnx_models import linear_classifier, reference_logits
+from tests.support.services import start_agent
+from tests.support.triton import run_triton
+
+LABELS = ["ok", "scratch", "spot", "crack"]
+
+
+@pytest.fixture
+def agent(tmp_path):
+    model = linear_classifier(tmp_path / "edge.onnx", card={"name": "clf", "version": 7, "labels": LABELS})
+    agent = start_agent(tmp_path / "state", model)
+    yield agent, model
+    agent.stop()
+
+
+def test_tritonclient_health_metadata_and_infer(agent):
+    running, model = agent
+    x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+    result = run_triton("""
+        x = np.array(ARGS["x"], dtype=np.float32)
+        inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        meta = client.get_model_metadata("clf", as_json=True)
+        res = client.infer("clf", [inp])
+        resp = res.get_response(as_json=True)
+        emit({"live": client.is_server_live(), "ready": client.is_server_ready(),
+              "model_ready": client.is_model_ready("clf"), "meta": meta,
+              "logits": res.as_numpy("logits").tolist(), "params": resp["parameters"],
+              "version": resp["model_version"]})
+    """, url=f"127.0.0.1:{running.port}", x=x.tolist())
+    assert result["live"] and result["ready"] and result["model_ready"]
+    meta = result["meta"]
+    assert meta["name"] == "clf" and meta["versions"] == ["7"]
+    assert [i["name"] for i in meta["inputs"]] == ["x"]
+    assert [o["name"] for o in meta["outputs"]] == ["logits", "edgecloud.confidence", "edgecloud.source"]
+    np.testing.assert_allclose(result["logits"], reference_logits(model, x), rtol=1e-5, atol=1e-5)
+    params = result["params"]
+    assert params["edgecloud.source"] == {"string_param": "edge"}
+    assert params["edgecloud.escalated"] == {"bool_param": False}
+    assert params["edgecloud.degraded"] == {"bool_param": False}
+    assert params["edgecloud.model_version"] == {"string_param": "7"}
+    assert int(params["edgecloud.escalated_rows"]["int64_param"]) == 0
+    top = int(np.argmax(reference_logits(model, x)[0]))
+    assert params["edgecloud.label"] == {"string_param": LABELS[top]}
+    assert 0.0 < params["edgecloud.confidence"]["double_param"] <= 1.0
+    assert result["version"] == "7"
+
+
+def test_tritonclient_classification_extension(agent):
+    running, model = agent
+    x = np.random.default_rng(2).standard_normal((3, 8)).astype(np.float32)
+    result = run_triton("""
+        x = np.array(ARGS["x"], dtype=np.float32)
+        inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        res = client.infer("clf", [inp], outputs=[grpcclient.InferRequestedOutput("logits", class_count=2)])
+        emit({"top": [[v.decode() for v in row] for row in res.as_numpy("logits")]})
+    """, url=f"127.0.0.1:{running.port}", x=x.tolist())
+    logits = reference_logits(model, x)
+    for row, entries in zip(logits, result["top"]):
+        best = np.argsort(-row)[:2]
+        assert [int(e.split(":")[1]) for e in entries] == best.tolist()
+        assert [e.split(":")[2] for e in entries] == [LABELS[i] for i in best]
+        np.testing.assert_allclose([float(e.split(":")[0]) for e in entries], row[best], rtol=1e-4)
+
+
+def test_tritonclient_bad_input_is_invalid_argument_and_server_keeps_serving(agent):
+    running, _ = agent
+    result = run_triton("""
+        def call(name, dtype, shape, model="clf"):
+            arr = np.zeros(shape, dtype=dtype)
+            inp = grpcclient.InferInput(name, list(shape), {np.float32: "FP32", np.int32: "INT32"}[dtype])
+            inp.set_data_from_numpy(arr)
+            try:
+                client.infer(model, [inp])
+                return "ok"
+            except InferenceServerException as e:
+                return f"{e.status()}|{e.message()}"
+        emit({"name": call("y", np.float32, (1, 8)), "dtype": call("x", np.int32, (1, 8)),
+              "shape": call("x", np.float32, (1, 9)), "model": call("x", np.float32, (1, 8), "nope"),
+              "after": call("x", np.float32, (2, 8))})
+    """, url=f"127.0.0.1:{running.port}")
+    assert result["name"].startswith("StatusCode.INVALID_ARGUMENT") and "'y'" in result["name"]
+    assert result["dtype"].startswith("StatusCode.INVALID_ARGUMENT") and "INT32" in result["dtype"]
+    assert result["shape"].startswith("StatusCode.INVALID_ARGUMENT") and "[1, 9]" in result["shape"]
+    assert result["model"].startswith("StatusCode.NOT_FOUND") and "'nope'" in result["model"]
+    assert result["after"] == "ok"
