@@ -8,12 +8,18 @@ from typing import Any
 import grpc
 import numpy as np
 
+from edge_agent.config import AgentConfig
+from edge_agent.server import EdgeAgent
 from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud._generated.inference import grpc_service_pb2_grpc as pb_grpc
 from edgecloud.config import build, merge
-from edgecloud.protocol.codec import InferRequest, InferResponse, RequestedOutput, decode_response, encode_request
-from edge_agent.config import AgentConfig
-from edge_agent.server import EdgeAgent
+from edgecloud.protocol.codec import (
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    decode_response,
+    encode_request,
+)
 
 
 def agent_config(state_dir: Path, model: Path, cloud_port: int | None = None, **sections: Any) -> AgentConfig:

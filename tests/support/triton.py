@@ -27,7 +27,7 @@ def run_triton(script: str, timeout: float = 60.0, **args) -> dict:
     """Run ``script`` after PRELUDE with ``ARGS`` = ``args``; it must call ``emit(obj)`` once."""
     code = PRELUDE + textwrap.dedent(script)
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("@@RESULT@@"):
             return json.loads(line[len("@@RESULT@@"):])
