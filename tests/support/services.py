@@ -22,17 +22,18 @@ from edgecloud.protocol.codec import (
 )
 
 
-def agent_config(state_dir: Path, model: Path, cloud_port: int | None = None, **sections: Any) -> AgentConfig:
+def agent_config(state_dir: Path, model_path: Path, cloud_port: int | None = None, **sections: Any) -> AgentConfig:
     """An agent config on a free loopback port; ``sections`` deep-merge over the defaults."""
     data: dict[str, Any] = {"agent": {"listen": "127.0.0.1:0", "state_dir": str(state_dir)},
-                            "model": {"path": str(model)}, "spool": {"replay_interval_s": 0.2}}
+                            "model": {"path": str(model_path)}, "spool": {"replay_interval_s": 0.2}}
     if cloud_port is not None:
         data["cloud"] = {"target": f"127.0.0.1:{cloud_port}"}
     return build(AgentConfig, merge(data, sections))
 
 
-def start_agent(state_dir: Path, model: Path, cloud_port: int | None = None, **sections: Any) -> EdgeAgent:
-    return EdgeAgent(agent_config(state_dir, model, cloud_port, **sections)).start()
+def start_agent(state_dir: Path, model_path: Path, cloud_port: int | None = None,
+                **sections: Any) -> EdgeAgent:
+    return EdgeAgent(agent_config(state_dir, model_path, cloud_port, **sections)).start()
 
 
 class Client:
@@ -53,3 +54,27 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
+
+
+class AgentCloud:
+    """A second agent (no cloud of its own) serving the cloud model: any KServe v2 server will do.
+
+    It can be stopped and started again on the same port to play a cloud outage.
+    """
+
+    def __init__(self, state_dir: Path, model: Path, name: str) -> None:
+        self.state_dir, self.model, self.name = state_dir, model, name
+        self.port = 0
+        self.agent: EdgeAgent | None = None
+
+    def start(self) -> AgentCloud:
+        listen = f"127.0.0.1:{self.port}"
+        self.agent = start_agent(self.state_dir, self.model, agent={"listen": listen},
+                                 model={"name": self.name})
+        self.port = self.agent.port
+        return self
+
+    def stop(self) -> None:
+        if self.agent:
+            self.agent.stop(grace=0)
+            self.agent = None

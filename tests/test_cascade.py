@@ -1,0 +1,193 @@
+"""The cascade against a running cloud: who answers each row, and what happens when the cloud fails."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from edgecloud.confidence import calibrated_probabilities
+from edgecloud.errors import ModelUnavailable
+from edgecloud.protocol.codec import ModelMetadata
+from edgecloud.protocol.server import start_server
+from edgecloud.endpoint import parse_endpoint
+from tests.support.net import wait_for
+from tests.support.onnx_models import linear_classifier, reference_logits
+from tests.support.services import AgentCloud, Client, start_agent
+
+THRESHOLD = 0.6
+ROWS = 64
+# the cascade under test, with a rate limit far above what these tests send
+SETTINGS = {"cascade": {"threshold": THRESHOLD}, "cloud": {"max_per_s": 100000}}
+
+
+@pytest.fixture
+def models(tmp_path):
+    edge = linear_classifier(tmp_path / "edge.onnx", seed=0, card={"name": "clf", "version": 1})
+    cloud = linear_classifier(tmp_path / "cloud.onnx", seed=1)
+    return edge, cloud
+
+
+@pytest.fixture
+def cloud(tmp_path, models):
+    server = AgentCloud(tmp_path / "cloud-state", models[1], "clf").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def x():
+    return np.random.default_rng(7).standard_normal((ROWS, 8)).astype(np.float32)
+
+
+def offline_cascade(edge, cloud, x, threshold):
+    """What the cascade must answer, computed from the two models directly."""
+    edge_logits, cloud_logits = reference_logits(edge, x), reference_logits(cloud, x)
+    confidence = calibrated_probabilities(edge_logits, "logits").max(axis=1)
+    wants = confidence < threshold
+    expected = np.where(wants[:, None], cloud_logits, edge_logits)
+    clear = np.abs(confidence - threshold) > 1e-3  # rows at the threshold may tip either way
+    return expected, wants, confidence, clear
+
+
+def test_each_row_answered_as_offline_cascade_says(tmp_path, models, cloud, x):
+    edge, cloud_model = models
+    expected, wants, confidence, clear = offline_cascade(edge, cloud_model, x, THRESHOLD)
+    assert 0 < wants.sum() < ROWS, "test data must mix confident and unsure rows"
+    with start_agent(tmp_path / "edge", edge, cloud.port, **SETTINGS) as agent:
+        r = Client(agent.port).infer("clf", {"x": x}, outputs=("logits", "edgecloud.source",
+                                                               "edgecloud.confidence"))
+    source = r.outputs["edgecloud.source"]
+    assert (source[clear] == np.where(wants, b"cloud", b"edge")[clear]).all()
+    np.testing.assert_allclose(r.outputs["logits"][clear], expected[clear], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(r.outputs["edgecloud.confidence"], confidence, rtol=1e-4, atol=1e-5)
+    p = r.parameters
+    assert p["edgecloud.source"] == "mixed" and p["edgecloud.escalated"] is True
+    assert p["edgecloud.degraded"] is False
+    assert p["edgecloud.escalated_rows"] == int((source == b"cloud").sum())
+    assert p["edgecloud.confidence"] == pytest.approx(float(confidence.min()), rel=1e-4)
+
+
+@pytest.mark.parametrize("mode,source", [("always", "cloud"), ("never", "edge")])
+def test_escalate_always_and_never(tmp_path, models, cloud, x, mode, source):
+    edge, cloud_model = models
+    want = reference_logits(cloud_model if mode == "always" else edge, x)
+    with start_agent(tmp_path / "edge", edge, cloud.port, cascade={"threshold": THRESHOLD},
+                     cloud={"max_per_s": 1.0, "burst": 1.0}) as agent:
+        r = Client(agent.port).infer("clf", {"x": x}, escalate=mode)
+    np.testing.assert_allclose(r.outputs["logits"], want, rtol=1e-4, atol=1e-4)
+    assert r.parameters["edgecloud.source"] == source
+    assert r.parameters["edgecloud.escalated"] is (mode == "always")
+    assert r.parameters["edgecloud.rate_limited_rows"] == 0  # always bypasses the rate limit
+
+
+def test_threshold_override_per_request(tmp_path, models, cloud, x):
+    edge, cloud_model = models
+    with start_agent(tmp_path / "edge", edge, cloud.port, **SETTINGS) as agent:
+        client = Client(agent.port)
+        low = client.infer("clf", {"x": x}, threshold=0.0)
+        high = client.infer("clf", {"x": x}, threshold=1.5)
+        bad = None
+        try:
+            client.infer("clf", {"x": x}, threshold="high")
+        except grpc.RpcError as e:
+            bad = e
+    assert low.parameters["edgecloud.source"] == "edge" and not low.parameters["edgecloud.escalated"]
+    assert high.parameters["edgecloud.source"] == "cloud"
+    np.testing.assert_allclose(high.outputs["logits"], reference_logits(cloud_model, x), rtol=1e-4, atol=1e-4)
+    assert bad is not None and bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "edgecloud.threshold" in bad.details()
+
+
+def test_rate_limit_keeps_excess_rows_at_the_edge(tmp_path, models, cloud, x):
+    edge, cloud_model = models
+    _, wants, _, _ = offline_cascade(edge, cloud_model, x, THRESHOLD)
+    with start_agent(tmp_path / "edge", edge, cloud.port, cascade={"threshold": THRESHOLD},
+                     cloud={"max_per_s": 0.001, "burst": 3}) as agent:
+        r = Client(agent.port).infer("clf", {"x": x}, outputs=("edgecloud.source",))
+    assert r.parameters["edgecloud.escalated_rows"] == 3
+    assert r.parameters["edgecloud.rate_limited_rows"] == int(wants.sum()) - 3
+    assert r.parameters["edgecloud.degraded"] is False
+    assert int((r.outputs["edgecloud.source"] == b"cloud").sum()) == 3
+
+
+def _assert_degraded_calls(agent, edge, x, deadline_s, calls=5):
+    client = Client(agent.port)
+    for _ in range(calls):
+        started = time.monotonic()
+        r = client.infer("clf", {"x": x})
+        elapsed = time.monotonic() - started
+        assert r.parameters["edgecloud.degraded"] is True
+        assert r.parameters["edgecloud.source"] == "edge"
+        np.testing.assert_allclose(r.outputs["logits"], reference_logits(edge, x), rtol=1e-4, atol=1e-4)
+        assert elapsed < deadline_s + 1.0, f"answer took {elapsed:.2f}s, deadline {deadline_s}s"
+
+
+def test_cloud_down_degrades_spools_and_replays_when_back(tmp_path, models, cloud, x):
+    edge, _ = models
+    with start_agent(tmp_path / "edge", edge, cloud.port, **SETTINGS) as agent:
+        cloud.stop()
+        _assert_degraded_calls(agent, edge, x, 0.3)
+        assert agent.spool.depth() == 5
+        cloud.start()
+        assert wait_for(lambda: agent.spool.depth() == 0, timeout=20), "spool was not replayed"
+        assert agent.replayer.replayed == 5
+
+
+class _FailingHost:
+    """A KServe v2 server whose model always errors."""
+
+    server_name, server_version = "failing", "1"
+
+    def __init__(self, model_path):
+        from edgecloud.backends import open_backend
+        self.backend = open_backend(model_path)
+
+    def is_live(self):
+        return True
+
+    def is_ready(self):
+        return True
+
+    def model_ready(self, name, version):
+        return True
+
+    def model_metadata(self, name, version):
+        return ModelMetadata(name, ("1",), "x", self.backend.inputs, self.backend.outputs)
+
+    def infer(self, request, peer):
+        raise ModelUnavailable("cloud model is overloaded")
+
+
+def test_cloud_answering_errors_degrades(tmp_path, models, x):
+    edge, cloud_model = models
+    server = start_server(_FailingHost(cloud_model), parse_endpoint("127.0.0.1:0"))
+    try:
+        with start_agent(tmp_path / "edge", edge, server.port, **SETTINGS) as agent:
+            _assert_degraded_calls(agent, edge, x, 0.3)
+            assert "overloaded" in agent.link.state.error or agent.link.state.circuit == "open"
+    finally:
+        server.stop(0)
+
+
+def test_incompatible_cloud_model_disables_escalation(tmp_path, models, x):
+    edge, _ = models
+    other = linear_classifier(tmp_path / "other.onnx", classes=5, seed=3)
+    cloud = AgentCloud(tmp_path / "c2", other, "clf").start()
+    try:
+        with start_agent(tmp_path / "edge", edge, cloud.port, **SETTINGS) as agent:
+            client = Client(agent.port)
+            for _ in range(3):
+                r = client.infer("clf", {"x": x})
+                np.testing.assert_allclose(r.outputs["logits"], reference_logits(edge, x), rtol=1e-4,
+                                           atol=1e-4)
+                assert r.parameters["edgecloud.source"] == "edge"
+                assert r.parameters["edgecloud.degraded"] is True
+            state = agent.link.state
+            assert state.compatible is False
+            assert "cloud output 'logits': per-row shape [5], expected [4]" in state.error
+            assert agent.spool.depth() == 0  # an incompatible cloud cannot use the cases
+    finally:
+        cloud.stop()
