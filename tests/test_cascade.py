@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from edgecloud.confidence import calibrated_probabilities
+from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ModelUnavailable
 from edgecloud.protocol.codec import ModelMetadata
 from edgecloud.protocol.server import start_server
-from edgecloud.endpoint import parse_endpoint
 from tests.support.net import wait_for
 from tests.support.onnx_models import linear_classifier, reference_logits
 from tests.support.services import AgentCloud, Client, start_agent

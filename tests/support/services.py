@@ -22,7 +22,8 @@ from edgecloud.protocol.codec import (
 )
 
 
-def agent_config(state_dir: Path, model_path: Path, cloud_port: int | None = None, **sections: Any) -> AgentConfig:
+def agent_config(state_dir: Path, model_path: Path, cloud_port: int | None = None,
+                 **sections: Any) -> AgentConfig:
     """An agent config on a free loopback port; ``sections`` deep-merge over the defaults."""
     data: dict[str, Any] = {"agent": {"listen": "127.0.0.1:0", "state_dir": str(state_dir)},
                             "model": {"path": str(model_path)}, "spool": {"replay_interval_s": 0.2}}
