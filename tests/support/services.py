@@ -5,21 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
 from edge_agent.config import AgentConfig
 from edge_agent.server import EdgeAgent
-from edgecloud._generated.inference import grpc_service_pb2 as pb
-from edgecloud._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from edgecloud.client import KServeClient
 from edgecloud.config import build, merge
-from edgecloud.protocol.codec import (
-    InferRequest,
-    InferResponse,
-    RequestedOutput,
-    decode_response,
-    encode_request,
-)
+from edgecloud.protocol.codec import InferResponse
 
 
 def agent_config(state_dir: Path, model_path: Path, cloud_port: int | None = None,
@@ -37,24 +29,16 @@ def start_agent(state_dir: Path, model_path: Path, cloud_port: int | None = None
     return EdgeAgent(agent_config(state_dir, model_path, cloud_port, **sections)).start()
 
 
-class Client:
-    """A KServe v2 client on our own stubs (tritonclient runs in a subprocess: tests/support/triton)."""
+class Client(KServeClient):
+    """edgecloud's client with ``edgecloud.*`` parameters as keyword arguments."""
 
     def __init__(self, port: int) -> None:
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        super().__init__(f"127.0.0.1:{port}")
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...] = (),
               timeout: float = 10.0, **params: Any) -> InferResponse:
-        request = InferRequest(model, inputs, parameters={f"edgecloud.{k}": v for k, v in params.items()},
-                               outputs=tuple(RequestedOutput(o) for o in outputs))
-        return decode_response(self.stub.ModelInfer(encode_request(request), timeout=timeout))
-
-    def raw_infer(self, message: pb.ModelInferRequest, timeout: float = 10.0) -> pb.ModelInferResponse:
-        return self.stub.ModelInfer(message, timeout=timeout)
-
-    def close(self) -> None:
-        self.channel.close()
+        return super().infer(model, inputs, outputs, {f"edgecloud.{k}": v for k, v in params.items()},
+                             timeout=timeout)
 
 
 class AgentCloud:
