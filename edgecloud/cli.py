@@ -11,7 +11,7 @@ from edgecloud import __version__
 from edgecloud.errors import ConfigError, EdgecloudError
 
 #: modules that add sub-commands, in the order they appear in --help
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("edgecloud.demo",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,3 +49,12 @@ def parse_endpoint(text: str) -> Endpoint:
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
     return Endpoint(host=host, port=int(port))
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for demos and tests that start services)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,53 @@
+"""``edge-agent`` as a process: configuration errors, flags over the file, clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+from edgecloud.client import KServeClient
+from edgecloud.services import ServiceProcess
+from tests.support.net import free_port
+from tests.support.onnx_models import linear_classifier, reference_logits
+
+
+def run_agent(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_agent.cli", *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_unknown_config_key_exits_2_naming_it(tmp_path):
+    config = tmp_path / "agent.toml"
+    config.write_text('[cascade]\nthreshhold = 0.4\n[agent]\nlisten = "nowhere"\n')
+    proc = run_agent("--config", str(config), "--model", str(tmp_path / "m.onnx"))
+    assert proc.returncode == 2
+    assert "cascade.threshhold: unknown key" in proc.stderr
+    assert "agent.listen" in proc.stderr
+
+
+def test_bad_flag_value_and_missing_model(tmp_path):
+    proc = run_agent("--model", str(tmp_path / "m.onnx"), "--threshold", "1.5")
+    assert proc.returncode == 2 and "cascade.threshold" in proc.stderr
+    proc = run_agent("--device-id", "x")
+    assert proc.returncode == 2 and "model.path" in proc.stderr
+    proc = run_agent("--model", str(tmp_path / "missing.onnx"), "--state-dir", str(tmp_path))
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
+
+
+def test_flags_override_file_and_sigterm_stops_cleanly(tmp_path):
+    model = linear_classifier(tmp_path / "m.onnx")
+    port = free_port()
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[agent]\nlisten = "127.0.0.1:1"\nstate_dir = "{tmp_path}"\n'
+                      f'[model]\npath = "{model}"\nname = "from-file"\n')
+    agent = ServiceProcess("edge-agent", ["--config", str(config), "--listen", f"127.0.0.1:{port}",
+                                          "--name", "from-flag"], port, tmp_path / "agent.log")
+    with agent:
+        x = np.ones((2, 8), dtype=np.float32)
+        with KServeClient(f"127.0.0.1:{port}") as client:
+            reply = client.infer("from-flag", {"x": x})
+        np.testing.assert_allclose(reply.outputs["logits"], reference_logits(model, x), rtol=1e-5)
+    assert agent.proc.returncode == 0
+    assert "event=agent_stopped" in agent.log_path.read_text()
