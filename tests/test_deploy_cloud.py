@@ -29,7 +29,8 @@ def test_deployment_has_grpc_health_probes_and_volumes():
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert set(mounts) <= set(volumes)
-    claims = {v["persistentVolumeClaim"]["claimName"] for v in volumes.values() if "persistentVolumeClaim" in v}
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in volumes.values()
+              if "persistentVolumeClaim" in v}
     assert {("PersistentVolumeClaim", c) for c in claims} <= set(docs)
     assert mounts["models"] == "/models" and mounts["store"] == "/var/lib/edgecloud"
     assert spec["securityContext"]["runAsNonRoot"] is True
