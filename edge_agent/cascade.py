@@ -118,6 +118,16 @@ class Cascade:
                              inputs=model.inputs, outputs=(*model.outputs, CONFIDENCE_OUTPUT, SOURCE_OUTPUT))
 
     def infer(self, request: InferRequest, peer: PeerInfo | None = None) -> InferResponse:
+        """Answer one request; failures of the model itself (not of the request) are counted."""
+        try:
+            return self._infer(request)
+        except (InvalidInput, ModelNotFound):
+            raise
+        except Exception:
+            self.stats.error()
+            raise
+
+    def _infer(self, request: InferRequest) -> InferResponse:
         started = time.perf_counter()
         model = self._model_for(request.model_name, request.model_version)
         options = CascadeOptions.parse(request.parameters, model.settings.threshold)
