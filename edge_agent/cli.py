@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from edge_agent import systemd
 from edge_agent.config import AgentConfig
 from edge_agent.server import EdgeAgent
 from edgecloud import __version__
@@ -82,22 +83,46 @@ def main(argv: list[str] | None = None) -> int:
     except EdgecloudError as e:
         print(f"edge-agent: {e}", file=sys.stderr)
         return 1
+    return serve(agent, args)
+
+
+def serve(agent: EdgeAgent, args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT under systemd's notify protocol (a no-op outside systemd)."""
     done = threading.Event()
 
     def on_hup(*_):
+        systemd.notify("RELOADING=1", "STATUS=reloading [cascade]")
         try:
             agent.reload_cascade(load_config(args))
             log.info("event=config_reloaded")
         except EdgecloudError as e:
             log.error("event=config_reload_failed error=%r", str(e))
+        systemd.notify("READY=1", _status(agent))
 
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     signal.signal(signal.SIGHUP, on_hup)
+    watchdog = probe = None
+    interval = systemd.watchdog_interval()
+    if interval:
+        # pings are earned by real inferences through the served model (re-read after each swap)
+        probe = systemd.InferenceProbe(lambda: agent.slot.model.backend.warmup(1),
+                                       period_s=min(5.0, interval / 6)).start()
+        watchdog = systemd.Watchdog(interval, probe.progress).start()
+    systemd.notify("READY=1", _status(agent))  # after load and warm-up: start() returned
     print(f"edge-agent: serving {agent.slot.model.name} on port {agent.port}", flush=True)
     done.wait()
+    systemd.notify("STOPPING=1", "STATUS=draining in-flight calls")
+    for part in (watchdog, probe):
+        if part:
+            part.stop()
     agent.stop()
     return 0
+
+
+def _status(agent: EdgeAgent) -> str:
+    model = agent.slot.model
+    return f"STATUS=serving {model.name} version {model.version} on {agent.config.agent.listen}"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from edgecloud.backends.ort_session import OrtConfig
+from edgecloud.backends.trt_engine import TrtConfig
 from edgecloud.config import Section
 from edgecloud.endpoint import parse_endpoint
 
@@ -44,19 +46,11 @@ class ModelSection(Section):
     budget_bytes: int = Field(1_000_000_000, gt=0, description="largest model file accepted")
 
 
-class OnnxRuntimeSection(Section):
-    """``[backend.onnxruntime]``."""
-
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    provider_options: dict[str, dict[str, str]] = Field(default_factory=dict)
-    intra_op_threads: int = Field(0, ge=0)
-    inter_op_threads: int = Field(0, ge=0)
-
-
 class BackendSection(Section):
-    """``[backend]``: one subsection per backend that needs options."""
+    """``[backend.<key>]``: each backend's own config class, e.g. ``[backend.onnxruntime]`` providers."""
 
-    onnxruntime: OnnxRuntimeSection = Field(default_factory=OnnxRuntimeSection)
+    onnxruntime: OrtConfig = Field(default_factory=OrtConfig)
+    tensorrt: TrtConfig = Field(default_factory=TrtConfig)
 
 
 class CascadeSection(Section):

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import AgentConfig, CascadeSection
-from edgecloud.backends import open_backend
+from edgecloud.backends import backend_key_for, open_backend
 from edgecloud.backends.base import Backend
-from edgecloud.backends.ort_session import OrtConfig
 from edgecloud.confidence import ConfidencePolicy, make_policy
 from edgecloud.errors import ModelLoadError
 from edgecloud.tensors import TensorSpec
@@ -114,12 +113,8 @@ def load_edge_model(config: AgentConfig, path: Path | None = None, version: str 
         raise ModelLoadError(f"model file {path} is {size} bytes, over the edge budget of "
                              f"{config.model.budget_bytes}")
     card = read_card(path)
-    backend_options = None
-    if (config.model.backend or "onnxruntime") == "onnxruntime" and path.suffix == ".onnx":
-        ort = config.backend.onnxruntime
-        backend_options = OrtConfig(ort.providers, ort.provider_options, ort.intra_op_threads,
-                                    ort.inter_op_threads)
-    backend = open_backend(path, config.model.backend, backend_options)
+    key = backend_key_for(path, config.model.backend)
+    backend = open_backend(path, key, getattr(config.backend, key, None))
     try:
         release_cal = dict((release or {}).get("calibration") or {})
         card_cal = dict(card.get("calibration") or {})

@@ -11,7 +11,10 @@ from edgecloud import __version__
 from edgecloud.errors import ConfigError, EdgecloudError
 
 #: modules that add sub-commands, in the order they appear in --help
-COMMAND_MODULES: tuple[str, ...] = ("edgecloud.demo",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "edgecloud.demo",
+    "edgecloud.engine.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,18 +11,25 @@ from edgecloud.errors import ModelLoadError
 #: backend key → "module:Class"
 REGISTRY: dict[str, str] = {
     "onnxruntime": "edgecloud.backends.ort_session:OrtBackend",
+    "tensorrt": "edgecloud.backends.trt_engine:TrtBackend",
 }
 #: file suffix → backend key
-BY_SUFFIX: dict[str, str] = {".onnx": "onnxruntime"}
+BY_SUFFIX: dict[str, str] = {".onnx": "onnxruntime", ".plan": "tensorrt", ".engine": "tensorrt"}
 
 
 def backend_class(key: str) -> type[Backend]:
-    """The Backend class registered under ``key``."""
+    """The Backend class registered under ``key``, or a user's own named ``package.module:Class``."""
+    target = REGISTRY.get(key, key)
+    module, sep, cls = target.partition(":")
+    if not sep:
+        raise ModelLoadError(f"unknown backend {key!r}; known: {sorted(REGISTRY)} or package.module:Class")
     try:
-        module, cls = REGISTRY[key].split(":")
-    except KeyError:
-        raise ModelLoadError(f"unknown backend {key!r}; known: {sorted(REGISTRY)}") from None
-    return getattr(importlib.import_module(module), cls)
+        found = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise ModelLoadError(f"backend {key!r} cannot be imported: {e}") from e
+    if not (isinstance(found, type) and issubclass(found, Backend)):
+        raise ModelLoadError(f"backend {key!r} is not a subclass of edgecloud.backends.base.Backend")
+    return found
 
 
 def backend_key_for(path: Path, explicit: str | None = None) -> str:
