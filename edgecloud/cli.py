@@ -14,6 +14,8 @@ from edgecloud.errors import ConfigError, EdgecloudError
 COMMAND_MODULES: tuple[str, ...] = (
     "edgecloud.demo",
     "edgecloud.engine.cli",
+    "edgecloud.fleet.keys_cli",
+    "edgecloud.fleet.publish",
 )
 
 

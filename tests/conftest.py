@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ("tests.broker",)
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 EDGE_INT8 = MODELS / "edge" / "inspection-edge-int8.onnx"

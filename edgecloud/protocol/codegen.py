@@ -42,7 +42,10 @@ def generate(out_dir: Path = OUT_DIR) -> list[Path]:
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_text(_HEADER + text)
             written.append(dst)
-        for pkg in {out_dir} | {out_dir / r.relative_to(out_dir).parent for r in written}:
+        packages = {out_dir}
+        for path in written:
+            packages.update(p for p in path.parents if p.is_relative_to(out_dir))
+        for pkg in packages:
             init = pkg / "__init__.py"
             if not init.exists():
                 init.write_text('"""Generated protobuf modules (see edgecloud.protocol.codegen)."""\n')

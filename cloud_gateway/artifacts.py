@@ -1,0 +1,209 @@
+"""The gateway's artifact service: edge releases under ``<repo>/.releases/<name>/<version>/``.
+
+Downloads stream a file in chunks from any offset (the first chunk names its size and sha256) so the
+fleet resumes cut downloads; uploads from ``edgecloud fleet publish`` are verified against the size and
+sha256 they announce and land atomically (temp file, fsync, rename). A published version is
+immutable: the same file again is accepted, a different one refused. Names and versions that could
+escape the directory are refused before any path is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from edgecloud._generated.edgecloud.v1 import artifacts_pb2 as pb
+from edgecloud._generated.edgecloud.v1 import artifacts_pb2_grpc as pb_grpc
+from edgecloud.artifacts import CHUNK_BYTES, check_name, file_sha256
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ArtifactService"].full_name
+RELEASES_DIR = ".releases"
+#: file name of each release format inside its version directory (Triton's naming)
+FILE_NAMES = {"onnx": "model.onnx", "tensorrt-plan": "model.plan"}
+DEFAULT_MAX_UPLOAD_BYTES = 2_000_000_000
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class UploadRefused(Exception):
+    """An upload the repository will not store; ``code`` is the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ReleaseStore:
+    """The release directory: find files, hash them once, add them atomically."""
+
+    def __init__(self, repo_root: Path) -> None:
+        self.root = Path(repo_root) / RELEASES_DIR
+        self._hashes: dict[tuple[str, int, int], str] = {}
+        self._lock = threading.Lock()
+
+    def version_dir(self, name: str, version: int) -> Path:
+        """``<root>/<name>/<version>``; ValueError for a name that is not one safe directory level."""
+        return self.root / check_name(name) / str(int(version))
+
+    def find(self, name: str, version: int) -> Path | None:
+        vdir = self.version_dir(name, version)
+        for file_name in FILE_NAMES.values():
+            path = vdir / file_name
+            # resolve: a symlink planted in the repository must not lead out of it
+            if path.is_file() and path.resolve().is_relative_to(self.root.resolve()):
+                return path
+        return None
+
+    def sha256(self, path: Path) -> str:
+        """The file's sha256, computed once per (path, size, mtime): resumes must not rehash 1 GB."""
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            cached = self._hashes.get(key)
+        if cached is None:
+            cached = file_sha256(path)
+            with self._lock:
+                self._hashes[key] = cached
+        return cached
+
+    def add(self, name: str, version: int, artifact_format: str, size: int, sha256: str,
+            blocks: Iterable[bytes], max_bytes: int) -> tuple[Path, bool]:
+        """Store the file streamed as ``blocks``; returns its path and whether it already existed."""
+        if artifact_format not in FILE_NAMES:
+            raise UploadRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"format {artifact_format!r} is not one of {sorted(FILE_NAMES)}")
+        if not _SHA256.match(sha256):
+            raise UploadRefused(grpc.StatusCode.INVALID_ARGUMENT, "sha256 must be 64 lowercase hex digits")
+        if size > max_bytes:
+            raise UploadRefused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{size} bytes is over the upload limit of {max_bytes}")
+        existing = self.find(name, version)
+        if existing is not None:
+            if existing.stat().st_size == size and self.sha256(existing) == sha256:
+                return existing, True
+            raise UploadRefused(grpc.StatusCode.ALREADY_EXISTS,
+                                f"{name} version {version} is already published with another file; "
+                                "publish a new version")
+        vdir = self.version_dir(name, version)
+        vdir.mkdir(parents=True, exist_ok=True)
+        tmp = vdir / f".upload-{uuid.uuid4().hex}.part"
+        try:
+            digest, written = hashlib.sha256(), 0
+            with open(tmp, "wb") as f:
+                for block in blocks:
+                    written += len(block)
+                    if written > size:
+                        raise UploadRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                            f"more data than the announced {size} bytes")
+                    digest.update(block)
+                    f.write(block)
+                f.flush()
+                os.fsync(f.fileno())
+            if written != size:
+                raise UploadRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"received {written} bytes, {size} were announced")
+            if digest.hexdigest() != sha256:
+                raise UploadRefused(grpc.StatusCode.DATA_LOSS,
+                                    f"received data has sha256 {digest.hexdigest()}, {sha256} was announced")
+            final = vdir / FILE_NAMES[artifact_format]
+            os.replace(tmp, final)
+            fd = os.open(vdir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return final, False
+
+
+class ArtifactServicer(pb_grpc.ArtifactServiceServicer):
+    """Thin gRPC layer over :class:`ReleaseStore`."""
+
+    def __init__(self, store: ReleaseStore, chunk_bytes: int = CHUNK_BYTES, allow_upload: bool = True,
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
+        self.store = store
+        self.chunk_bytes = chunk_bytes
+        self.allow_upload = allow_upload
+        self.max_upload_bytes = max_upload_bytes
+
+    def Download(self, request: pb.DownloadRequest,  # noqa: N802 - gRPC method names
+                 context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        try:
+            path = self.store.find(request.name, request.version)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if path is None:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"no release file for {request.name} version {request.version}")
+        size = path.stat().st_size
+        if request.offset > size:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                          f"offset {request.offset} is past the end ({size} bytes)")
+        sha256 = self.store.sha256(path)
+        log.info("event=artifact_download name=%s version=%d offset=%d size=%d peer=%s", request.name,
+                 request.version, request.offset, size, context.peer())
+        with open(path, "rb") as f:
+            f.seek(request.offset)
+            pos = request.offset
+            first = True
+            while True:
+                data = f.read(self.chunk_bytes)
+                if not data and not first:
+                    return
+                yield pb.Chunk(offset=pos, data=data, total_size=size, sha256=sha256 if first else "")
+                first = False
+                pos += len(data)
+                if not data:  # offset == size: one empty chunk carries size and sha256
+                    return
+
+    def Upload(self, request_iterator: Iterator[pb.UploadChunk],  # noqa: N802
+               context: grpc.ServicerContext) -> pb.UploadResult:
+        if not self.allow_upload:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "uploads are disabled on this gateway")
+        header = next(request_iterator, None)
+        if header is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload")
+        blocks = itertools.chain([header.data], (chunk.data for chunk in request_iterator))
+        try:
+            path, existed = self.store.add(header.name, header.version, header.format, header.total_size,
+                                           header.sha256, blocks, self.max_upload_bytes)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except UploadRefused as e:
+            log.warning("event=artifact_upload_refused name=%s version=%d code=%s reason=%r", header.name,
+                        header.version, e.code.name, str(e))
+            context.abort(e.code, str(e))
+        log.info("event=artifact_uploaded name=%s version=%d size=%d existed=%s path=%s", header.name,
+                 header.version, header.total_size, existed, path)
+        return pb.UploadResult(name=header.name, version=header.version, size=header.total_size,
+                               sha256=header.sha256, existed=existed)
+
+
+@dataclass(frozen=True)
+class ArtifactService:
+    """``add(server)`` for :func:`edgecloud.protocol.server.start_server`'s ``extra_services``."""
+
+    servicer: ArtifactServicer
+    service_name: str = SERVICE_NAME
+
+    def __call__(self, server: grpc.Server) -> None:
+        pb_grpc.add_ArtifactServiceServicer_to_server(self.servicer, server)
+
+
+def add_artifact_service(repo_root: Path, *, chunk_bytes: int = CHUNK_BYTES, allow_upload: bool = True,
+                         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> ArtifactService:
+    """The artifact service over ``repo_root``'s release directory, ready to pass to start_server."""
+    store = ReleaseStore(repo_root)
+    return ArtifactService(ArtifactServicer(store, chunk_bytes, allow_upload, max_upload_bytes))

@@ -1,0 +1,324 @@
+"""``edgecloud fleet publish|rollback|status``: sign a model release and hand it to the fleet.
+
+Publishing uploads the model file to the gateway's release repository (or takes a URI where it
+already is), hashes it, takes calibration and labels from the model card beside it
+(``<file>.card.json``) with flags winning, signs the canonical payload and publishes the envelope
+retained with QoS 1 on the group's or the device's desired topic. A rollback is the same with
+``allow_downgrade`` signed in, for an earlier version. The default rollout salt is the model name,
+so the devices chosen at a given percent stay the same from release to release (a stable canary
+ring); give ``--rollout-salt`` to pick another set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from edgecloud.artifacts import TransportTLS, check_name, file_sha256, gateway_uri, parse_uri, upload
+from edgecloud.config import build
+from edgecloud.endpoint import parse_endpoint
+from edgecloud.errors import ConfigError, EdgecloudError
+from edgecloud.fleet.status import collect, render_table
+from edgecloud.mqtt.client import MqttClient, MqttConfig
+from edgecloud.mqtt.topics import FleetTopics, Topic
+from edgecloud.release import (
+    Artifact,
+    Calibration,
+    Envelope,
+    PlanTarget,
+    ReleasePayload,
+    ReleaseRejected,
+    Rollout,
+    format_time,
+    parse_time,
+    sign_release,
+    utc_now,
+)
+from edgecloud.signing import load_private_key
+
+DEFAULT_EXPIRY = timedelta(days=30)
+CALIBRATION_KEYS = ("policy", "temperature", "threshold", "score_output", "scores")
+PLAN_SUFFIXES = (".plan", ".engine")
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+PASSWORD_ENV = "EDGECLOUD_MQTT_PASSWORD"
+TOKEN_ENV = "EDGECLOUD_GATEWAY_TOKEN"
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """What to publish and to whom; exactly one of group/device and one of gateway/uri."""
+
+    model: Path
+    name: str
+    version: int
+    key: Path
+    fleet: str
+    group: str | None = None
+    device: str | None = None
+    gateway: str | None = None  # HOST:PORT of the gateway's artifact service
+    gateway_tls: TransportTLS | None = None
+    gateway_token: str | None = None
+    uri: str | None = None
+    rollout_percent: float = 100.0
+    rollout_salt: str | None = None
+    expires_at: datetime | None = None  # default: issued_at + 30 days
+    calibration: Mapping[str, Any] = field(default_factory=dict)  # flags; win over the model card
+    publisher: str | None = None
+    allow_downgrade: bool = False
+    plan_target: PlanTarget | None = None
+
+
+@dataclass(frozen=True)
+class Published:
+    topic: Topic
+    envelope: Envelope
+
+
+def read_card(model: Path) -> dict[str, Any]:
+    """The model card beside ``model`` (``<file>.card.json``), or {} when there is none."""
+    card = model.with_name(model.name + ".card.json")
+    if not card.exists():
+        return {}
+    try:
+        data = json.loads(card.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model card {card} is unreadable: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"model card {card} is not a JSON object")
+    return data
+
+
+def parse_expires(text: str, now: datetime) -> datetime:
+    """``30d``, ``12h``, ``90m``, ``3600s`` from ``now``, or an RFC 3339 time."""
+    m = _DURATION.match(text)
+    if m:
+        return now + timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise ConfigError(f"--expires {text!r}: give a duration like 30d, 12h, 90m, "
+                          "or an RFC 3339 time") from None
+
+
+def default_publisher() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = "edgecloud"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _target_topic(request: ReleaseRequest) -> Topic:
+    if (request.group is None) == (request.device is None):
+        raise ConfigError("give exactly one of --group or --device")
+    try:
+        topics = FleetTopics(request.fleet)
+        if request.device is not None:
+            return topics.device_desired(request.device)
+        return topics.group_desired(request.group or "")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _artifact_uri(request: ReleaseRequest, sha256: str, artifact_format: str) -> str:
+    if (request.gateway is None) == (request.uri is None):
+        raise ConfigError("give exactly one of --gateway or --uri")
+    if request.uri is not None:
+        try:
+            parse_uri(request.uri)
+        except ReleaseRejected as e:
+            raise ConfigError(f"--uri: {e.detail}") from None
+        return request.uri
+    try:
+        endpoint = parse_endpoint(request.gateway or "")
+        upload(endpoint, request.model, name=request.name, version=request.version,
+               artifact_format=artifact_format, sha256=sha256, tls=request.gateway_tls,
+               token=request.gateway_token)
+    except ValueError as e:
+        raise ConfigError(f"--gateway/--name: {e}") from None
+    except grpc.RpcError as e:
+        raise EdgecloudError(f"upload to gateway {request.gateway} failed: "
+                             f"{e.code().name}: {e.details()}") from None
+    return gateway_uri(request.gateway or "", request.name, request.version,
+                       tls=request.gateway_tls is not None)
+
+
+def build_release(request: ReleaseRequest, now: datetime | None = None) -> tuple[Topic, ReleasePayload]:
+    """Check the request, upload the artifact if needed, and assemble the payload to sign."""
+    topic = _target_topic(request)
+    try:
+        check_name(request.name)
+    except ValueError as e:
+        raise ConfigError(f"--name: {e}") from None
+    if request.version < 0:
+        raise ConfigError(f"--version {request.version}: must be >= 0")
+    if not request.model.is_file():
+        raise ConfigError(f"--model {request.model}: no such file")
+    plan = request.plan_target is not None or request.model.suffix in PLAN_SUFFIXES
+    if plan and request.plan_target is None:
+        raise ConfigError(f"--model {request.model} is a TensorRT plan: "
+                          "give --tensorrt-version and --target-device")
+    card = read_card(request.model)
+    values = {k: (card.get("calibration") or {}).get(k) for k in CALIBRATION_KEYS}
+    values.update({k: v for k, v in request.calibration.items() if v is not None})
+    labels = card.get("labels")
+    issued_at = now or utc_now()
+    if request.expires_at is not None and request.expires_at <= issued_at:
+        raise ConfigError(f"--expires {format_time(request.expires_at)} is not in the future")
+    try:  # everything that can be wrong with the request, before uploading anything
+        calibration = Calibration.from_dict(values)
+        rollout = Rollout(request.rollout_percent, request.rollout_salt or request.name)
+    except ReleaseRejected as e:
+        raise ConfigError(e.detail) from None
+    sha256, size = file_sha256(request.model), request.model.stat().st_size
+    artifact_format = "tensorrt-plan" if plan else "onnx"
+    uri = _artifact_uri(request, sha256, artifact_format)
+    try:
+        payload = ReleasePayload(
+            model=request.name, version=request.version, publisher=request.publisher or default_publisher(),
+            artifact=Artifact(uri, sha256, size, artifact_format, request.plan_target),
+            issued_at=issued_at, expires_at=request.expires_at or issued_at + DEFAULT_EXPIRY,
+            calibration=calibration, rollout=rollout, labels=tuple(labels) if labels else None,
+            allow_downgrade=request.allow_downgrade)
+    except ReleaseRejected as e:
+        raise ConfigError(e.detail) from None
+    return topic, payload
+
+
+def publish_release(request: ReleaseRequest, mqtt: MqttConfig, *, now: datetime | None = None,
+                    timeout_s: float = 10.0) -> Published:
+    """Sign and publish ``request`` (retained, QoS 1); returns where and what was published."""
+    key = load_private_key(request.key)  # fail on a bad key before uploading anything
+    topic, payload = build_release(request, now)
+    envelope = sign_release(payload, key)
+    with MqttClient(mqtt) as client:
+        client.wait_connected(timeout_s)
+        client.publish(topic, envelope.to_json(), qos=1, retain=True, timeout=timeout_s)
+    return Published(topic, envelope)
+
+
+# -- command line -----------------------------------------------------------------------------------------
+def register(subparsers: argparse._SubParsersAction) -> None:
+    fleet = subparsers.add_parser("fleet", help="publish signed model releases, roll back, watch devices")
+    actions = fleet.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+    publish = actions.add_parser("publish", help="sign and publish a model release",
+                                 description="Upload, sign and publish a release (retained, QoS 1).")
+    _release_arguments(publish)
+    publish.set_defaults(func=run_publish, allow_downgrade=False)
+    rollback = actions.add_parser("rollback", help="publish a signed downgrade to an earlier version",
+                                  description="Like publish, with allow_downgrade signed in: give the "
+                                              "earlier model file and its version.")
+    _release_arguments(rollback)
+    rollback.set_defaults(func=run_publish, allow_downgrade=True)
+    status = actions.add_parser("status", help="show devices from their retained topics",
+                                description="Listen to status, reported and telemetry topics "
+                                            "and print a table.")
+    _mqtt_arguments(status)
+    status.add_argument("--listen", type=float, default=2.0, metavar="SECONDS",
+                        help="how long to collect messages (default 2)")
+    status.set_defaults(func=run_status)
+
+
+def _mqtt_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("broker")
+    group.add_argument("--mqtt", required=True, metavar="HOST:PORT", help="the fleet's MQTT broker")
+    group.add_argument("--fleet", required=True, help="fleet id (topic level edgecloud/<fleet>/…)")
+    group.add_argument("--mqtt-username", help=f"user name; the password is read from ${PASSWORD_ENV}")
+    group.add_argument("--mqtt-ca", type=Path, help="CA of the broker's certificate (enables TLS)")
+    group.add_argument("--mqtt-cert", type=Path, help="client certificate for mutual TLS")
+    group.add_argument("--mqtt-key", type=Path, help="client key for mutual TLS")
+    group.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="how long to wait for the broker (and its acknowledgement), default 10")
+
+
+def _release_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, metavar="FILE", help=".onnx (or .plan) file")
+    parser.add_argument("--name", required=True, help="model name the devices serve")
+    parser.add_argument("--version", required=True, type=int, help="release version (integer)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--group", help="publish to every device of this group")
+    target.add_argument("--device", help="publish to one device (wins over its group)")
+    parser.add_argument("--key", required=True, type=Path, help="Ed25519 private key (edgecloud keygen)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--gateway", metavar="HOST:PORT", help="upload to this gateway's repository")
+    source.add_argument("--uri", help="the file is already at this grpc(s)://, https:// or file:// URI")
+    parser.add_argument("--gateway-ca", type=Path, help="CA of the gateway's certificate (grpcs)")
+    parser.add_argument("--gateway-cert", type=Path, help="client certificate for the gateway (mutual TLS)")
+    parser.add_argument("--gateway-key", type=Path, help="client key for the gateway (mutual TLS)")
+    parser.add_argument("--rollout-percent", type=float, default=100.0, metavar="P",
+                        help="0-100 (default 100)")
+    parser.add_argument("--rollout-salt", help="rollout hash salt (default: the model name)")
+    parser.add_argument("--expires", default="30d", help="duration (30d, 12h) or RFC 3339 time (default 30d)")
+    parser.add_argument("--publisher", help="who publishes (default: user@host)")
+    cal = parser.add_argument_group("calibration (default: the model card's)")
+    cal.add_argument("--policy", help="max_prob | margin | entropy | package.module:function")
+    cal.add_argument("--threshold", type=float, help="escalate when confidence < threshold")
+    cal.add_argument("--temperature", type=float, help="softmax temperature")
+    cal.add_argument("--score-output", help="output holding the class scores")
+    cal.add_argument("--scores", choices=("logits", "probabilities"))
+    plan = parser.add_argument_group("TensorRT plan releases")
+    plan.add_argument("--tensorrt-version", help="TensorRT version the plan was built with")
+    plan.add_argument("--target-device", help="device model the plan was built on")
+    _mqtt_arguments(parser)
+
+
+def mqtt_config_from_args(args: argparse.Namespace) -> MqttConfig:
+    try:
+        endpoint = parse_endpoint(args.mqtt)
+    except ValueError as e:
+        raise ConfigError(f"--mqtt: {e}") from None
+    data: dict[str, Any] = {"host": endpoint.host, "port": endpoint.port}
+    if args.mqtt_username:
+        data["username"] = args.mqtt_username
+        data["password"] = os.environ.get(PASSWORD_ENV)
+    if args.mqtt_ca or args.mqtt_cert:
+        data["tls"] = {"ca": args.mqtt_ca, "cert": args.mqtt_cert, "key": args.mqtt_key}
+    return build(MqttConfig, data, source="--mqtt options")
+
+
+def _gateway_tls(args: argparse.Namespace) -> TransportTLS | None:
+    if not (args.gateway_ca or args.gateway_cert):
+        return None
+    return TransportTLS(ca=args.gateway_ca, cert=args.gateway_cert, key=args.gateway_key)
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    now = utc_now()
+    plan_target = None
+    if args.tensorrt_version or args.target_device:
+        if not (args.tensorrt_version and args.target_device):
+            raise ConfigError("give --tensorrt-version and --target-device together")
+        plan_target = PlanTarget(args.tensorrt_version, args.target_device)
+    request = ReleaseRequest(
+        model=args.model, name=args.name, version=args.version, key=args.key, fleet=args.fleet,
+        group=args.group, device=args.device, gateway=args.gateway, gateway_tls=_gateway_tls(args),
+        gateway_token=os.environ.get(TOKEN_ENV), uri=args.uri, rollout_percent=args.rollout_percent,
+        rollout_salt=args.rollout_salt, expires_at=parse_expires(args.expires, now),
+        calibration={k: getattr(args, k) for k in CALIBRATION_KEYS}, publisher=args.publisher,
+        allow_downgrade=args.allow_downgrade, plan_target=plan_target)
+    published = publish_release(request, mqtt_config_from_args(args), now=now, timeout_s=args.timeout)
+    payload = published.envelope.payload
+    print(f"published {payload['model']} v{payload['version']} to {published.topic} "
+          f"(key {published.envelope.key_id}, sha256 {payload['artifact']['sha256'][:12]}…, "
+          f"{payload['artifact']['size']} bytes, uri {payload['artifact']['uri']}, "
+          f"expires {payload['expires_at']}{', downgrade allowed' if request.allow_downgrade else ''})")
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    rows = collect(mqtt_config_from_args(args), args.fleet, listen_s=args.listen,
+                   connect_timeout_s=args.timeout)
+    print(render_table(rows) if rows else f"no devices have reported in fleet {args.fleet}")
+    return 0

@@ -1,0 +1,124 @@
+"""The fleet as its retained topics describe it: one row per device (online, model, update state,
+escalation rate, last seen), collected by listening for a moment and printed as a table.
+
+Status and reported are retained, so every device that ever spoke shows up at once; telemetry is
+not, so the escalation rate appears only for devices that report during the listening window.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
+from edgecloud.mqtt.topics import FleetTopics, TopicKind
+from edgecloud.release import format_time, parse_time
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceRow:
+    device: str
+    online: bool | None = None
+    model: str | None = None
+    active_version: int | None = None
+    update_state: str | None = None
+    update_version: int | None = None
+    update_progress: float | None = None
+    update_reason: str | None = None
+    escalation_rate: float | None = None
+    last_seen: datetime | None = None
+
+    def seen(self, at: Any) -> None:
+        try:
+            moment = parse_time(at)
+        except ValueError:
+            return
+        if self.last_seen is None or moment > self.last_seen:
+            self.last_seen = moment
+
+    @property
+    def update(self) -> str:
+        if self.update_state is None:
+            return "-"
+        text = f"{self.update_state} v{self.update_version}"
+        if self.update_state == "downloading" and self.update_progress is not None:
+            text += f" {self.update_progress:.0%}"
+        if self.update_reason:
+            text += f" ({self.update_reason})"
+        return text
+
+
+class FleetView:
+    """Folds status, reported and telemetry messages into device rows."""
+
+    def __init__(self, fleet: str) -> None:
+        self.topics = FleetTopics(fleet)
+        self.rows: dict[str, DeviceRow] = {}
+
+    def apply(self, message: Message) -> None:
+        parsed = self.topics.parse(message.topic)
+        if parsed is None or not parsed.device or not message.payload:
+            return
+        try:
+            body = json.loads(message.payload)
+        except ValueError:
+            log.debug("event=fleet_status_unreadable topic=%s", message.topic)
+            return
+        if not isinstance(body, dict):
+            return
+        row = self.rows.setdefault(parsed.device, DeviceRow(parsed.device))
+        row.seen(body.get("at"))
+        if parsed.kind is TopicKind.STATUS:
+            row.online = body.get("state") == "online"
+            row.model = body.get("model", row.model)
+            row.active_version = body.get("active_version", row.active_version)
+        elif parsed.kind is TopicKind.REPORTED:
+            row.update_state, row.update_version = body.get("state"), body.get("version")
+            row.update_progress, row.update_reason = body.get("progress"), body.get("reason")
+            if body.get("active_version") is not None:
+                row.active_version = body["active_version"]
+        elif parsed.kind is TopicKind.TELEMETRY:
+            row.escalation_rate = body.get("escalation_rate", row.escalation_rate)
+
+    def sorted_rows(self) -> list[DeviceRow]:
+        return [self.rows[d] for d in sorted(self.rows)]
+
+
+def collect(config: MqttConfig, fleet: str, listen_s: float = 2.0,
+            connect_timeout_s: float = 10.0) -> list[DeviceRow]:
+    """Subscribe to the fleet's status, reported and telemetry topics for ``listen_s`` seconds."""
+    view = FleetView(fleet)
+    inbox: queue.Queue[Message] = queue.Queue()
+    with MqttClient(config, on_message=inbox.put) as client:
+        client.wait_connected(connect_timeout_s)
+        for kind in (TopicKind.STATUS, TopicKind.REPORTED, TopicKind.TELEMETRY):
+            client.subscribe(view.topics.every(kind))
+        deadline = time.monotonic() + listen_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                view.apply(inbox.get(timeout=remaining))
+            except queue.Empty:
+                break
+    while not inbox.empty():
+        view.apply(inbox.get_nowait())
+    return view.sorted_rows()
+
+
+def render_table(rows: list[DeviceRow]) -> str:
+    header = ("DEVICE", "ONLINE", "MODEL", "ACTIVE", "UPDATE", "ESCALATION", "LAST SEEN")
+    lines = [header]
+    for row in rows:
+        online = "-" if row.online is None else ("yes" if row.online else "no")
+        escalation = "-" if row.escalation_rate is None else f"{row.escalation_rate:.1%}"
+        lines.append((row.device, online, row.model or "-",
+                      "-" if row.active_version is None else str(row.active_version), row.update,
+                      escalation, format_time(row.last_seen) if row.last_seen else "-"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)

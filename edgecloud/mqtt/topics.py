@@ -1,0 +1,161 @@
+"""Every MQTT topic of the fleet (DESIGN §6), built and validated in one place.
+
+:class:`Topic` is a concrete name to publish on, :class:`Wildcard` a filter to subscribe with; both
+validate on construction, so a bad fleet or device id fails where it is configured, not at the broker.
+:class:`FleetTopics` builds them, :func:`FleetTopics.parse` maps a received topic back to its kind.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+ROOT = "edgecloud"
+#: ids used as one topic level: fleet, device and group names
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_MAX_TOPIC_BYTES = 65535
+
+
+def check_id(kind: str, value: str) -> str:
+    """Return ``value`` if it is a safe single topic level (and file name); ValueError otherwise."""
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise ValueError(f"{kind} id {value!r} is invalid: use 1-128 of A-Z a-z 0-9 . _ : - "
+                         "starting with a letter or digit")
+    return value
+
+
+def _check_common(value: str) -> None:
+    if not value:
+        raise ValueError("topic must not be empty")
+    if "\x00" in value:
+        raise ValueError(f"topic {value!r} contains a NUL character")
+    if len(value.encode("utf-8")) > _MAX_TOPIC_BYTES:
+        raise ValueError(f"topic is longer than {_MAX_TOPIC_BYTES} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """A topic name to publish on: no wildcards."""
+
+    value: str
+
+    def __post_init__(self) -> None:
+        _check_common(self.value)
+        if "+" in self.value or "#" in self.value:
+            raise ValueError(f"topic {self.value!r} contains a wildcard (+ or #); use Wildcard to subscribe")
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class Wildcard:
+    """A topic filter to subscribe with: ``+`` fills one whole level, ``#`` only the last one."""
+
+    value: str
+
+    def __post_init__(self) -> None:
+        _check_common(self.value)
+        levels = self.value.split("/")
+        for i, level in enumerate(levels):
+            if "+" in level and level != "+":
+                raise ValueError(f"wildcard {self.value!r}: '+' must fill a whole level")
+            if "#" in level and (level != "#" or i != len(levels) - 1):
+                raise ValueError(f"wildcard {self.value!r}: '#' must be the whole last level")
+
+    def matches(self, topic: Topic | str) -> bool:
+        """Whether ``topic`` is delivered to a subscription with this filter (MQTT §4.7)."""
+        names = str(topic).split("/")
+        filters = self.value.split("/")
+        for i, f in enumerate(filters):
+            if f == "#":
+                return True
+            if i >= len(names) or (f != "+" and f != names[i]):
+                return False
+        return len(names) == len(filters)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TopicKind(Enum):
+    """The topics of DESIGN §6 with their retain flag and QoS."""
+
+    STATUS = ("devices", "status", True)
+    TELEMETRY = ("devices", "telemetry", False)
+    EVENTS = ("devices", "events", False)
+    DEVICE_DESIRED = ("devices", "model/desired", True)
+    REPORTED = ("devices", "model/reported", True)
+    GROUP_DESIRED = ("groups", "model/desired", True)
+
+    def __init__(self, scope: str, suffix: str, retained: bool) -> None:
+        self.scope = scope
+        self.suffix = suffix
+        self.retained = retained
+
+    @property
+    def qos(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    """What a received topic is about: its kind and the device or group it names."""
+
+    kind: TopicKind
+    fleet: str
+    device: str = ""
+    group: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetTopics:
+    """Topic names of one fleet: ``edgecloud/{fleet}/devices/{device}/…`` and ``…/groups/{group}/…``."""
+
+    fleet: str
+
+    def __post_init__(self) -> None:
+        check_id("fleet", self.fleet)
+
+    def topic(self, kind: TopicKind, name: str) -> Topic:
+        """The topic of ``kind`` for device (or group, for GROUP_DESIRED) ``name``."""
+        check_id("group" if kind.scope == "groups" else "device", name)
+        return Topic(f"{ROOT}/{self.fleet}/{kind.scope}/{name}/{kind.suffix}")
+
+    def every(self, kind: TopicKind) -> Wildcard:
+        """The filter matching ``kind`` for every device (or group) of the fleet."""
+        return Wildcard(f"{ROOT}/{self.fleet}/{kind.scope}/+/{kind.suffix}")
+
+    def status(self, device: str) -> Topic:
+        return self.topic(TopicKind.STATUS, device)
+
+    def telemetry(self, device: str) -> Topic:
+        return self.topic(TopicKind.TELEMETRY, device)
+
+    def events(self, device: str) -> Topic:
+        return self.topic(TopicKind.EVENTS, device)
+
+    def reported(self, device: str) -> Topic:
+        return self.topic(TopicKind.REPORTED, device)
+
+    def device_desired(self, device: str) -> Topic:
+        return self.topic(TopicKind.DEVICE_DESIRED, device)
+
+    def group_desired(self, group: str) -> Topic:
+        return self.topic(TopicKind.GROUP_DESIRED, group)
+
+    def parse(self, topic: Topic | str) -> ParsedTopic | None:
+        """Map a topic of this fleet back to its kind and id; None for anything else."""
+        levels = str(topic).split("/")
+        if len(levels) < 5 or levels[0] != ROOT or levels[1] != self.fleet:
+            return None
+        scope, name, suffix = levels[2], levels[3], "/".join(levels[4:])
+        if not ID_PATTERN.match(name):
+            return None
+        for kind in TopicKind:
+            if kind.scope == scope and kind.suffix == suffix:
+                if scope == "groups":
+                    return ParsedTopic(kind, self.fleet, group=name)
+                return ParsedTopic(kind, self.fleet, device=name)
+        return None

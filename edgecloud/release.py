@@ -1,0 +1,365 @@
+"""Signed model releases (DESIGN §6, §9): the payload and its envelope, verification that names a
+reason for every rejection, and the pure rules an updater applies (rollout, version, size, target).
+
+The envelope keeps the payload exactly as it was signed, unknown keys included, so a newer publisher
+can add keys without breaking older devices' signature checks; :class:`ReleasePayload` is the typed
+view of the keys this version understands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgecloud.errors import EdgecloudError
+from edgecloud.signing import KEY_ID_PATTERN, TrustStore, canonical_json, sign, verify
+
+SCHEMA_VERSION = 1
+DEFAULT_BUDGET_BYTES = 1_000_000_000
+DEFAULT_CLOCK_SKEW_S = 300.0
+#: a device clock before this is taken as unset (no RTC battery, no NTP yet)
+CLOCK_SET_AFTER = datetime(2024, 1, 1, tzinfo=timezone.utc)
+FORMATS = ("onnx", "tensorrt-plan")
+SCORES = ("logits", "probabilities")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_RFC3339 = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+class Reason(str, Enum):
+    """Why a release is refused: the code reported in ``model/reported`` (``reason``)."""
+
+    MALFORMED = "malformed"
+    BAD_SIGNATURE = "bad_signature"
+    UNKNOWN_KEY = "unknown_key"
+    REVOKED_KEY = "revoked_key"
+    EXPIRED = "expired"
+    NOT_NEWER = "not_newer"
+    TOO_LARGE = "too_large"
+    WRONG_TARGET = "wrong_target"
+    BAD_URI = "bad_uri"
+    DOWNLOAD_FAILED = "download_failed"  # transient: the partial file is kept for a resume
+    SIZE_MISMATCH = "size_mismatch"
+    SHA256_MISMATCH = "sha256_mismatch"
+    UNLOADABLE = "unloadable"
+    CONTRACT_MISMATCH = "contract_mismatch"
+
+
+class ReleaseRejected(EdgecloudError):
+    """A release, or its artifact, is refused; ``reason`` is the code, ``detail`` says what exactly."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# -- times ----------------------------------------------------------------------------------------------
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 in UTC with ``Z``, to the second: ``2025-03-01T12:00:00Z``."""
+    if moment.tzinfo is None:
+        raise ValueError("refusing to format a naive datetime: give it a time zone")
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an RFC 3339 time (``Z`` or an offset) into an aware UTC datetime; ValueError otherwise."""
+    m = _RFC3339.match(text) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f"{text!r} is not an RFC 3339 time like 2025-03-01T12:00:00Z")
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    micros = int((m.group(7) or ".0")[1:7].ljust(6, "0"))
+    zone = m.group(8)
+    if zone in ("Z", "z"):
+        tz = timezone.utc
+    else:
+        sign_ = -1 if zone[0] == "-" else 1
+        tz = timezone(sign_ * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
+    return datetime(year, month, day, hour, minute, second, micros, tzinfo=tz).astimezone(timezone.utc)
+
+
+# -- payload --------------------------------------------------------------------------------------------
+def _malformed(detail: str) -> ReleaseRejected:
+    return ReleaseRejected(Reason.MALFORMED, detail)
+
+
+def _get(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str = "payload",
+         required: bool = True) -> Any:
+    if key not in data or data[key] is None:
+        if required:
+            raise _malformed(f"{where}.{key} is missing")
+        return None
+    value = data[key]
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise _malformed(f"{where}.{key} must not be a boolean")
+    if not isinstance(value, kind):
+        raise _malformed(f"{where}.{key} has type {type(value).__name__}")
+    return value
+
+
+def _time(data: Mapping[str, Any], key: str) -> datetime:
+    try:
+        return parse_time(_get(data, key, str))
+    except ValueError as e:
+        raise _malformed(f"payload.{key}: {e}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanTarget:
+    """What a TensorRT plan was built for: it only runs there."""
+
+    tensorrt: str
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class Artifact:
+    """Where the model file is, and what it must hash to."""
+
+    uri: str
+    sha256: str
+    size: int
+    format: str = "onnx"
+    target: PlanTarget | None = None
+
+    def __post_init__(self) -> None:
+        if not _SHA256.match(self.sha256):
+            raise _malformed("artifact.sha256 must be 64 lowercase hex digits")
+        if self.size < 0:
+            raise _malformed("artifact.size must be >= 0")
+        if self.format not in FORMATS:
+            raise _malformed(f"artifact.format {self.format!r} is not one of {FORMATS}")
+        if (self.format == "tensorrt-plan") != (self.target is not None):
+            raise _malformed("artifact.target is required for a tensorrt-plan, and only for it")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"uri": self.uri, "sha256": self.sha256, "size": self.size,
+                               "format": self.format}
+        if self.target is not None:
+            out["target"] = {"tensorrt": self.target.tensorrt, "device": self.target.device}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Artifact:
+        target = _get(data, "target", dict, "artifact", required=False)
+        plan = None
+        if target is not None:
+            plan = PlanTarget(_get(target, "tensorrt", str, "artifact.target"),
+                              _get(target, "device", str, "artifact.target"))
+        return cls(_get(data, "uri", str, "artifact"), _get(data, "sha256", str, "artifact"),
+                   _get(data, "size", int, "artifact"), _get(data, "format", str, "artifact"), plan)
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """Cascade settings that travel with the model; None leaves the next source to decide."""
+
+    policy: str | None = None
+    temperature: float | None = None
+    threshold: float | None = None
+    score_output: str | None = None
+    scores: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature is not None and not self.temperature > 0:
+            raise _malformed("calibration.temperature must be > 0")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise _malformed("calibration.threshold must be within [0, 1]")
+        if self.scores is not None and self.scores not in SCORES:
+            raise _malformed(f"calibration.scores must be one of {SCORES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {"policy": self.policy, "temperature": self.temperature, "threshold": self.threshold,
+                  "score_output": self.score_output, "scores": self.scores}
+        return {k: v for k, v in values.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
+        def number(key: str) -> float | None:
+            value = _get(data, key, (int, float), "calibration", required=False)
+            return None if value is None else float(value)
+
+        return cls(_get(data, "policy", str, "calibration", False), number("temperature"),
+                   number("threshold"), _get(data, "score_output", str, "calibration", False),
+                   _get(data, "scores", str, "calibration", False))
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """The share of devices (0-100 %) that take the release, chosen by :func:`in_rollout`."""
+
+    percent: float = 100.0
+    salt: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.percent <= 100:
+            raise _malformed("rollout.percent must be within [0, 100]")
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasePayload:
+    """The typed view of a release payload (DESIGN §9)."""
+
+    model: str
+    version: int
+    publisher: str
+    artifact: Artifact
+    issued_at: datetime
+    expires_at: datetime
+    calibration: Calibration = field(default_factory=Calibration)
+    rollout: Rollout = field(default_factory=Rollout)
+    labels: tuple[str, ...] | None = None
+    allow_downgrade: bool = False
+    schema: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version < 0:
+            raise _malformed("payload.version must be >= 0")
+        if self.expires_at <= self.issued_at:
+            raise _malformed("payload.expires_at must be after issued_at")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "schema": self.schema, "model": self.model, "version": self.version,
+            "publisher": self.publisher, "artifact": self.artifact.to_dict(),
+            "calibration": self.calibration.to_dict(),
+            "rollout": {"percent": self.rollout.percent, "salt": self.rollout.salt},
+            "issued_at": format_time(self.issued_at), "expires_at": format_time(self.expires_at),
+            "allow_downgrade": self.allow_downgrade,
+        }
+        if self.labels is not None:
+            out["labels"] = list(self.labels)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ReleasePayload:
+        """Parse the keys this version knows, ignore the rest; ReleaseRejected(malformed) on bad ones."""
+        schema = _get(data, "schema", int)
+        if schema < 1:
+            raise _malformed("payload.schema must be >= 1")
+        rollout = _get(data, "rollout", dict)
+        labels = _get(data, "labels", list, required=False)
+        if labels is not None and not all(isinstance(label, str) for label in labels):
+            raise _malformed("payload.labels must be strings")
+        return cls(
+            model=_get(data, "model", str), version=_get(data, "version", int),
+            publisher=_get(data, "publisher", str),
+            artifact=Artifact.from_dict(_get(data, "artifact", dict)),
+            issued_at=_time(data, "issued_at"), expires_at=_time(data, "expires_at"),
+            calibration=Calibration.from_dict(_get(data, "calibration", dict, required=False) or {}),
+            rollout=Rollout(float(_get(rollout, "percent", (int, float), "rollout")),
+                            _get(rollout, "salt", str, "rollout")),
+            labels=None if labels is None else tuple(labels),
+            allow_downgrade=_get(data, "allow_downgrade", bool), schema=schema)
+
+
+# -- envelope -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Envelope:
+    """``{"payload": {…}, "key_id": "<16 hex>", "signature": "<base64>"}`` as on the desired topics."""
+
+    payload: Mapping[str, Any]
+    key_id: str
+    signature: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"payload": dict(self.payload), "key_id": self.key_id, "signature": self.signature}
+
+    def to_json(self) -> bytes:
+        return canonical_json(self.to_dict())
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Envelope:
+        """Parse an envelope; ReleaseRejected(malformed) for anything else (an empty retained message
+        means "no release" and is the caller's to handle before this)."""
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _malformed(f"release is not JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise _malformed("release is not a JSON object")
+        payload = _get(obj, "payload", dict, "release")
+        return cls(payload, _get(obj, "key_id", str, "release"), _get(obj, "signature", str, "release"))
+
+
+def sign_release(payload: ReleasePayload, key: Ed25519PrivateKey) -> Envelope:
+    data = payload.to_dict()
+    kid, signature = sign(key, data)
+    return Envelope(data, kid, signature)
+
+
+def verify_envelope(envelope: Envelope, trust: TrustStore, now: datetime | None = None,
+                    clock_skew_s: float = DEFAULT_CLOCK_SKEW_S,
+                    newest_trusted_issued_at: datetime | None = None) -> ReleasePayload:
+    """Check key, signature, shape and expiry; return the payload or raise ReleaseRejected.
+
+    ``newest_trusted_issued_at`` is the latest ``issued_at`` this device has accepted: when its clock
+    is clearly unset (before 2024) expiry is judged against that instead. With neither a clock nor a
+    reference, expiry cannot be judged and the signature alone decides.
+    """
+    kid = envelope.key_id
+    if not KEY_ID_PATTERN.match(kid):
+        raise _malformed(f"key_id {kid!r} is not 16 lowercase hex digits")
+    if trust.is_revoked(kid):
+        raise ReleaseRejected(Reason.REVOKED_KEY, f"signed by revoked key {kid}")
+    public_key = trust.public_key(kid)
+    if public_key is None:
+        raise ReleaseRejected(Reason.UNKNOWN_KEY, f"signed by key {kid}, which is not trusted here")
+    if not verify(public_key, envelope.payload, envelope.signature):
+        raise ReleaseRejected(Reason.BAD_SIGNATURE, f"signature does not match the payload (key {kid})")
+    payload = ReleasePayload.from_dict(envelope.payload)
+    now = now or utc_now()
+    reference, basis = now, "device clock"
+    if now < CLOCK_SET_AFTER and newest_trusted_issued_at is not None:
+        reference, basis = newest_trusted_issued_at, "newest trusted issued_at (device clock unset)"
+    if reference > payload.expires_at + timedelta(seconds=clock_skew_s):
+        raise ReleaseRejected(Reason.EXPIRED, f"expired at {format_time(payload.expires_at)}; "
+                              f"{basis} is {format_time(reference)}")
+    return payload
+
+
+# -- rules ----------------------------------------------------------------------------------------------
+def in_rollout(device_id: str, percent: float, salt: str) -> bool:
+    """Deterministic share of devices: the same answer for a device on every run (DESIGN §9)."""
+    digest = hashlib.sha256(f"{salt}:{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 10000 < round(percent * 100)
+
+
+def check_version(new: int, active: int | None, allow_downgrade: bool) -> None:
+    """Refuse a version that is not above the active one, unless the release allows a downgrade.
+
+    The active version itself is refused either way: there is nothing to do (an updater should
+    skip a re-delivered retained release for its active version before calling this).
+    """
+    if active is None or new > active or (new < active and allow_downgrade):
+        return
+    why = "is the active version" if new == active else "is below the active version"
+    raise ReleaseRejected(Reason.NOT_NEWER, f"version {new} {why} {active}"
+                          + ("" if allow_downgrade else " and the release does not allow a downgrade"))
+
+
+def check_size(size: int, budget: int = DEFAULT_BUDGET_BYTES) -> None:
+    if size > budget:
+        raise ReleaseRejected(Reason.TOO_LARGE, f"artifact is {size} bytes, over the edge budget of {budget}")
+
+
+def check_target(artifact: Artifact, tensorrt_version: str | None, device: str | None) -> None:
+    """A TensorRT plan runs only where it was built: same TensorRT version string, same device."""
+    target = artifact.target
+    if target is None:
+        return
+    if target.tensorrt != tensorrt_version or target.device != device:
+        raise ReleaseRejected(Reason.WRONG_TARGET,
+                              f"plan built for TensorRT {target.tensorrt} on {target.device}; this device "
+                              f"has TensorRT {tensorrt_version or 'none'} on {device or 'unknown'}")

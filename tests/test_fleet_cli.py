@@ -1,0 +1,232 @@
+"""Operator CLI: ``edgecloud keygen`` and ``edgecloud fleet publish|rollback|status`` end to end,
+against a real mosquitto and a real artifact service on loopback; what the CLI publishes is checked
+against the release JSON Schema, verified with the public key, and downloaded back."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import jsonschema
+import pytest
+
+from cloud_gateway.artifacts import add_artifact_service
+from edgecloud import cli
+from edgecloud.artifacts import download
+from edgecloud.fleet.status import FleetView, render_table
+from edgecloud.mqtt.client import Message, MqttClient
+from edgecloud.mqtt.payloads import reported_payload, status_payload
+from edgecloud.mqtt.topics import FleetTopics
+from edgecloud.release import Envelope, utc_now, verify_envelope
+from edgecloud.signing import TrustStore, key_id, load_public_key
+
+if TYPE_CHECKING:
+    from tests.broker import Broker
+
+
+SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "protos/schemas/release.schema.json").read_text())
+TOPICS = FleetTopics("plant-1")
+
+
+@pytest.fixture(autouse=True)
+def commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI with this package's command modules, however edgecloud.cli lists them today."""
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("edgecloud.fleet.keys_cli", "edgecloud.fleet.publish"))
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    add_artifact_service(tmp_path / "repo")(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> Path:
+    assert cli.main(["keygen", "--out", str(tmp_path / "keys" / "release")]) == 0
+    return tmp_path / "keys" / "release"
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    path = tmp_path / "models" / "inspection-edge.onnx"
+    path.parent.mkdir()
+    path.write_bytes(os.urandom(150_000))
+    card = {"name": "inspection", "version": 4, "labels": ["ok", "scratch", "dent"],
+            "calibration": {"policy": "max_prob", "temperature": 1.7, "threshold": 0.6,
+                            "score_output": "logits", "scores": "logits", "target_accuracy": 0.99}}
+    path.with_name(path.name + ".card.json").write_text(json.dumps(card))
+    return path
+
+
+def retained(broker: Broker, topic: str) -> Message:
+    """The retained message on ``topic``, as a device subscribing now would get it."""
+    got: list[Message] = []
+    with MqttClient(broker.mqtt_config(), on_message=got.append) as client:
+        client.wait_connected(5)
+        client.subscribe(topic)
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert got, f"nothing retained on {topic}"
+    return got[0]
+
+
+def broker_args(broker: Broker) -> list[str]:
+    return ["--mqtt", f"127.0.0.1:{broker.port}", "--fleet", "plant-1"]
+
+
+def release_args(model: Path, key: Path, version: int, *extra: str) -> list[str]:
+    return ["--model", str(model), "--name", "inspection", "--version", str(version),
+            "--key", str(key) + ".key", *extra]
+
+
+def test_keygen_writes_a_private_and_a_public_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prefix = tmp_path / "ops"
+    assert cli.main(["keygen", "--out", str(prefix)]) == 0
+    out = capsys.readouterr().out
+    private, public = Path(f"{prefix}.key"), Path(f"{prefix}.pub")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert key_id(load_public_key(public)) in out
+    assert cli.main(["keygen", "--out", str(prefix)]) == 2  # refuses to overwrite a key
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(["keygen", "--out", str(prefix), "--force"]) == 0
+
+
+def test_publish_uploads_signs_and_retains_the_release(broker, gateway, key, model, tmp_path, capsys) -> None:
+    argv = ["fleet", "publish", *release_args(model, key, 4, "--group", "line-a", "--gateway", gateway,
+                                              "--threshold", "0.8", "--rollout-percent", "50",
+                                              "--expires", "7d"), *broker_args(broker)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert "edgecloud/plant-1/groups/line-a/model/desired" in capsys.readouterr().out
+    message = retained(broker, str(TOPICS.group_desired("line-a")))
+    assert message.retain and message.qos == 1
+    jsonschema.validate(message.json(), SCHEMA)
+    trust = TrustStore.from_files([Path(f"{key}.pub")])
+    release = verify_envelope(Envelope.from_json(message.payload), trust)
+    assert release.version == 4 and not release.allow_downgrade
+    assert release.calibration.threshold == 0.8  # the flag wins over the card
+    assert release.calibration.temperature == 1.7 and release.calibration.policy == "max_prob"
+    assert release.labels == ("ok", "scratch", "dent")
+    assert release.rollout.percent == 50 and release.rollout.salt == "inspection"
+    assert timedelta(days=6) < release.expires_at - utc_now() <= timedelta(days=7)
+    assert release.artifact.uri == f"grpc://{gateway}/inspection/4"
+    got = download(release.artifact.uri, tmp_path / "device" / "model.onnx", sha256=release.artifact.sha256,
+                   size=release.artifact.size)
+    assert got.read_bytes() == model.read_bytes()
+
+
+def test_device_release_by_uri_and_signed_rollback(broker, key, model, capsys) -> None:
+    uri = model.as_uri()
+    assert cli.main(["fleet", "publish", *release_args(model, key, 5, "--device", "cam-7", "--uri", uri),
+                     *broker_args(broker)]) == 0, capsys.readouterr().err
+    topic = str(TOPICS.device_desired("cam-7"))
+    assert json.loads(retained(broker, topic).payload)["payload"]["version"] == 5
+    assert cli.main(["fleet", "rollback", *release_args(model, key, 3, "--device", "cam-7", "--uri", uri),
+                     *broker_args(broker)]) == 0, capsys.readouterr().err
+    wire = retained(broker, topic).json()
+    jsonschema.validate(wire, SCHEMA)
+    trust = TrustStore.from_files([Path(f"{key}.pub")])
+    release = verify_envelope(Envelope.from_json(json.dumps(wire)), trust)
+    assert release.version == 3 and release.allow_downgrade and release.artifact.uri == uri
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--threshold", "1.5"], "threshold"),
+    (["--expires", "tomorrow"], "--expires"),
+    (["--expires", "2020-01-01T00:00:00Z"], "not in the future"),
+    (["--tensorrt-version", "10.3"], "together"),
+    (["--rollout-percent", "120"], "rollout.percent"),
+])
+def test_bad_release_options_exit_2(broker, key, model, capsys, extra, message) -> None:
+    argv = ["fleet", "publish", *release_args(model, key, 4, "--group", "g", "--uri", model.as_uri(), *extra),
+            *broker_args(broker)]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unusable_inputs_exit_2(broker, model, tmp_path, capsys) -> None:
+    not_a_key = tmp_path / "bad.key"
+    not_a_key.write_text("nope")
+    common = ["--name", "inspection", "--version", "4", "--group", "g", "--uri", model.as_uri(),
+              *broker_args(broker)]
+    assert cli.main(["fleet", "publish", "--model", str(model), "--key", str(not_a_key), *common]) == 2
+    assert "bad.key" in capsys.readouterr().err
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"engine")
+    key_path = tmp_path / "k"
+    assert cli.main(["keygen", "--out", str(key_path)]) == 0
+    assert cli.main(["fleet", "publish", "--model", str(plan), "--key", f"{key_path}.key", *common]) == 2
+    assert "--tensorrt-version" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # argparse: --group and --device exclude each other
+        cli.main(["fleet", "publish", "--model", str(model), "--key", f"{key_path}.key", "--device", "d",
+                  *common])
+    assert info.value.code == 2
+
+
+def test_refused_broker_and_refused_upload_exit_1(broker_factory, gateway, key, model, tmp_path,
+                                                  monkeypatch, capsys) -> None:
+    locked = broker_factory(users={"operator": "s3cret"})
+    argv = ["fleet", "publish", *release_args(model, key, 4, "--group", "g", "--uri", model.as_uri()),
+            *broker_args(locked)]
+    assert cli.main(argv) == 1
+    assert "refused" in capsys.readouterr().err
+    monkeypatch.setenv("EDGECLOUD_MQTT_PASSWORD", "s3cret")
+    assert cli.main([*argv, "--mqtt-username", "operator"]) == 0, capsys.readouterr().err
+    # the same version with another file: the gateway keeps published versions immutable
+    assert cli.main(["fleet", "publish", *release_args(model, key, 4, "--group", "g", "--gateway", gateway),
+                     *broker_args(locked), "--mqtt-username", "operator"]) == 0
+    model.write_bytes(b"changed")
+    assert cli.main(["fleet", "publish", *release_args(model, key, 4, "--group", "g", "--gateway", gateway),
+                     *broker_args(locked), "--mqtt-username", "operator"]) == 1
+    assert "ALREADY_EXISTS" in capsys.readouterr().err
+
+
+def test_status_table_from_retained_topics(broker, capsys) -> None:
+    with MqttClient(broker.mqtt_config()) as device:
+        device.wait_connected(5)
+        for topic, body in [
+            (TOPICS.status("cam-1"), status_payload("cam-1", "online", agent_version="0.1.0",
+                                                    model="inspection", active_version=4)),
+            (TOPICS.reported("cam-1"), reported_payload("cam-1", "inspection", 4, "active",
+                                                        active_version=4)),
+            (TOPICS.status("cam-2"), status_payload("cam-2", "offline", agent_version="0.1.0",
+                                                    model="inspection", active_version=3)),
+            (TOPICS.reported("cam-2"), reported_payload("cam-2", "inspection", 5, "failed", active_version=3,
+                                                        reason="sha256_mismatch")),
+        ]:
+            device.publish(topic, body, retain=True)
+    assert cli.main(["fleet", "status", *broker_args(broker), "--listen", "0.3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["DEVICE", "ONLINE", "MODEL", "ACTIVE", "UPDATE"]
+    assert lines[1].split()[:6] == ["cam-1", "yes", "inspection", "4", "active", "v4"]
+    assert lines[2].split()[:7] == ["cam-2", "no", "inspection", "3", "failed", "v5", "(sha256_mismatch)"]
+
+
+def test_fleet_view_folds_telemetry_and_ignores_junk() -> None:
+    view = FleetView("plant-1")
+
+    def message(topic: Any, body: Any) -> Message:
+        return Message(str(topic), body if isinstance(body, bytes) else json.dumps(body).encode(), 1, False)
+
+    view.apply(message(TOPICS.telemetry("cam-1"), {"escalation_rate": 0.125, "at": "2025-06-01T12:00:00Z"}))
+    view.apply(message(TOPICS.reported("cam-1"), reported_payload("cam-1", "inspection", 5, "downloading",
+                                                                  active_version=4, progress=0.4)))
+    view.apply(message(TOPICS.status("cam-1"), b"not json"))
+    view.apply(message(TOPICS.status("cam-9"), b""))  # a cleared retained message
+    view.apply(message("edgecloud/other-fleet/devices/x/status", {"state": "online"}))
+    rows = view.sorted_rows()
+    assert [r.device for r in rows] == ["cam-1"]
+    table = render_table(rows)
+    assert "12.5%" in table and "downloading v5 40%" in table and "4" in table
