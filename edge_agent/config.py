@@ -11,8 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from edgecloud.backends.ort_session import OrtConfig
-from edgecloud.backends.trt_engine import TrtConfig
+from edgecloud.backends.options import BackendOptions
 from edgecloud.config import Section
 from edgecloud.endpoint import parse_endpoint
 
@@ -44,13 +43,6 @@ class ModelSection(Section):
     backend: str | None = Field(None, description="backend key; default: chosen by file suffix")
     warmup_rows: int = Field(1, ge=1, description="batch size of the warm-up run")
     budget_bytes: int = Field(1_000_000_000, gt=0, description="largest model file accepted")
-
-
-class BackendSection(Section):
-    """``[backend.<key>]``: each backend's own config class, e.g. ``[backend.onnxruntime]`` providers."""
-
-    onnxruntime: OrtConfig = Field(default_factory=OrtConfig)
-    tensorrt: TrtConfig = Field(default_factory=TrtConfig)
 
 
 class CascadeSection(Section):
@@ -102,7 +94,7 @@ class AgentConfig(Section):
 
     agent: AgentSection = Field(default_factory=AgentSection)
     model: ModelSection = Field(default_factory=ModelSection)
-    backend: BackendSection = Field(default_factory=BackendSection)
+    backend: BackendOptions = Field(default_factory=BackendOptions)
     cascade: CascadeSection = Field(default_factory=CascadeSection)
     cloud: CloudSection = Field(default_factory=CloudSection)
     spool: SpoolSection = Field(default_factory=SpoolSection)

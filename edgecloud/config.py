@@ -62,6 +62,7 @@ def build(model: type[S], data: dict[str, Any], source: str = "config") -> S:
         problems = []
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            unknown = err["type"] in ("extra_forbidden", "unexpected_keyword_argument")
+            msg = "unknown key" if unknown else err["msg"]
             problems.append(f"{key}: {msg}")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None

@@ -57,10 +57,12 @@ class RunningServer:
 
 def start_server(host: InferenceHost, listen: Endpoint, *, tls: ServerTLS | None = None,
                  max_message_bytes: int = 64 * 1024 * 1024, workers: int = 16,
-                 extra_services=()) -> RunningServer:
+                 extra_services=(), interceptors=()) -> RunningServer:
     """Start serving ``host`` on ``listen``. Plaintext is refused off loopback (secure by default).
 
-    ``extra_services`` are callables ``add(server)`` that register more servicers (e.g. downloads).
+    ``extra_services`` are callables ``add(server)`` that register more servicers (e.g. downloads);
+    ``interceptors`` are ``grpc.ServerInterceptor``s run before every call of every service (e.g. the
+    gateway's bearer-token check).
     """
     if tls is None and not listen.is_loopback:
         raise ConfigError(f"listen {listen}: plaintext gRPC is only allowed on loopback or a unix "
@@ -68,7 +70,8 @@ def start_server(host: InferenceHost, listen: Endpoint, *, tls: ServerTLS | None
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
                ("grpc.so_reuseport", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options,
+                         interceptors=tuple(interceptors))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(host), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

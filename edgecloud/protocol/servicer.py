@@ -64,11 +64,16 @@ def _peer_info(context: grpc.ServicerContext) -> PeerInfo:
     names = auth.get("x509_common_name") or []
     if names:
         cn = names[0].decode("utf-8", "replace")
-    token = ""
-    for key, value in context.invocation_metadata() or ():
+    return PeerInfo(peer=context.peer() or "", common_name=cn,
+                    bearer_token=bearer_token(context.invocation_metadata()))
+
+
+def bearer_token(metadata) -> str:
+    """The token of an ``authorization: Bearer …`` entry in gRPC metadata, or ''."""
+    for key, value in metadata or ():
         if key == "authorization" and value.lower().startswith("bearer "):
-            token = value[7:]
-    return PeerInfo(peer=context.peer() or "", common_name=cn, bearer_token=token)
+            return value[7:]
+    return ""
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> None:

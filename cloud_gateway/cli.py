@@ -1,0 +1,85 @@
+"""``cloud-gateway``: serve a model repository over KServe v2 and keep the hard examples devices send.
+
+Flags override ``--config FILE`` (TOML sections ``[gateway]``, ``[store]``, ``[tls]``, ``[auth]``,
+``[model_defaults]``). The default listen address is 127.0.0.1:9001, loopback so that a gateway
+without TLS is never exposed by accident. Exit codes: 0 stopped cleanly (SIGTERM/SIGINT), 2 bad
+usage or configuration (the message names the key), 1 any other failure, e.g. a model that does not
+load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from cloud_gateway.config import DEFAULT_LISTEN, GatewayConfig
+from cloud_gateway.server import Gateway
+from edgecloud import __version__
+from edgecloud.config import build, merge, read_toml
+from edgecloud.errors import ConfigError, EdgecloudError
+from edgecloud.logs import setup_logging
+
+# flag dest → (section, key) in the TOML file
+FLAG_KEYS = {
+    "model_repository": ("gateway", "model_repository"), "listen": ("gateway", "listen"),
+    "added_latency_ms": ("gateway", "added_latency_ms"), "store": ("store", "path"),
+    "tls_cert": ("tls", "cert"), "tls_key": ("tls", "key"), "tls_client_ca": ("tls", "client_ca"),
+    "tokens_file": ("auth", "tokens_file"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cloud-gateway", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"cloud-gateway {__version__}")
+    p.add_argument("--config", type=Path, help="TOML config file (e.g. /etc/cloud-gateway/gateway.toml)")
+    p.add_argument("--model-repository", help="directory in Triton's layout <name>/<version>/model.onnx")
+    p.add_argument("--listen", help=f"HOST:PORT or unix:/path (default {DEFAULT_LISTEN})")
+    p.add_argument("--store", help="hard-example store (SQLite file)")
+    p.add_argument("--added-latency-ms", type=float, help="sleep before each answer (emulated WAN)")
+    p.add_argument("--tls-cert", help="server certificate (PEM)")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="CA of device certificates: requires mutual TLS")
+    p.add_argument("--tokens-file", help="bearer tokens: lines of '<sha256 hex> <device id>'")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING…")
+    p.add_argument("--log-format", choices=("kv", "json"), default="kv")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> GatewayConfig:
+    """Config file merged under the flags, validated; errors name the key."""
+    data: dict[str, Any] = read_toml(args.config) if args.config else {}
+    overrides: dict[str, dict[str, Any]] = {}
+    for dest, (section, key) in FLAG_KEYS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    return build(GatewayConfig, merge(data, overrides), str(args.config or "flags"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        gateway = Gateway(load_config(args)).start()
+    except ConfigError as e:
+        print(f"cloud-gateway: configuration error: {e}", file=sys.stderr)
+        return 2
+    except EdgecloudError as e:
+        print(f"cloud-gateway: {e}", file=sys.stderr)
+        return 1
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    print(f"cloud-gateway: serving {', '.join(gateway.repository.names)} on port {gateway.port}", flush=True)
+    done.wait()
+    gateway.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

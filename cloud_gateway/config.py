@@ -1,0 +1,105 @@
+"""The gateway's TOML configuration (``gateway.toml``) and a repository model's ``config.toml``.
+
+Validation does no I/O: files named here (repository, store, certificates, tokens) are checked by the
+code that opens them, which raises ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from edgecloud.backends.options import BackendOptions
+from edgecloud.config import Section, build, merge
+from edgecloud.endpoint import parse_endpoint
+
+#: loopback, so a gateway started without TLS is never reachable from the network by accident
+DEFAULT_LISTEN = "127.0.0.1:9001"
+
+
+class ModelConfig(Section):
+    """A model's ``<repo>/<name>/config.toml``, over the gateway's ``[model_defaults]``."""
+
+    platform: str | None = Field(None, description="backend key (onnxruntime, …); default: by file suffix")
+    max_batch_size: int = Field(32, ge=0, description="rows per merged batch; 0 = each request runs alone")
+    max_queue_delay_us: int = Field(1000, ge=0, description="how long a batch waits for more requests")
+    max_queue_size: int = Field(256, gt=0, description="requests waiting per model before RESOURCE_EXHAUSTED")
+    warmup_rows: int = Field(1, ge=1, description="batch size of the warm-up run at load")
+    labels: tuple[str, ...] = Field((), description="class labels for the classification extension")
+    backend: BackendOptions = Field(default_factory=BackendOptions)
+
+    @field_validator("platform")
+    @classmethod
+    def _supported(cls, value: str | None) -> str | None:
+        if value == "remote":
+            raise ValueError("'remote' (forwarding to another KServe v2 server) is not supported yet; "
+                             "serve a model file from the repository")
+        return value
+
+
+class GatewaySection(Section):
+    """``[gateway]``: the model repository and the gRPC endpoint."""
+
+    model_repository: Path | None = Field(None, description="Triton layout: <name>/<version>/model.onnx")
+    listen: str = Field(DEFAULT_LISTEN, description="HOST:PORT or unix:/path")
+    max_message_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest accepted request")
+    workers: int = Field(16, gt=0, description="gRPC worker threads")
+    added_latency_ms: float = Field(0.0, ge=0, description="sleep before answering (emulates a WAN link)")
+    allow_upload: bool | None = Field(None, description="accept release uploads (fleet publish); "
+                                      "default: only on loopback or with client authentication")
+
+    @field_validator("listen")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        parse_endpoint(value)  # raises ValueError with the reason
+        return value
+
+
+class StoreSection(Section):
+    """``[store]``: the hard-example store; without a path, escalations are logged but not kept."""
+
+    path: Path | None = Field(None, description="SQLite file")
+    max_rows: int = Field(1_000_000, gt=0, description="oldest rows are pruned beyond this")
+    retention_days: float = Field(90.0, gt=0, description="rows older than this are pruned")
+
+
+class TLSSection(Section):
+    """``[tls]``: server certificate and key; with ``client_ca``, clients need a certificate (mTLS)."""
+
+    cert: Path | None = Field(None, description="server certificate chain (PEM)")
+    key: Path | None = Field(None, description="server private key (PEM)")
+    client_ca: Path | None = Field(None, description="CA of device certificates; their CN is the device id")
+
+    @model_validator(mode="after")
+    def _complete(self) -> TLSSection:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        if self.client_ca is not None and self.cert is None:
+            raise ValueError("client_ca needs cert and key (mutual TLS is TLS first)")
+        return self
+
+
+class AuthSection(Section):
+    """``[auth]``: bearer tokens; when set, every call but health checks needs a known token."""
+
+    tokens_file: Path | None = Field(None, description="lines of '<sha256 hex of token> <device id>'")
+
+
+class GatewayConfig(Section):
+    """The whole gateway configuration."""
+
+    gateway: GatewaySection = Field(default_factory=GatewaySection)
+    store: StoreSection = Field(default_factory=StoreSection)
+    tls: TLSSection = Field(default_factory=TLSSection)
+    auth: AuthSection = Field(default_factory=AuthSection)
+    model_defaults: ModelConfig = Field(default_factory=ModelConfig)
+
+
+def gateway_config(model_repository: Path, *, listen: str = DEFAULT_LISTEN, store: Path | None = None,
+                   **sections: Any) -> GatewayConfig:
+    """A validated config for in-process use (demo, tests); ``sections`` deep-merge over the rest."""
+    data: dict[str, Any] = {"gateway": {"model_repository": str(model_repository), "listen": listen},
+                            "store": {"path": None if store is None else str(store)}}
+    return build(GatewayConfig, merge(data, sections), "gateway config")

@@ -1,0 +1,129 @@
+"""Assembles a gateway from its config: repository, store, auth, and the gRPC server (KServe v2,
+health, reflection). Used by the ``cloud-gateway`` command and, in-process, by the demo and tests::
+
+    with Gateway(gateway_config(repo, listen="127.0.0.1:0", store=db)) as gw:
+        client = KServeClient(f"127.0.0.1:{gw.port}")
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from cloud_gateway.artifacts import add_artifact_service
+from cloud_gateway.auth import TokenAuthInterceptor, TokenTable
+from cloud_gateway.config import GatewayConfig, TLSSection
+from cloud_gateway.host import GatewayHost
+from cloud_gateway.repository import ModelRepository
+from edgecloud.endpoint import parse_endpoint
+from edgecloud.errors import ConfigError
+from edgecloud.hard_examples import HardExampleStore
+from edgecloud.protocol.server import RunningServer, ServerTLS, start_server
+
+log = logging.getLogger(__name__)
+
+
+def server_tls(section: TLSSection) -> ServerTLS | None:
+    """The TLS settings, with every named file checked to exist (ConfigError naming the key)."""
+    if section.cert is None or section.key is None:
+        return None
+    for key in ("cert", "key", "client_ca"):
+        path = getattr(section, key)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"tls.{key}: {path} does not exist")
+    return ServerTLS(section.cert, section.key, section.client_ca)
+
+
+class Gateway:
+    """One running gateway. ``start()`` returns once every model is loaded, warmed up and served.
+
+    ``extra_services`` are ``add(server)`` callables registering more gRPC services on the same port
+    (see :func:`edgecloud.protocol.server.start_server`).
+    """
+
+    def __init__(self, config: GatewayConfig,
+                 extra_services: Sequence[Callable[[grpc.Server], None]] = ()) -> None:
+        self.config = config
+        self.extra_services = tuple(extra_services)
+        self.repository: ModelRepository | None = None
+        self.store: HardExampleStore | None = None
+        self.host: GatewayHost | None = None
+        self.server: RunningServer | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    @property
+    def port(self) -> int:
+        return self.server.port if self.server else 0
+
+    def start(self) -> Gateway:
+        cfg = self.config
+        if cfg.gateway.model_repository is None:
+            raise ConfigError("gateway.model_repository: no model repository given "
+                              "(--model-repository or [gateway] model_repository)")
+        listen = parse_endpoint(cfg.gateway.listen)
+        tls = server_tls(cfg.tls)
+        tokens = TokenTable.load(cfg.auth.tokens_file) if cfg.auth.tokens_file else None
+        self.repository = ModelRepository.load(cfg.gateway.model_repository, cfg.model_defaults)
+        try:
+            self.store = self._open_store()
+            self.host = GatewayHost(self.repository, self.store, tokens, cfg.gateway.added_latency_ms / 1000)
+            interceptors = (TokenAuthInterceptor(tokens),) if tokens else ()
+            upload = cfg.gateway.allow_upload
+            if upload is None:  # only callers that are local or authenticated may upload releases
+                authenticated = tokens is not None or (tls is not None and tls.client_ca is not None)
+                upload = listen.is_loopback or authenticated
+            artifacts = add_artifact_service(cfg.gateway.model_repository, allow_upload=upload)
+            self.server = start_server(self.host, listen, tls=tls,
+                                       max_message_bytes=cfg.gateway.max_message_bytes,
+                                       workers=cfg.gateway.workers,
+                                       extra_services=(artifacts, *self.extra_services),
+                                       interceptors=interceptors)
+        except BaseException:
+            self.stop(grace=0)
+            raise
+        client_auth = [name for name, on in (("mtls", tls and tls.client_ca), ("tokens", tokens)) if on]
+        if not listen.is_loopback and not client_auth:
+            log.warning("event=no_client_auth listen=%s hint='set tls.client_ca and/or auth.tokens_file'",
+                        listen)
+        log.info("event=gateway_ready listen=%s port=%d models=%s store=%s client_auth=%s "
+                 "added_latency_ms=%g", listen, self.port, ",".join(self.repository.names),
+                 cfg.store.path or "none", ",".join(client_auth) or "none", cfg.gateway.added_latency_ms)
+        return self
+
+    def _open_store(self) -> HardExampleStore | None:
+        section = self.config.store
+        if section.path is None:
+            log.warning("event=store_disabled hint='escalated rows are logged, not kept; set store.path'")
+            return None
+        try:
+            return HardExampleStore(section.path, section.max_rows, section.retention_days)
+        except (OSError, sqlite3.Error) as e:
+            raise ConfigError(f"store.path: cannot open {section.path}: {e}") from e
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Refuse new calls, let in-flight ones finish within ``grace`` s, release everything; safe to
+        call twice."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        if self.host is not None:
+            self.host.accepting = False
+        if self.server is not None:
+            self.server.stop(grace)
+        if self.repository is not None:
+            self.repository.close()
+        if self.store is not None:
+            self.store.close()
+        log.info("event=gateway_stopped")
+
+    def __enter__(self) -> Gateway:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,66 @@
+"""``edgecloud examples export``: the hard examples a gateway stored, as a training set (.npz).
+
+The file holds one stacked array per model input, every cloud output as ``cloud.<name>``,
+``cloud_prediction`` (argmax of the cloud's first output), and per row ``edge_prediction``,
+``edge_confidence``, ``request_id``, ``row``, ``device``, ``reason``, ``deferred``, versions and
+``created_at`` (UNIX seconds). Load it with ``numpy.load(path)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sqlite3
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgecloud.errors import ConfigError, EdgecloudError
+from edgecloud.hard_examples import HardExampleStore
+
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``--since``: an RFC 3339 time (``2024-05-01T00:00:00Z``; no zone = UTC) or an age such as
+    ``90m``, ``12h`` or ``7d``; returns UNIX seconds."""
+    match = _AGE.match(text.strip())
+    if match:
+        return (time.time() if now is None else now) - float(match[1]) * _SECONDS[match[2]]
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"--since {text!r}: expected an RFC 3339 time (2024-05-01T00:00:00Z) or an "
+                          "age (90m, 12h, 7d)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def run_export(args: argparse.Namespace) -> int:
+    if not args.store.is_file():
+        raise ConfigError(f"--store {args.store}: no such store (the gateway's [store] path)")
+    since = parse_since(args.since) if args.since else None
+    try:
+        with HardExampleStore(args.store) as store:
+            count = store.export(args.out, since=since, reason=args.reason, model=args.model)
+    except (OSError, sqlite3.Error) as e:
+        raise EdgecloudError(f"export from {args.store} to {args.out} failed: {e}") from e
+    print(f"exported {count} hard examples to {args.out}", file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("examples", help="hard examples the cloud labelled for the next training round",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_subparsers(dest="examples_action", required=True, metavar="ACTION")
+    e = actions.add_parser("export", help="write stored hard examples as a training set (.npz)",
+                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("--store", type=Path, required=True, help="the gateway's hard-example store (SQLite)")
+    e.add_argument("--out", type=Path, required=True, help="training set to write (.npz)")
+    e.add_argument("--since", help="only rows stored since: RFC 3339 time or an age (12h, 7d)")
+    e.add_argument("--reason", help="only rows sent for this reason: low_confidence, audit, forced")
+    e.add_argument("--model", help="only rows answered by this cloud model (needed when several are stored)")
+    e.set_defaults(func=run_export)

@@ -1,0 +1,242 @@
+"""The hard-example store: every row the cloud answered for an edge device, kept for the next training
+round, and its export as a training set (``edgecloud examples export``).
+
+SQLite in WAL mode, keyed by (request_id, row) so a case the agent replays from its spool is stored
+once. Commits are synchronous (``synchronous=FULL``): once the gateway has answered, the agent drops the
+case from its spool, so the store must already hold it on disk. The store is bounded by a row count
+and an age; both are enforced as rows are added, oldest first. One connection behind a lock serves
+every thread (the gateway's gRPC workers); exports from another process read a consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgecloud.errors import EdgecloudError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS examples (
+    request_id TEXT NOT NULL,
+    row INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    edge_model_version TEXT NOT NULL,
+    cloud_model TEXT NOT NULL,
+    cloud_model_version TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    deferred INTEGER NOT NULL,
+    edge_prediction INTEGER,
+    edge_confidence REAL,
+    inputs BLOB NOT NULL,
+    cloud_outputs BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (request_id, row)
+);
+CREATE INDEX IF NOT EXISTS examples_created_at ON examples (created_at);
+"""
+COLUMNS = ("request_id", "row", "device", "edge_model_version", "cloud_model", "cloud_model_version",
+           "reason", "deferred", "edge_prediction", "edge_confidence", "inputs", "cloud_outputs",
+           "created_at")
+#: export keys that are not tensors; an input named like one of them cannot be exported
+META_KEYS = ("request_id", "row", "device", "reason", "deferred", "edge_model_version", "cloud_model",
+             "cloud_model_version", "edge_prediction", "edge_confidence", "cloud_prediction", "created_at")
+CLOUD_PREFIX = "cloud."
+#: how often age-based pruning runs while rows are added
+RETENTION_CHECK_S = 60.0
+DAY_S = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class HardExample:
+    """One row the cloud answered: its input, the edge's guess, the cloud's outputs, and provenance."""
+
+    request_id: str
+    row: int
+    device: str
+    edge_model_version: str
+    cloud_model: str
+    cloud_model_version: str
+    reason: str
+    deferred: bool
+    edge_prediction: int | None
+    edge_confidence: float | None
+    inputs: Mapping[str, np.ndarray]
+    cloud_outputs: Mapping[str, np.ndarray]
+    created_at: float = field(default_factory=time.time)
+
+
+def tensors_to_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Named arrays as ``.npz`` bytes, pickle-free (BYTES tensors become fixed-width ``S`` arrays)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: a.astype(np.bytes_) if a.dtype == object else a for name, a in arrays.items()})
+    return buffer.getvalue()
+
+
+def tensors_from_bytes(data: bytes) -> dict[str, np.ndarray]:
+    """Inverse of :func:`tensors_to_bytes`, names in their stored order."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+class HardExampleStore:
+    """A SQLite file of hard examples. ``max_rows`` / ``retention_days`` of None leave it unbounded
+    (the export tool opens the gateway's store without pruning it)."""
+
+    def __init__(self, path: Path, max_rows: int | None = None, retention_days: float | None = None) -> None:
+        self.path = Path(path)
+        self.max_rows = max_rows
+        self.retention_s = None if retention_days is None else retention_days * DAY_S
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=5.0,
+                                     isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(SCHEMA)
+        self._count = self._conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
+        self._next_retention = 0.0
+
+    def add(self, examples: Iterable[HardExample]) -> int:
+        """Store ``examples`` in one transaction; rows already stored are skipped. Returns how many
+        were new."""
+        rows = [(e.request_id, int(e.row), e.device, e.edge_model_version, e.cloud_model,
+                 e.cloud_model_version, e.reason, int(e.deferred), e.edge_prediction, e.edge_confidence,
+                 tensors_to_bytes(e.inputs), tensors_to_bytes(e.cloud_outputs), e.created_at)
+                for e in examples]
+        placeholders = ", ".join("?" * len(COLUMNS))
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                added = self._conn.executemany(
+                    f"INSERT OR IGNORE INTO examples ({', '.join(COLUMNS)}) VALUES ({placeholders})",
+                    rows).rowcount
+                self._count += added
+                self._prune_locked()
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return added
+
+    def _prune_locked(self) -> None:
+        pruned = 0
+        if self.retention_s is not None and time.monotonic() >= self._next_retention:
+            self._next_retention = time.monotonic() + RETENTION_CHECK_S
+            pruned += self._conn.execute("DELETE FROM examples WHERE created_at < ?",
+                                         (time.time() - self.retention_s,)).rowcount
+            self._count -= pruned
+        if self.max_rows is not None and self._count > self.max_rows:
+            excess = self._conn.execute(
+                "DELETE FROM examples WHERE rowid IN "
+                "(SELECT rowid FROM examples ORDER BY created_at, rowid LIMIT ?)",
+                (self._count - self.max_rows,)).rowcount
+            self._count -= excess
+            pruned += excess
+        if pruned:
+            log.info("event=hard_examples_pruned rows=%d kept=%d", pruned, self._count)
+
+    def count(self) -> int:
+        """Rows in the file now (another process may have written some)."""
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
+
+    def examples(self, since: float | None = None, reason: str | None = None,
+                 model: str | None = None) -> Iterator[HardExample]:
+        """Stored rows, oldest first; ``since`` is a UNIX time, ``model`` the cloud model's name."""
+        where, args = [], []
+        for clause, value in (("created_at >= ?", since), ("reason = ?", reason), ("cloud_model = ?", model)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        sql = f"SELECT {', '.join(COLUMNS)} FROM examples"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._lock:
+            records = self._conn.execute(sql + " ORDER BY created_at, rowid", args).fetchall()
+        for r in records:
+            values = dict(zip(COLUMNS, r))
+            values["deferred"] = bool(values["deferred"])
+            values["inputs"] = tensors_from_bytes(values["inputs"])
+            values["cloud_outputs"] = tensors_from_bytes(values["cloud_outputs"])
+            yield HardExample(**values)
+
+    def export(self, path: Path, since: float | None = None, reason: str | None = None,
+               model: str | None = None) -> int:
+        """Write the selected rows as a training set ``.npz`` (see :func:`training_arrays`); returns
+        the number of rows. The file is replaced atomically."""
+        examples = list(self.examples(since, reason, model))
+        arrays = training_arrays(examples)
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **arrays)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        log.info("event=hard_examples_exported rows=%d path=%s", len(examples), path)
+        return len(examples)
+
+    def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> HardExampleStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def training_arrays(examples: list[HardExample]) -> dict[str, np.ndarray]:
+    """Stack examples into a training set: one array per input name ([N, …]), every cloud output as
+    ``cloud.<name>``, ``cloud_prediction`` (argmax of the cloud's first output per row), and the
+    provenance columns of :data:`META_KEYS` (``edge_prediction`` -1 and ``edge_confidence`` NaN
+    where the edge sent none)."""
+    arrays: dict[str, np.ndarray] = {
+        "request_id": np.array([e.request_id for e in examples], dtype=str),
+        "row": np.array([e.row for e in examples], dtype=np.int64),
+        "device": np.array([e.device for e in examples], dtype=str),
+        "reason": np.array([e.reason for e in examples], dtype=str),
+        "deferred": np.array([e.deferred for e in examples], dtype=bool),
+        "edge_model_version": np.array([e.edge_model_version for e in examples], dtype=str),
+        "cloud_model": np.array([e.cloud_model for e in examples], dtype=str),
+        "cloud_model_version": np.array([e.cloud_model_version for e in examples], dtype=str),
+        "edge_prediction": np.array([-1 if e.edge_prediction is None else e.edge_prediction
+                                     for e in examples], dtype=np.int64),
+        "edge_confidence": np.array([np.nan if e.edge_confidence is None else e.edge_confidence
+                                     for e in examples], dtype=np.float64),
+        "created_at": np.array([e.created_at for e in examples], dtype=np.float64),
+    }
+    if not examples:
+        arrays["cloud_prediction"] = np.zeros(0, dtype=np.int64)
+        return arrays
+    for name in examples[0].inputs:
+        if name in META_KEYS:
+            raise EdgecloudError(f"input {name!r} clashes with an export column; rename it in the model")
+        arrays[name] = _stack(examples, "inputs", name)
+    for name in examples[0].cloud_outputs:
+        arrays[CLOUD_PREFIX + name] = _stack(examples, "cloud_outputs", name)
+    first = arrays[CLOUD_PREFIX + next(iter(examples[0].cloud_outputs))]
+    arrays["cloud_prediction"] = first.reshape(len(examples), -1).argmax(axis=1).astype(np.int64)
+    return arrays
+
+
+def _stack(examples: list[HardExample], kind: str, name: str) -> np.ndarray:
+    try:
+        return np.stack([getattr(e, kind)[name] for e in examples])
+    except (KeyError, ValueError) as e:
+        raise EdgecloudError(f"{kind} {name!r} differs in presence or shape between stored rows ({e}); "
+                         "export one cloud model at a time (--model)") from None

@@ -1,0 +1,144 @@
+"""The hard-example store on its own: one row per (request_id, row), bounds, threads, and the export
+as a training set through ``edgecloud examples export``."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgecloud import examples_cli
+from edgecloud.errors import ConfigError, EdgecloudError
+from edgecloud.hard_examples import DAY_S, HardExample, HardExampleStore
+
+
+def example(request_id: str, row: int, *, reason: str = "low_confidence", created_at: float | None = None,
+            model: str = "clf", features: int = 8, device: str = "line-1") -> HardExample:
+    """An example whose tensors are derived from its key, so every stored row can be recognised."""
+    seed = sum(map(ord, request_id)) * 1000 + row
+    x = np.random.default_rng(seed).standard_normal(features).astype(np.float32)
+    logits = np.random.default_rng(seed + 1).standard_normal(4).astype(np.float32)
+    return HardExample(request_id=request_id, row=row, device=device, edge_model_version="3",
+                       cloud_model=model, cloud_model_version="2", reason=reason, deferred=False,
+                       edge_prediction=row % 4, edge_confidence=0.25 + row / 100,
+                       inputs={"x": x, "tag": np.array([b"cam", b"7"], dtype=object)},
+                       cloud_outputs={"logits": logits, "embedding": x[:2] * 2},
+                       created_at=time.time() if created_at is None else created_at)
+
+
+def keys(store: HardExampleStore) -> set[tuple[str, int]]:
+    return {(e.request_id, e.row) for e in store.examples()}
+
+
+def test_a_replayed_row_is_stored_once(tmp_path):
+    with HardExampleStore(tmp_path / "hard.db") as store:
+        assert store.add([example("r1", 0), example("r1", 2)]) == 2
+        replay = [example("r1", 0), example("r1", 2), example("r1", 5)]  # one row more this time
+        assert store.add(replay) == 1
+        assert store.count() == 3
+    with HardExampleStore(tmp_path / "hard.db") as store:  # durable across reopen
+        assert keys(store) == {("r1", 0), ("r1", 2), ("r1", 5)}
+        [stored] = [e for e in store.examples() if e.row == 2]
+    want = example("r1", 2)
+    np.testing.assert_array_equal(stored.inputs["x"], want.inputs["x"])
+    assert stored.inputs["tag"].tolist() == [b"cam", b"7"]
+    np.testing.assert_array_equal(stored.cloud_outputs["logits"], want.cloud_outputs["logits"])
+    assert (stored.edge_prediction, stored.deferred) == (2, False)
+    assert stored.edge_confidence == pytest.approx(0.27)
+
+
+def test_max_rows_keeps_the_newest(tmp_path):
+    now = time.time()
+    with HardExampleStore(tmp_path / "hard.db", max_rows=5) as store:
+        for i in range(8):
+            store.add([example(f"r{i}", 0, created_at=now - 100 + i)])
+        assert store.count() == 5
+        assert keys(store) == {(f"r{i}", 0) for i in range(3, 8)}
+
+
+def test_retention_prunes_rows_older_than_the_limit(tmp_path):
+    now = time.time()
+    with HardExampleStore(tmp_path / "hard.db", retention_days=30) as store:
+        store.add([example("old", 0, created_at=now - 31 * DAY_S),
+                   example("recent", 0, created_at=now - 29 * DAY_S)])
+        assert keys(store) == {("recent", 0)}
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    with HardExampleStore(tmp_path / "hard.db") as store:
+        def write(t: int) -> None:
+            for i in range(20):
+                store.add([example(f"t{t}-{i}", 0), example(f"t{t}-{i}", 1), example("shared", i)])
+
+        threads = [threading.Thread(target=write, args=(t,)) for t in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert store.count() == 6 * 20 * 2 + 20
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgecloud")
+    examples_cli.register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def run_cli(*argv: str) -> int:
+    args = export_parser().parse_args(list(argv))
+    return args.func(args)
+
+
+def test_export_through_the_command_holds_exactly_the_stored_rows(tmp_path):
+    db, out = tmp_path / "hard.db", tmp_path / "train.npz"
+    stored = [example("a", 0), example("a", 3, reason="audit"), example("b", 1, device="line-2")]
+    with HardExampleStore(db) as store:
+        store.add(stored)
+    assert run_cli("examples", "export", "--store", str(db), "--out", str(out)) == 0
+    data = np.load(out)
+    assert list(zip(data["request_id"], data["row"])) == [("a", 0), ("a", 3), ("b", 1)]
+    np.testing.assert_array_equal(data["x"], np.stack([e.inputs["x"] for e in stored]))
+    np.testing.assert_array_equal(data["cloud.logits"], np.stack([e.cloud_outputs["logits"] for e in stored]))
+    np.testing.assert_array_equal(data["cloud_prediction"],
+                                  [e.cloud_outputs["logits"].argmax() for e in stored])
+    assert data["tag"].shape == (3, 2)
+    assert data["edge_prediction"].tolist() == [0, 3, 1]
+    np.testing.assert_allclose(data["edge_confidence"], [0.25, 0.28, 0.26])
+    assert data["device"].tolist() == ["line-1", "line-1", "line-2"]
+    assert data["reason"].tolist() == ["low_confidence", "audit", "low_confidence"]
+
+    assert run_cli("examples", "export", "--store", str(db), "--out", str(out), "--reason", "audit") == 0
+    assert np.load(out)["request_id"].tolist() == ["a"]
+
+
+def test_export_since_and_model_filters(tmp_path):
+    db, out = tmp_path / "hard.db", tmp_path / "train.npz"
+    now = time.time()
+    with HardExampleStore(db) as store:
+        store.add([example("old", 0, created_at=now - 3 * DAY_S), example("new", 0, created_at=now - 60),
+                   example("wide", 0, model="big", features=16)])
+        with pytest.raises(EdgecloudError, match="--model"):  # two models' inputs do not stack
+            store.export(out)
+        assert store.export(out, model="big") == 1
+        assert np.load(out)["x"].shape == (1, 16)
+    assert run_cli("examples", "export", "--store", str(db), "--out", str(out), "--model", "clf",
+                   "--since", "1d") == 0
+    assert np.load(out)["request_id"].tolist() == ["new"]
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 2 * DAY_S))
+    assert run_cli("examples", "export", "--store", str(db), "--out", str(out), "--model", "clf",
+                   "--since", since) == 0
+    assert np.load(out)["request_id"].tolist() == ["new"]
+
+
+def test_export_of_an_empty_selection_and_bad_arguments(tmp_path):
+    db, out = tmp_path / "hard.db", tmp_path / "train.npz"
+    HardExampleStore(db).close()
+    assert run_cli("examples", "export", "--store", str(db), "--out", str(out)) == 0
+    assert np.load(out)["request_id"].shape == (0,)
+    with pytest.raises(ConfigError, match="--since"):
+        run_cli("examples", "export", "--store", str(db), "--out", str(out), "--since", "last tuesday")
+    with pytest.raises(ConfigError, match="no such store"):
+        run_cli("examples", "export", "--store", str(tmp_path / "missing.db"), "--out", str(out))
