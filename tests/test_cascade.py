@@ -15,7 +15,7 @@ from edgecloud.protocol.codec import ModelMetadata
 from edgecloud.protocol.server import start_server
 from tests.support.net import wait_for
 from tests.support.onnx_models import linear_classifier, reference_logits
-from tests.support.services import AgentCloud, Client, start_agent
+from tests.support.services import Client, GatewayCloud, start_agent
 
 THRESHOLD = 0.6
 ROWS = 64
@@ -32,7 +32,7 @@ def models(tmp_path):
 
 @pytest.fixture
 def cloud(tmp_path, models):
-    server = AgentCloud(tmp_path / "cloud-state", models[1], "clf").start()
+    server = GatewayCloud(tmp_path / "cloud", models[1], "clf").start()
     yield server
     server.stop()
 
@@ -58,7 +58,8 @@ def test_each_row_answered_as_offline_cascade_says(tmp_path, models, cloud, x):
     assert 0 < wants.sum() < ROWS, "test data must mix confident and unsure rows"
     with start_agent(tmp_path / "edge", edge, cloud.port, **SETTINGS) as agent:
         r = Client(agent.port).infer("clf", {"x": x}, outputs=("logits", "edgecloud.source",
-                                                               "edgecloud.confidence"))
+                                                               "edgecloud.confidence"),
+                                     request_id="line-7-frame-42")
     source = r.outputs["edgecloud.source"]
     assert (source[clear] == np.where(wants, b"cloud", b"edge")[clear]).all()
     np.testing.assert_allclose(r.outputs["logits"][clear], expected[clear], rtol=1e-4, atol=1e-4)
@@ -68,6 +69,14 @@ def test_each_row_answered_as_offline_cascade_says(tmp_path, models, cloud, x):
     assert p["edgecloud.degraded"] is False
     assert p["edgecloud.escalated_rows"] == int((source == b"cloud").sum())
     assert p["edgecloud.confidence"] == pytest.approx(float(confidence.min()), rel=1e-4)
+    # the gateway stored exactly the escalated rows, under the client's request id
+    stored = {e.row: e for e in cloud.stored()}
+    assert set(stored) == set(np.flatnonzero(source == b"cloud").tolist())
+    for row, example in stored.items():
+        assert example.request_id == "line-7-frame-42" and example.reason == "low_confidence"
+        assert example.device == "edge-0" and example.edge_model_version == "1"
+        np.testing.assert_array_equal(example.inputs["x"], x[row])
+        assert example.edge_confidence == pytest.approx(float(confidence[row]), abs=1e-5)
 
 
 @pytest.mark.parametrize("mode,source", [("always", "cloud"), ("never", "edge")])
@@ -134,6 +143,35 @@ def test_cloud_down_degrades_spools_and_replays_when_back(tmp_path, models, clou
         cloud.start()
         assert wait_for(lambda: agent.spool.depth() == 0, timeout=20), "spool was not replayed"
         assert agent.replayer.replayed == 5
+    stored = cloud.stored()
+    assert len({e.request_id for e in stored}) == 5 and all(e.deferred for e in stored)
+
+
+def test_cloud_slower_than_the_deadline_degrades_and_the_store_keeps_each_row_once(tmp_path, models, x):
+    edge, cloud_model = models
+    slow = GatewayCloud(tmp_path / "slow", cloud_model, "clf", gateway={"added_latency_ms": 800}).start()
+    try:
+        with start_agent(tmp_path / "edge", edge, slow.port, **SETTINGS) as agent:
+            _assert_degraded_calls(agent, edge, x, 0.3, calls=2)
+            assert wait_for(lambda: agent.spool.depth() == 0, timeout=30), "slow cases were not replayed"
+        _, wants, _, _ = offline_cascade(edge, cloud_model, x, THRESHOLD)
+        stored = slow.stored()
+        # the gateway finished the late calls too; their replays did not store the rows twice
+        assert len(stored) == 2 * int(wants.sum())
+        assert len({(e.request_id, e.row) for e in stored}) == len(stored)
+    finally:
+        slow.stop()
+
+
+def test_audit_sends_confident_rows_in_the_background(tmp_path, models, cloud, x):
+    edge, _ = models
+    with start_agent(tmp_path / "edge", edge, cloud.port, cascade={"threshold": 0.0, "audit_rate": 1.0},
+                     cloud={"max_per_s": 100000}) as agent:
+        r = Client(agent.port).infer("clf", {"x": x}, request_id="audit-1")
+        assert r.parameters["edgecloud.source"] == "edge" and not r.parameters["edgecloud.escalated"]
+        np.testing.assert_allclose(r.outputs["logits"], reference_logits(edge, x), rtol=1e-4, atol=1e-4)
+        assert wait_for(lambda: len(cloud.stored()) == ROWS, timeout=10)
+    assert {e.reason for e in cloud.stored()} == {"audit"}
 
 
 class _FailingHost:
@@ -175,7 +213,7 @@ def test_cloud_answering_errors_degrades(tmp_path, models, x):
 def test_incompatible_cloud_model_disables_escalation(tmp_path, models, x):
     edge, _ = models
     other = linear_classifier(tmp_path / "other.onnx", classes=5, seed=3)
-    cloud = AgentCloud(tmp_path / "c2", other, "clf").start()
+    cloud = GatewayCloud(tmp_path / "c2", other, "clf").start()
     try:
         with start_agent(tmp_path / "edge", edge, cloud.port, **SETTINGS) as agent:
             client = Client(agent.port)

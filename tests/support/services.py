@@ -1,16 +1,19 @@
-"""Start real services on loopback for tests: edge agents, and a plain KServe v2 "cloud"."""
+"""Start real services on loopback for tests: edge agents and cloud gateways."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cloud_gateway import Gateway, gateway_config
 from edge_agent.config import AgentConfig
 from edge_agent.server import EdgeAgent
 from edgecloud.client import KServeClient
 from edgecloud.config import build, merge
+from edgecloud.hard_examples import HardExampleStore
 from edgecloud.protocol.codec import InferResponse
 
 
@@ -36,30 +39,38 @@ class Client(KServeClient):
         super().__init__(f"127.0.0.1:{port}")
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...] = (),
-              timeout: float = 10.0, **params: Any) -> InferResponse:
+              timeout: float = 10.0, request_id: str = "", **params: Any) -> InferResponse:
         return super().infer(model, inputs, outputs, {f"edgecloud.{k}": v for k, v in params.items()},
-                             timeout=timeout)
+                             request_id=request_id, timeout=timeout)
 
 
-class AgentCloud:
-    """A second agent (no cloud of its own) serving the cloud model: any KServe v2 server will do.
+class GatewayCloud:
+    """A real cloud gateway over a one-model repository; stop and start it again on the same port to
+    play a cloud outage. The hard-example store lives on across restarts."""
 
-    It can be stopped and started again on the same port to play a cloud outage.
-    """
-
-    def __init__(self, state_dir: Path, model: Path, name: str) -> None:
-        self.state_dir, self.model, self.name = state_dir, model, name
+    def __init__(self, workdir: Path, model: Path, name: str, **sections: Any) -> None:
+        self.repository = workdir / "repository"
+        target = self.repository / name / "1" / "model.onnx"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model, target)
+        self.store_path = workdir / "hard-examples.db"
+        self.sections = sections
         self.port = 0
-        self.agent: EdgeAgent | None = None
+        self.gateway: Gateway | None = None
 
-    def start(self) -> AgentCloud:
-        listen = f"127.0.0.1:{self.port}"
-        self.agent = start_agent(self.state_dir, self.model, agent={"listen": listen},
-                                 model={"name": self.name})
-        self.port = self.agent.port
+    def start(self) -> GatewayCloud:
+        config = gateway_config(self.repository, listen=f"127.0.0.1:{self.port}", store=self.store_path,
+                                **self.sections)
+        self.gateway = Gateway(config).start()
+        self.port = self.gateway.port
         return self
 
+    def stored(self) -> list:
+        """Every hard example the gateway stored so far."""
+        with HardExampleStore(self.store_path) as store:
+            return list(store.examples())
+
     def stop(self) -> None:
-        if self.agent:
-            self.agent.stop(grace=0)
-            self.agent = None
+        if self.gateway:
+            self.gateway.stop(grace=0)
+            self.gateway = None
