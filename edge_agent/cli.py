@@ -15,6 +15,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.server import EdgeAgent
 from edgecloud import __version__
 from edgecloud.config import build, merge, read_toml
+from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError, EdgecloudError
 from edgecloud.logs import setup_logging
 
@@ -28,7 +29,8 @@ FLAG_KEYS = {
     "temperature": ("cascade", "temperature"), "score_output": ("cascade", "score_output"),
     "scores": ("cascade", "scores"), "audit_rate": ("cascade", "audit_rate"),
     "cloud": ("cloud", "target"), "cloud_model": ("cloud", "model"), "deadline_ms": ("cloud", "deadline_ms"),
-    "max_per_s": ("cloud", "max_per_s"),
+    "max_per_s": ("cloud", "max_per_s"), "fleet": ("fleet", "name"), "group": ("fleet", "group"),
+    "trusted_key": ("fleet", "trusted_keys"), "metrics_listen": ("metrics", "listen"),
 }
 
 
@@ -52,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-ms", type=int, help="per-call deadline for escalations (default 300)")
     p.add_argument("--max-per-s", type=float, help="escalation rate limit, rows per second")
     p.add_argument("--audit-rate", type=float, help="share of confident rows also sent to the cloud")
+    p.add_argument("--mqtt", help="HOST:PORT of the fleet's MQTT broker")
+    p.add_argument("--fleet", help="fleet id (enables MQTT: status, updates, telemetry)")
+    p.add_argument("--group", help="group whose releases this device follows")
+    p.add_argument("--trusted-key", action="append", help="public key (PEM) releases may be signed with; "
+                   "repeat for several")
+    p.add_argument("--metrics-listen", help="HOST:PORT of the Prometheus /metrics endpoint")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING…")
     p.add_argument("--log-format", choices=("kv", "json"), default="kv")
     return p
@@ -65,6 +73,12 @@ def load_config(args: argparse.Namespace) -> AgentConfig:
         value = getattr(args, dest)
         if value is not None:
             overrides.setdefault(section, {})[key] = value
+    if args.mqtt:
+        try:
+            endpoint = parse_endpoint(args.mqtt)
+        except ValueError as e:
+            raise ConfigError(f"--mqtt: {e}") from None
+        overrides["mqtt"] = {"host": endpoint.host, "port": endpoint.port}
     config = build(AgentConfig, merge(data, overrides), str(args.config or "flags"))
     if config.model.path is None:
         raise ConfigError("model.path: no model given (--model or [model] path)")

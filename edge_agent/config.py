@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from edgecloud.backends.options import BackendOptions
 from edgecloud.config import Section
 from edgecloud.endpoint import parse_endpoint
+from edgecloud.mqtt.client import MqttConfig
 
 DEFAULT_LISTEN = "127.0.0.1:8001"
 
@@ -89,6 +90,40 @@ class SpoolSection(Section):
     replay_interval_s: float = Field(2.0, gt=0)
 
 
+class FleetSection(Section):
+    """``[fleet]``: membership of a fleet over MQTT; without ``name`` the agent runs stand-alone."""
+
+    name: str | None = Field(None, description="fleet id in the MQTT topics; unset = no MQTT")
+    group: str = Field("default", description="the group whose desired release this device follows")
+    trusted_keys: tuple[Path, ...] = Field((), description="Ed25519 public keys (PEM) that sign releases")
+    revoked_keys: tuple[str, ...] = Field((), description="key ids (16 hex) no longer trusted")
+    clock_skew_s: float = Field(300.0, ge=0, description="tolerance when checking release times")
+    allowed_file_roots: tuple[Path, ...] = Field((), description="directories file:// release URIs may name")
+
+
+class UpdateSection(Section):
+    """``[update]``: how a new release is tried before it is trusted."""
+
+    watch_s: float = Field(60.0, ge=0, description="how long a swapped-in model is watched")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="errors per call that trigger rollback")
+    max_latency_factor: float = Field(3.0, gt=1, description="p50 latency vs the previous model that "
+                                      "triggers rollback")
+    self_test_rows: int = Field(4, ge=1, description="rows of the self-test run before a swap")
+
+
+class TelemetrySection(Section):
+    """``[telemetry]``: what the agent reports over MQTT and how much it keeps while the broker is away."""
+
+    interval_s: float = Field(10.0, gt=0, description="seconds between telemetry messages")
+    buffer_max_bytes: int = Field(16 * 1024 * 1024, gt=0, description="disk buffer bound; oldest dropped")
+
+
+class MetricsSection(Section):
+    """``[metrics]``: Prometheus ``/metrics`` for a local Prometheus or node agent."""
+
+    listen: str | None = Field("127.0.0.1:9108", description="HOST:PORT (loopback); unset = off")
+
+
 class AgentConfig(Section):
     """The whole agent configuration."""
 
@@ -98,3 +133,8 @@ class AgentConfig(Section):
     cascade: CascadeSection = Field(default_factory=CascadeSection)
     cloud: CloudSection = Field(default_factory=CloudSection)
     spool: SpoolSection = Field(default_factory=SpoolSection)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    fleet: FleetSection = Field(default_factory=FleetSection)
+    update: UpdateSection = Field(default_factory=UpdateSection)
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)

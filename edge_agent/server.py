@@ -9,6 +9,7 @@ from pathlib import Path
 from edge_agent.cascade import Cascade
 from edge_agent.config import AgentConfig
 from edge_agent.escalation import CloudLink
+from edge_agent.fleet_link import FleetLink, as_int_version
 from edge_agent.model import ModelSlot, load_edge_model
 from edge_agent.ratelimit import TokenBucket
 from edge_agent.replay import Replayer
@@ -30,6 +31,7 @@ class EdgeAgent:
         self.spool: Spool | None = None
         self.replayer: Replayer | None = None
         self.server: RunningServer | None = None
+        self.fleet: FleetLink | None = None
         self._stopped = threading.Event()
 
     @property
@@ -52,10 +54,16 @@ class EdgeAgent:
                                    workers=cfg.agent.workers)
         if self.replayer:
             self.replayer.start()
+        if cfg.fleet.name:
+            self.fleet = FleetLink(cfg.mqtt, cfg.fleet.name, cfg.agent.device_id, self._model_info).start()
         model = self.slot.model
         log.info("event=agent_ready device=%s model=%s version=%s listen=%s cloud=%s", cfg.agent.device_id,
                  model.name, model.version, listen, cfg.cloud.target or "none")
         return self
+
+    def _model_info(self) -> tuple[str | None, int | None]:
+        model = self.slot.model if self.slot else None
+        return (model.name, as_int_version(model.version)) if model else (None, None)
 
     def reload_cascade(self, config: AgentConfig) -> None:
         """Apply new cascade settings (thresholds, temperature…) without dropping a call."""
@@ -74,6 +82,8 @@ class EdgeAgent:
             self.server.stop(grace)
         if self.replayer:
             self.replayer.stop()
+        if self.fleet:
+            self.fleet.stop()
         if self.cascade:
             self.cascade.close()
         if self.link:
