@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from edgecloud.backends.options import BackendOptions
+from edgecloud.channel import ClientTLS
 from edgecloud.config import Section
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.mqtt.client import MqttConfig
@@ -57,15 +58,6 @@ class CascadeSection(Section):
     audit_rate: float = Field(0.0, ge=0, le=1, description="share of confident rows also sent, in background")
 
 
-class CloudTLS(Section):
-    """``[cloud.tls]``: server CA, and this device's certificate (its identity) for mutual TLS."""
-
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    server_name: str | None = Field(None, description="override the TLS name checked on the server")
-
-
 class CloudSection(Section):
     """``[cloud]``: the KServe v2 server escalations go to (edgecloud's gateway, Triton, …)."""
 
@@ -78,7 +70,7 @@ class CloudSection(Section):
     failure_threshold: int = Field(3, ge=1, description="consecutive failures that open the circuit")
     reset_s: float = Field(5.0, gt=0, description="how long the circuit stays open before a trial")
     token_file: Path | None = Field(None, description="bearer token sent as authorization metadata")
-    tls: CloudTLS | None = None
+    tls: ClientTLS | None = Field(None, description="TLS to the cloud; cert/key = device identity")
 
     _target = field_validator("target")(lambda v: v if v is None else _endpoint(v))
 

@@ -3,7 +3,6 @@ one-time check that the cloud model speaks the edge model's contract."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -14,28 +13,16 @@ import grpc
 from edge_agent.circuit import CircuitBreaker
 from edge_agent.config import CloudSection
 from edge_agent.model import EdgeModel
-from edgecloud._generated.inference import grpc_service_pb2 as pb
-from edgecloud._generated.inference import grpc_service_pb2_grpc as pb_grpc
-from edgecloud.endpoint import parse_endpoint
-from edgecloud.errors import ConfigError, EdgecloudError
+from edgecloud.channel import bearer_metadata, open_channel
+from edgecloud.client import KServeClient
+from edgecloud.errors import EdgecloudError
 from edgecloud.protocol.codec import (
     InferRequest,
     InferResponse,
-    decode_response,
-    encode_request,
-    metadata_from_pb,
 )
 from edgecloud.tensors import contract_differences
 
 log = logging.getLogger(__name__)
-
-# gRPC's own retry policy: one quick retry of a call that never reached the server.
-_SERVICE_CONFIG = json.dumps({"methodConfig": [{
-    "name": [{"service": "inference.GRPCInferenceService"}],
-    "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.01s", "maxBackoff": "0.05s",
-                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-}]})
-
 
 class CloudError(EdgecloudError):
     """The cloud did not answer usably: down, slow, rejecting, or circuit open."""
@@ -54,37 +41,14 @@ class CloudState:
     error: str
 
 
-def _channel(cfg: CloudSection) -> grpc.Channel:
-    endpoint = parse_endpoint(cfg.target or "")
-    options = [("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1),
-               ("grpc.keepalive_time_ms", 30000), ("grpc.max_receive_message_length", 64 << 20)]
-    if cfg.tls is None:
-        if not endpoint.is_loopback:
-            raise ConfigError(f"cloud.target {cfg.target}: plaintext is only allowed on loopback; "
-                              "configure [cloud.tls]")
-        return grpc.insecure_channel(endpoint.grpc_target, options=options)
-    tls = cfg.tls
-    if (tls.cert is None) != (tls.key is None):
-        raise ConfigError("cloud.tls: cert and key go together (the device's identity)")
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=tls.ca.read_bytes() if tls.ca else None,
-        private_key=tls.key.read_bytes() if tls.key else None,
-        certificate_chain=tls.cert.read_bytes() if tls.cert else None)
-    if tls.server_name:
-        options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.secure_channel(endpoint.grpc_target, creds, options=options)
-
-
 class CloudLink:
     """Sends escalations; fails fast while the circuit is open or the contract check failed."""
 
     def __init__(self, cfg: CloudSection, on_circuit_change: Callable[[str, str], None] | None = None):
         self.cfg = cfg
-        self._channel = _channel(cfg)
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._metadata = ()
-        if cfg.token_file is not None:
-            self._metadata = (("authorization", "Bearer " + cfg.token_file.read_text().strip()),)
+        target = cfg.target or ""
+        self._client = KServeClient(target, open_channel(target, cfg.tls, what="cloud.target"),
+                                    bearer_metadata(cfg.token_file))
         self.circuit = CircuitBreaker(cfg.failure_threshold, cfg.reset_s, on_change=on_circuit_change)
         self._checked_for: tuple[str, str] | None = None  # (edge name, edge version) checked
         self._incompatible = ""
@@ -106,8 +70,7 @@ class CloudLink:
             if self._incompatible:
                 raise CloudIncompatible(self._incompatible)
             return
-        request = pb.ModelMetadataRequest(name=self.model_name(edge), version=self.cfg.model_version)
-        meta = metadata_from_pb(self._stub.ModelMetadata(request, timeout=timeout, metadata=self._metadata))
+        meta = self._client.metadata(self.model_name(edge), self.cfg.model_version, timeout=timeout)
         problems = (contract_differences(edge.inputs, meta.inputs, "cloud input")
                     + contract_differences(edge.outputs, meta.outputs, "cloud output"))
         with self._lock:
@@ -127,9 +90,7 @@ class CloudLink:
             raise CloudError("circuit open")
         try:
             self._check_contract(edge, timeout)
-            msg = encode_request(request)
-            reply = self._stub.ModelInfer(msg, timeout=timeout, metadata=self._metadata)
-            response = decode_response(reply)
+            response = self._client.send(request, timeout)
         except CloudIncompatible:
             self.circuit.success()  # the link works; the model does not fit
             raise
@@ -148,4 +109,4 @@ class CloudLink:
         return response
 
     def close(self) -> None:
-        self._channel.close()
+        self._client.close()

@@ -30,10 +30,19 @@ from edgecloud.protocol.codec import (
 class KServeClient:
     """Blocking client for one server; ``params`` become request parameters as given."""
 
-    def __init__(self, target: str, channel: grpc.Channel | None = None) -> None:
+    def __init__(self, target: str, channel: grpc.Channel | None = None,
+                 call_metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        """``channel`` defaults to plaintext (see :func:`edgecloud.channel.open_channel` for TLS);
+        ``call_metadata`` goes with every call (e.g. an ``authorization`` bearer token)."""
         self.target = target
         self.channel = channel or grpc.insecure_channel(target)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.call_metadata = call_metadata
+
+    def send(self, request: InferRequest, timeout: float = 10.0) -> InferResponse:
+        """One ModelInfer; grpc.RpcError when the server refuses or does not answer in time."""
+        reply = self.stub.ModelInfer(encode_request(request), timeout=timeout, metadata=self.call_metadata)
+        return decode_response(reply)
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: tuple[str, ...] = (),
               params: Mapping[str, Any] | None = None, request_id: str = "", version: str = "",
@@ -41,10 +50,11 @@ class KServeClient:
         request = InferRequest(model, dict(inputs), model_version=version, id=request_id,
                                parameters=dict(params or {}),
                                outputs=tuple(RequestedOutput(o) for o in outputs))
-        return decode_response(self.stub.ModelInfer(encode_request(request), timeout=timeout))
+        return self.send(request, timeout)
 
     def metadata(self, model: str, version: str = "", timeout: float = 10.0) -> ModelMetadata:
-        reply = self.stub.ModelMetadata(pb.ModelMetadataRequest(name=model, version=version), timeout=timeout)
+        reply = self.stub.ModelMetadata(pb.ModelMetadataRequest(name=model, version=version), timeout=timeout,
+                                        metadata=self.call_metadata)
         return metadata_from_pb(reply)
 
     def serving(self, timeout: float = 1.0) -> bool:

@@ -1,0 +1,70 @@
+"""Client-side gRPC channels to KServe v2 servers: TLS with an optional device certificate (mutual TLS),
+plaintext only to loopback, gRPC's own retry policy for calls that never reached the server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+from pydantic import Field, model_validator
+
+from edgecloud.config import Section
+from edgecloud.endpoint import parse_endpoint
+from edgecloud.errors import ConfigError
+
+# One quick retry of a call that never reached the server (UNAVAILABLE), within the caller's deadline.
+SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": "inference.GRPCInferenceService"}],
+    "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.01s", "maxBackoff": "0.05s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
+
+
+class ClientTLS(Section):
+    """TLS to a server: its CA, and this client's certificate and key (its identity, for mutual TLS)."""
+
+    ca: Path | None = Field(None, description="CA that signed the server's certificate (default: system)")
+    cert: Path | None = Field(None, description="client certificate (PEM): the device identity")
+    key: Path | None = Field(None, description="client private key (PEM)")
+    server_name: str | None = Field(None, description="override the TLS name checked on the server")
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClientTLS:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        return self
+
+
+def open_channel(target: str, tls: ClientTLS | None = None, *, what: str = "target",
+                 max_message_bytes: int = 64 << 20) -> grpc.Channel:
+    """A channel to ``target`` (``HOST:PORT``); ConfigError (naming ``what``) for plaintext off loopback."""
+    endpoint = parse_endpoint(target)
+    options = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1),
+               ("grpc.keepalive_time_ms", 30000), ("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    if tls is None:
+        if not endpoint.is_loopback:
+            raise ConfigError(f"{what} {target}: plaintext is only allowed on loopback; configure TLS")
+        return grpc.insecure_channel(endpoint.grpc_target, options=options)
+    try:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=tls.ca.read_bytes() if tls.ca else None,
+            private_key=tls.key.read_bytes() if tls.key else None,
+            certificate_chain=tls.cert.read_bytes() if tls.cert else None)
+    except OSError as e:
+        raise ConfigError(f"{what} TLS: cannot read {e.filename}: {e.strerror}") from None
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.secure_channel(endpoint.grpc_target, creds, options=options)
+
+
+def bearer_metadata(token_file: Path | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the token in ``token_file`` (read once, never logged); () without one."""
+    if token_file is None:
+        return ()
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"token_file: cannot read {token_file}: {e.strerror}") from None
+    return (("authorization", f"Bearer {token}"),)
