@@ -30,14 +30,6 @@ class ModelConfig(Section):
     labels: tuple[str, ...] = Field((), description="class labels for the classification extension")
     backend: BackendOptions = Field(default_factory=BackendOptions)
 
-    @field_validator("platform")
-    @classmethod
-    def _supported(cls, value: str | None) -> str | None:
-        if value == "remote":
-            raise ValueError("'remote' (forwarding to another KServe v2 server) is not supported yet; "
-                             "serve a model file from the repository")
-        return value
-
 
 class GatewaySection(Section):
     """``[gateway]``: the model repository and the gRPC endpoint."""

@@ -1,5 +1,6 @@
 """The model repository in Triton's layout: ``<repo>/<name>/<version>/model.onnx`` (or ``model.plan``)
-with an optional ``<repo>/<name>/config.toml``.
+with an optional ``<repo>/<name>/config.toml``; ``platform = "remote"`` there (with
+``[backend.remote]``) serves a model that runs on another KServe v2 server instead.
 
 Every version of every model is loaded, warmed up and served at start; an empty version asks for the
 highest. Dot-directories are never served: ``<repo>/.releases/`` holds edge releases for download
@@ -132,7 +133,9 @@ class ModelRepository:
                 if model_dir.name.startswith(".") or not model_dir.is_dir():
                     continue
                 config = _model_config(model_dir, defaults)
-                versions = _version_files(model_dir)
+                # a remote model has no files here: it is served as version 1 of whatever runs there
+                remote = config.platform == "remote"
+                versions = {1: model_dir / CONFIG_FILE} if remote else _version_files(model_dir)
                 for version, path in sorted(versions.items()):
                     models.setdefault(model_dir.name, {})[version] = load_model(
                         model_dir.name, version, path, config)

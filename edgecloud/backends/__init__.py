@@ -12,6 +12,7 @@ from edgecloud.errors import ModelLoadError
 REGISTRY: dict[str, str] = {
     "onnxruntime": "edgecloud.backends.ort_session:OrtBackend",
     "tensorrt": "edgecloud.backends.trt_engine:TrtBackend",
+    "remote": "edgecloud.backends.remote:RemoteBackend",
 }
 #: file suffix → backend key
 BY_SUFFIX: dict[str, str] = {".onnx": "onnxruntime", ".plan": "tensorrt", ".engine": "tensorrt"}
