@@ -30,6 +30,12 @@ class ModelConfig(Section):
     labels: tuple[str, ...] = Field((), description="class labels for the classification extension")
     backend: BackendOptions = Field(default_factory=BackendOptions)
 
+    @model_validator(mode="after")
+    def _remote_needs_target(self) -> ModelConfig:
+        if self.platform == "remote" and self.backend.remote is None:
+            raise ValueError("platform 'remote' needs [backend.remote] with target and model")
+        return self
+
 
 class GatewaySection(Section):
     """``[gateway]``: the model repository and the gRPC endpoint."""
