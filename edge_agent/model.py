@@ -3,7 +3,6 @@ slot that lets an update swap it atomically while calls are in flight."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from edgecloud.backends import backend_key_for, open_backend
 from edgecloud.backends.base import Backend
 from edgecloud.confidence import ConfidencePolicy, make_policy
 from edgecloud.errors import ModelLoadError
+from edgecloud.modelcard import read_card
 from edgecloud.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -24,17 +24,6 @@ DEFAULT_POLICY = "max_prob"
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_SCORES = "logits"
-
-
-def read_card(model_path: Path) -> dict[str, Any]:
-    """The model card beside ``model_path`` (``<file>.card.json``), or {} when there is none."""
-    card = model_path.with_name(model_path.name + ".card.json")
-    if not card.exists():
-        return {}
-    try:
-        return json.loads(card.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model card {card} is unreadable: {e}") from e
 
 
 @dataclass(frozen=True, slots=True)

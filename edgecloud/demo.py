@@ -20,6 +20,7 @@ import numpy as np
 
 from edgecloud.client import KServeClient
 from edgecloud.endpoint import free_loopback_port
+from edgecloud.modelcard import served_name
 from edgecloud.services import ServiceProcess
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -139,7 +140,7 @@ def run_demo(args: argparse.Namespace) -> int:
         agent_port, workdir / "agent.log")
     with gateway, agent, KServeClient(f"127.0.0.1:{agent_port}") as edge_client, \
             KServeClient(f"127.0.0.1:{gw_port}") as cloud_client:
-        model = _served_name(args.edge_model)
+        model = served_name(args.edge_model)
         cascade = stream(edge_client, model, images, labels, "cascade")
         edge = stream(edge_client, model, images, labels, "edge-only", {"edgecloud.escalate": "never"})
         cloud = stream(cloud_client, CLOUD_MODEL, images, labels, "cloud-only")
@@ -148,13 +149,6 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return 0
-
-
-def _served_name(edge_model: Path) -> str:
-    card = Path(str(edge_model) + ".card.json")
-    if card.exists():
-        return json.loads(card.read_text()).get("name") or edge_model.stem
-    return edge_model.stem
 
 
 def register(sub: argparse._SubParsersAction) -> None:

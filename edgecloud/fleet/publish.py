@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import re
 import socket
@@ -30,6 +29,7 @@ from edgecloud.config import build
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError, EdgecloudError
 from edgecloud.fleet.status import collect, render_table
+from edgecloud.modelcard import ModelCardError, read_card
 from edgecloud.mqtt.client import MqttClient, MqttConfig
 from edgecloud.mqtt.topics import FleetTopics, Topic
 from edgecloud.release import (
@@ -84,20 +84,6 @@ class ReleaseRequest:
 class Published:
     topic: Topic
     envelope: Envelope
-
-
-def read_card(model: Path) -> dict[str, Any]:
-    """The model card beside ``model`` (``<file>.card.json``), or {} when there is none."""
-    card = model.with_name(model.name + ".card.json")
-    if not card.exists():
-        return {}
-    try:
-        data = json.loads(card.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model card {card} is unreadable: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"model card {card} is not a JSON object")
-    return data
 
 
 def parse_expires(text: str, now: datetime) -> datetime:
@@ -170,7 +156,10 @@ def build_release(request: ReleaseRequest, now: datetime | None = None) -> tuple
     if plan and request.plan_target is None:
         raise ConfigError(f"--model {request.model} is a TensorRT plan: "
                           "give --tensorrt-version and --target-device")
-    card = read_card(request.model)
+    try:
+        card = read_card(request.model)
+    except ModelCardError as e:
+        raise ConfigError(str(e)) from None
     values = {k: (card.get("calibration") or {}).get(k) for k in CALIBRATION_KEYS}
     values.update({k: v for k, v in request.calibration.items() if v is not None})
     labels = card.get("labels")
