@@ -1,10 +1,11 @@
-"""``cloud-gateway``: serve a model repository over KServe v2 and keep the hard examples devices send.
+"""``cloud-gateway``: serve a model repository over KServe v2 and keep the hard examples devices send;
+``cloud-gateway collect`` only collects a fleet's telemetry into per-device Prometheus metrics.
 
 Flags override ``--config FILE`` (TOML sections ``[gateway]``, ``[store]``, ``[tls]``, ``[auth]``,
-``[model_defaults]``). The default listen address is 127.0.0.1:9001, loopback so that a gateway
-without TLS is never exposed by accident. Exit codes: 0 stopped cleanly (SIGTERM/SIGINT), 2 bad
-usage or configuration (the message names the key), 1 any other failure, e.g. a model that does not
-load.
+``[model_defaults]``, ``[collector]``, ``[metrics]``). The default listen address is 127.0.0.1:9001,
+loopback so that a gateway without TLS is never exposed by accident. Exit codes: 0 stopped cleanly
+(SIGTERM/SIGINT), 2 bad usage or configuration (the message names the key), 1 any other failure,
+e.g. a model that does not load.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from cloud_gateway.config import DEFAULT_LISTEN, GatewayConfig
+from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.server import Gateway
 from edgecloud import __version__
 from edgecloud.config import build, merge, read_toml
+from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError, EdgecloudError
 from edgecloud.logs import setup_logging
 
@@ -28,7 +31,8 @@ FLAG_KEYS = {
     "model_repository": ("gateway", "model_repository"), "listen": ("gateway", "listen"),
     "added_latency_ms": ("gateway", "added_latency_ms"), "store": ("store", "path"),
     "tls_cert": ("tls", "cert"), "tls_key": ("tls", "key"), "tls_client_ca": ("tls", "client_ca"),
-    "tokens_file": ("auth", "tokens_file"),
+    "tokens_file": ("auth", "tokens_file"), "collect_fleet": ("collector", "fleet"),
+    "metrics_listen": ("metrics", "listen"),
 }
 
 
@@ -36,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cloud-gateway", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"cloud-gateway {__version__}")
+    p.add_argument("mode", nargs="?", choices=("serve", "collect"), default="serve",
+                   help="serve models (default; collects too when a fleet is given) or only collect")
     p.add_argument("--config", type=Path, help="TOML config file (e.g. /etc/cloud-gateway/gateway.toml)")
     p.add_argument("--model-repository", help="directory in Triton's layout <name>/<version>/model.onnx")
     p.add_argument("--listen", help=f"HOST:PORT or unix:/path (default {DEFAULT_LISTEN})")
@@ -45,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA of device certificates: requires mutual TLS")
     p.add_argument("--tokens-file", help="bearer tokens: lines of '<sha256 hex> <device id>'")
+    p.add_argument("--collect-mqtt", help="HOST:PORT of the fleet's MQTT broker, for the collector")
+    p.add_argument("--collect-fleet", help="fleet whose devices' status and telemetry become metrics")
+    p.add_argument("--metrics-listen", help="HOST:PORT of the Prometheus /metrics endpoint (default off)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING…")
     p.add_argument("--log-format", choices=("kv", "json"), default="kv")
     return p
@@ -58,6 +67,12 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
         value = getattr(args, dest)
         if value is not None:
             overrides.setdefault(section, {})[key] = value
+    if args.collect_mqtt:
+        try:
+            endpoint = parse_endpoint(args.collect_mqtt)
+        except ValueError as e:
+            raise ConfigError(f"--collect-mqtt: {e}") from None
+        overrides.setdefault("collector", {})["mqtt"] = {"host": endpoint.host, "port": endpoint.port}
     return build(GatewayConfig, merge(data, overrides), str(args.config or "flags"))
 
 
@@ -65,7 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     try:
-        gateway = Gateway(load_config(args)).start()
+        config = load_config(args)
+        service: Gateway | GatewayMetrics
+        if args.mode == "collect":
+            service = GatewayMetrics(config).start()
+            print(f"cloud-gateway: collecting fleet {config.collector.fleet}, "
+                  f"/metrics on port {service.port}", flush=True)
+        else:
+            service = Gateway(config).start()
+            print(f"cloud-gateway: serving {', '.join(service.repository.names)} on port {service.port}",
+                  flush=True)
     except ConfigError as e:
         print(f"cloud-gateway: configuration error: {e}", file=sys.stderr)
         return 2
@@ -75,9 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
-    print(f"cloud-gateway: serving {', '.join(gateway.repository.names)} on port {gateway.port}", flush=True)
     done.wait()
-    gateway.stop()
+    service.stop()
     return 0
 
 

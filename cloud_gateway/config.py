@@ -14,6 +14,8 @@ from pydantic import Field, field_validator, model_validator
 from edgecloud.backends.options import BackendOptions
 from edgecloud.config import Section, build, merge
 from edgecloud.endpoint import parse_endpoint
+from edgecloud.mqtt.client import MqttConfig
+from edgecloud.mqtt.topics import check_id
 
 #: loopback, so a gateway started without TLS is never reachable from the network by accident
 DEFAULT_LISTEN = "127.0.0.1:9001"
@@ -85,6 +87,31 @@ class AuthSection(Section):
     tokens_file: Path | None = Field(None, description="lines of '<sha256 hex of token> <device id>'")
 
 
+class CollectorSection(Section):
+    """``[collector]``: per-device metrics from a fleet's status and telemetry topics."""
+
+    fleet: str | None = Field(None, description="fleet id whose devices are watched; unset = off")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="the fleet's broker")
+
+    @field_validator("fleet")
+    @classmethod
+    def _fleet(cls, value: str | None) -> str | None:
+        return value if value is None else check_id("fleet", value)
+
+
+class MetricsSection(Section):
+    """``[metrics]``: Prometheus ``/metrics`` (serving figures, and the collector's per-device ones)."""
+
+    listen: str | None = Field(None, description="HOST:PORT; unset = off")
+
+    @field_validator("listen")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and parse_endpoint(value).unix_path:
+            raise ValueError("/metrics needs HOST:PORT, not a unix socket")
+        return value
+
+
 class GatewayConfig(Section):
     """The whole gateway configuration."""
 
@@ -93,6 +120,14 @@ class GatewayConfig(Section):
     tls: TLSSection = Field(default_factory=TLSSection)
     auth: AuthSection = Field(default_factory=AuthSection)
     model_defaults: ModelConfig = Field(default_factory=ModelConfig)
+    collector: CollectorSection = Field(default_factory=CollectorSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
+
+    @model_validator(mode="after")
+    def _collector_is_scraped(self) -> GatewayConfig:
+        if self.collector.fleet and not self.metrics.listen:
+            raise ValueError("collector.fleet needs metrics.listen: its figures are only served on /metrics")
+        return self
 
 
 def gateway_config(model_repository: Path, *, listen: str = DEFAULT_LISTEN, store: Path | None = None,

@@ -18,6 +18,7 @@ from cloud_gateway.artifacts import add_artifact_service
 from cloud_gateway.auth import TokenAuthInterceptor, TokenTable
 from cloud_gateway.config import GatewayConfig, TLSSection
 from cloud_gateway.host import GatewayHost
+from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.repository import ModelRepository
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError
@@ -53,6 +54,7 @@ class Gateway:
         self.store: HardExampleStore | None = None
         self.host: GatewayHost | None = None
         self.server: RunningServer | None = None
+        self.metrics: GatewayMetrics | None = None
         self._lock = threading.Lock()
         self._stopped = False
 
@@ -83,6 +85,7 @@ class Gateway:
                                        workers=cfg.gateway.workers,
                                        extra_services=(artifacts, *self.extra_services),
                                        interceptors=interceptors)
+            self.metrics = GatewayMetrics(cfg, self).start()
         except BaseException:
             self.stop(grace=0)
             raise
@@ -91,8 +94,9 @@ class Gateway:
             log.warning("event=no_client_auth listen=%s hint='set tls.client_ca and/or auth.tokens_file'",
                         listen)
         log.info("event=gateway_ready listen=%s port=%d models=%s store=%s client_auth=%s "
-                 "added_latency_ms=%g", listen, self.port, ",".join(self.repository.names),
-                 cfg.store.path or "none", ",".join(client_auth) or "none", cfg.gateway.added_latency_ms)
+                 "added_latency_ms=%g metrics_port=%d", listen, self.port, ",".join(self.repository.names),
+                 cfg.store.path or "none", ",".join(client_auth) or "none", cfg.gateway.added_latency_ms,
+                 self.metrics.port)
         return self
 
     def _open_store(self) -> HardExampleStore | None:
@@ -116,6 +120,8 @@ class Gateway:
             self.host.accepting = False
         if self.server is not None:
             self.server.stop(grace)
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.repository is not None:
             self.repository.close()
         if self.store is not None:

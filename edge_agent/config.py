@@ -113,7 +113,7 @@ class TelemetrySection(Section):
 class MetricsSection(Section):
     """``[metrics]``: Prometheus ``/metrics`` for a local Prometheus or node agent."""
 
-    listen: str | None = Field("127.0.0.1:9108", description="HOST:PORT (loopback); unset = off")
+    listen: str | None = Field("127.0.0.1:9108", description="HOST:PORT (loopback); empty = off")
 
 
 class AgentConfig(Section):

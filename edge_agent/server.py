@@ -10,11 +10,15 @@ from edge_agent.cascade import Cascade
 from edge_agent.config import AgentConfig
 from edge_agent.escalation import CloudLink
 from edge_agent.fleet_link import FleetLink, as_int_version
-from edge_agent.model import ModelSlot, load_edge_model
+from edge_agent.metrics import serve_metrics
+from edge_agent.model import ModelSlot
 from edge_agent.ratelimit import TokenBucket
 from edge_agent.replay import Replayer
 from edge_agent.spool import Spool
+from edge_agent.telemetry import Telemetry
+from edge_agent.updater import Updater, load_startup
 from edgecloud.endpoint import parse_endpoint
+from edgecloud.exposition import MetricsServer
 from edgecloud.protocol.server import RunningServer, start_server
 
 log = logging.getLogger(__name__)
@@ -32,6 +36,9 @@ class EdgeAgent:
         self.replayer: Replayer | None = None
         self.server: RunningServer | None = None
         self.fleet: FleetLink | None = None
+        self.updater: Updater | None = None
+        self.telemetry: Telemetry | None = None
+        self.metrics: MetricsServer | None = None
         self._stopped = threading.Event()
 
     @property
@@ -41,10 +48,11 @@ class EdgeAgent:
     def start(self) -> EdgeAgent:
         cfg = self.config
         listen = parse_endpoint(cfg.agent.listen)
-        self.slot = ModelSlot(load_edge_model(cfg))
+        startup = load_startup(cfg)  # the last good model of the update state, else the configured one
+        self.slot = ModelSlot(startup.model)
         bucket = None
         if cfg.cloud.target:
-            self.link = CloudLink(cfg.cloud)
+            self.link = CloudLink(cfg.cloud, on_circuit_change=self._circuit_changed)
             self.spool = Spool(Path(cfg.agent.state_dir) / "spool", cfg.spool.max_bytes)
             bucket = TokenBucket(cfg.cloud.max_per_s, cfg.cloud.burst)
             self.replayer = Replayer(self.spool, self.link, self.slot, cfg.spool.replay_interval_s)
@@ -55,7 +63,11 @@ class EdgeAgent:
         if self.replayer:
             self.replayer.start()
         if cfg.fleet.name:
-            self.fleet = FleetLink(cfg.mqtt, cfg.fleet.name, cfg.agent.device_id, self._model_info).start()
+            self.fleet = FleetLink(cfg.mqtt, cfg.fleet.name, cfg.agent.device_id, self._model_info)
+            self.updater = Updater(cfg, self.slot, self.fleet, startup).start()  # subscribes before connect
+            self.fleet.start()
+            self.telemetry = Telemetry(self, self.fleet).start()
+        self.metrics = serve_metrics(self)
         model = self.slot.model
         log.info("event=agent_ready device=%s model=%s version=%s listen=%s cloud=%s", cfg.agent.device_id,
                  model.name, model.version, listen, cfg.cloud.target or "none")
@@ -64,6 +76,10 @@ class EdgeAgent:
     def _model_info(self) -> tuple[str | None, int | None]:
         model = self.slot.model if self.slot else None
         return (model.name, as_int_version(model.version)) if model else (None, None)
+
+    def _circuit_changed(self, old: str, new: str) -> None:
+        if self.telemetry:
+            self.telemetry.circuit_changed(old, new)
 
     def reload_cascade(self, config: AgentConfig) -> None:
         """Apply new cascade settings (thresholds, temperature…) without dropping a call."""
@@ -82,8 +98,14 @@ class EdgeAgent:
             self.server.stop(grace)
         if self.replayer:
             self.replayer.stop()
+        if self.updater:
+            self.updater.stop()
+        if self.telemetry:  # after the drain, so the last message counts every call
+            self.telemetry.stop()
         if self.fleet:
             self.fleet.stop()
+        if self.metrics:
+            self.metrics.stop()
         if self.cascade:
             self.cascade.close()
         if self.link:
@@ -93,7 +115,7 @@ class EdgeAgent:
         log.info("event=agent_stopped device=%s", self.config.agent.device_id)
 
     def __enter__(self) -> EdgeAgent:
-        return self.start()
+        return self if self.server else self.start()  # ``with start_agent(…)`` must not start twice
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -19,9 +19,11 @@ from edgecloud.protocol.codec import InferResponse
 
 def agent_config(state_dir: Path, model_path: Path, cloud_port: int | None = None,
                  **sections: Any) -> AgentConfig:
-    """An agent config on a free loopback port; ``sections`` deep-merge over the defaults."""
+    """An agent config on free loopback ports (API and /metrics); ``sections`` deep-merge over the
+    defaults."""
     data: dict[str, Any] = {"agent": {"listen": "127.0.0.1:0", "state_dir": str(state_dir)},
-                            "model": {"path": str(model_path)}, "spool": {"replay_interval_s": 0.2}}
+                            "model": {"path": str(model_path)}, "spool": {"replay_interval_s": 0.2},
+                            "metrics": {"listen": "127.0.0.1:0"}}
     if cloud_port is not None:
         data["cloud"] = {"target": f"127.0.0.1:{cloud_port}"}
     return build(AgentConfig, merge(data, sections))

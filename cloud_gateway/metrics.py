@@ -1,0 +1,103 @@
+"""The gateway's Prometheus ``/metrics``: what it serves (batches, requests and rows per model version,
+hard examples kept) and, with ``[collector]``, the fleet's per-device series.
+
+``cloud-gateway collect`` runs the collector alone, without a model repository: one collector per
+fleet is enough, while serving gateways scale out (each replica would otherwise repeat every device).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cloud_gateway.collector import FleetCollector
+from cloud_gateway.config import GatewayConfig
+from edgecloud.errors import ConfigError
+from edgecloud.exposition import PREFIX, MetricsServer
+
+if TYPE_CHECKING:
+    from cloud_gateway.server import Gateway
+
+log = logging.getLogger(__name__)
+GATEWAY = PREFIX + "gateway_"
+
+
+class ServingCollector(Collector):
+    """The gateway's own figures, read at each scrape."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ("model", "version")
+        batches = CounterMetricFamily(GATEWAY + "batches_total", "Model runs of merged batches",
+                                      labels=labels)
+        requests = CounterMetricFamily(GATEWAY + "batched_requests_total", "Requests served through the "
+                                       "dynamic batcher", labels=labels)
+        rows = CounterMetricFamily(GATEWAY + "batched_rows_total", "Rows served through the dynamic batcher "
+                                   "(rows / batches = mean batch size)", labels=labels)
+        repository = self._gateway.repository
+        for name in repository.names if repository else ():
+            for version in repository.versions(name):
+                batcher = repository.get(name, str(version)).batcher
+                if batcher is None:
+                    continue
+                stats, key = batcher.stats(), (name, str(version))
+                batches.add_metric(key, stats.batches)
+                requests.add_metric(key, stats.requests)
+                rows.add_metric(key, stats.rows)
+        yield from (batches, requests, rows)
+        store = self._gateway.store
+        if store is not None:
+            try:
+                yield GaugeMetricFamily(GATEWAY + "hard_examples", "Rows kept in the hard-example store",
+                                        value=store.count())
+            except sqlite3.Error as e:
+                log.warning("event=metrics_store_unreadable error=%r", str(e))
+
+
+class GatewayMetrics:
+    """Starts what ``[collector]`` and ``[metrics]`` ask for; ``gateway`` is None in collect mode."""
+
+    def __init__(self, config: GatewayConfig, gateway: Gateway | None = None) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.collector: FleetCollector | None = None
+        self.server: MetricsServer | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.port if self.server else 0
+
+    def start(self) -> GatewayMetrics:
+        cfg = self.config
+        if self.gateway is None and not cfg.collector.fleet:
+            raise ConfigError("collector.fleet: collect mode needs a fleet "
+                              "(--collect-fleet or [collector] fleet)")
+        if not cfg.metrics.listen:
+            return self
+        registry = CollectorRegistry(auto_describe=False)
+        if self.gateway is not None:
+            registry.register(ServingCollector(self.gateway))
+        try:
+            if cfg.collector.fleet:
+                self.collector = FleetCollector(cfg.collector.mqtt, cfg.collector.fleet).start()
+                registry.register(self.collector)
+            self.server = MetricsServer(registry, cfg.metrics.listen).start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Safe to call twice."""
+        if self.server is not None:
+            self.server.stop()
+        if self.collector is not None:
+            self.collector.stop()

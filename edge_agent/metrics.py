@@ -1,0 +1,110 @@
+"""The agent's own Prometheus ``/metrics``, for a local Prometheus or node agent.
+
+A custom collector reads the live figures at scrape time (cascade counters and latencies, spool,
+circuit, model, telemetry buffer), so the hot path only updates the stats it already keeps. Served on
+``[metrics] listen`` (loopback by default); an empty value turns it off. A port that cannot be bound is
+logged and the agent serves without ``/metrics``: answering the line matters more than being watched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.registry import Collector
+
+from edge_agent.stats import PATHS
+from edge_agent.telemetry import circuit_state
+from edgecloud.exposition import COUNTERS, PREFIX, MetricsServer, MetricsUnavailable
+
+if TYPE_CHECKING:
+    from edge_agent.server import EdgeAgent
+
+log = logging.getLogger(__name__)
+
+CIRCUIT_STATES = ("closed", "open", "half_open", "disabled")
+QUANTILES = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
+
+
+class AgentCollector(Collector):
+    """Every agent figure, read from the running agent at each scrape."""
+
+    def __init__(self, agent: EdgeAgent) -> None:
+        self._agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        agent = self._agent
+        if agent.cascade is None or agent.slot is None:
+            return
+        snapshot = agent.cascade.stats.snapshot()
+        for key, (name, documentation) in COUNTERS.items():
+            yield CounterMetricFamily(PREFIX + name, documentation, value=snapshot["counters"][key])
+        yield self._latency(snapshot)
+        model = agent.slot.model
+        info = GaugeMetricFamily(PREFIX + "model_info", "The edge model serving now",
+                                 labels=("name", "version"))
+        info.add_metric((model.name, model.version), 1)
+        yield info
+        state = circuit_state(agent.link)
+        states = GaugeMetricFamily(PREFIX + "circuit_state", "Cloud circuit breaker state (1 = current)",
+                                   labels=("state",))
+        for name in CIRCUIT_STATES:
+            states.add_metric((name,), int(name == state))
+        yield states
+        yield GaugeMetricFamily(PREFIX + "circuit_open", "1 while escalations fail fast (circuit open)",
+                                value=int(state == "open"))
+        if agent.spool is not None:
+            yield GaugeMetricFamily(PREFIX + "spool_depth", "Cases waiting in the spool for the cloud",
+                                    value=agent.spool.depth())
+            yield CounterMetricFamily(PREFIX + "spool_dropped_total", "Cases the spool could not keep",
+                                      value=agent.spool.dropped)
+        yield from self._fleet()
+
+    @staticmethod
+    def _latency(snapshot: dict) -> SummaryMetricFamily:
+        """Quantiles over the stats window (the last calls), count and sum over the agent's life."""
+        name = PREFIX + "request_latency_seconds"
+        summary = SummaryMetricFamily(name, "Call latency by path: answered at the edge, or escalated",
+                                      labels=("path",))
+        for path in PATHS:
+            totals = snapshot["latency_totals"][path]
+            summary.add_metric((path,), totals["count"], totals["sum_s"])
+            for key, quantile in QUANTILES.items():
+                value = snapshot["latency_ms"][path][key]
+                if value is not None:
+                    summary.add_sample(name, {"path": path, "quantile": quantile}, value / 1000.0)
+        return summary
+
+    def _fleet(self) -> Iterator[Metric]:
+        agent = self._agent
+        if agent.fleet is not None:
+            yield GaugeMetricFamily(PREFIX + "mqtt_connected", "1 while the fleet's MQTT broker is connected",
+                                    value=int(agent.fleet.client.is_connected))
+        telemetry = agent.telemetry
+        if telemetry is not None:
+            yield GaugeMetricFamily(PREFIX + "telemetry_buffered_messages",
+                                    "Telemetry messages on disk waiting for the broker",
+                                    value=telemetry.buffer.depth())
+            yield CounterMetricFamily(PREFIX + "telemetry_sent_messages_total",
+                                      "Telemetry messages the broker acknowledged", value=telemetry.sent)
+            yield CounterMetricFamily(PREFIX + "telemetry_dropped_messages_total",
+                                      "Telemetry messages dropped (buffer bound, unreadable, refused)",
+                                      value=telemetry.buffer.dropped)
+
+
+def serve_metrics(agent: EdgeAgent) -> MetricsServer | None:
+    """Start ``/metrics`` for ``agent``; None when ``[metrics] listen`` is empty or cannot be bound."""
+    listen = agent.config.metrics.listen
+    if not listen:
+        return None
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(agent))
+    try:
+        return MetricsServer(registry, listen).start()
+    except MetricsUnavailable as e:
+        log.error("event=metrics_unavailable listen=%s error=%r action=serving_without_metrics", listen,
+                  str(e))
+        return None

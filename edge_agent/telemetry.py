@@ -1,0 +1,278 @@
+"""Telemetry over MQTT (DESIGN §6): every ``interval_s`` one message of ``telemetry.schema.json``.
+
+Each message gets a ``seq`` that is persisted before use, so a restart never reuses one, and is written
+to a bounded disk buffer before anything is sent. A worker thread delivers the buffer oldest first while
+the broker is connected (QoS 1, a file is deleted only once the broker acknowledged it), so a broker
+outage or an agent restart delays telemetry without losing it until the bound is hit; then the oldest
+messages go first, counted. Circuit breaker changes are published as ``circuit.changed`` events.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge_agent.fleet_link import FleetLink, as_int_version
+from edge_agent.spool import atomic_write
+from edge_agent.sysinfo import SystemMonitor
+from edgecloud.mqtt.client import ConnectionState, MqttError, MqttTimeout, NotConnected, encode_payload
+from edgecloud.release import format_time, utc_now
+
+if TYPE_CHECKING:
+    from edge_agent.escalation import CloudLink
+    from edge_agent.server import EdgeAgent
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SUFFIX = ".json"
+#: how long one publish waits for the broker's PUBACK before the message is retried later
+PUBLISH_TIMEOUT_S = 5.0
+
+
+def circuit_state(link: CloudLink | None) -> str:
+    """The breaker's state, or ``disabled`` without a cloud or when the cloud's contract differs."""
+    if link is None:
+        return "disabled"
+    state = link.state
+    return "disabled" if state.compatible is False else state.circuit
+
+
+def system_figures(sample: dict[str, Any]) -> dict[str, Any]:
+    """A :class:`SystemMonitor` sample in the schema's shape: percentages and bytes, null when unknown."""
+    cpu, memory = sample.get("cpu", {}), sample.get("memory", {})
+    usage, gpu = cpu.get("usage"), sample.get("gpu_load")
+    figures = {"cpu_percent": None if usage is None else round(usage * 100, 2),
+               "memory_used_bytes": memory.get("used_bytes"), "memory_total_bytes": memory.get("total_bytes"),
+               "temperatures_c": sample.get("temperatures_c", {}),
+               "gpu_load_percent": None if gpu is None else round(gpu * 100, 2)}
+    if "power_mw" in sample:  # Jetson power rails
+        figures["power_mw"] = sample["power_mw"]
+    return figures
+
+
+class SeqCounter:
+    """Sequence numbers kept in one file holding the next number, rewritten atomically before a number
+    is handed out: after a crash the file is at least one past every number used."""
+
+    def __init__(self, path: Path, floor: int = 0) -> None:
+        self.path = path
+        stored = 0
+        try:
+            stored = int(path.read_text(encoding="ascii").strip())
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:  # never left half-written by us; someone else broke it
+            log.error("event=telemetry_seq_unreadable path=%s error=%r fallback=%d", path, str(e), floor)
+        self._next = max(stored, floor)
+
+    def take(self) -> int:
+        seq = self._next
+        atomic_write(self.path, f"{seq + 1}\n".encode("ascii"))
+        self._next = seq + 1
+        return seq
+
+
+class TelemetryBuffer:
+    """Messages not yet acknowledged: one file per message, named by its seq, so the directory is the
+    queue and survives restarts. Beyond ``max_bytes`` the oldest are deleted and counted in ``dropped``."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.dropped = 0
+        self._lock = threading.Lock()
+        for stale in self.directory.glob(".*.tmp"):  # left by a crash mid-write
+            stale.unlink(missing_ok=True)
+        self._sizes: dict[int, int] = {}  # seq → bytes, oldest first
+        for path in sorted(self.directory.glob(f"*{SUFFIX}")):
+            if path.stem.isdigit():
+                self._sizes[int(path.stem)] = path.stat().st_size
+        self._bytes = sum(self._sizes.values())
+        self._trim()
+
+    def _path(self, seq: int) -> Path:
+        return self.directory / f"{seq:020d}{SUFFIX}"
+
+    def depth(self) -> int:
+        with self._lock:
+            return len(self._sizes)
+
+    def highest(self) -> int | None:
+        with self._lock:
+            return next(reversed(self._sizes), None)
+
+    def put(self, seq: int, data: bytes) -> None:
+        """Keep a message (crash-safe); OSError when the disk refuses it."""
+        atomic_write(self._path(seq), data)
+        with self._lock:
+            self._sizes[seq] = len(data)
+            self._bytes += len(data)
+        self._trim()
+
+    def _trim(self) -> None:
+        with self._lock:
+            while self._bytes > self.max_bytes and self._sizes:
+                seq = next(iter(self._sizes))
+                self._forget(seq)
+                self.dropped += 1
+                log.warning("event=telemetry_dropped seq=%d reason=over_max_bytes max_bytes=%d", seq,
+                            self.max_bytes)
+
+    def _forget(self, seq: int) -> None:
+        self._bytes -= self._sizes.pop(seq)
+        self._path(seq).unlink(missing_ok=True)
+
+    def oldest(self) -> tuple[int, bytes] | None:
+        """The oldest readable message (an unreadable one is dropped, counted and logged)."""
+        while True:
+            with self._lock:
+                seq = next(iter(self._sizes), None)
+                if seq is None:
+                    return None
+                try:
+                    return seq, self._path(seq).read_bytes()
+                except OSError as e:
+                    log.error("event=telemetry_unreadable seq=%d error=%r", seq, str(e))
+                    self._forget(seq)
+                    self.dropped += 1
+
+    def remove(self, seq: int, *, dropped: bool = False) -> None:
+        """Forget a message: delivered, or ``dropped`` (counted) when it can never be."""
+        with self._lock:
+            if seq in self._sizes:
+                self._forget(seq)
+                self.dropped += dropped
+
+
+class Telemetry:
+    """The agent's telemetry worker: builds, buffers and delivers messages and events on one thread."""
+
+    def __init__(self, agent: EdgeAgent, fleet: FleetLink) -> None:
+        cfg = agent.config
+        self._agent = agent
+        self._fleet = fleet
+        self.interval_s = cfg.telemetry.interval_s
+        self.topic = fleet.topics.telemetry(fleet.device)
+        directory = Path(cfg.agent.state_dir) / "telemetry"
+        self.buffer = TelemetryBuffer(directory / "buffer", cfg.telemetry.buffer_max_bytes)
+        highest = self.buffer.highest()
+        self.seq = SeqCounter(directory / "seq", floor=0 if highest is None else highest + 1)
+        self.sent = 0
+        self._system = SystemMonitor()
+        self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._flush_s = 0.0
+        self._held = True  # delivery waits for the broker; changes are logged once each way
+        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+        fleet.client.add_state_listener(self._on_state)
+
+    def start(self) -> Telemetry:
+        self._thread.start()
+        return self
+
+    def stop(self, flush_s: float = 3.0) -> None:
+        """Produce a last message and try to deliver the buffer for at most ``flush_s`` seconds; what is
+        left stays on disk for the next start. Safe to call twice."""
+        if self._stopping.is_set():
+            return
+        self._flush_s = flush_s
+        self._stopping.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(flush_s + PUBLISH_TIMEOUT_S)
+
+    def circuit_changed(self, old: str, new: str) -> None:
+        """CircuitBreaker hook: runs under the breaker's lock on a request thread, so it only hands over."""
+        self._events.put((old, new))
+        self._wake.set()
+
+    def _on_state(self, state: ConnectionState, _detail: str) -> None:  # paho's network thread
+        if state is ConnectionState.CONNECTED:
+            self._wake.set()
+
+    # -- worker thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        due = time.monotonic()
+        while not self._stopping.is_set():
+            self._wake.clear()
+            if time.monotonic() >= due:
+                self._produce()
+                due = max(due + self.interval_s, time.monotonic())
+            self._send_events()
+            self._deliver(due)
+            self._wake.wait(max(0.0, due - time.monotonic()))
+        self._produce()
+        self._send_events()
+        self._deliver(time.monotonic() + self._flush_s, final=True)
+        log.info("event=telemetry_stopped sent=%d buffered=%d dropped=%d", self.sent, self.buffer.depth(),
+                 self.buffer.dropped)
+
+    def _message(self, seq: int) -> dict[str, Any]:
+        """One telemetry message: counters since start, the rest over the interval since the last one."""
+        agent = self._agent
+        figures = agent.cascade.stats.interval()
+        model = agent.slot.model
+        return {"schema": SCHEMA_VERSION, "device": self._fleet.device, "seq": seq,
+                "at": format_time(utc_now()), "model": model.name,
+                "model_version": as_int_version(model.version), **figures,
+                "spool_depth": agent.spool.depth() if agent.spool else 0,
+                "circuit_state": circuit_state(agent.link), "system": system_figures(self._system.sample())}
+
+    def _produce(self) -> None:
+        try:
+            seq = self.seq.take()
+            self.buffer.put(seq, encode_payload(self._message(seq)))
+        except OSError as e:  # a full or read-only disk must not stop the agent
+            log.error("event=telemetry_not_buffered error=%r", str(e))
+            return
+        except Exception:  # nor must a bad figure stop telemetry for good
+            log.exception("event=telemetry_failed")
+            return
+        log.debug("event=telemetry_buffered seq=%d depth=%d", seq, self.buffer.depth())
+
+    def _send_events(self) -> None:
+        while True:
+            try:
+                old, new = self._events.get_nowait()
+            except queue.Empty:
+                return
+            severity = "warning" if new == "open" else "info"
+            self._fleet.event("circuit.changed", severity, **{"from": old, "to": new})
+
+    def _deliver(self, deadline: float, final: bool = False) -> None:
+        """Publish buffered messages oldest first until the buffer is empty, the broker is away (kept
+        for later) or ``deadline`` passes (so production keeps its schedule)."""
+        while self._fleet.client.is_connected and (remaining := deadline - time.monotonic()) > 0:
+            item = self.buffer.oldest()
+            if item is None:
+                return
+            seq, data = item
+            try:
+                self._fleet.publish(self.topic, data,
+                                    timeout=min(PUBLISH_TIMEOUT_S, remaining) if final else PUBLISH_TIMEOUT_S)
+            except (NotConnected, MqttTimeout) as e:
+                self._hold(str(e))
+                return
+            except MqttError as e:  # the broker refused it: retrying would block every later message
+                log.error("event=telemetry_refused seq=%d error=%r", seq, str(e))
+                self.buffer.remove(seq, dropped=True)
+                continue
+            self.buffer.remove(seq)
+            self.sent += 1
+            if self._held:
+                self._held = False
+                log.info("event=telemetry_delivering from_seq=%d buffered=%d", seq, self.buffer.depth())
+        if not self._fleet.client.is_connected:
+            self._hold(self._fleet.client.last_error or "not connected")
+
+    def _hold(self, reason: str) -> None:
+        if not self._held:
+            self._held = True
+            log.info("event=telemetry_held buffered=%d reason=%r", self.buffer.depth(), reason)

@@ -1,0 +1,73 @@
+"""Prometheus exposition shared by the agent's and the gateway's ``/metrics``: the HTTP endpoint of a
+service's own registry, and the metric names of the cascade's counters, so a device's figures carry
+the same names whether scraped from the agent or from the gateway's fleet collector.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from edgecloud.endpoint import parse_endpoint
+from edgecloud.errors import ConfigError, EdgecloudError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "edgecloud_"
+
+#: cascade counter (key of the agent's stats and of telemetry ``counters``) → (metric name, help)
+COUNTERS = {
+    "requests": ("requests_total", "Inference calls answered"),
+    "rows": ("rows_total", "Rows answered"),
+    "escalated": ("escalated_rows_total", "Rows sent to the cloud"),
+    "cloud_answers": ("cloud_answers_total", "Rows answered by the cloud"),
+    "degraded": ("degraded_rows_total", "Rows that wanted the cloud and got the edge's answer"),
+    "rate_limited": ("rate_limited_rows_total", "Rows over the escalation rate limit, answered by the edge"),
+    "errors": ("errors_total", "Calls the edge model failed"),
+    "audited": ("audits_total", "Audit calls the cloud answered"),
+}
+
+
+class MetricsUnavailable(EdgecloudError):
+    """The /metrics endpoint could not listen (address in use, not permitted)."""
+
+
+class MetricsServer:
+    """``/metrics`` of ``registry`` over HTTP on ``listen`` (HOST:PORT; port 0 picks a free one)."""
+
+    def __init__(self, registry: CollectorRegistry, listen: str, key: str = "metrics.listen") -> None:
+        try:
+            endpoint = parse_endpoint(listen)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        if endpoint.unix_path:
+            raise ConfigError(f"{key}: {listen!r}: /metrics needs HOST:PORT, not a unix socket")
+        self.endpoint = endpoint
+        self.registry = registry
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else 0
+
+    def start(self) -> MetricsServer:
+        try:
+            self._server, self._thread = start_http_server(self.endpoint.port, self.endpoint.host,
+                                                           registry=self.registry)
+        except OSError as e:
+            raise MetricsUnavailable(f"cannot serve /metrics on {self.endpoint}: {e}") from e
+        log.info("event=metrics_listening host=%s port=%d", self.endpoint.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and free the port; safe to call twice."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,148 @@
+"""The gateway's fleet collector: per-device Prometheus series from real agents' status and telemetry
+over a real mosquitto, scraped over HTTP; deduplication and gap counting by ``seq``; the gateway's own
+serving figures; ``cloud-gateway collect`` as a process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from cloud_gateway import cli
+from cloud_gateway.collector import FleetCollector
+from edgecloud.config import build
+from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
+from edgecloud.mqtt.payloads import status_payload
+from edgecloud.mqtt.topics import FleetTopics
+from tests.support.fleet import FLEET, ROOT, Scrape, fleet_sections, mqtt_section
+from tests.support.net import free_port, wait_for
+from tests.support.onnx_models import linear_classifier
+from tests.support.services import Client, GatewayCloud, start_agent
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tests.broker import Broker
+
+TOPICS = FleetTopics(FLEET)
+X = np.random.default_rng(9).standard_normal((4, 8)).astype(np.float32)
+
+
+def telemetry(device: str, seq: int, requests: int = 0) -> Message:
+    body = {"device": device, "seq": seq, "at": "2025-06-01T12:00:00Z", "model": "clf", "model_version": 2,
+            "counters": {"requests": requests}, "latency_ms": {"edge": {"p50": 2.0, "p95": 3.0, "p99": None}},
+            "escalation_rate": 0.25, "spool_depth": 0, "circuit_state": "closed"}
+    return Message(str(TOPICS.telemetry(device)), json.dumps(body).encode(), 1, False)
+
+
+def test_telemetry_is_deduplicated_by_seq_and_gaps_are_counted() -> None:
+    collector = FleetCollector(build(MqttConfig, {}), FLEET)  # fed directly, never connected
+    registry = CollectorRegistry()
+    registry.register(collector)
+
+    def value(name: str, device: str = "cam-1", **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"fleet": FLEET, "device": device, **labels})
+
+    for seq, requests in [(0, 1), (1, 2), (1, 2), (2, 3), (5, 9), (2, 3), (4, 7)]:
+        collector.apply(telemetry("cam-1", seq, requests))
+    assert value("edgecloud_device_telemetry_messages_total") == 5  # 0, 1, 2, 5 and the late 4
+    assert value("edgecloud_device_telemetry_duplicate_messages_total") == 2
+    assert value("edgecloud_device_telemetry_missing_messages_total") == 2  # 3 and 4 were missing at 5
+    assert value("edgecloud_device_telemetry_seq") == 5
+    assert value("edgecloud_device_requests_total") == 9  # the newest, not the late one
+    assert value("edgecloud_device_request_latency_seconds", path="edge", quantile="0.5") == 0.002
+    assert value("edgecloud_device_request_latency_seconds", path="edge", quantile="0.99") is None
+    assert value("edgecloud_device_escalation_ratio") == 0.25
+    assert value("edgecloud_device_model_version", model="clf") == 2
+    assert value("edgecloud_device_online") is None  # no status seen yet
+
+    for seq in (5000, 0):  # a device that lost its state starts over from zero
+        collector.apply(telemetry("cam-2", seq, requests=seq))
+    collector.apply(Message(str(TOPICS.telemetry("cam-2")), b"not json", 1, False))
+    assert value("edgecloud_device_telemetry_seq", "cam-2") == 0
+    assert value("edgecloud_device_telemetry_missing_messages_total", "cam-2") == 0
+    assert value("edgecloud_device_requests_total", "cam-2") == 0
+
+
+def test_gateway_collects_per_device_metrics_from_real_agents(broker: Broker, tmp_path: Path) -> None:
+    edge = linear_classifier(tmp_path / "edge.onnx", card={"name": "clf", "version": 3})
+    cloud = GatewayCloud(tmp_path / "cloud", linear_classifier(tmp_path / "cloud.onnx", seed=1), "clf",
+                         collector={"fleet": FLEET, "mqtt": mqtt_section(broker)},
+                         metrics={"listen": "127.0.0.1:0"}).start()
+    port = cloud.gateway.metrics.port
+    agents = {d: start_agent(tmp_path / d, edge, cloud.port, agent={"device_id": d}, **fleet_sections(broker))
+              for d in ("d1", "d2")}
+    try:
+        for device, calls in (("d1", 3), ("d2", 1)):
+            with Client(agents[device].port) as client:
+                for _ in range(calls):
+                    client.infer("clf", {"x": X}, escalate="always" if device == "d2" else "never")
+
+        def counted() -> bool:
+            scrape = Scrape(port)
+            return (scrape.value("edgecloud_device_requests_total", device="d1") == 3
+                    and scrape.value("edgecloud_device_requests_total", device="d2") == 1)
+
+        assert wait_for(counted, timeout=10)
+        scrape = Scrape(port)
+        for device in ("d1", "d2"):
+            labels = {"fleet": FLEET, "device": device}
+            assert scrape.value("edgecloud_device_online", **labels) == 1
+            assert scrape.value("edgecloud_device_model_version", model="clf", **labels) == 3
+            assert scrape.value("edgecloud_device_last_seen_timestamp_seconds", **labels) > 1.7e9
+            assert scrape.value("edgecloud_device_spool_depth", **labels) == 0
+            assert scrape.value("edgecloud_device_circuit_open", **labels) == 0
+            assert scrape.value("edgecloud_device_telemetry_messages_total", **labels) >= 1
+            assert scrape.value("edgecloud_device_telemetry_missing_messages_total", **labels) == 0
+        assert scrape.value("edgecloud_device_escalated_rows_total", device="d2") == 4
+        assert scrape.value("edgecloud_device_cloud_answers_total", device="d2") == 4
+        assert scrape.value("edgecloud_device_escalated_rows_total", device="d1") == 0
+        assert scrape.value("edgecloud_collector_mqtt_connected") == 1
+        assert scrape.value("edgecloud_gateway_batched_rows_total", model="clf", version="1") == 4
+        assert scrape.value("edgecloud_gateway_hard_examples") == 4
+        agents.pop("d2").stop()
+        assert wait_for(lambda: Scrape(port).value("edgecloud_device_online", device="d2") == 0)
+    finally:
+        for agent in agents.values():
+            agent.stop()
+        cloud.stop()
+
+
+def test_collect_mode_serves_metrics_without_a_model_repository(broker: Broker) -> None:
+    port = free_port()
+    args = ["collect", "--collect-mqtt", f"{broker.host}:{broker.port}", "--collect-fleet", FLEET,
+            "--metrics-listen", f"127.0.0.1:{port}"]
+    with subprocess.Popen([sys.executable, "-m", "cloud_gateway.cli", *args], cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
+        try:
+            assert proc.stdout is not None and "collecting fleet plant-1" in proc.stdout.readline()
+            with MqttClient(broker.mqtt_config()) as device:
+                device.wait_connected(5)
+                device.publish(TOPICS.status("cam-7"), status_payload(
+                    "cam-7", "online", agent_version="0.1.0", model="clf", active_version=5), retain=True)
+
+            def online() -> bool:
+                return Scrape(port).value("edgecloud_device_online", fleet=FLEET, device="cam-7") == 1
+
+            assert wait_for(online, timeout=10)
+            assert Scrape(port).value("edgecloud_device_model_version", device="cam-7", model="clf") == 5
+        finally:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("collect", "--metrics-listen", "127.0.0.1:0"), "collector.fleet: collect mode needs a fleet"),
+    (("collect", "--collect-fleet", FLEET), "collector.fleet needs metrics.listen"),
+    (("collect", "--collect-fleet", FLEET, "--metrics-listen", "unix:/tmp/m.sock"), "metrics.listen"),
+    (("collect", "--collect-mqtt", "nowhere", "--collect-fleet", FLEET), "--collect-mqtt"),
+])
+def test_collect_mode_bad_configuration_exits_2(args: tuple[str, ...], message: str, capsys) -> None:
+    assert cli.main(list(args)) == 2
+    assert message in capsys.readouterr().err

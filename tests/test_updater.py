@@ -1,0 +1,593 @@
+"""The agent updater end to end: real mosquitto, real gateway (artifact service), real agents (in this
+process, or as child processes where they must be SIGKILLed), releases published by the real
+``fleet publish`` code path. Every reported and event payload is checked against its JSON Schema as
+it arrives."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_agent.server import EdgeAgent
+from edge_agent.updater import FAULT_ENV, FAULT_STEPS
+from edgecloud.fleet.publish import Published, ReleaseRequest, build_release, publish_release
+from edgecloud.mqtt.client import Message, MqttClient
+from edgecloud.mqtt.topics import FleetTopics, Topic, TopicKind
+from edgecloud.release import Envelope, PlanTarget, ReleasePayload, in_rollout, sign_release, utc_now
+from edgecloud.services import ServiceProcess
+from edgecloud.signing import load_private_key, write_keypair
+from tests.support.fleet import FLEET, mqtt_section, schema
+from tests.support.net import free_port, wait_for
+from tests.support.onnx_models import linear_classifier, reference_logits
+from tests.support.services import Client, GatewayCloud, start_agent
+from tests.test_artifacts import CHUNK
+from tests.test_artifacts import Gateway as StallingGateway
+
+if TYPE_CHECKING:
+    from tests.broker import Broker
+
+GROUP, NAME = "line-a", "inspection"
+TOPICS = FleetTopics(FLEET)
+SCHEMA = {TopicKind.REPORTED: schema("reported"), TopicKind.EVENTS: schema("events")}
+X = np.linspace(-1, 1, 8, dtype=np.float32).reshape(1, 8)
+
+
+# -- models --------------------------------------------------------------------------------------------
+def padded(source: Path, dest: Path, extra_bytes: int) -> Path:
+    """``source`` with ``extra_bytes`` of doc string: a bigger file with the same graph and contract."""
+    model = onnx.load(str(source))
+    model.doc_string = "x" * extra_bytes
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dest))
+    return dest
+
+
+def fragile_classifier(path: Path, limit: float = 100.0) -> Path:
+    """A linear classifier whose Gather index is floor(x[:, 0] / limit): zeros and random normal rows
+    (the self-test) run, a real reading of ``limit`` or more is out of range and fails the call."""
+    linear_classifier(path, seed=2)
+    model = onnx.load(str(path))
+    graph = model.graph
+    graph.node[-1].output[0] = "raw"
+    graph.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                              numpy_helper.from_array(np.array([1], np.int64), "one"),
+                              numpy_helper.from_array(np.array(limit, np.float32), "limit"),
+                              numpy_helper.from_array(np.zeros(2, np.float32), "table")])
+    graph.node.extend([
+        helper.make_node("Slice", ["x", "zero", "one", "one"], ["first"]),
+        helper.make_node("Div", ["first", "limit"], ["scaled"]),
+        helper.make_node("Floor", ["scaled"], ["floored"]),
+        helper.make_node("Cast", ["floored"], ["index"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "index"], ["offset"]),
+        helper.make_node("Add", ["raw", "offset"], ["logits"])])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+# -- the fleet around the agents ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Key:
+    private: Path
+    public: Path
+    kid: str
+
+
+class Watcher:
+    """Every reported and event message of the fleet, schema-checked on arrival; tests wait on it."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._lock = threading.Lock()
+        self.messages: list[tuple[TopicKind, str, dict]] = []
+        self.invalid: list[str] = []
+        self.client = MqttClient(broker.mqtt_config(), on_message=self._receive).start()
+        self.client.wait_connected(5)
+        for kind in SCHEMA:
+            self.client.subscribe(TOPICS.every(kind))
+
+    def _receive(self, message: Message) -> None:
+        parsed = TOPICS.parse(message.topic)
+        if parsed is None or not message.payload:
+            return
+        body = message.json()
+        try:
+            jsonschema.validate(body, SCHEMA[parsed.kind])
+        except jsonschema.ValidationError as e:
+            self.invalid.append(f"{message.topic}: {e.message}")
+        with self._lock:
+            self.messages.append((parsed.kind, parsed.device, body))
+
+    def of(self, kind: TopicKind, device: str) -> list[dict]:
+        with self._lock:
+            return [body for k, d, body in self.messages if k is kind and d == device]
+
+    def reports(self, device: str) -> list[dict]:
+        return self.of(TopicKind.REPORTED, device)
+
+    def states(self, device: str, version: int) -> list[str]:
+        """The states reported for ``version``, repeats (progress) collapsed."""
+        states = [r["state"] for r in self.reports(device) if r["version"] == version]
+        return [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s]
+
+    def wait_report(self, device: str, state: str, version: int, timeout: float = 20.0,
+                    after: int = 0) -> dict:
+        """The first report (from index ``after`` on) of ``state`` for ``version``."""
+        def found() -> dict | None:
+            return next((r for r in self.reports(device)[after:]
+                         if r["state"] == state and r["version"] == version), None)
+
+        assert wait_for(lambda: found() is not None, timeout), \
+            f"{device}: no {state} report for version {version}; got {self.reports(device)}"
+        assert not self.invalid, self.invalid
+        return found()  # type: ignore[return-value]
+
+    def wait_event(self, device: str, event_type: str, timeout: float = 20.0) -> dict:
+        def found() -> dict | None:
+            return next((e for e in self.of(TopicKind.EVENTS, device) if e["type"] == event_type), None)
+
+        assert wait_for(lambda: found() is not None, timeout), \
+            f"{device}: no {event_type} event; got {self.of(TopicKind.EVENTS, device)}"
+        return found()  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class Fleet:
+    """A broker, a gateway holding the releases, a signing key, the base model (v1) and agents."""
+
+    def __init__(self, broker: Broker, root: Path) -> None:
+        self.broker, self.root = broker, root
+        self.key = self.new_key("release")
+        self.base = linear_classifier(root / "models" / "v1" / "inspection.onnx", seed=0,
+                                      card={"name": NAME, "version": 1})
+        self.cloud = GatewayCloud(root / "gateway", self.base, NAME).start()
+        self.watcher = Watcher(broker)
+        self.agents: list[EdgeAgent] = []
+        self.processes: list[ServiceProcess] = []
+
+    def new_key(self, name: str) -> Key:
+        private, public, kid = write_keypair(self.root / "keys" / name)
+        return Key(private, public, kid)
+
+    def model(self, version: int, **kwargs: Any) -> Path:
+        """A model with the serving contract of the base model, different weights."""
+        return linear_classifier(self.root / "models" / f"v{version}" / "inspection.onnx", seed=version,
+                                 **kwargs)
+
+    def state_dir(self, device: str) -> Path:
+        return self.root / "agents" / device
+
+    def sections(self, device: str, fleet: dict | None = None, update: dict | None = None,
+                 **sections: Any) -> dict[str, Any]:
+        return {"agent": {"device_id": device},
+                "fleet": {"name": FLEET, "group": GROUP, "trusted_keys": [str(self.key.public)],
+                          **(fleet or {})},
+                "mqtt": mqtt_section(self.broker),
+                "update": {"watch_s": 0.3, **(update or {})}, **sections}
+
+    def agent(self, device: str = "edge-1", **kwargs: Any) -> EdgeAgent:
+        agent = start_agent(self.state_dir(device), self.base, **self.sections(device, **kwargs))
+        self.agents.append(agent)
+        assert agent.fleet is not None
+        agent.fleet.client.wait_connected(5)
+        return agent
+
+    def process_agent(self, device: str, env: dict[str, str] | None = None) -> ServiceProcess:
+        """The agent as a child process, configured by a TOML file, as systemd runs it."""
+        port = free_port()
+        sections = self.sections(device)
+        sections["agent"].update(listen=f"127.0.0.1:{port}", state_dir=str(self.state_dir(device)))
+        sections["model"] = {"path": str(self.base)}
+        sections["metrics"] = {"listen": "127.0.0.1:0"}
+        config = self.root / f"{device}.toml"
+        config.write_text(toml(sections))
+        process = ServiceProcess("edge-agent", ["--config", str(config)], port,
+                                 self.root / "logs" / f"{device}-{len(self.processes)}.log", env=env)
+        self.processes.append(process)
+        return process.start()
+
+    def request(self, model: Path, version: int, key: Key | None = None, **kwargs: Any) -> ReleaseRequest:
+        if "device" not in kwargs:
+            kwargs.setdefault("group", GROUP)
+        if "uri" not in kwargs:
+            kwargs.setdefault("gateway", f"127.0.0.1:{self.cloud.port}")
+        return ReleaseRequest(model=model, name=NAME, version=version, key=(key or self.key).private,
+                              fleet=FLEET, **kwargs)
+
+    def publish(self, model: Path, version: int, key: Key | None = None, now: datetime | None = None,
+                **kwargs: Any) -> Published:
+        return publish_release(self.request(model, version, key, **kwargs), self.broker.mqtt_config(),
+                               now=now)
+
+    def sign(self, payload: ReleasePayload) -> Envelope:
+        return sign_release(payload, load_private_key(self.key.private))
+
+    def send(self, topic: Topic, data: bytes) -> None:
+        """Publish raw bytes retained (a crafted release, or b"" to clear a desired topic)."""
+        with MqttClient(self.broker.mqtt_config()) as client:
+            client.wait_connected(5)
+            client.publish(topic, data, qos=1, retain=True)
+
+    def close(self) -> None:
+        for agent in self.agents:
+            agent.stop(grace=0)
+        for process in self.processes:
+            process.stop()
+        self.watcher.close()
+        self.cloud.stop()
+
+
+def toml(sections: dict[str, Any]) -> str:
+    """The few TOML shapes an agent config needs (JSON strings are valid TOML basic strings)."""
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def fleet(broker: Broker, tmp_path: Path) -> Iterator[Fleet]:
+    fleet = Fleet(broker, tmp_path)
+    yield fleet
+    fleet.close()
+    assert not fleet.watcher.invalid, fleet.watcher.invalid
+
+
+class Load:
+    """A local app calling an agent in a loop; counts answers per model version and failed calls."""
+
+    def __init__(self, port: int, x: np.ndarray = X) -> None:
+        self.port, self.x = port, x
+        self.versions: Counter[str] = Counter()
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with Client(self.port) as client:
+            while not self._stop.is_set():
+                try:
+                    self.versions[client.infer(NAME, {"x": self.x}).model_version] += 1
+                except grpc.RpcError as e:
+                    self.failures.append(f"{e.code().name}: {e.details()}")
+
+    def wait(self, version: str, calls: int = 20) -> None:
+        assert wait_for(lambda: self.versions[version] >= calls, 20), (self.versions, self.failures[-3:])
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def served_version(port: int) -> str:
+    with Client(port) as client:
+        return client.infer(NAME, {"x": X}).model_version
+
+
+def state_file(fleet: Fleet, device: str) -> dict:
+    return json.loads((fleet.state_dir(device) / "update" / "state.json").read_text())
+
+
+# -- happy path -----------------------------------------------------------------------------------------
+def test_group_moves_to_the_release_with_zero_failed_calls(fleet: Fleet, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="edge_agent.updater")
+    devices = ["edge-1", "edge-2", "edge-3"]
+    agents = [fleet.agent(d, update={"watch_s": 0.5}) for d in devices]
+    v2 = fleet.model(2, card={"name": NAME, "version": 2, "labels": ["ok", "scratch", "dent", "stain"],
+                              "calibration": {"threshold": 0.7, "temperature": 1.5}})
+    loads = [Load(agent.port) for agent in agents]
+    held = agents[0].slot.model  # as a call in flight across the swap holds it
+    with ExitStack() as stack:
+        for load in loads:
+            stack.enter_context(load).wait("1")
+        fleet.publish(v2, 2)
+        for device in devices:
+            report = fleet.watcher.wait_report(device, "active", 2)
+            assert report["active_version"] == 2
+        for load in loads:
+            load.wait("2")  # answered by the new model, under the same load
+    assert [load.failures for load in loads] == [[], [], []]
+    for device, agent in zip(devices, agents):
+        assert fleet.watcher.states(device, 2) == ["downloading", "verifying", "staged", "active"]
+        progress = [r["progress"] for r in fleet.watcher.reports(device) if r["state"] == "downloading"]
+        assert progress == [0.0, 1.0]  # one chunk: the start and the end
+        model = agent.slot.model
+        assert (model.version, model.settings.threshold, model.settings.temperature) == ("2", 0.7, 1.5)
+        assert model.labels == ("ok", "scratch", "dent", "stain")  # calibration and labels from the release
+        with Client(agent.port) as client:
+            logits = client.infer(NAME, {"x": X}).outputs["logits"]
+        np.testing.assert_allclose(logits, reference_logits(v2, X), rtol=1e-5, atol=1e-5)
+        fleet.watcher.wait_event(device, "update.watch_passed")
+        state = state_file(fleet, device)
+        assert state["active"]["path"] == "models/inspection/2/model.onnx" and state["pending"] is None
+        assert state["active"]["release"]["calibration"]["threshold"] == 0.7
+    # the replaced model still answers a call that began before the swap, after the watch window
+    np.testing.assert_allclose(held.backend.infer({"x": X})["logits"], reference_logits(fleet.base, X),
+                               rtol=1e-5, atol=1e-5)
+    # the same version again (signed anew: another issued_at) is skipped quietly
+    reports = len(fleet.watcher.reports("edge-1"))
+    fleet.publish(v2, 2, now=utc_now() - timedelta(minutes=1))
+    assert wait_for(lambda: caplog.text.count("reason=active_version") == len(devices))
+    assert len(fleet.watcher.reports("edge-1")) == reports
+
+
+# -- rejections -----------------------------------------------------------------------------------------
+def _bad_signature(fleet: Fleet) -> int:
+    _, payload = build_release(fleet.request(fleet.model(2), 2))
+    envelope = fleet.sign(payload)
+    forged = {**envelope.to_dict(), "payload": {**envelope.payload, "version": 3}}
+    fleet.send(TOPICS.group_desired(GROUP), json.dumps(forged).encode())
+    return 3
+
+
+def _unknown_key(fleet: Fleet) -> int:
+    fleet.publish(fleet.model(2), 2, key=fleet.new_key("stranger"))
+    return 2
+
+
+def _expired(fleet: Fleet) -> int:
+    now = utc_now()
+    fleet.publish(fleet.model(2), 2, now=now - timedelta(days=2), expires_at=now - timedelta(days=1))
+    return 2
+
+
+def _not_newer(fleet: Fleet) -> int:
+    fleet.publish(fleet.model(0), 0)
+    return 0
+
+
+def _too_large(fleet: Fleet) -> int:
+    fleet.publish(padded(fleet.model(2), fleet.root / "big" / "inspection.onnx", 5000), 2)
+    return 2
+
+
+def _sha256_mismatch(fleet: Fleet) -> int:
+    model = fleet.model(2)
+    served = fleet.root / "media" / "inspection.onnx"
+    served.parent.mkdir()
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    served.write_bytes(bytes(data))
+    fleet.publish(model, 2, uri=served.as_uri())
+    return 2
+
+
+def _unloadable(fleet: Fleet) -> int:
+    junk = fleet.root / "junk" / "inspection.onnx"
+    junk.parent.mkdir()
+    junk.write_bytes(b"\x08\x07" + bytes(range(256)) * 8)
+    fleet.publish(junk, 2)
+    return 2
+
+
+def _contract_mismatch(fleet: Fleet) -> int:
+    fleet.publish(fleet.model(2, features=16), 2)
+    return 2
+
+
+def _plan_for_another_target(fleet: Fleet) -> int:
+    plan = fleet.root / "plans" / "inspection.plan"
+    plan.parent.mkdir()
+    plan.write_bytes(b"serialized engine")
+    fleet.publish(plan, 2, plan_target=PlanTarget("10.3.0", "NVIDIA Jetson AGX Orin Developer Kit"))
+    return 2
+
+
+def _uri_escaping(fleet: Fleet) -> int:
+    _, payload = build_release(fleet.request(fleet.model(2), 2))
+    escaping = replace(payload, artifact=replace(payload.artifact,
+                                                 uri=f"grpc://127.0.0.1:{fleet.cloud.port}/../secret/2"))
+    fleet.send(TOPICS.group_desired(GROUP), fleet.sign(escaping).to_json())
+    return 2
+
+
+def _name_escaping(fleet: Fleet) -> int:
+    _, payload = build_release(fleet.request(fleet.model(2), 2))
+    escaping = replace(payload, model="../../etc")
+    fleet.send(TOPICS.group_desired(GROUP), fleet.sign(escaping).to_json())
+    return 2
+
+
+REJECTIONS: dict[str, tuple[Callable[[Fleet], int], str, dict[str, Any]]] = {
+    "bad_signature": (_bad_signature, "bad_signature", {}),
+    "unknown_key": (_unknown_key, "unknown_key", {}),
+    "expired": (_expired, "expired", {}),
+    "not_newer": (_not_newer, "not_newer", {}),
+    "over_budget": (_too_large, "too_large", {"model": {"budget_bytes": 2000}}),
+    "sha256_mismatch": (_sha256_mismatch, "sha256_mismatch", {"fleet": {"allowed_file_roots": ["MEDIA"]}}),
+    "unloadable": (_unloadable, "unloadable", {}),
+    "contract_mismatch": (_contract_mismatch, "contract_mismatch", {}),
+    "plan_for_another_target": (_plan_for_another_target, "wrong_target", {}),
+    "uri_escaping": (_uri_escaping, "bad_uri", {}),
+    "name_escaping": (_name_escaping, "bad_uri", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(REJECTIONS))
+def test_rejected_release_is_reported_and_the_old_model_serves(fleet: Fleet, case: str) -> None:
+    publish, reason, settings = REJECTIONS[case]
+    settings = json.loads(json.dumps(settings).replace('"MEDIA"', json.dumps(str(fleet.root / "media"))))
+    agent = fleet.agent("edge-1", **settings)
+    version = publish(fleet)
+    report = fleet.watcher.wait_report("edge-1", "failed", version)
+    assert report["reason"].startswith(f"{reason}: "), report
+    assert report["active_version"] == 1
+    events = fleet.watcher.of(TopicKind.EVENTS, "edge-1")  # published before the report
+    assert [e["severity"] for e in events if e["data"].get("state") == "failed"] == ["warning"]
+    assert served_version(agent.port) == "1" and agent.slot.model.version == "1"
+    models = fleet.state_dir("edge-1") / "models"
+    assert not models.exists() or not any(models.rglob("*.onnx")), "a refused file was kept"
+    state = fleet.state_dir("edge-1") / "update" / "state.json"
+    assert not state.exists() or state_file(fleet, "edge-1")["active"] is None
+
+
+def test_key_rotation_new_key_accepted_revoked_key_refused(fleet: Fleet) -> None:
+    old, new = fleet.key, fleet.new_key("2025")
+    fleet.agent("edge-1", fleet={"trusted_keys": [str(old.public), str(new.public)],
+                                 "revoked_keys": [old.kid]})
+    fleet.publish(fleet.model(2), 2, key=new)
+    fleet.watcher.wait_report("edge-1", "active", 2)
+    fleet.publish(fleet.model(3), 3, key=old)
+    report = fleet.watcher.wait_report("edge-1", "failed", 3)
+    assert report["reason"].startswith(f"revoked_key: signed by revoked key {old.kid}")
+    assert report["active_version"] == 2
+
+
+def test_unset_clock_judges_expiry_by_the_newest_trusted_release(fleet: Fleet) -> None:
+    agent = fleet.agent("edge-1")
+    fleet.publish(fleet.model(2), 2)
+    fleet.watcher.wait_report("edge-1", "active", 2)
+    assert agent.updater is not None
+    agent.updater.clock = lambda: datetime(1970, 1, 1, tzinfo=timezone.utc)  # no RTC, no NTP yet
+    now = utc_now()
+    fleet.publish(fleet.model(3), 3, now=now - timedelta(days=40), expires_at=now - timedelta(days=10))
+    report = fleet.watcher.wait_report("edge-1", "failed", 3)
+    assert report["reason"].startswith("expired: ") and "device clock unset" in report["reason"]
+
+
+# -- resume, rollback, precedence, rollout ------------------------------------------------------------------
+def test_cut_download_resumes_from_its_offset(fleet: Fleet, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    gateway = StallingGateway(fleet.root / "artifacts").start(stall_after=3)
+    try:
+        fleet.agent("edge-1")
+        stalling = gateway.stalling
+        assert stalling is not None
+        big = padded(fleet.model(2), fleet.root / "big" / "inspection.onnx", 1_000_000)
+        fleet.publish(big, 2, gateway=f"127.0.0.1:{gateway.port}")
+        assert stalling.stalled.wait(10)
+        gateway.stop()  # the gateway goes away after 3 chunks
+        failed = fleet.watcher.wait_report("edge-1", "failed", 2)
+        assert failed["reason"].startswith("download_failed: ")
+        part = fleet.state_dir("edge-1") / "models" / NAME / "2" / "model.onnx.part"
+        kept = part.stat().st_size
+        assert kept == 3 * CHUNK
+        seen = len(fleet.watcher.reports("edge-1"))
+        gateway.start()  # same port; the agent retries with backoff
+        fleet.watcher.wait_report("edge-1", "active", 2)
+    finally:
+        gateway.stop()
+    size = big.stat().st_size
+    resumed = fleet.watcher.wait_report("edge-1", "downloading", 2, after=seen)
+    assert resumed["progress"] == pytest.approx(kept / size, abs=1e-4)  # the report says where it resumed
+    assert f"resumed_from={kept} bytes={size - kept}" in caplog.text  # the agent fetched only the rest
+    assert re.search(rf"event=artifact_download name={NAME} version=2 offset={kept} ", caplog.text)
+
+
+def test_release_failing_the_watch_window_is_rolled_back(fleet: Fleet) -> None:
+    agent = fleet.agent("edge-1", update={"watch_s": 1.0})
+    reading = np.full((1, 8), 1000.0, dtype=np.float32)  # fine for v1, out of range for the fragile v2
+    with Load(agent.port, reading) as load:
+        load.wait("1")
+        fleet.publish(fragile_classifier(fleet.root / "models" / "fragile" / "inspection.onnx"), 2)
+        fleet.watcher.wait_report("edge-1", "active", 2)  # passed the self-test on zeros and random rows
+        report = fleet.watcher.wait_report("edge-1", "rolled_back", 2)
+        answered = load.versions["1"]
+        load.wait("1", answered + 20)  # the previous model serves again
+    assert report["reason"].startswith("error_rate: ") and report["active_version"] == 1
+    assert load.failures and load.versions["2"] == 0
+    state = state_file(fleet, "edge-1")
+    assert state["active"] is None and state["pending"] is None  # the configured model is back
+    assert [r["version"] for r in state["rolled_back"]] == [2]
+    assert fleet.watcher.states("edge-1", 2)[-2:] == ["active", "rolled_back"]
+
+
+def test_device_desired_wins_over_group(fleet: Fleet) -> None:
+    fleet.publish(fleet.model(3), 3)  # group: newer
+    fleet.publish(fleet.model(2), 2, device="edge-1")
+    agent = fleet.agent("edge-1")  # both are retained when it connects
+    fleet.watcher.wait_report("edge-1", "active", 2)
+    fleet.watcher.wait_event("edge-1", "update.watch_passed")
+    assert fleet.watcher.states("edge-1", 3) == []  # the group release was never considered
+    fleet.send(TOPICS.device_desired("edge-1"), b"")  # cleared: the group's release applies
+    fleet.watcher.wait_report("edge-1", "active", 3)
+    assert served_version(agent.port) == "3"
+
+
+def test_rollout_percent_is_honoured(fleet: Fleet, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="edge_agent.updater")
+    ids = [f"edge-{i}" for i in range(100)]
+    inside = next(d for d in ids if in_rollout(d, 50, "canary"))
+    outside = next(d for d in ids if not in_rollout(d, 50, "canary"))
+    fleet.agent(inside)
+    staying = fleet.agent(outside)
+    fleet.publish(fleet.model(2), 2, rollout_percent=50, rollout_salt="canary")
+    fleet.watcher.wait_report(inside, "active", 2)
+    assert wait_for(lambda: f"event=update_not_in_rollout device={outside} model={NAME} version=2 "
+                            "percent=50 salt=canary" in caplog.text)
+    assert fleet.watcher.reports(outside) == [] and served_version(staying.port) == "1"
+
+
+def test_corrupt_state_is_set_aside_and_reported(fleet: Fleet) -> None:
+    state = fleet.state_dir("edge-1") / "update" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text('{"schema": 1, "active": {"version": ')
+    agent = fleet.agent("edge-1")
+    assert served_version(agent.port) == "1"
+    event = fleet.watcher.wait_event("edge-1", "update.state_corrupt")
+    assert event["severity"] == "error" and "set aside" in event["data"]["detail"]
+    assert not state.exists() and len(list(state.parent.glob("state.json.corrupt-*"))) == 1
+
+
+# -- crash safety -----------------------------------------------------------------------------------------
+def first_ready_version(log: str) -> str:
+    match = re.search(r"event=agent_ready device=\S+ model=\S+ version=(\S+)", log)
+    assert match, log
+    return match.group(1)
+
+
+@pytest.mark.parametrize("step", FAULT_STEPS)
+def test_sigkill_at_each_step_restarts_on_the_last_good_model(fleet: Fleet, step: str) -> None:
+    v2 = padded(fleet.model(2), fleet.root / "big" / "inspection.onnx", 2_500_000)  # several 1 MiB chunks
+    doomed = fleet.process_agent("edge-1", env={FAULT_ENV: f"after:{step}"})
+    fleet.publish(v2, 2)
+    assert doomed.proc is not None and doomed.proc.wait(30) == -signal.SIGKILL
+    assert f"event=fault_injected device=edge-1 step={step}" in doomed.log_path.read_text()
+    persisted = state_file(fleet, "edge-1")["pending"]
+    assert persisted["version"] == 2 and persisted["step"] == ("watching" if step == "swapped" else step)
+    part = fleet.state_dir("edge-1") / "models" / NAME / "2" / "model.onnx.part"
+    kept = part.stat().st_size if part.exists() else 0
+    if step == "downloading":
+        assert 0 < kept < v2.stat().st_size
+    seen = len(fleet.watcher.reports("edge-1"))
+
+    restarted = fleet.process_agent("edge-1")
+    assert first_ready_version(restarted.log_path.read_text()) == "1"  # the last good model first
+    if step == "swapped":  # a restart inside the watch window is a crash loop: roll back, stay back
+        report = fleet.watcher.wait_report("edge-1", "rolled_back", 2, after=seen)
+        assert report["reason"].startswith("crash_loop: ") and report["active_version"] == 1
+        assert state_file(fleet, "edge-1")["rolled_back"][-1]["version"] == 2
+        assert wait_for(lambda: "reason=rolled_back_before" in restarted.log_path.read_text())
+        assert served_version(restarted.port) == "1"
+    else:  # the retained release is taken up again where it stopped
+        fleet.watcher.wait_report("edge-1", "active", 2, after=seen)
+        assert served_version(restarted.port) == "2"
+        log = restarted.log_path.read_text()
+        if step == "downloading":
+            assert f"resumed_from={kept} " in log
+        else:
+            assert "reason=verified_file_present" in log
+    assert fleet.watcher.reports("edge-1")[-1]["state"] in ("active", "rolled_back")
