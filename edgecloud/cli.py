@@ -12,11 +12,13 @@ from edgecloud.errors import ConfigError, EdgecloudError
 
 #: modules that add sub-commands, in the order they appear in --help
 COMMAND_MODULES: tuple[str, ...] = (
+    "edgecloud.benchmark",
     "edgecloud.demo",
     "edgecloud.examples_cli",
     "edgecloud.engine.cli",
     "edgecloud.fleet.keys_cli",
     "edgecloud.fleet.publish",
+    "edgecloud.toolchain.cli",
 )
 
 
