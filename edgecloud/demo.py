@@ -4,46 +4,63 @@ images through the agent as a local app would send them, and a summary of what t
 The gateway adds an emulated WAN delay (``--wan-ms``) so that cloud answers cost what they would
 across a factory uplink. The same images also go edge-only (``escalate=never``) and cloud-only
 (straight to the gateway) for comparison.
+
+When mosquitto is installed, the agent also joins a fleet on a local broker and, half-way through the
+cascade stream, the better edge model (v2) is published to it as a signed release: the summary shows
+the escalation rate before and after the hot swap and how many requests failed across it.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 
+from edgecloud.broker import INSTALL_HINT, mosquitto_path
 from edgecloud.client import KServeClient
+from edgecloud.demo_fleet import DemoFleet, UpdateOutcome
 from edgecloud.endpoint import free_loopback_port
 from edgecloud.modelcard import served_name
 from edgecloud.services import ServiceProcess
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 EDGE_MODEL = MODELS / "edge" / "inspection-edge-int8.onnx"
+EDGE_MODEL_V2 = MODELS / "edge" / "inspection-edge-v2-int8.onnx"
+DEVICE = "demo-line-1"
+UPDATE_TIMEOUT_S = 60.0
 CLOUD_REPOSITORY = MODELS / "repository"
 CLOUD_MODEL = "inspection"
 
 
 @dataclass
 class Run:
-    """What one pass over the stream saw, per image."""
+    """What one pass over the stream saw, per answered image, and how many calls failed."""
 
     name: str
     correct: list[bool] = field(default_factory=list)
     latency_s: list[float] = field(default_factory=list)
     escalated: list[bool] = field(default_factory=list)
     degraded: list[bool] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
-    def add(self, correct: bool, latency_s: float, escalated: bool = False, degraded: bool = False) -> None:
+    def add(self, correct: bool, latency_s: float, escalated: bool = False, degraded: bool = False,
+            version: str = "") -> None:
         self.correct.append(correct)
         self.latency_s.append(latency_s)
         self.escalated.append(escalated)
         self.degraded.append(degraded)
+        self.versions.append(version)
 
     @property
     def accuracy(self) -> float:
@@ -53,33 +70,54 @@ class Run:
         lat, esc = np.asarray(self.latency_s) * 1000, np.asarray(self.escalated, dtype=bool)
         return {"all": lat, "edge": lat[~esc], "escalated": lat[esc]}[which]
 
+    def by_version(self, version: str) -> dict:
+        """Accuracy and escalation rate of the answers the edge model ``version`` gave."""
+        mask = np.asarray(self.versions) == version
+        return {"version": version, "images": int(mask.sum()),
+                "accuracy": float(np.mean(np.asarray(self.correct)[mask])) if mask.any() else None,
+                "escalation_rate": float(np.mean(np.asarray(self.escalated)[mask])) if mask.any() else None}
+
 
 def _percentile(values: np.ndarray, q: float) -> float | None:
     return round(float(np.percentile(values, q)), 2) if values.size else None
 
 
 def stream(client: KServeClient, model: str, images: np.ndarray, labels: np.ndarray, name: str,
-           params: dict | None = None) -> Run:
-    """Send each image as one request, the way a camera loop would, and score the answers."""
-    run = Run(name)
-    progress_every = max(1, len(images) // 10)
-    for i, (image, label) in enumerate(zip(images, labels)):
+           params: dict | None = None, *, run: Run | None = None,
+           until: Callable[[], bool] | None = None) -> Run:
+    """Send each image as one request, the way a camera loop would, and score the answers; a failed
+    call is counted and the stream goes on. With ``until``, cycle through the images until it is true.
+    With ``run``, add to that run instead of a new one."""
+    run = run or Run(name)
+    order = itertools.cycle(range(len(images))) if until else range(len(images))
+    progress_every = max(1, len(images) // 5)
+    for count, i in enumerate(order, 1):
+        if until is not None and until():
+            break
         started = time.perf_counter()
-        reply = client.infer(model, {"image": image[None]}, params=params, request_id=f"{name}-{i}")
+        request_id = f"{name}-{len(run.correct) + len(run.failed)}"
+        try:
+            reply = client.infer(model, {"image": images[i][None]}, params=params, request_id=request_id)
+        except grpc.RpcError as e:
+            run.failed.append(f"{e.code().name}: {e.details()}")
+            continue
         elapsed = time.perf_counter() - started
         p = reply.parameters
         prediction = int(np.argmax(reply.outputs["logits"][0]))
-        run.add(prediction == int(label), elapsed, bool(p.get("edgecloud.escalated_rows", 0)) or
-                bool(p.get("edgecloud.degraded")), bool(p.get("edgecloud.degraded", False)))
-        if (i + 1) % progress_every == 0:
-            print(f"  {name}: {i + 1}/{len(images)}", file=sys.stderr, flush=True)
+        run.add(prediction == int(labels[i]), elapsed, bool(p.get("edgecloud.escalated_rows", 0)) or
+                bool(p.get("edgecloud.degraded")), bool(p.get("edgecloud.degraded", False)),
+                reply.model_version)
+        if until is None and count % progress_every == 0:
+            print(f"  {name}: {count}/{len(images)}", file=sys.stderr, flush=True)
     return run
 
 
-def summarize(edge: Run, cloud: Run, cascade: Run) -> dict:
+def summarize(edge: Run, cloud: Run, cascade: Run, during: Run | None = None,
+              update: UpdateOutcome | None = None) -> dict:
     """The figures the demo reports, as one JSON-able dict."""
-    return {
+    summary = {
         "images": len(cascade.correct),
+        "failed_requests": sum(len(r.failed) for r in (edge, cloud, cascade, during) if r is not None),
         "accuracy": {"edge_only": edge.accuracy, "cloud_only": cloud.accuracy, "cascade": cascade.accuracy},
         "escalation_rate": float(np.mean(cascade.escalated)),
         "degraded": int(np.sum(cascade.degraded)),
@@ -93,6 +131,24 @@ def summarize(edge: Run, cloud: Run, cascade: Run) -> dict:
             "cloud_only_mean": round(float(cloud.latency_ms().mean()), 2),
         },
     }
+    if update is not None and during is not None:
+        summary["update"] = summarize_update(cascade, during, update)
+    return summary
+
+
+def summarize_update(cascade: Run, during: Run, update: UpdateOutcome) -> dict:
+    """The cascade before the release and after it settled (told apart by the model version of each
+    answer), and the requests sent while it was downloaded, verified and swapped in."""
+    new = str(update.version)
+    old = next((v for v in cascade.versions if v != new), None)
+    settle_s = None
+    if update.published_at is not None and update.settled_at is not None:
+        settle_s = round(update.settled_at - update.published_at, 2)
+    return {"version": update.version, "state": update.state, "reason": update.reason,
+            "publish_error": update.error, "publish_to_settled_s": settle_s,
+            "before": cascade.by_version(old) if old is not None else None, "after": cascade.by_version(new),
+            "during": {"answered": len(during.correct), "versions": sorted(set(during.versions))},
+            "failed_requests": len(cascade.failed) + len(during.failed)}
 
 
 def format_table(s: dict, wan_ms: int) -> str:
@@ -105,7 +161,8 @@ def format_table(s: dict, wan_ms: int) -> str:
         ("edge only (INT8, escalate=never)", f"{acc['edge_only']:.2%}", "-", ms(lat["edge_only_mean"])),
         (f"cloud only (every image over a {wan_ms} ms WAN)", f"{acc['cloud_only']:.2%}", "100%",
          ms(lat["cloud_only_mean"])),
-        ("cascade (edge + unsure rows to the cloud)", f"{acc['cascade']:.2%}",
+        ("cascade (edge + unsure rows to the cloud)" + (", v1 then v2" if "update" in s else ""),
+         f"{acc['cascade']:.2%}",
          f"{s['escalation_rate']:.1%}", ms(lat["cascade_mean"])),
     ]
     width = max(len(r[0]) for r in rows)
@@ -116,8 +173,30 @@ def format_table(s: dict, wan_ms: int) -> str:
                   f"escalated p50 {ms(x['p50'])} ms, p99 {ms(x['p99'])} ms",
               f"degraded answers (cloud wanted, not reached in time): {s['degraded']} of {s['images']}",
               f"mean latency, cascade vs cloud only: {ms(lat['cascade_mean'])} ms vs "
-              f"{ms(lat['cloud_only_mean'])} ms"]
+              f"{ms(lat['cloud_only_mean'])} ms",
+              f"failed requests: {s['failed_requests']}"]
+    if "update" in s:
+        lines += ["", *format_update(s["update"])]
     return "\n".join(lines)
+
+
+def format_update(u: dict) -> list[str]:
+    def part(side: dict | None) -> str:
+        if not side or not side["images"]:
+            return "-"
+        return (f"v{side['version']}: {side['escalation_rate']:.1%} escalated, {side['accuracy']:.2%} "
+                f"accurate over {side['images']} images")
+
+    state = u["state"] + (f" ({u['reason']})" if u["reason"] else "")
+    if u["publish_error"]:
+        state = f"not published: {u['publish_error']}"
+    took = "" if u["publish_to_settled_s"] is None else f" {u['publish_to_settled_s']:.2f} s after publishing"
+    return [f"signed release v{u['version']} published half-way through the cascade stream: {state}{took}",
+            f"  before the swap  {part(u['before'])}",
+            f"  after the swap   {part(u['after'])}",
+            f"  while updating   {u['during']['answered']} requests answered (by version "
+            f"{', '.join(u['during']['versions']) or '-'}); failed requests across the update: "
+            f"{u['failed_requests']}"]
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -128,6 +207,12 @@ def run_demo(args: argparse.Namespace) -> int:
     gw_port, agent_port = free_loopback_port(), free_loopback_port()
     print(f"edgecloud demo: {args.n} held-out images, WAN {args.wan_ms} ms, logs in {workdir}",
           file=sys.stderr)
+    fleet = None
+    if args.update_model is not None and mosquitto_path() is None:
+        print(f"update part skipped: mosquitto is not installed ({INSTALL_HINT}); with it, the demo also "
+              "publishes a better edge model as a signed release half-way through", file=sys.stderr)
+    elif args.update_model is not None:
+        fleet = DemoFleet(workdir / "fleet", DEVICE, args.update_model, f"127.0.0.1:{gw_port}")
     gateway = ServiceProcess("cloud-gateway", [
         "--model-repository", str(args.repository), "--listen", f"127.0.0.1:{gw_port}",
         "--store", str(workdir / "hard-examples.db"), "--added-latency-ms", str(args.wan_ms)],
@@ -136,15 +221,29 @@ def run_demo(args: argparse.Namespace) -> int:
         "--model", str(args.edge_model), "--listen", f"127.0.0.1:{agent_port}",
         "--cloud", f"127.0.0.1:{gw_port}", "--cloud-model", CLOUD_MODEL,
         "--deadline-ms", str(args.deadline_ms), "--max-per-s", "1000",
-        "--state-dir", str(workdir / "agent-state"), "--device-id", "demo-line-1"],
+        "--state-dir", str(workdir / "agent-state"), "--device-id", DEVICE,
+        "--metrics-listen", f"127.0.0.1:{free_loopback_port()}", *(fleet.agent_flags() if fleet else [])],
         agent_port, workdir / "agent.log")
-    with gateway, agent, KServeClient(f"127.0.0.1:{agent_port}") as edge_client, \
-            KServeClient(f"127.0.0.1:{gw_port}") as cloud_client:
+    with ExitStack() as stack:
+        if fleet is not None:
+            stack.enter_context(fleet)
+        stack.enter_context(gateway)
+        stack.enter_context(agent)
+        edge_client = stack.enter_context(KServeClient(f"127.0.0.1:{agent_port}"))
+        cloud_client = stack.enter_context(KServeClient(f"127.0.0.1:{gw_port}"))
         model = served_name(args.edge_model)
-        cascade = stream(edge_client, model, images, labels, "cascade")
         edge = stream(edge_client, model, images, labels, "edge-only", {"edgecloud.escalate": "never"})
         cloud = stream(cloud_client, CLOUD_MODEL, images, labels, "cloud-only")
-    summary = summarize(edge, cloud, cascade)
+        if fleet is None:
+            cascade, during = stream(edge_client, model, images, labels, "cascade"), None
+        else:  # the first half on v1; the release; requests go on until it settles; the second half
+            half = args.n // 2
+            cascade = stream(edge_client, model, images[:half], labels[:half], "cascade")
+            fleet.publish_in_background()
+            during = stream(edge_client, model, images[half:], labels[half:], "during-update",
+                            until=fleet.settled_or_timed_out(UPDATE_TIMEOUT_S))
+            stream(edge_client, model, images[half:], labels[half:], "cascade", run=cascade)
+    summary = summarize(edge, cloud, cascade, during, fleet.outcome if fleet else None)
     print(format_table(summary, args.wan_ms))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -158,6 +257,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wan-ms", type=int, default=30, help="emulated WAN delay at the cloud (default 30)")
     p.add_argument("--deadline-ms", type=int, default=300, help="agent's escalation deadline")
     p.add_argument("--edge-model", type=Path, default=EDGE_MODEL)
+    p.add_argument("--update-model", type=Path, default=EDGE_MODEL_V2,
+                   help="edge model published as a signed release half-way (needs mosquitto)")
+    p.add_argument("--no-update", dest="update_model", action="store_const", const=None,
+                   help="skip the update part")
     p.add_argument("--repository", type=Path, default=CLOUD_REPOSITORY)
     p.add_argument("--workdir", type=Path, help="where logs and state go (default: a new temp dir)")
     p.add_argument("--json", type=Path, help="also write the summary as JSON here")

@@ -28,7 +28,7 @@ from tests.support.services import Client, GatewayCloud, start_agent
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from tests.broker import Broker
+    from edgecloud.broker import LocalBroker
 
 TOPICS = FleetTopics(FLEET)
 X = np.random.default_rng(9).standard_normal((4, 8)).astype(np.float32)
@@ -70,7 +70,7 @@ def test_telemetry_is_deduplicated_by_seq_and_gaps_are_counted() -> None:
     assert value("edgecloud_device_requests_total", "cam-2") == 0
 
 
-def test_gateway_collects_per_device_metrics_from_real_agents(broker: Broker, tmp_path: Path) -> None:
+def test_gateway_collects_per_device_metrics_from_real_agents(broker: LocalBroker, tmp_path: Path) -> None:
     edge = linear_classifier(tmp_path / "edge.onnx", card={"name": "clf", "version": 3})
     cloud = GatewayCloud(tmp_path / "cloud", linear_classifier(tmp_path / "cloud.onnx", seed=1), "clf",
                          collector={"fleet": FLEET, "mqtt": mqtt_section(broker)},
@@ -114,7 +114,7 @@ def test_gateway_collects_per_device_metrics_from_real_agents(broker: Broker, tm
         cloud.stop()
 
 
-def test_collect_mode_serves_metrics_without_a_model_repository(broker: Broker) -> None:
+def test_collect_mode_serves_metrics_without_a_model_repository(broker: LocalBroker) -> None:
     port = free_port()
     args = ["collect", "--collect-mqtt", f"{broker.host}:{broker.port}", "--collect-fleet", FLEET,
             "--metrics-listen", f"127.0.0.1:{port}"]

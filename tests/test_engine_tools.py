@@ -261,10 +261,7 @@ def test_ort_tensorrt_ep_options_plug_into_the_onnxruntime_backend(tmp_path):
 
 
 @pytest.fixture
-def edgecloud_main(monkeypatch):
-    """``edgecloud`` with the engine commands registered, as the lead wires them in edgecloud/cli.py."""
-    if "edgecloud.engine.cli" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "edgecloud.engine.cli"))
+def edgecloud_main():
     return cli.main
 
 

@@ -29,17 +29,11 @@ from edgecloud.release import Envelope, utc_now, verify_envelope
 from edgecloud.signing import TrustStore, key_id, load_public_key
 
 if TYPE_CHECKING:
-    from tests.broker import Broker
+    from edgecloud.broker import LocalBroker
 
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "protos/schemas/release.schema.json").read_text())
 TOPICS = FleetTopics("plant-1")
-
-
-@pytest.fixture(autouse=True)
-def commands(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CLI with this package's command modules, however edgecloud.cli lists them today."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("edgecloud.fleet.keys_cli", "edgecloud.fleet.publish"))
 
 
 @pytest.fixture
@@ -70,7 +64,7 @@ def model(tmp_path: Path) -> Path:
     return path
 
 
-def retained(broker: Broker, topic: str) -> Message:
+def retained(broker: LocalBroker, topic: str) -> Message:
     """The retained message on ``topic``, as a device subscribing now would get it."""
     got: list[Message] = []
     with MqttClient(broker.mqtt_config(), on_message=got.append) as client:
@@ -83,7 +77,7 @@ def retained(broker: Broker, topic: str) -> Message:
     return got[0]
 
 
-def broker_args(broker: Broker) -> list[str]:
+def broker_args(broker: LocalBroker) -> list[str]:
     return ["--mqtt", f"127.0.0.1:{broker.port}", "--fleet", "plant-1"]
 
 

@@ -33,7 +33,7 @@ from edgecloud.mqtt.topics import FleetTopics, Topic, TopicKind, Wildcard
 from tests.support.net import free_port, wait_for
 
 if TYPE_CHECKING:
-    from tests.broker import Broker
+    from edgecloud.broker import LocalBroker
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +169,7 @@ def test_config_hides_the_password_and_names_bad_keys() -> None:
 
 
 # -- against mosquitto ----------------------------------------------------------------------------------
-def test_connect_receive_and_retained_birth(broker: Broker) -> None:
+def test_connect_receive_and_retained_birth(broker: LocalBroker) -> None:
     inbox = Inbox()
     device = MqttClient(broker.mqtt_config(client_id="d1"), on_message=inbox,
                         birth=lambda: status("d1", "online"), will=lambda: status("d1", "offline"))
@@ -191,7 +191,7 @@ def test_connect_receive_and_retained_birth(broker: Broker) -> None:
         jsonschema.validate(birth.json(), schema("status"))
 
 
-def test_reconnects_and_resubscribes_after_a_broker_restart(broker: Broker) -> None:
+def test_reconnects_and_resubscribes_after_a_broker_restart(broker: LocalBroker) -> None:
     inbox, states = Inbox(), []
     births = []
 
@@ -262,7 +262,7 @@ def test_no_broker_times_out_with_the_cause() -> None:
     assert client.state is ConnectionState.DISCONNECTED
 
 
-def test_publish_not_acknowledged_in_time_raises(broker: Broker) -> None:
+def test_publish_not_acknowledged_in_time_raises(broker: LocalBroker) -> None:
     with MqttClient(broker.mqtt_config()) as client:
         client.wait_connected(5)
         broker.pause()
@@ -292,7 +292,7 @@ _KILLED_DEVICE = textwrap.dedent("""
 """)
 
 
-def test_last_will_is_delivered_when_the_client_is_killed(broker: Broker) -> None:
+def test_last_will_is_delivered_when_the_client_is_killed(broker: LocalBroker) -> None:
     inbox = Inbox()
     with MqttClient(broker.mqtt_config(), on_message=inbox) as watcher:
         watcher.wait_connected(5)
@@ -310,7 +310,7 @@ def test_last_will_is_delivered_when_the_client_is_killed(broker: Broker) -> Non
     jsonschema.validate(will.json(), schema("status"))
 
 
-def test_close_publishes_the_goodbye_and_the_broker_drops_the_will(broker: Broker) -> None:
+def test_close_publishes_the_goodbye_and_the_broker_drops_the_will(broker: LocalBroker) -> None:
     inbox = Inbox()
     with MqttClient(broker.mqtt_config(), on_message=inbox) as watcher:
         watcher.wait_connected(5)
@@ -327,7 +327,7 @@ def test_close_publishes_the_goodbye_and_the_broker_drops_the_will(broker: Broke
     assert device.state is ConnectionState.DISCONNECTED
 
 
-def test_persistent_session_keeps_messages_across_a_broker_restart(broker: Broker) -> None:
+def test_persistent_session_keeps_messages_across_a_broker_restart(broker: LocalBroker) -> None:
     collector = broker.mqtt_config(client_id="collector", session_expiry_s=300)
     first = MqttClient(collector).start()
     first.wait_connected(5)

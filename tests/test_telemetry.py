@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
-    from tests.broker import Broker
+    from edgecloud.broker import LocalBroker
 
 TOPICS = FleetTopics(FLEET)
 X = np.random.default_rng(3).standard_normal((4, 8)).astype(np.float32)
@@ -36,7 +36,7 @@ def model(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def recorder(broker: Broker) -> Iterator[Recorder]:
+def recorder(broker: LocalBroker) -> Iterator[Recorder]:
     """Every status, telemetry and event message of device d1, from before any agent starts."""
     recorder = Recorder()
     with MqttClient(broker.mqtt_config(), on_message=recorder) as watcher:
@@ -166,7 +166,7 @@ def test_circuit_changes_are_events_and_telemetry_says_open(broker, recorder, mo
                                                                  {"from": "closed", "to": "open"})
 
 
-def agent_process(tmp_path: Path, device: str, broker: Broker, model: Path) -> ServiceProcess:
+def agent_process(tmp_path: Path, device: str, broker: LocalBroker, model: Path) -> ServiceProcess:
     port = free_port()
     config = tmp_path / f"{device}.toml"
     config.write_text(f'[agent]\ndevice_id = "{device}"\nlisten = "127.0.0.1:{port}"\n'

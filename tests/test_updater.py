@@ -41,7 +41,7 @@ from tests.test_artifacts import CHUNK
 from tests.test_artifacts import Gateway as StallingGateway
 
 if TYPE_CHECKING:
-    from tests.broker import Broker
+    from edgecloud.broker import LocalBroker
 
 GROUP, NAME = "line-a", "inspection"
 TOPICS = FleetTopics(FLEET)
@@ -93,7 +93,7 @@ class Key:
 class Watcher:
     """Every reported and event message of the fleet, schema-checked on arrival; tests wait on it."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: LocalBroker) -> None:
         self._lock = threading.Lock()
         self.messages: list[tuple[TopicKind, str, dict]] = []
         self.invalid: list[str] = []
@@ -153,7 +153,7 @@ class Watcher:
 class Fleet:
     """A broker, a gateway holding the releases, a signing key, the base model (v1) and agents."""
 
-    def __init__(self, broker: Broker, root: Path) -> None:
+    def __init__(self, broker: LocalBroker, root: Path) -> None:
         self.broker, self.root = broker, root
         self.key = self.new_key("release")
         self.base = linear_classifier(root / "models" / "v1" / "inspection.onnx", seed=0,
@@ -245,7 +245,7 @@ def toml(sections: dict[str, Any]) -> str:
 
 
 @pytest.fixture
-def fleet(broker: Broker, tmp_path: Path) -> Iterator[Fleet]:
+def fleet(broker: LocalBroker, tmp_path: Path) -> Iterator[Fleet]:
     fleet = Fleet(broker, tmp_path)
     yield fleet
     fleet.close()

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgecloud.mqtt.client import Message
 
 if TYPE_CHECKING:
-    from tests.broker import Broker
+    from edgecloud.broker import LocalBroker
 
 ROOT = Path(__file__).resolve().parents[2]
 FLEET = "plant-1"
@@ -24,13 +24,13 @@ def schema(name: str) -> dict[str, Any]:
     return json.loads((ROOT / "protos" / "schemas" / f"{name}.schema.json").read_text())
 
 
-def mqtt_section(broker: Broker) -> dict[str, Any]:
+def mqtt_section(broker: LocalBroker) -> dict[str, Any]:
     """``[mqtt]`` for ``broker`` with fast reconnects (tests wait on state, not on sleeps)."""
     return {"host": broker.host, "port": broker.port, "reconnect_min_delay_s": 0.1,
             "reconnect_max_delay_s": 0.5, "keepalive_s": 5}
 
 
-def fleet_sections(broker: Broker, interval_s: float = 0.2, **telemetry: Any) -> dict[str, Any]:
+def fleet_sections(broker: LocalBroker, interval_s: float = 0.2, **telemetry: Any) -> dict[str, Any]:
     """Agent config sections that join ``FLEET`` on ``broker`` and report every ``interval_s``."""
     return {"mqtt": mqtt_section(broker), "fleet": {"name": FLEET},
             "telemetry": {"interval_s": interval_s, **telemetry}}

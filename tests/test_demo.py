@@ -1,0 +1,65 @@
+"""``edgecloud demo`` as a user runs it: a real gateway, agent and mosquitto on loopback, the committed
+models, a short stream; the summary it prints and writes must tell the truth about what happened."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgecloud.broker import mosquitto_path
+from edgecloud.demo import EDGE_MODEL_V2
+from edgecloud.modelcard import file_digest, read_card
+
+N = 60
+
+
+def run_demo(tmp_path: Path, *flags: str) -> tuple[dict, str]:
+    out = tmp_path / "summary.json"
+    proc = subprocess.run([sys.executable, "-m", "edgecloud.cli", "demo", "--n", str(N), "--wan-ms", "5",
+                           "--workdir", str(tmp_path / "work"), "--json", str(out), *flags],
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def check_inference_part(summary: dict) -> None:
+    assert summary["images"] == N
+    assert summary["failed_requests"] == 0
+    acc = summary["accuracy"]
+    # The committed models score 95 % (edge) and 99 % (cloud) on 5000 held-out images; 60 of the same
+    # split leave room for chance, not for a broken path (which would sit near 25 %).
+    assert acc["edge_only"] >= 0.8 and acc["cloud_only"] >= 0.9 and acc["cascade"] >= 0.9
+    assert summary["degraded"] == 0
+    assert summary["latency_ms"]["cloud_only_mean"] >= 5  # the emulated WAN is on the cloud path
+
+
+@pytest.mark.skipif(mosquitto_path() is None, reason="the update part needs mosquitto")
+def test_demo_swaps_to_the_signed_v2_release_without_failed_requests(tmp_path: Path) -> None:
+    summary, table = run_demo(tmp_path)
+    check_inference_part(summary)
+    update = summary["update"]
+    assert update["publish_error"] is None
+    assert update["state"] == "active", update
+    assert update["version"] == 2
+    assert update["before"]["version"] == "1" and update["before"]["images"] >= N // 2
+    assert update["after"]["version"] == "2" and update["after"]["images"] > 0
+    assert update["before"]["images"] + update["after"]["images"] == N
+    assert update["during"]["answered"] > 0
+    assert update["failed_requests"] == 0
+    assert "signed release v2 published half-way through the cascade stream: active" in table
+    # The device persisted v2 as its active model: the file it serves is the committed v2, byte for byte.
+    state_dir = tmp_path / "work" / "agent-state"
+    active = json.loads((state_dir / "update" / "state.json").read_text())["active"]
+    assert active["version"] == 2
+    assert file_digest(state_dir / active["path"])[1] == read_card(EDGE_MODEL_V2)["sha256"]
+
+
+def test_demo_without_the_update_part(tmp_path: Path) -> None:
+    summary, table = run_demo(tmp_path, "--no-update")
+    check_inference_part(summary)
+    assert "update" not in summary and "signed release" not in table
+    assert not (tmp_path / "work" / "fleet").exists()
