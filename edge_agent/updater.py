@@ -67,6 +67,7 @@ from edgecloud.release import (
     Reason,
     ReleasePayload,
     ReleaseRejected,
+    RollbackReason,
     check_size,
     check_version,
     format_time,
@@ -86,7 +87,6 @@ RETRY_MAX_S = 60.0
 STOP_JOIN_S = 10.0
 CONNECT_WAIT_S = 10.0
 REASON_MAX_CHARS = 400
-CRASH_LOOP = "crash_loop"
 
 
 class _Stopping(Exception):
@@ -283,7 +283,7 @@ class Updater:
         if startup.rolled_back:
             release = startup.rolled_back
             self._enter(release.model, release.version, "rolled_back",
-                        reason=f"{CRASH_LOOP}: restarted during the watch window")
+                        reason=f"{RollbackReason.CRASH_LOOP.value}: restarted during the watch window")
 
     def _handle(self, raw: bytes) -> bool:
         """Handle one desired message; True when it failed for a passing reason (retry later)."""

@@ -20,6 +20,7 @@ import numpy as np
 from edge_agent.model import EdgeModel
 from edgecloud.backends.base import Backend
 from edgecloud.errors import InvalidInput
+from edgecloud.release import RollbackReason
 from edgecloud.tensors import TensorSpec
 
 #: run times kept per model for its p50
@@ -128,11 +129,13 @@ def regression(previous: Figures, new: Figures, max_error_rate: float, max_laten
     baseline = previous.error_rate if previous.calls >= min_calls else 0.0
     allowed = max(max_error_rate, baseline)
     if new.error_rate > allowed:
-        return (f"error_rate: {new.errors} of {new.calls} calls failed ({new.error_rate:.1%}); "
+        return (f"{RollbackReason.ERROR_RATE.value}: {new.errors} of {new.calls} calls failed "
+                f"({new.error_rate:.1%}); "
                 f"allowed {allowed:.1%}")
     if (previous.calls >= min_calls and previous.p50_ms and new.p50_ms is not None
             and new.p50_ms > max_latency_factor * previous.p50_ms
             and new.p50_ms - previous.p50_ms >= LATENCY_FLOOR_MS):
-        return (f"latency: p50 {new.p50_ms:.3f} ms vs {previous.p50_ms:.3f} ms of the previous model "
+        return (f"{RollbackReason.LATENCY.value}: p50 {new.p50_ms:.3f} ms vs {previous.p50_ms:.3f} ms "
+                f"of the previous model "
                 f"(x{new.p50_ms / previous.p50_ms:.1f}, allowed x{max_latency_factor:g})")
     return None

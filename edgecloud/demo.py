@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -213,8 +214,11 @@ def run_demo(args: argparse.Namespace) -> int:
               "publishes a better edge model as a signed release half-way through", file=sys.stderr)
     elif args.update_model is not None:
         fleet = DemoFleet(workdir / "fleet", DEVICE, args.update_model, f"127.0.0.1:{gw_port}")
+    # The gateway keeps uploaded releases in its repository: give it a copy, not the checkout's models.
+    repository = shutil.copytree(args.repository, workdir / "repository",
+                                 ignore=shutil.ignore_patterns(".releases"))
     gateway = ServiceProcess("cloud-gateway", [
-        "--model-repository", str(args.repository), "--listen", f"127.0.0.1:{gw_port}",
+        "--model-repository", str(repository), "--listen", f"127.0.0.1:{gw_port}",
         "--store", str(workdir / "hard-examples.db"), "--added-latency-ms", str(args.wan_ms)],
         gw_port, workdir / "gateway.log")
     agent = ServiceProcess("edge-agent", [

@@ -52,6 +52,14 @@ class Reason(str, Enum):
     CONTRACT_MISMATCH = "contract_mismatch"
 
 
+class RollbackReason(str, Enum):
+    """Why an active release was rolled back: the code reported with ``rolled_back``."""
+
+    ERROR_RATE = "error_rate"
+    LATENCY = "latency"
+    CRASH_LOOP = "crash_loop"  # the agent restarted while watching the release
+
+
 class ReleaseRejected(EdgecloudError):
     """A release, or its artifact, is refused; ``reason`` is the code, ``detail`` says what exactly."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgecloud.broker import mosquitto_path
-from edgecloud.demo import EDGE_MODEL_V2
+from edgecloud.demo import CLOUD_REPOSITORY, EDGE_MODEL_V2
 from edgecloud.modelcard import file_digest, read_card
 
 N = 60
@@ -51,6 +51,7 @@ def test_demo_swaps_to_the_signed_v2_release_without_failed_requests(tmp_path: P
     assert update["during"]["answered"] > 0
     assert update["failed_requests"] == 0
     assert "signed release v2 published half-way through the cascade stream: active" in table
+    assert not (CLOUD_REPOSITORY / ".releases").exists(), "the demo wrote into the committed models"
     # The device persisted v2 as its active model: the file it serves is the committed v2, byte for byte.
     state_dir = tmp_path / "work" / "agent-state"
     active = json.loads((state_dir / "update" / "state.json").read_text())["active"]
