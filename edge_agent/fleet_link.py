@@ -76,6 +76,14 @@ class FleetLink:
         """QoS 1 publish; raises NotConnected / MqttTimeout for the caller to buffer or log."""
         self.client.publish(topic, payload, qos=1, retain=retain, timeout=timeout)
 
+    def announce(self) -> None:
+        """Re-publish the retained ``online`` status: the served model changed since the birth message."""
+        status = self._status("online")
+        try:
+            self.publish(status.topic, status.payload, retain=True)
+        except MqttError as e:  # the next connect's birth message carries it
+            log.warning("event=fleet_status_not_sent error=%r", str(e))
+
     def event(self, event_type: str, severity: str = "info", **data: Any) -> None:
         """Publish an event; events are best effort (logged when the broker is away)."""
         try:

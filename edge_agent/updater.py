@@ -482,6 +482,8 @@ class Updater:
                          state=state, progress=progress, reason=reason,
                          active_version=as_int_version(self.slot.model.version))
         self._report(model, version, state, progress, reason)
+        if state in ("active", "rolled_back"):  # the served model changed
+            self.fleet.announce()
 
     def _report(self, model: str, version: int, state: str, progress: float | None = None,
                 reason: str | None = None) -> None:

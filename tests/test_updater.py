@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 
 GROUP, NAME = "line-a", "inspection"
 TOPICS = FleetTopics(FLEET)
-SCHEMA = {TopicKind.REPORTED: schema("reported"), TopicKind.EVENTS: schema("events")}
+SCHEMA = {TopicKind.REPORTED: schema("reported"), TopicKind.EVENTS: schema("events"),
+          TopicKind.STATUS: schema("status")}
 X = np.linspace(-1, 1, 8, dtype=np.float32).reshape(1, 8)
 
 
@@ -120,6 +121,11 @@ class Watcher:
 
     def reports(self, device: str) -> list[dict]:
         return self.of(TopicKind.REPORTED, device)
+
+    def status_says(self, device: str, active_version: int) -> bool:
+        """Wait until the device's latest retained status names ``active_version``."""
+        return wait_for(lambda: (self.of(TopicKind.STATUS, device) or [{}])[-1].get("active_version")
+                        == active_version)
 
     def states(self, device: str, version: int) -> list[str]:
         """The states reported for ``version``, repeats (progress) collapsed."""
@@ -307,6 +313,7 @@ def test_group_moves_to_the_release_with_zero_failed_calls(fleet: Fleet, caplog)
         for device in devices:
             report = fleet.watcher.wait_report(device, "active", 2)
             assert report["active_version"] == 2
+            assert fleet.watcher.status_says(device, 2)  # the retained status follows the swap
         for load in loads:
             load.wait("2")  # answered by the new model, under the same load
     assert [load.failures for load in loads] == [[], [], []]
@@ -508,6 +515,7 @@ def test_release_failing_the_watch_window_is_rolled_back(fleet: Fleet) -> None:
         answered = load.versions["1"]
         load.wait("1", answered + 20)  # the previous model serves again
     assert report["reason"].startswith("error_rate: ") and report["active_version"] == 1
+    assert fleet.watcher.status_says("edge-1", 1)
     assert load.failures and load.versions["2"] == 0
     state = state_file(fleet, "edge-1")
     assert state["active"] is None and state["pending"] is None  # the configured model is back
