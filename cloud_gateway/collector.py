@@ -84,6 +84,8 @@ class FleetCollector(Collector):
         self.view = FleetView(fleet)
         self.telemetry: dict[str, DeviceTelemetry] = {}
         self._lock = threading.Lock()
+        if not mqtt.client_id and mqtt.session_expiry_s:  # a lasting session needs a stable id
+            mqtt = mqtt.model_copy(update={"client_id": f"edgecloud-collector-{fleet}"})
         self.client = MqttClient(mqtt, on_message=self.apply)
 
     def start(self) -> FleetCollector:

@@ -1,5 +1,5 @@
-"""``edgecloud``: the operator's tools. Each command group lives in its own module with a
-``register(subparsers)`` function; this file only lists them."""
+"""edgecloud: demo, benchmarks, model toolchain, TensorRT engines, hard examples, signing keys and
+fleet releases."""
 
 from __future__ import annotations
 

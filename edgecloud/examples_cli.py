@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edgecloud.errors import ConfigError, EdgecloudError
-from edgecloud.hard_examples import HardExampleStore
+from edgecloud.hard_examples import HardExample, HardExampleStore, write_training_set
 
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -40,15 +40,21 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    if not args.store.is_file():
-        raise ConfigError(f"--store {args.store}: no such store (the gateway's [store] path)")
+    for store in args.store:
+        if not store.is_file():
+            raise ConfigError(f"--store {store}: no such store (the gateway's [store] path)")
     since = parse_since(args.since) if args.since else None
+    examples: dict[tuple[str, int], HardExample] = {}
     try:
-        with HardExampleStore(args.store) as store:
-            count = store.export(args.out, since=since, reason=args.reason, model=args.model)
+        for path in args.store:  # one store per gateway replica; a row stored twice counts once
+            with HardExampleStore(path) as store:
+                for example in store.examples(since, args.reason, args.model):
+                    examples.setdefault((example.request_id, example.row), example)
+        rows = sorted(examples.values(), key=lambda e: e.created_at)
+        count = write_training_set(rows, args.out)
     except (OSError, sqlite3.Error) as e:
-        raise EdgecloudError(f"export from {args.store} to {args.out} failed: {e}") from e
-    print(f"exported {count} hard examples to {args.out}", file=sys.stderr)
+        raise EdgecloudError(f"export to {args.out} failed: {e}") from e
+    print(f"exported {count} hard examples from {len(args.store)} store(s) to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -58,7 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="examples_action", required=True, metavar="ACTION")
     e = actions.add_parser("export", help="write stored hard examples as a training set (.npz)",
                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("--store", type=Path, required=True, help="the gateway's hard-example store (SQLite)")
+    e.add_argument("--store", type=Path, required=True, action="append",
+                   help="a gateway's hard-example store (SQLite); repeat for every replica's store")
     e.add_argument("--out", type=Path, required=True, help="training set to write (.npz)")
     e.add_argument("--since", help="only rows stored since: RFC 3339 time or an age (12h, 7d)")
     e.add_argument("--reason", help="only rows sent for this reason: low_confidence, audit, forced")

@@ -173,20 +173,8 @@ class HardExampleStore:
 
     def export(self, path: Path, since: float | None = None, reason: str | None = None,
                model: str | None = None) -> int:
-        """Write the selected rows as a training set ``.npz`` (see :func:`training_arrays`); returns
-        the number of rows. The file is replaced atomically."""
-        examples = list(self.examples(since, reason, model))
-        arrays = training_arrays(examples)
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **arrays)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        log.info("event=hard_examples_exported rows=%d path=%s", len(examples), path)
-        return len(examples)
+        """Write the selected rows as a training set ``.npz`` (see :func:`write_training_set`)."""
+        return write_training_set(list(self.examples(since, reason, model)), path)
 
     def close(self) -> None:
         """Close the connection; safe to call twice."""
@@ -240,3 +228,19 @@ def _stack(examples: list[HardExample], kind: str, name: str) -> np.ndarray:
     except (KeyError, ValueError) as e:
         raise EdgecloudError(f"{kind} {name!r} differs in presence or shape between stored rows ({e}); "
                          "export one cloud model at a time (--model)") from None
+
+
+def write_training_set(examples: list[HardExample], path: Path) -> int:
+    """Write ``examples`` as a training set ``.npz`` (see :func:`training_arrays`), replacing the file
+    atomically; returns the number of rows."""
+    arrays = training_arrays(examples)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("event=hard_examples_exported rows=%d path=%s", len(examples), path)
+    return len(examples)

@@ -18,37 +18,40 @@ def _docs():
     return docs
 
 
-def test_deployment_has_grpc_health_probes_and_volumes():
+def test_gateway_has_grpc_health_probes_and_volumes():
     docs = _docs()
-    deployment = docs[("Deployment", "cloud-gateway")]
-    spec = deployment["spec"]["template"]["spec"]
+    gateway = docs[("StatefulSet", "cloud-gateway")]
+    spec = gateway["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert container["readinessProbe"]["grpc"]["port"] == ports["grpc"]
     assert container["livenessProbe"]["grpc"]["port"] == ports["grpc"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
-    assert set(mounts) <= set(volumes)
+    per_replica = {t["metadata"]["name"] for t in gateway["spec"]["volumeClaimTemplates"]}
+    assert set(mounts) <= set(volumes) | per_replica
+    assert per_replica == {"store"}  # each replica its own SQLite store, never a shared file
     claims = {v["persistentVolumeClaim"]["claimName"] for v in volumes.values()
               if "persistentVolumeClaim" in v}
     assert {("PersistentVolumeClaim", c) for c in claims} <= set(docs)
     assert mounts["models"] == "/models" and mounts["store"] == "/var/lib/edgecloud"
     assert spec["securityContext"]["runAsNonRoot"] is True
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= (
-        deployment["spec"]["template"]["metadata"]["labels"].items())
+    assert gateway["spec"]["selector"]["matchLabels"].items() <= (
+        gateway["spec"]["template"]["metadata"]["labels"].items())
 
 
-def test_service_and_hpa_point_at_the_deployment():
+def test_service_and_hpa_point_at_the_gateway():
     docs = _docs()
-    deployment = docs[("Deployment", "cloud-gateway")]
+    gateway = docs[("StatefulSet", "cloud-gateway")]
     service = docs[("Service", "cloud-gateway")]
-    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    labels = gateway["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     assert service["spec"]["clusterIP"] == "None"  # per-call gRPC balancing across replicas
     grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
     assert grpc_port["appProtocol"] == "grpc"
     hpa = docs[("HorizontalPodAutoscaler", "cloud-gateway")]
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+    assert gateway["spec"]["serviceName"] == service["metadata"]["name"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
                                              "name": "cloud-gateway"}
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
 

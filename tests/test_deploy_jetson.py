@@ -147,7 +147,7 @@ def test_systemd_analyze_verifies_the_rendered_unit(tmp_path):
 def test_example_config_for_a_jetson():
     config = read_toml(DEPLOY / "agent.toml")
     build(AgentConfig, config, "deploy/jetson/agent.toml")  # the agent accepts it as it is
-    assert set(config) == {"agent", "model", "cloud", "cascade"}
+    assert set(config) == {"agent", "model", "cloud", "cascade", "mqtt", "fleet"}
     assert {"device_id", "listen"} <= set(config["agent"])
     assert config["agent"]["listen"].startswith("127.0.0.1:")
     assert config["model"]["backend"] == "tensorrt"
@@ -155,7 +155,10 @@ def test_example_config_for_a_jetson():
     assert path.parent == Path("/var/lib/edge-agent/models") and path.suffix == ".plan"
     assert {"target", "model", "tls"} <= set(config["cloud"])
     assert {"ca", "cert", "key"} <= set(config["cloud"]["tls"])
-    assert {"policy", "threshold", "temperature", "score_output", "scores"} <= set(config["cascade"])
+    # calibration is left to the release and the model card: a value here would override every release
+    assert not {"policy", "threshold", "temperature"} & set(config["cascade"])
+    assert config["mqtt"]["port"] == 8883 and {"ca", "cert", "key"} <= set(config["mqtt"]["tls"])
+    assert config["fleet"]["trusted_keys"]
     assert config["cloud"]["deadline_ms"] > 0
 
 

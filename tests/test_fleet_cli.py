@@ -201,7 +201,7 @@ def test_status_table_from_retained_topics(broker, capsys) -> None:
                                                         reason="sha256_mismatch")),
         ]:
             device.publish(topic, body, retain=True)
-    assert cli.main(["fleet", "status", *broker_args(broker), "--listen", "0.3"]) == 0
+    assert cli.main(["fleet", "status", *broker_args(broker), "--wait", "0.3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:5] == ["DEVICE", "ONLINE", "MODEL", "ACTIVE", "UPDATE"]
     assert lines[1].split()[:6] == ["cam-1", "yes", "inspection", "4", "active", "v4"]

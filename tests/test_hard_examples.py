@@ -142,3 +142,14 @@ def test_export_of_an_empty_selection_and_bad_arguments(tmp_path):
         run_cli("examples", "export", "--store", str(db), "--out", str(out), "--since", "last tuesday")
     with pytest.raises(ConfigError, match="no such store"):
         run_cli("examples", "export", "--store", str(tmp_path / "missing.db"), "--out", str(out))
+
+
+def test_export_merges_the_stores_of_several_gateway_replicas(tmp_path):
+    one, two, out = tmp_path / "replica-0.db", tmp_path / "replica-1.db", tmp_path / "train.npz"
+    now = time.time()
+    with HardExampleStore(one) as store:
+        store.add([example("a", 0, created_at=now - 30), example("c", 0, created_at=now - 10)])
+    with HardExampleStore(two) as store:  # "a" again: a replay that reached another replica
+        store.add([example("b", 1, created_at=now - 20), example("a", 0, created_at=now - 5)])
+    assert run_cli("examples", "export", "--store", str(one), "--store", str(two), "--out", str(out)) == 0
+    assert list(zip(np.load(out)["request_id"], np.load(out)["row"])) == [("a", 0), ("b", 1), ("c", 0)]

@@ -215,7 +215,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                 description="Listen to status, reported and telemetry topics "
                                             "and print a table.")
     _mqtt_arguments(status)
-    status.add_argument("--listen", type=float, default=2.0, metavar="SECONDS",
+    status.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
                         help="how long to collect messages (default 2)")
     status.set_defaults(func=run_status)
 
@@ -307,7 +307,7 @@ def run_publish(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    rows = collect(mqtt_config_from_args(args), args.fleet, listen_s=args.listen,
+    rows = collect(mqtt_config_from_args(args), args.fleet, listen_s=args.wait,
                    connect_timeout_s=args.timeout)
     print(render_table(rows) if rows else f"no devices have reported in fleet {args.fleet}")
     return 0
