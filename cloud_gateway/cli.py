@@ -15,14 +15,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 from cloud_gateway.config import DEFAULT_LISTEN, GatewayConfig
 from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.server import Gateway
 from edgecloud import __version__
-from edgecloud.config import build, merge, read_toml
-from edgecloud.endpoint import parse_endpoint
+from edgecloud.config import build, file_and_flags, host_port, merge
 from edgecloud.errors import ConfigError, EdgecloudError
 from edgecloud.logs import setup_logging
 
@@ -61,18 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(args: argparse.Namespace) -> GatewayConfig:
     """Config file merged under the flags, validated; errors name the key."""
-    data: dict[str, Any] = read_toml(args.config) if args.config else {}
-    overrides: dict[str, dict[str, Any]] = {}
-    for dest, (section, key) in FLAG_KEYS.items():
-        value = getattr(args, dest)
-        if value is not None:
-            overrides.setdefault(section, {})[key] = value
+    data, overrides = file_and_flags(args, FLAG_KEYS)
     if args.collect_mqtt:
-        try:
-            endpoint = parse_endpoint(args.collect_mqtt)
-        except ValueError as e:
-            raise ConfigError(f"--collect-mqtt: {e}") from None
-        overrides.setdefault("collector", {})["mqtt"] = {"host": endpoint.host, "port": endpoint.port}
+        overrides.setdefault("collector", {})["mqtt"] = host_port("--collect-mqtt", args.collect_mqtt)
     return build(GatewayConfig, merge(data, overrides), str(args.config or "flags"))
 
 

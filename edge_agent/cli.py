@@ -8,14 +8,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 from edge_agent import systemd
 from edge_agent.config import AgentConfig
 from edge_agent.server import EdgeAgent
 from edgecloud import __version__
-from edgecloud.config import build, merge, read_toml
-from edgecloud.endpoint import parse_endpoint
+from edgecloud.config import build, file_and_flags, host_port, merge
 from edgecloud.errors import ConfigError, EdgecloudError
 from edgecloud.logs import setup_logging
 
@@ -67,18 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(args: argparse.Namespace) -> AgentConfig:
     """Config file merged under the flags, validated; errors name the key."""
-    data: dict[str, Any] = read_toml(args.config) if args.config else {}
-    overrides: dict[str, dict[str, Any]] = {}
-    for dest, (section, key) in FLAG_KEYS.items():
-        value = getattr(args, dest)
-        if value is not None:
-            overrides.setdefault(section, {})[key] = value
+    data, overrides = file_and_flags(args, FLAG_KEYS)
     if args.mqtt:
-        try:
-            endpoint = parse_endpoint(args.mqtt)
-        except ValueError as e:
-            raise ConfigError(f"--mqtt: {e}") from None
-        overrides["mqtt"] = {"host": endpoint.host, "port": endpoint.port}
+        overrides["mqtt"] = host_port("--mqtt", args.mqtt)
     config = build(AgentConfig, merge(data, overrides), str(args.config or "flags"))
     if config.model.path is None:
         raise ConfigError("model.path: no model given (--model or [model] path)")

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -66,3 +67,24 @@ def build(model: type[S], data: dict[str, Any], source: str = "config") -> S:
             msg = "unknown key" if unknown else err["msg"]
             problems.append(f"{key}: {msg}")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def file_and_flags(args: Any, flag_keys: dict[str, tuple[str, str]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``--config`` file's data and the given flags as overrides, by ``flag_keys``
+    (argparse dest -> (section, key)); flags left unset do not override."""
+    data: dict[str, Any] = read_toml(args.config) if args.config else {}
+    overrides: dict[str, dict[str, Any]] = {}
+    for dest, (section, key) in flag_keys.items():
+        value = getattr(args, dest)
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    return data, overrides
+
+
+def host_port(flag: str, value: str) -> dict[str, Any]:
+    """A ``HOST:PORT`` flag as ``{"host", "port"}`` keys of a section; ConfigError naming the flag."""
+    try:
+        endpoint = parse_endpoint(value)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+    return {"host": endpoint.host, "port": endpoint.port}
