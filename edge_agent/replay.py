@@ -33,13 +33,13 @@ class Replayer:
             item = self.spool.oldest()
             if item is None:
                 break
-            path, request = item
+            seq, request = item
             try:
                 self.link.ask(self.slot.model, request, self.timeout_s)
             except CloudError as e:
                 log.debug("event=replay_paused error=%r depth=%d", str(e), self.spool.depth())
                 break
-            self.spool.remove(path)
+            self.spool.remove(seq)
             sent += 1
             log.info("event=replayed request_id=%s rows=%d", request.id,
                      next(iter(request.inputs.values())).shape[0])

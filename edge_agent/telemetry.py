@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge_agent.disk_queue import DiskQueue, atomic_write
 from edge_agent.fleet_link import FleetLink, as_int_version
-from edge_agent.spool import atomic_write
 from edge_agent.sysinfo import SystemMonitor
 from edgecloud.mqtt.client import ConnectionState, MqttError, MqttTimeout, NotConnected, encode_payload
 from edgecloud.release import format_time, utc_now
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-SUFFIX = ".json"
 #: how long one publish waits for the broker's PUBACK before the message is retried later
 PUBLISH_TIMEOUT_S = 5.0
 
@@ -77,79 +76,6 @@ class SeqCounter:
         return seq
 
 
-class TelemetryBuffer:
-    """Messages not yet acknowledged: one file per message, named by its seq, so the directory is the
-    queue and survives restarts. Beyond ``max_bytes`` the oldest are deleted and counted in ``dropped``."""
-
-    def __init__(self, directory: Path, max_bytes: int) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.max_bytes = max_bytes
-        self.dropped = 0
-        self._lock = threading.Lock()
-        for stale in self.directory.glob(".*.tmp"):  # left by a crash mid-write
-            stale.unlink(missing_ok=True)
-        self._sizes: dict[int, int] = {}  # seq → bytes, oldest first
-        for path in sorted(self.directory.glob(f"*{SUFFIX}")):
-            if path.stem.isdigit():
-                self._sizes[int(path.stem)] = path.stat().st_size
-        self._bytes = sum(self._sizes.values())
-        self._trim()
-
-    def _path(self, seq: int) -> Path:
-        return self.directory / f"{seq:020d}{SUFFIX}"
-
-    def depth(self) -> int:
-        with self._lock:
-            return len(self._sizes)
-
-    def highest(self) -> int | None:
-        with self._lock:
-            return next(reversed(self._sizes), None)
-
-    def put(self, seq: int, data: bytes) -> None:
-        """Keep a message (crash-safe); OSError when the disk refuses it."""
-        atomic_write(self._path(seq), data)
-        with self._lock:
-            self._sizes[seq] = len(data)
-            self._bytes += len(data)
-        self._trim()
-
-    def _trim(self) -> None:
-        with self._lock:
-            while self._bytes > self.max_bytes and self._sizes:
-                seq = next(iter(self._sizes))
-                self._forget(seq)
-                self.dropped += 1
-                log.warning("event=telemetry_dropped seq=%d reason=over_max_bytes max_bytes=%d", seq,
-                            self.max_bytes)
-
-    def _forget(self, seq: int) -> None:
-        self._bytes -= self._sizes.pop(seq)
-        self._path(seq).unlink(missing_ok=True)
-
-    def oldest(self) -> tuple[int, bytes] | None:
-        """The oldest readable message (an unreadable one is dropped, counted and logged)."""
-        while True:
-            with self._lock:
-                seq = next(iter(self._sizes), None)
-                if seq is None:
-                    return None
-                try:
-                    return seq, self._path(seq).read_bytes()
-                except OSError as e:
-                    log.error("event=telemetry_unreadable seq=%d error=%r", seq, str(e))
-                    self._forget(seq)
-                    self.dropped += 1
-
-    def remove(self, seq: int, *, dropped: bool = False) -> None:
-        """Forget a message: delivered, or ``dropped`` (counted) when it can never be."""
-        with self._lock:
-            if seq in self._sizes:
-                self._forget(seq)
-                self.dropped += dropped
-
-
 class Telemetry:
     """The agent's telemetry worker: builds, buffers and delivers messages and events on one thread."""
 
@@ -160,7 +86,7 @@ class Telemetry:
         self.interval_s = cfg.telemetry.interval_s
         self.topic = fleet.topics.telemetry(fleet.device)
         directory = Path(cfg.agent.state_dir) / "telemetry"
-        self.buffer = TelemetryBuffer(directory / "buffer", cfg.telemetry.buffer_max_bytes)
+        self.buffer = DiskQueue(directory / "buffer", cfg.telemetry.buffer_max_bytes, ".json", "telemetry")
         highest = self.buffer.highest()
         self.seq = SeqCounter(directory / "seq", floor=0 if highest is None else highest + 1)
         self.sent = 0

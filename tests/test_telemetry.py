@@ -10,7 +10,8 @@ import jsonschema
 import numpy as np
 import pytest
 
-from edge_agent.telemetry import TelemetryBuffer, system_figures
+from edge_agent.disk_queue import DiskQueue
+from edge_agent.telemetry import system_figures
 from edgecloud.mqtt.client import MqttClient
 from edgecloud.mqtt.payloads import event_payload
 from edgecloud.mqtt.topics import FleetTopics, TopicKind
@@ -123,13 +124,13 @@ def test_broker_restart_loses_no_telemetry_and_keeps_its_order(broker, model, tm
 
 def test_buffer_drops_the_oldest_beyond_its_bound_and_survives_a_restart(tmp_path) -> None:
     message = b"x" * 100
-    buffer = TelemetryBuffer(tmp_path, max_bytes=350)
+    buffer = DiskQueue(tmp_path, 350, ".json", "telemetry")
     for seq in range(5):
         buffer.put(seq, message)
     assert (buffer.depth(), buffer.dropped, buffer.oldest()) == (3, 2, (2, message))
     buffer.remove(2)
     (tmp_path / ".00000000000000000009.json.1.tmp").write_bytes(b"half")  # a crash mid-write
-    reopened = TelemetryBuffer(tmp_path, max_bytes=150)  # a smaller bound applies at once
+    reopened = DiskQueue(tmp_path, 150, ".json", "telemetry")  # a smaller bound applies at once
     assert (reopened.depth(), reopened.dropped, reopened.highest()) == (1, 1, 4)
     assert reopened.oldest() == (4, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000000000000000004.json"]
