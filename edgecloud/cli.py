@@ -1,5 +1,5 @@
-"""edgecloud: demo, benchmarks, model toolchain, TensorRT engines, hard examples, signing keys and
-fleet releases."""
+"""edgecloud: demo, benchmarks, model toolchain, TensorRT engines, hard examples, TLS certificates,
+signing keys and fleet releases."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from edgecloud.errors import ConfigError, EdgecloudError
 #: modules that add sub-commands, in the order they appear in --help
 COMMAND_MODULES: tuple[str, ...] = (
     "edgecloud.benchmark",
+    "edgecloud.certs",
     "edgecloud.demo",
     "edgecloud.examples_cli",
     "edgecloud.engine.cli",

@@ -73,6 +73,15 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
+def write_secret(path: Path, data: bytes) -> None:
+    """Write a private key: mode 0600 from the first byte (a missing directory is made 0700)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)  # also when an existing file had wider permissions
+        f.write(data)
+
+
 def write_keypair(prefix: Path, overwrite: bool = False) -> tuple[Path, Path, str]:
     """Create ``PREFIX.key`` (mode 0600) and ``PREFIX.pub`` (and a missing directory, mode 0700);
     returns both paths and the key id."""
@@ -83,13 +92,8 @@ def write_keypair(prefix: Path, overwrite: bool = False) -> tuple[Path, Path, st
         for path in (private_path, public_path):
             if path.exists():
                 raise ConfigError(f"{path} exists; refusing to overwrite a key (use --force)")
-    private_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = generate_key()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(private_path, flags, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)  # also when an existing file had wider permissions
-        f.write(private_key_pem(key))
+    write_secret(private_path, private_key_pem(key))
     public_path.write_bytes(public_key_pem(key.public_key()))
     return private_path, public_path, key_id(key.public_key())
 

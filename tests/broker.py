@@ -8,20 +8,15 @@ messages and persistent sessions. Tests skip with the reason when mosquitto is n
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from edgecloud.broker import HOST, INSTALL_HINT, BrokerTLS, LocalBroker, mosquitto_path
+from edgecloud.certs import issue, make_ca
 
 
 @dataclass(frozen=True)
@@ -29,50 +24,12 @@ class TLSFiles(BrokerTLS):
     other_ca: Path  # a CA that did not sign the broker's certificate
 
 
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-
-
-def _ca(name: str, directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False,
-                                         encipher_only=False, decipher_only=False), critical=True)
-            .sign(key, hashes.SHA256()))
-    path = directory / f"{name}.crt"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key, cert, path
-
-
 def make_tls_files(directory: Path) -> TLSFiles:
     """A test CA, a server certificate for 127.0.0.1 and localhost signed by it, and another CA."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_cert, ca_path = _ca("test-ca", directory)
-    _, _, other_path = _ca("other-ca", directory)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address(HOST))]),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    cert_path, key_path = directory / "server.crt", directory / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(key, key_path)
-    return TLSFiles(ca_path, cert_path, key_path, other_path)
+    ca = make_ca(directory / "ca", "test-ca")
+    server = issue(directory / "ca", directory / "server", "localhost", hosts=[HOST, "localhost"])
+    other = make_ca(directory / "other", "other-ca")
+    return TLSFiles(ca.cert, server.cert, server.key, other.cert)
 
 
 @pytest.fixture

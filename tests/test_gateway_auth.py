@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 
 import grpc
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from cloud_gateway import Gateway, gateway_config
 from cloud_gateway.auth import token_hash
 from edgecloud._generated.inference import grpc_service_pb2 as pb
+from edgecloud.certs import issue, make_ca
 from edgecloud.client import KServeClient
 from edgecloud.errors import ConfigError
 from edgecloud.protocol.codec import InferRequest, encode_request
@@ -82,39 +78,12 @@ def test_bad_tokens_file_is_a_config_error_naming_the_key(tmp_path, repo):
 
 # --- mutual TLS -------------------------------------------------------------------------------
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(subject: str, key, issuer: str, issuer_key, *, ca: bool = False, dns: str | None = None):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=1))
-               .not_valid_after(now + datetime.timedelta(hours=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if dns:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _pem(obj) -> bytes:
-    if isinstance(obj, x509.Certificate):
-        return obj.public_bytes(serialization.Encoding.PEM)
-    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
 @pytest.fixture
 def pki(tmp_path):
     """A CA, the gateway's certificate, and one device certificate (CN = its device id)."""
-    ca_key, server_key, device_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
-    ca = _cert("test-ca", ca_key, "test-ca", ca_key, ca=True)
-    files = {"ca.pem": _pem(ca), "server.key": _pem(server_key), "device.key": _pem(device_key),
-             "server.pem": _pem(_cert(SERVER_NAME, server_key, "test-ca", ca_key, dns=SERVER_NAME)),
-             "device.pem": _pem(_cert("press-9", device_key, "test-ca", ca_key))}
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
+    make_ca(tmp_path, "test-ca")
+    issue(tmp_path, tmp_path / "server", SERVER_NAME, hosts=[SERVER_NAME])
+    issue(tmp_path, tmp_path / "device", "press-9", client=True)
     return tmp_path
 
 
