@@ -30,11 +30,16 @@ from edgecloud.endpoint import free_loopback_port
 from edgecloud.mqtt.client import MqttConfig
 
 HOST = "127.0.0.1"
+MOSQUITTO_ENV = "EDGECLOUD_MOSQUITTO"
 INSTALL_HINT = "apt-get install -y mosquitto (Debian puts it in /usr/sbin)"
 
 
 def mosquitto_path() -> str | None:
-    """The mosquitto binary, looked for on PATH and where Debian installs it; None when absent."""
+    """The mosquitto binary: ``$EDGECLOUD_MOSQUITTO`` when set, else looked for on PATH and where
+    Debian installs it; None when absent."""
+    if MOSQUITTO_ENV in os.environ:
+        named = os.environ[MOSQUITTO_ENV]
+        return named if os.access(named, os.X_OK) else None
     for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
         if candidate and os.access(candidate, os.X_OK):
             return candidate

@@ -4,26 +4,28 @@ models, a short stream; the summary it prints and writes must tell the truth abo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from edgecloud.broker import mosquitto_path
+from edgecloud.broker import MOSQUITTO_ENV, mosquitto_path
 from edgecloud.demo import CLOUD_REPOSITORY, EDGE_MODEL_V2
 from edgecloud.modelcard import file_digest, read_card
 
 N = 60
 
 
-def run_demo(tmp_path: Path, *flags: str) -> tuple[dict, str]:
+def run_demo(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) -> tuple[dict, str, str]:
     out = tmp_path / "summary.json"
     proc = subprocess.run([sys.executable, "-m", "edgecloud.cli", "demo", "--n", str(N), "--wan-ms", "5",
                            "--workdir", str(tmp_path / "work"), "--json", str(out), *flags],
-                          capture_output=True, text=True, timeout=240, check=False)
+                          capture_output=True, text=True, timeout=240, check=False,
+                          env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text()), proc.stdout
+    return json.loads(out.read_text()), proc.stdout, proc.stderr
 
 
 def check_inference_part(summary: dict) -> None:
@@ -39,7 +41,7 @@ def check_inference_part(summary: dict) -> None:
 
 @pytest.mark.skipif(mosquitto_path() is None, reason="the update part needs mosquitto")
 def test_demo_swaps_to_the_signed_v2_release_without_failed_requests(tmp_path: Path) -> None:
-    summary, table = run_demo(tmp_path)
+    summary, table, _ = run_demo(tmp_path)
     check_inference_part(summary)
     update = summary["update"]
     assert update["publish_error"] is None
@@ -59,8 +61,17 @@ def test_demo_swaps_to_the_signed_v2_release_without_failed_requests(tmp_path: P
     assert file_digest(state_dir / active["path"])[1] == read_card(EDGE_MODEL_V2)["sha256"]
 
 
-def test_demo_without_the_update_part(tmp_path: Path) -> None:
-    summary, table = run_demo(tmp_path, "--no-update")
+@pytest.mark.parametrize("how", ["--no-update", "no mosquitto"])
+def test_demo_without_the_update_part(tmp_path: Path, how: str) -> None:
+    if how == "--no-update":
+        summary, table, log = run_demo(tmp_path, "--no-update")
+    else:
+        summary, table, log = run_demo(tmp_path, env={MOSQUITTO_ENV: str(tmp_path / "no-such-mosquitto")})
     check_inference_part(summary)
     assert "update" not in summary and "signed release" not in table
     assert not (tmp_path / "work" / "fleet").exists()
+    skipped = [line for line in log.splitlines() if line.startswith("update part skipped")]
+    if how == "--no-update":
+        assert skipped == []
+    else:  # one line that says how to get the update part
+        assert len(skipped) == 1 and "apt-get install" in skipped[0]
