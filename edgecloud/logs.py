@@ -4,19 +4,37 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+
+
+def utc_time(record: logging.LogRecord) -> str:
+    """RFC 3339 UTC with milliseconds and ``Z``."""
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(record.created))}.{int(record.msecs):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
     """Each record as one JSON object; the message keeps its ``key=value`` pairs."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + "Z",
+        entry = {"at": utc_time(record),
                  "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``at=… level=… logger=… <message>``; without ``at=`` under journald, which stamps each line."""
+
+    def __init__(self) -> None:
+        super().__init__("level=%(levelname)s logger=%(name)s %(message)s")
+        self.stamp = "JOURNAL_STREAM" not in os.environ
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return f"at={utc_time(record)} {line}" if self.stamp else line
 
 
 def setup_logging(level: str = "INFO", fmt: str = "kv") -> None:
@@ -25,6 +43,6 @@ def setup_logging(level: str = "INFO", fmt: str = "kv") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("level=%(levelname)s logger=%(name)s %(message)s"))
+        handler.setFormatter(KeyValueFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("grpc").setLevel(logging.WARNING)
