@@ -357,7 +357,7 @@ class Updater:
         try:
             check_name(payload.model)
         except ValueError as e:
-            raise ReleaseRejected(Reason.BAD_URI, str(e)) from None
+            raise ReleaseRejected(Reason.BAD_NAME, str(e)) from None
         if payload.model != serving.name:
             raise ReleaseRejected(Reason.CONTRACT_MISMATCH, f"release is for model {payload.model!r}, "
                                   f"this device serves {serving.name!r}")

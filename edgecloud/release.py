@@ -45,6 +45,7 @@ class Reason(str, Enum):
     TOO_LARGE = "too_large"
     WRONG_TARGET = "wrong_target"
     BAD_URI = "bad_uri"
+    BAD_NAME = "bad_name"  # a model name that is no safe single path component
     DOWNLOAD_FAILED = "download_failed"  # transient: the partial file is kept for a resume
     SIZE_MISMATCH = "size_mismatch"
     SHA256_MISMATCH = "sha256_mismatch"

@@ -429,7 +429,7 @@ REJECTIONS: dict[str, tuple[Callable[[Fleet], int], str, dict[str, Any]]] = {
     "contract_mismatch": (_contract_mismatch, "contract_mismatch", {}),
     "plan_for_another_target": (_plan_for_another_target, "wrong_target", {}),
     "uri_escaping": (_uri_escaping, "bad_uri", {}),
-    "name_escaping": (_name_escaping, "bad_uri", {}),
+    "name_escaping": (_name_escaping, "bad_name", {}),
 }
 
 
