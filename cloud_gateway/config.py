@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from edgecloud.backends.options import BackendOptions
 from edgecloud.config import Section, build, merge
 from edgecloud.endpoint import parse_endpoint
+from edgecloud.exposition import check_listen
 from edgecloud.mqtt.client import MqttConfig
 from edgecloud.mqtt.topics import check_id
 
@@ -102,14 +103,9 @@ class CollectorSection(Section):
 class MetricsSection(Section):
     """``[metrics]``: Prometheus ``/metrics`` (serving figures, and the collector's per-device ones)."""
 
-    listen: str | None = Field(None, description="HOST:PORT; unset = off")
+    listen: str | None = Field(None, description="HOST:PORT; unset or empty = off")
 
-    @field_validator("listen")
-    @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and parse_endpoint(value).unix_path:
-            raise ValueError("/metrics needs HOST:PORT, not a unix socket")
-        return value
+    _listen = field_validator("listen")(check_listen)
 
 
 class GatewayConfig(Section):

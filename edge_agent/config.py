@@ -15,6 +15,7 @@ from edgecloud.backends.options import BackendOptions
 from edgecloud.channel import ClientTLS
 from edgecloud.config import Section
 from edgecloud.endpoint import parse_endpoint
+from edgecloud.exposition import check_listen
 from edgecloud.mqtt.client import MqttConfig
 
 DEFAULT_LISTEN = "127.0.0.1:8001"
@@ -114,6 +115,8 @@ class MetricsSection(Section):
     """``[metrics]``: Prometheus ``/metrics`` for a local Prometheus or node agent."""
 
     listen: str | None = Field("127.0.0.1:9108", description="HOST:PORT (loopback); empty = off")
+
+    _listen = field_validator("listen")(check_listen)
 
 
 class AgentConfig(Section):

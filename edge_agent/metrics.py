@@ -16,17 +16,17 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
+from edge_agent.circuit import CLOSED, HALF_OPEN, OPEN
 from edge_agent.stats import PATHS
-from edge_agent.telemetry import circuit_state
-from edgecloud.exposition import COUNTERS, PREFIX, MetricsServer, MetricsUnavailable
+from edge_agent.telemetry import DISABLED, circuit_state
+from edgecloud.exposition import COUNTERS, PREFIX, QUANTILES, MetricsServer, MetricsUnavailable
 
 if TYPE_CHECKING:
     from edge_agent.server import EdgeAgent
 
 log = logging.getLogger(__name__)
 
-CIRCUIT_STATES = ("closed", "open", "half_open", "disabled")
-QUANTILES = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
+CIRCUIT_STATES = (CLOSED, OPEN, HALF_OPEN, DISABLED)
 
 
 class AgentCollector(Collector):

@@ -124,24 +124,39 @@ def load_edge_model(config: AgentConfig, path: Path | None = None, version: str 
 
 
 class ModelSlot:
-    """Holds the active model; readers take a reference, a swap replaces it atomically.
+    """Holds the active model and the ``[cascade]`` flags it is served with; readers take a reference,
+    a swap replaces it atomically.
 
     A call keeps the model it started with, so a swap never fails an in-flight request; the old
-    model is closed only by whoever retires it (the updater keeps it as the rollback slot).
+    model is closed only by whoever retires it (the updater keeps it as the rollback slot). The flags
+    live here, not in each model, so that a reload (SIGHUP) holds for every model swapped in later,
+    a rollback included.
     """
 
-    def __init__(self, model: EdgeModel) -> None:
+    def __init__(self, model: EdgeModel, flags: CascadeSection) -> None:
         self._model = model
+        self._flags = flags
         self._lock = threading.Lock()
 
     @property
     def model(self) -> EdgeModel:
         return self._model
 
+    @property
+    def flags(self) -> CascadeSection:
+        return self._flags
+
     def swap(self, model: EdgeModel) -> EdgeModel:
-        """Make ``model`` active and return the one it replaced."""
+        """Make ``model`` active, under the current flags, and return the one it replaced."""
         with self._lock:
-            old, self._model = self._model, model
+            old, self._model = self._model, model.reconfigured(self._flags)
         log.info("event=model_swapped name=%s from_version=%s to_version=%s", model.name, old.version,
                  model.version)
         return old
+
+    def reconfigure(self, flags: CascadeSection) -> None:
+        """Serve the active model, and every later one, under new flags; ModelLoadError if they do not
+        fit the model (nothing changes then)."""
+        with self._lock:
+            self._model = self._model.reconfigured(flags)
+            self._flags = flags

@@ -46,10 +46,19 @@ class EdgeAgent:
         return self.server.port if self.server else 0
 
     def start(self) -> EdgeAgent:
+        """Load, listen and join the fleet; on any failure, what already started is stopped again."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop(grace=0)
+            raise
+        return self
+
+    def _start(self) -> None:
         cfg = self.config
         listen = parse_endpoint(cfg.agent.listen)
         startup = load_startup(cfg)  # the last good model of the update state, else the configured one
-        self.slot = ModelSlot(startup.model)
+        self.slot = ModelSlot(startup.model, cfg.cascade)
         bucket = None
         if cfg.cloud.target:
             self.link = CloudLink(cfg.cloud, on_circuit_change=self._circuit_changed)
@@ -71,7 +80,6 @@ class EdgeAgent:
         model = self.slot.model
         log.info("event=agent_ready device=%s model=%s version=%s listen=%s cloud=%s", cfg.agent.device_id,
                  model.name, model.version, listen, cfg.cloud.target or "none")
-        return self
 
     def _model_info(self) -> tuple[str | None, int | None]:
         model = self.slot.model if self.slot else None
@@ -83,8 +91,7 @@ class EdgeAgent:
 
     def reload_cascade(self, config: AgentConfig) -> None:
         """Apply new cascade settings (thresholds, temperature…) without dropping a call."""
-        model = self.slot.model
-        self.slot.swap(model.reconfigured(config.cascade))
+        self.slot.reconfigure(config.cascade)
         self.config = config
 
     def stop(self, grace: float = 5.0) -> None:

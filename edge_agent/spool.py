@@ -19,13 +19,26 @@ from edgecloud.protocol.codec import InferRequest, request_from_bytes, request_t
 
 log = logging.getLogger(__name__)
 DEFERRED = "edgecloud.deferred"
+SUFFIX = ".case"
+
+
+def _adopt_named_cases(directory: Path) -> None:
+    """Rename cases kept by earlier versions (``<time_ns>-<request id>.case``) to the queue's
+    ``<seq>.case``, so an upgrade replays them instead of leaving them on disk forever."""
+    for path in sorted(directory.glob(f"*-*{SUFFIX}")):
+        stamp = path.name.split("-", 1)[0]
+        target = directory / f"{stamp}{SUFFIX}"
+        if stamp.isdigit() and not target.exists():
+            path.rename(target)
+            log.info("event=spool_case_adopted file=%s", path.name)
 
 
 class Spool:
     """A bounded on-disk FIFO of upstream requests, in the order they were kept."""
 
     def __init__(self, directory: Path, max_bytes: int) -> None:
-        self._queue = DiskQueue(directory, max_bytes, ".case", "spool")
+        _adopt_named_cases(Path(directory))
+        self._queue = DiskQueue(directory, max_bytes, SUFFIX, "spool")
         self._refused = 0  # cases the disk would not take
         self._lock = threading.Lock()
         self._last = self._queue.highest() or 0

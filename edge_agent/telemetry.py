@@ -31,14 +31,16 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 #: how long one publish waits for the broker's PUBACK before the message is retried later
 PUBLISH_TIMEOUT_S = 5.0
+#: circuit state reported when there is no usable cloud (none configured, or its contract differs)
+DISABLED = "disabled"
 
 
 def circuit_state(link: CloudLink | None) -> str:
     """The breaker's state, or ``disabled`` without a cloud or when the cloud's contract differs."""
     if link is None:
-        return "disabled"
+        return DISABLED
     state = link.state
-    return "disabled" if state.compatible is False else state.circuit
+    return DISABLED if state.compatible is False else state.circuit
 
 
 def system_figures(sample: dict[str, Any]) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from edge_agent.staging import Runtime, self_test
 from edge_agent.update_state import Pending, Release, Slot, StateStore, UpdateState
 from edge_agent.watch import figures, metered, regression
 from edgecloud.artifacts import TransportTLS, check_name, download, file_sha256, parse_uri
+from edgecloud.channel import read_token
 from edgecloud.engine.builder import BuildOptions, build_engine
 from edgecloud.engine.cache import EngineCache
 from edgecloud.errors import ModelLoadError
@@ -117,7 +118,7 @@ def load_slot(config: AgentConfig, store: StateStore, slot: Slot) -> EdgeModel:
 
 @dataclass(frozen=True)
 class Startup:
-    """The model the agent starts with (metered for the watch window), the state it came from, and
+    """The model the agent starts with (metered for a watch window in a fleet), the state it came from, and
     what to tell the fleet once connected."""
 
     model: EdgeModel
@@ -149,7 +150,7 @@ def load_startup(config: AgentConfig) -> Startup:
         try:
             model, served = load_slot(config, store, slot), slot
             break
-        except ModelLoadError as e:
+        except Exception as e:  # ModelLoadError, or a runtime's own error during warm-up: try the next
             log.error("event=slot_unloadable version=%d path=%s error=%r", slot.version, slot.path, str(e))
     if served is not state.active:
         state = replace(state, active=served, previous=None)
@@ -160,7 +161,9 @@ def load_startup(config: AgentConfig) -> Startup:
     log.info("event=update_state_restored active=%s previous=%s serving_version=%s",
              state.active.version if state.active else "config",
              state.previous.version if state.previous else "config", model.version)
-    return Startup(metered(model), store, state, crashed, corrupt)
+    if config.fleet.name:  # only a fleet member gets releases to watch
+        model = metered(model)
+    return Startup(model, store, state, crashed, corrupt)
 
 
 def _one_line(text: str) -> str:
@@ -315,7 +318,8 @@ class Updater:
         servable = self.runtime.servable(downloaded, payload.artifact, self.engines, self._build_engine)
         self._close_retired()  # free their memory before a second model loads
         try:
-            candidate = load_edge_model(_named(cfg, payload.model), servable, str(payload.version),
+            serving = cfg.model_copy(update={"cascade": self.slot.flags})  # as reloaded since start
+            candidate = load_edge_model(_named(serving, payload.model), servable, str(payload.version),
                                         envelope.payload)
         except Exception as e:  # ModelLoadError, or a runtime's own error during warm-up
             raise ReleaseRejected(Reason.UNLOADABLE, f"{servable.name}: {e}") from None
@@ -403,7 +407,7 @@ class Updater:
         tls = None
         if cloud.tls is not None:
             tls = TransportTLS(cloud.tls.ca, cloud.tls.cert, cloud.tls.key, cloud.tls.server_name)
-        token = Path(cloud.token_file).read_text().strip() if cloud.token_file else None
+        token = read_token(cloud.token_file) if cloud.token_file else None
         return tls, token
 
     def _build_engine(self, onnx: Path, out: Path) -> object:
@@ -418,7 +422,9 @@ class Updater:
         self._enter(release.model, release.version, "active")
         try:
             reason = self._watch(replaced, candidate)
-        except _Stopping:  # still watching: the restart rolls back
+        except _Stopping:  # a clean stop is no verdict: start on the previous model, and the retained
+            # desired release applies again (its verified file is kept); only a crash counts against it
+            self._save(active=before.active, previous=before.previous, pending=None)
             self._retired.append(replaced)
             raise
         if reason is None:

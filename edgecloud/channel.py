@@ -59,12 +59,16 @@ def open_channel(target: str, tls: ClientTLS | None = None, *, what: str = "targ
     return grpc.secure_channel(endpoint.grpc_target, creds, options=options)
 
 
-def bearer_metadata(token_file: Path | None) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying the token in ``token_file`` (read once, never logged); () without one."""
-    if token_file is None:
-        return ()
+def read_token(token_file: Path) -> str:
+    """The bearer token in ``token_file`` (never logged); ConfigError naming the file if unreadable."""
     try:
-        token = Path(token_file).read_text().strip()
+        return Path(token_file).read_text().strip()
     except OSError as e:
         raise ConfigError(f"token_file: cannot read {token_file}: {e.strerror}") from None
-    return (("authorization", f"Bearer {token}"),)
+
+
+def bearer_metadata(token_file: Path | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the token in ``token_file`` (read once); () without one."""
+    if token_file is None:
+        return ()
+    return (("authorization", f"Bearer {read_token(token_file)}"),)

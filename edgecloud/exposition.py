@@ -12,7 +12,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, start_http_server
 
 from edgecloud.endpoint import parse_endpoint
-from edgecloud.errors import ConfigError, EdgecloudError
+from edgecloud.errors import EdgecloudError
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +31,30 @@ COUNTERS = {
 }
 
 
+#: percentile key of the agent's latency figures → Prometheus summary quantile
+QUANTILES = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
+
+
+def check_listen(value: str | None) -> str | None:
+    """A ``[metrics] listen`` value: HOST:PORT, or None for off (unset or empty); ValueError otherwise.
+    Meant as a config validator, so a bad value stops the service before it starts anything."""
+    if not value:
+        return None
+    if parse_endpoint(value).unix_path:
+        raise ValueError("/metrics needs HOST:PORT, not a unix socket")
+    return value
+
+
 class MetricsUnavailable(EdgecloudError):
     """The /metrics endpoint could not listen (address in use, not permitted)."""
 
 
 class MetricsServer:
-    """``/metrics`` of ``registry`` over HTTP on ``listen`` (HOST:PORT; port 0 picks a free one)."""
+    """``/metrics`` of ``registry`` over HTTP on ``listen`` (HOST:PORT, checked by ``check_listen``;
+    port 0 picks a free one)."""
 
-    def __init__(self, registry: CollectorRegistry, listen: str, key: str = "metrics.listen") -> None:
-        try:
-            endpoint = parse_endpoint(listen)
-        except ValueError as e:
-            raise ConfigError(f"{key}: {e}") from None
-        if endpoint.unix_path:
-            raise ConfigError(f"{key}: {listen!r}: /metrics needs HOST:PORT, not a unix socket")
-        self.endpoint = endpoint
+    def __init__(self, registry: CollectorRegistry, listen: str) -> None:
+        self.endpoint = parse_endpoint(listen)
         self.registry = registry
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

@@ -34,6 +34,18 @@ def test_bad_flag_value_and_missing_model(tmp_path):
     assert proc.returncode == 2 and "model.path" in proc.stderr
     proc = run_agent("--model", str(tmp_path / "missing.onnx"), "--state-dir", str(tmp_path))
     assert proc.returncode == 1 and "does not exist" in proc.stderr
+    # refused while the configuration is read, before anything starts
+    proc = run_agent("--model", str(tmp_path / "m.onnx"), "--metrics-listen", "unix:/tmp/metrics.sock")
+    assert proc.returncode == 2 and "metrics.listen" in proc.stderr and "model_loaded" not in proc.stderr
+
+
+def test_failure_after_listening_stops_what_started(tmp_path):
+    """A missing trusted key is found after the gRPC server is up: the agent exits 2, freeing the port."""
+    model, port = linear_classifier(tmp_path / "m.onnx"), free_port()
+    proc = run_agent("--model", str(model), "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path),
+                     "--mqtt", "127.0.0.1:1", "--fleet", "plant-1", "--trusted-key", str(tmp_path / "no.pub"))
+    assert proc.returncode == 2 and "no.pub" in proc.stderr
+    assert "event=server_started" in proc.stderr and "event=agent_stopped" in proc.stderr
 
 
 def test_flags_override_file_and_sigterm_stops_cleanly(tmp_path):

@@ -15,7 +15,7 @@ from edge_agent.ratelimit import TokenBucket
 from edge_agent.spool import Spool
 from edgecloud.confidence import calibrated_probabilities, make_policy
 from edgecloud.confidence.probability import entropy, margin, max_prob
-from edgecloud.protocol.codec import InferRequest
+from edgecloud.protocol.codec import InferRequest, request_to_bytes
 from edgecloud.tensors import TensorSpec
 
 
@@ -77,6 +77,18 @@ def test_spool_is_fifo_marks_deferred_and_survives_restart(tmp_path):
     np.testing.assert_array_equal(request.inputs["x"], np.zeros((2, 4), np.float32))
     reopened.remove(path)
     assert reopened.oldest()[1].id == "req-1"
+
+
+def test_spool_replays_cases_kept_by_earlier_versions(tmp_path):
+    # earlier versions named a case <time_ns, 20 digits>-<request id>.case
+    for i, stamp in ((1, 1_700_000_000_000_000_002), (0, 1_700_000_000_000_000_001)):
+        (tmp_path / f"{stamp:020d}-req-{i}.case").write_bytes(request_to_bytes(_case(i)))
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    assert spool.depth() == 2
+    seq, request = spool.oldest()
+    assert request.id == "req-0"
+    spool.remove(seq)
+    assert spool.oldest()[1].id == "req-1"
 
 
 def test_spool_drops_oldest_over_max_bytes_and_sets_corrupt_files_aside(tmp_path):

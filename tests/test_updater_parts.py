@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -206,9 +207,10 @@ def test_served_output_missing_from_the_release_is_named_both_ways(tmp_path: Pat
 
 
 # -- what an agent serves at start ------------------------------------------------------------------------
-def _config(tmp_path: Path) -> AgentConfig:
+def _config(tmp_path: Path, **sections: Any) -> AgentConfig:
+    """A fleet member's config (the updater's state is a fleet's) with the base model v1."""
     base = linear_classifier(tmp_path / "base" / "inspection.onnx", card={"name": "inspection", "version": 1})
-    return agent_config(tmp_path / "state", base)
+    return agent_config(tmp_path / "state", base, **{"fleet": {"name": "plant-1"}, **sections})
 
 
 def _slot(store: StateStore, version: int) -> Slot:
@@ -226,6 +228,11 @@ def test_startup_serves_the_active_slot_with_its_release_calibration(tmp_path: P
     assert (model.name, model.version, model.settings.threshold) == ("inspection", "2", 0.7)
     assert isinstance(model.backend, MeteredBackend) and startup.rolled_back is None
     assert store.load()[0].pending is None  # an interrupted step starts again from the retained release
+
+
+def test_outside_a_fleet_the_model_is_not_metered(tmp_path: Path) -> None:
+    model = load_startup(_config(tmp_path, fleet={})).model  # nothing to watch: no cost per call
+    assert not isinstance(model.backend, MeteredBackend)
 
 
 def test_startup_inside_a_watch_window_rolls_back(tmp_path: Path) -> None:
