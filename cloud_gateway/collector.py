@@ -15,19 +15,20 @@ when it had no calls; over longer windows, divide the counters' rates.
 
 from __future__ import annotations
 
-import json
 import logging
+import socket
 import threading
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgecloud.exposition import COUNTERS, PREFIX
-from edgecloud.fleet.status import DeviceRow, FleetView
+from edgecloud.exposition import COUNTERS, PREFIX, QUANTILES
+from edgecloud.fleet.status import DeviceRow, FleetView, json_object
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
 from edgecloud.mqtt.topics import TopicKind
 
@@ -37,34 +38,56 @@ DEVICE = PREFIX + "device_"
 LABELS = ("fleet", "device")
 #: seqs remembered per device to recognize a late duplicate; a seq further back is a restart from zero
 RECENT = 1024
-QUANTILES = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
+
+
+class TelemetryFigures(BaseModel):
+    """The telemetry fields this collector exposes, checked when a message arrives, so one device's
+    malformed message is dropped (and logged) instead of failing every later scrape."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    seq: int = Field(ge=0)
+    at: str = ""
+    model: str | None = None
+    model_version: int | None = None
+    counters: dict[str, int] = Field(default_factory=dict)
+    latency_ms: dict[str, dict[str, float | None]] = Field(default_factory=dict)
+    escalation_rate: float | None = Field(None, ge=0, le=1)
+    spool_depth: int | None = None
+    circuit_state: str | None = None
 
 
 @dataclass
 class DeviceTelemetry:
     """One device's telemetry stream: the newest message and what the seqs say about delivery."""
 
-    latest: dict[str, Any] | None = None
+    latest: TelemetryFigures | None = None
     highest: int = -1
     messages: int = 0
     duplicates: int = 0
     missing: int = 0
-    recent: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT))
+    #: seq → ``at`` of the last RECENT messages: a resend carries the same ``at``
+    recent: OrderedDict[int, str] = field(default_factory=OrderedDict)
 
-    def accept(self, seq: int, device: str) -> bool:
-        """Count the message with ``seq``; True when it is new and the newest (it becomes ``latest``).
+    def accept(self, figures: TelemetryFigures, device: str) -> bool:
+        """Count one message; True when it is new and the newest (it becomes ``latest``).
 
-        An agent delivers in seq order, so a new seq below the newest comes from elsewhere: it is
-        counted as a message (it was already counted missing: counters never go down) and not used.
+        A known seq with the same ``at`` is a resend; with another ``at``, or a seq far below the
+        newest, the device lost its state and starts over. An agent delivers in seq order, so a new
+        seq below the newest comes from elsewhere: it is counted as a message (it was already counted
+        missing: counters never go down) and not used.
         """
-        if seq in self.recent:
+        seq = figures.seq
+        if self.recent.get(seq) == figures.at:
             self.duplicates += 1
             return False
-        if seq < self.highest - RECENT:
+        if seq in self.recent or seq < self.highest - RECENT:
             log.info("event=telemetry_seq_restarted device=%s seq=%d previous=%d", device, seq, self.highest)
             self.recent.clear()
             self.highest = -1
-        self.recent.append(seq)
+        self.recent[seq] = figures.at
+        if len(self.recent) > RECENT:
+            self.recent.popitem(last=False)
         self.messages += 1
         if seq < self.highest:
             return False
@@ -73,6 +96,7 @@ class DeviceTelemetry:
             log.warning("event=telemetry_gap device=%s after_seq=%d seq=%d missing=%d", device,
                         self.highest, seq, seq - self.highest - 1)
         self.highest = seq
+        self.latest = figures
         return True
 
 
@@ -84,8 +108,10 @@ class FleetCollector(Collector):
         self.view = FleetView(fleet)
         self.telemetry: dict[str, DeviceTelemetry] = {}
         self._lock = threading.Lock()
-        if not mqtt.client_id and mqtt.session_expiry_s:  # a lasting session needs a stable id
-            mqtt = mqtt.model_copy(update={"client_id": f"edgecloud-collector-{fleet}"})
+        if not mqtt.client_id and mqtt.session_expiry_s:  # a lasting session needs a stable id, one per
+            # host so that gateway replicas collecting the same fleet do not take it from each other
+            client_id = f"edgecloud-collector-{fleet}-{socket.gethostname()}"
+            mqtt = mqtt.model_copy(update={"client_id": client_id})
         self.client = MqttClient(mqtt, on_message=self.apply)
 
     def start(self) -> FleetCollector:
@@ -103,26 +129,24 @@ class FleetCollector(Collector):
         parsed = self.view.topics.parse(message.topic)
         if parsed is None or not parsed.device:
             return
+        body = json_object(message)
+        if body is None:
+            log.warning("event=fleet_message_unreadable device=%s bytes=%d", parsed.device,
+                        len(message.payload))
+            return
         with self._lock:
-            if parsed.kind is TopicKind.TELEMETRY and not self._new_telemetry(parsed.device, message):
+            if parsed.kind is TopicKind.TELEMETRY and not self._new_telemetry(parsed.device, body):
                 return
-            self.view.apply(message)
+            self.view.fold(parsed.kind, parsed.device, body)
 
-    def _new_telemetry(self, device: str, message: Message) -> bool:
+    def _new_telemetry(self, device: str, body: dict[str, Any]) -> bool:
         try:
-            body = json.loads(message.payload)
-            seq = body["seq"]
-        except (ValueError, TypeError, KeyError):
-            log.warning("event=telemetry_unreadable device=%s bytes=%d", device, len(message.payload))
+            figures = TelemetryFigures.model_validate(body)
+        except ValidationError as e:
+            log.warning("event=telemetry_unreadable device=%s error=%r", device,
+                        "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
             return False
-        if not isinstance(seq, int) or seq < 0:
-            log.warning("event=telemetry_unreadable device=%s seq=%r", device, seq)
-            return False
-        stream = self.telemetry.setdefault(device, DeviceTelemetry())
-        if not stream.accept(seq, device):
-            return False
-        stream.latest = body
-        return True
+        return self.telemetry.setdefault(device, DeviceTelemetry()).accept(figures, device)
 
     # -- Prometheus ---------------------------------------------------------------------------------
     def collect(self) -> Iterator[Metric]:
@@ -170,28 +194,28 @@ class _Families:
             self.last_seen.add_metric(labels, row.last_seen.timestamp())
         model, version = row.model, row.active_version
         if latest is not None:  # fresher than the status, which is only sent on connect
-            model, version = latest.get("model", model), latest.get("model_version", version)
+            model = latest.model if latest.model is not None else model
+            version = latest.model_version if latest.model_version is not None else version
         if version is not None:
             self.model.add_metric((*labels, model or ""), version)
         if stream is None or latest is None:
             return
         self._telemetry(labels, stream, latest)
 
-    def _telemetry(self, labels: tuple[str, str], stream: DeviceTelemetry, latest: dict[str, Any]) -> None:
-        counters = latest.get("counters", {})
+    def _telemetry(self, labels: tuple[str, str], stream: DeviceTelemetry, latest: TelemetryFigures) -> None:
         for key, family in self.counters.items():
-            if isinstance(counters.get(key), int):
-                family.add_metric(labels, counters[key])
-        if latest.get("escalation_rate") is not None:
-            self.escalation.add_metric(labels, latest["escalation_rate"])
-        for path, percentiles in latest.get("latency_ms", {}).items():
+            if key in latest.counters:
+                family.add_metric(labels, latest.counters[key])
+        if latest.escalation_rate is not None:
+            self.escalation.add_metric(labels, latest.escalation_rate)
+        for path, percentiles in latest.latency_ms.items():
             for key, quantile in QUANTILES.items():
                 if percentiles.get(key) is not None:
                     self.latency.add_metric((*labels, path, quantile), percentiles[key] / 1000.0)
-        if "spool_depth" in latest:
-            self.spool.add_metric(labels, latest["spool_depth"])
-        if "circuit_state" in latest:
-            self.circuit.add_metric(labels, int(latest["circuit_state"] == "open"))
+        if latest.spool_depth is not None:
+            self.spool.add_metric(labels, latest.spool_depth)
+        if latest.circuit_state is not None:
+            self.circuit.add_metric(labels, int(latest.circuit_state == "open"))
         self.seq.add_metric(labels, stream.highest)
         self.messages.add_metric(labels, stream.messages)
         self.duplicates.add_metric(labels, stream.duplicates)

@@ -7,8 +7,6 @@ fleet is enough, while serving gateways scale out (each replica would otherwise 
 
 from __future__ import annotations
 
-import logging
-import sqlite3
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -24,7 +22,6 @@ from edgecloud.exposition import PREFIX, MetricsServer
 if TYPE_CHECKING:
     from cloud_gateway.server import Gateway
 
-log = logging.getLogger(__name__)
 GATEWAY = PREFIX + "gateway_"
 
 
@@ -55,11 +52,8 @@ class ServingCollector(Collector):
         yield from (batches, requests, rows)
         store = self._gateway.store
         if store is not None:
-            try:
-                yield GaugeMetricFamily(GATEWAY + "hard_examples", "Rows kept in the hard-example store",
-                                        value=store.count())
-            except sqlite3.Error as e:
-                log.warning("event=metrics_store_unreadable error=%r", str(e))
+            yield GaugeMetricFamily(GATEWAY + "hard_examples", "Rows kept in the hard-example store",
+                                    value=store.rows)
 
 
 class GatewayMetrics:

@@ -147,14 +147,16 @@ class LocalBroker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def mqtt_config(self, **overrides: Any) -> MqttConfig:
-        """A client config for this broker with fast reconnects (loopback: no reason to wait long)."""
+    def mqtt_section(self, **overrides: Any) -> dict[str, Any]:
+        """An ``[mqtt]`` section for this broker with fast reconnects (loopback: no reason to wait long)."""
         data: dict[str, Any] = {"host": HOST, "port": self.port, "reconnect_min_delay_s": 0.1,
                                 "reconnect_max_delay_s": 0.5, "connect_timeout_s": 2.0, "keepalive_s": 5}
         if self.tls:
             data["tls"] = {"ca": str(self.tls.ca)}
-        data.update(overrides)
-        return build(MqttConfig, data)
+        return {**data, **overrides}
+
+    def mqtt_config(self, **overrides: Any) -> MqttConfig:
+        return build(MqttConfig, self.mqtt_section(**overrides))
 
     def __enter__(self) -> LocalBroker:
         return self.start()

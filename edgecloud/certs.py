@@ -80,8 +80,9 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"no usable CA in {directory} ({e}); make one with `edgecloud certs ca`") from None
+    except (OSError, ValueError, TypeError) as e:  # TypeError: a passphrase-protected key
+        raise ConfigError(f"no usable CA in {directory} ({e}); make one with `edgecloud certs ca` "
+                          "(its key unencrypted)") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{key_path}: not an EC private key")
     return cert, key

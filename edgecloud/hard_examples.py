@@ -146,6 +146,11 @@ class HardExampleStore:
         if pruned:
             log.info("event=hard_examples_pruned rows=%d kept=%d", pruned, self._count)
 
+    @property
+    def rows(self) -> int:
+        """Rows kept, as this store's own writes and prunes left them (no query: cheap to scrape)."""
+        return self._count
+
     def count(self) -> int:
         """Rows in the file now (another process may have written some)."""
         with self._lock:

@@ -25,12 +25,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def stderr_is_journal() -> bool:
+    """True when stderr is systemd's journal stream: ``JOURNAL_STREAM`` names its device and inode
+    (a child that inherited the variable but writes to a file does not match)."""
+    try:
+        dev, ino = (int(part) for part in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        stat = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (stat.st_dev, stat.st_ino) == (dev, ino)
+
+
 class KeyValueFormatter(logging.Formatter):
     """``at=… level=… logger=… <message>``; without ``at=`` under journald, which stamps each line."""
 
     def __init__(self) -> None:
         super().__init__("level=%(levelname)s logger=%(name)s %(message)s")
-        self.stamp = "JOURNAL_STREAM" not in os.environ
+        self.stamp = not stderr_is_journal()
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

@@ -20,7 +20,7 @@ from edgecloud.config import build
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
 from edgecloud.mqtt.payloads import status_payload
 from edgecloud.mqtt.topics import FleetTopics
-from tests.support.fleet import FLEET, ROOT, Scrape, fleet_sections, mqtt_section
+from tests.support.fleet import FLEET, ROOT, Scrape, fleet_sections
 from tests.support.net import free_port, wait_for
 from tests.support.onnx_models import linear_classifier
 from tests.support.services import Client, GatewayCloud, start_agent
@@ -34,10 +34,11 @@ TOPICS = FleetTopics(FLEET)
 X = np.random.default_rng(9).standard_normal((4, 8)).astype(np.float32)
 
 
-def telemetry(device: str, seq: int, requests: int = 0) -> Message:
-    body = {"device": device, "seq": seq, "at": "2025-06-01T12:00:00Z", "model": "clf", "model_version": 2,
+def telemetry(device: str, seq: int, requests: int = 0, at: str = "2025-06-01T12:00:00Z",
+              **fields: object) -> Message:
+    body = {"device": device, "seq": seq, "at": at, "model": "clf", "model_version": 2,
             "counters": {"requests": requests}, "latency_ms": {"edge": {"p50": 2.0, "p95": 3.0, "p99": None}},
-            "escalation_rate": 0.25, "spool_depth": 0, "circuit_state": "closed"}
+            "escalation_rate": 0.25, "spool_depth": 0, "circuit_state": "closed", **fields}
     return Message(str(TOPICS.telemetry(device)), json.dumps(body).encode(), 1, False)
 
 
@@ -70,10 +71,35 @@ def test_telemetry_is_deduplicated_by_seq_and_gaps_are_counted() -> None:
     assert value("edgecloud_device_requests_total", "cam-2") == 0
 
 
+def test_malformed_telemetry_is_dropped_and_a_reflashed_device_starts_over() -> None:
+    collector = FleetCollector(build(MqttConfig, {}), FLEET)
+    registry = CollectorRegistry()
+    registry.register(collector)
+
+    def value(name: str, device: str) -> float | None:
+        return registry.get_sample_value(name, {"fleet": FLEET, "device": device})
+
+    collector.apply(telemetry("cam-1", 0, requests=4))
+    for seq, bad in ((0, {"model_version": "v2"}), (1, {"counters": ["x"]}), (2, {"escalation_rate": "high"}),
+                     (-1, {})):
+        collector.apply(telemetry("cam-2", seq, **bad))  # one device's junk …
+    assert value("edgecloud_device_requests_total", "cam-1") == 4  # … does not break the scrape
+    assert value("edgecloud_device_telemetry_messages_total", "cam-2") is None
+
+    for seq in range(100):
+        at = f"2025-06-01T12:{seq // 60:02d}:{seq % 60:02d}Z"
+        collector.apply(telemetry("cam-3", seq, requests=seq, at=at))
+    for seq in range(3):  # state lost, seq from 0 again: new messages (another ``at``), not resends
+        collector.apply(telemetry("cam-3", seq, requests=seq + 1, at=f"2025-06-02T08:00:{seq:02d}Z"))
+    assert value("edgecloud_device_telemetry_seq", "cam-3") == 2
+    assert value("edgecloud_device_requests_total", "cam-3") == 3
+    assert value("edgecloud_device_telemetry_duplicate_messages_total", "cam-3") == 0
+
+
 def test_gateway_collects_per_device_metrics_from_real_agents(broker: LocalBroker, tmp_path: Path) -> None:
     edge = linear_classifier(tmp_path / "edge.onnx", card={"name": "clf", "version": 3})
     cloud = GatewayCloud(tmp_path / "cloud", linear_classifier(tmp_path / "cloud.onnx", seed=1), "clf",
-                         collector={"fleet": FLEET, "mqtt": mqtt_section(broker)},
+                         collector={"fleet": FLEET, "mqtt": broker.mqtt_section()},
                          metrics={"listen": "127.0.0.1:0"}).start()
     port = cloud.gateway.metrics.port
     agents = {d: start_agent(tmp_path / d, edge, cloud.port, agent={"device_id": d}, **fleet_sections(broker))

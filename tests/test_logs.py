@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 import pytest
@@ -23,7 +24,10 @@ def test_key_value_line_with_and_without_journald(monkeypatch: pytest.MonkeyPatc
     line = KeyValueFormatter().format(event)
     assert re.fullmatch(rf"at={AT} level=WARNING logger=edge_agent.cascade "
                         r"event=escalation_failed request_id=r-1 error='deadline'", line)
-    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")  # systemd connected stderr to the journal
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")  # inherited, but stderr is something else
+    assert KeyValueFormatter().format(event).startswith("at=")
+    stderr = os.fstat(2)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{stderr.st_dev}:{stderr.st_ino}")  # stderr is the journal
     assert KeyValueFormatter().format(event).startswith("level=WARNING ")
 
 

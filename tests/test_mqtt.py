@@ -4,14 +4,12 @@ goodbye on close, publish timeouts, persistent sessions); payloads against their
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import jsonschema
 import pytest
@@ -30,19 +28,14 @@ from edgecloud.mqtt.client import (
 )
 from edgecloud.mqtt.payloads import event_payload, reported_payload, status_payload
 from edgecloud.mqtt.topics import FleetTopics, Topic, TopicKind, Wildcard
+from tests.support.fleet import ROOT, schema
 from tests.support.net import free_port, wait_for
 
 if TYPE_CHECKING:
     from edgecloud.broker import LocalBroker
 
 
-ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = ROOT / "protos" / "schemas"
 TOPICS = FleetTopics("plant-1")
-
-
-def schema(name: str) -> dict[str, Any]:
-    return json.loads((SCHEMAS / f"{name}.schema.json").read_text())
 
 
 def status(device: str, state: str) -> Outgoing:

@@ -33,7 +33,7 @@ from edgecloud.mqtt.topics import FleetTopics, Topic, TopicKind
 from edgecloud.release import Envelope, PlanTarget, ReleasePayload, in_rollout, sign_release, utc_now
 from edgecloud.services import ServiceProcess
 from edgecloud.signing import load_private_key, write_keypair
-from tests.support.fleet import FLEET, mqtt_section, schema
+from tests.support.fleet import FLEET, schema
 from tests.support.net import free_port, wait_for
 from tests.support.onnx_models import linear_classifier, reference_logits
 from tests.support.services import Client, GatewayCloud, start_agent
@@ -186,7 +186,7 @@ class Fleet:
         return {"agent": {"device_id": device},
                 "fleet": {"name": FLEET, "group": GROUP, "trusted_keys": [str(self.key.public)],
                           **(fleet or {})},
-                "mqtt": mqtt_section(self.broker),
+                "mqtt": self.broker.mqtt_section(),
                 "update": {"watch_s": 0.3, **(update or {})}, **sections}
 
     def agent(self, device: str = "edge-1", **kwargs: Any) -> EdgeAgent:
@@ -521,6 +521,37 @@ def test_release_failing_the_watch_window_is_rolled_back(fleet: Fleet) -> None:
     assert state["active"] is None and state["pending"] is None  # the configured model is back
     assert [r["version"] for r in state["rolled_back"]] == [2]
     assert fleet.watcher.states("edge-1", 2)[-2:] == ["active", "rolled_back"]
+
+
+def test_clean_stop_inside_the_watch_window_is_no_verdict(fleet: Fleet) -> None:
+    agent = fleet.agent("edge-1", update={"watch_s": 30.0})
+    fleet.publish(fleet.model(2), 2)
+    fleet.watcher.wait_report("edge-1", "active", 2)
+    seen = len(fleet.watcher.reports("edge-1"))
+    agent.stop()  # systemctl restart, a reboot: not a crash
+    state = state_file(fleet, "edge-1")
+    assert state["active"] is None and state["pending"] is None and state["rolled_back"] == []
+    restarted = fleet.agent("edge-1", update={"watch_s": 0.3})
+    fleet.watcher.wait_report("edge-1", "active", 2, after=seen)  # the retained release applies again
+    assert served_version(restarted.port) == "2"
+
+
+def test_reloaded_cascade_flags_hold_for_the_next_release_and_a_rollback(fleet: Fleet) -> None:
+    agent = fleet.agent("edge-1", update={"watch_s": 1.0})
+    agent.reload_cascade(agent.config.model_copy(
+        update={"cascade": agent.config.cascade.model_copy(update={"threshold": 0.42})}))  # SIGHUP
+    assert agent.slot.model.settings.threshold == 0.42
+    v2 = fleet.model(2, card={"name": NAME, "version": 2, "calibration": {"threshold": 0.7}})
+    fleet.publish(v2, 2)
+    fleet.watcher.wait_report("edge-1", "active", 2)
+    assert agent.slot.model.settings.threshold == 0.42  # the flag beats the release's calibration
+    reading = np.full((1, 8), 1000.0, dtype=np.float32)
+    fragile = fragile_classifier(fleet.root / "models" / "fragile" / "inspection.onnx")
+    with Load(agent.port, reading) as load:
+        load.wait("2")
+        fleet.publish(fragile, 3)
+        fleet.watcher.wait_report("edge-1", "rolled_back", 3)
+    assert (agent.slot.model.version, agent.slot.model.settings.threshold) == ("2", 0.42)
 
 
 def test_device_desired_wins_over_group(fleet: Fleet) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 
 from edgecloud.artifacts import TransportTLS, check_name, file_sha256, gateway_uri, parse_uri, upload
-from edgecloud.config import build
+from edgecloud.config import build, host_port
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError, EdgecloudError
 from edgecloud.fleet.status import collect, render_table
@@ -264,11 +264,7 @@ def _release_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def mqtt_config_from_args(args: argparse.Namespace) -> MqttConfig:
-    try:
-        endpoint = parse_endpoint(args.mqtt)
-    except ValueError as e:
-        raise ConfigError(f"--mqtt: {e}") from None
-    data: dict[str, Any] = {"host": endpoint.host, "port": endpoint.port}
+    data: dict[str, Any] = host_port("--mqtt", args.mqtt)
     if args.mqtt_username:
         data["username"] = args.mqtt_username
         data["password"] = os.environ.get(PASSWORD_ENV)

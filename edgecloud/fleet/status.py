@@ -55,6 +55,18 @@ class DeviceRow:
         return text
 
 
+def json_object(message: Message) -> dict[str, Any] | None:
+    """The message's JSON object; None (logged at debug) for an empty, unreadable or non-object one."""
+    if not message.payload:
+        return None
+    try:
+        body = json.loads(message.payload)
+    except ValueError:
+        log.debug("event=fleet_message_unreadable topic=%s", message.topic)
+        return None
+    return body if isinstance(body, dict) else None
+
+
 class FleetView:
     """Folds status, reported and telemetry messages into device rows."""
 
@@ -64,27 +76,26 @@ class FleetView:
 
     def apply(self, message: Message) -> None:
         parsed = self.topics.parse(message.topic)
-        if parsed is None or not parsed.device or not message.payload:
+        if parsed is None or not parsed.device:
             return
-        try:
-            body = json.loads(message.payload)
-        except ValueError:
-            log.debug("event=fleet_status_unreadable topic=%s", message.topic)
-            return
-        if not isinstance(body, dict):
-            return
-        row = self.rows.setdefault(parsed.device, DeviceRow(parsed.device))
+        body = json_object(message)
+        if body is not None:
+            self.fold(parsed.kind, parsed.device, body)
+
+    def fold(self, kind: TopicKind, device: str, body: dict[str, Any]) -> None:
+        """Fold one decoded message of ``kind`` from ``device`` into its row."""
+        row = self.rows.setdefault(device, DeviceRow(device))
         row.seen(body.get("at"))
-        if parsed.kind is TopicKind.STATUS:
+        if kind is TopicKind.STATUS:
             row.online = body.get("state") == "online"
             row.model = body.get("model", row.model)
             row.active_version = body.get("active_version", row.active_version)
-        elif parsed.kind is TopicKind.REPORTED:
+        elif kind is TopicKind.REPORTED:
             row.update_state, row.update_version = body.get("state"), body.get("version")
             row.update_progress, row.update_reason = body.get("progress"), body.get("reason")
             if body.get("active_version") is not None:
                 row.active_version = body["active_version"]
-        elif parsed.kind is TopicKind.TELEMETRY:
+        elif kind is TopicKind.TELEMETRY:
             row.escalation_rate = body.get("escalation_rate", row.escalation_rate)
 
     def sorted_rows(self) -> list[DeviceRow]:

@@ -24,15 +24,9 @@ def schema(name: str) -> dict[str, Any]:
     return json.loads((ROOT / "protos" / "schemas" / f"{name}.schema.json").read_text())
 
 
-def mqtt_section(broker: LocalBroker) -> dict[str, Any]:
-    """``[mqtt]`` for ``broker`` with fast reconnects (tests wait on state, not on sleeps)."""
-    return {"host": broker.host, "port": broker.port, "reconnect_min_delay_s": 0.1,
-            "reconnect_max_delay_s": 0.5, "keepalive_s": 5}
-
-
 def fleet_sections(broker: LocalBroker, interval_s: float = 0.2, **telemetry: Any) -> dict[str, Any]:
     """Agent config sections that join ``FLEET`` on ``broker`` and report every ``interval_s``."""
-    return {"mqtt": mqtt_section(broker), "fleet": {"name": FLEET},
+    return {"mqtt": broker.mqtt_section(), "fleet": {"name": FLEET},
             "telemetry": {"interval_s": interval_s, **telemetry}}
 
 
