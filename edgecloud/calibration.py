@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgecloud.confidence import ProbabilityPolicy
+from edgecloud.confidence.probability import log_calibrated_probabilities
 from edgecloud.errors import EdgecloudError
 
 #: temperatures searched by :func:`fit_temperature`
@@ -35,24 +36,16 @@ class CascadeOutcome:
     n: int
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def _as_log_scores(scores: np.ndarray, kind: str) -> np.ndarray:
-    z = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
-    if kind == "probabilities":
-        return np.log(np.maximum(z, 1e-12))
-    if kind != "logits":
-        raise ValueError(f"scores must be 'logits' or 'probabilities', not {kind!r}")
-    return z
+def _rows(scores: np.ndarray) -> np.ndarray:
+    """Scores as [N, K], the way the agent's policies read a score output."""
+    scores = np.asarray(scores)
+    return scores.reshape(len(scores), -1)
 
 
 def nll(scores: np.ndarray, labels: np.ndarray, temperature: float, kind: str = "logits") -> float:
-    """Mean negative log-likelihood of ``labels`` under softmax(scores / T)."""
-    z = _as_log_scores(scores, kind)
-    return float(-_log_softmax(z / temperature)[np.arange(len(z)), labels].mean())
+    """Mean negative log-likelihood of ``labels`` under the calibrated probabilities at ``temperature``."""
+    log_p = log_calibrated_probabilities(_rows(scores), kind, temperature)
+    return float(-log_p[np.arange(len(log_p)), labels].mean())
 
 
 def fit_temperature(scores: np.ndarray, labels: np.ndarray, kind: str = "logits",
@@ -60,16 +53,15 @@ def fit_temperature(scores: np.ndarray, labels: np.ndarray, kind: str = "logits"
     """The temperature T minimizing NLL on a labelled set (Guo et al., 2017).
 
     NLL is convex in 1/T, so a golden-section search over 1/T within ``bounds`` finds the optimum;
-    ``kind="probabilities"`` reads the scores as log(max(p, 1e-12)), as the agent does.
+    the probabilities are those the agent computes, so the fitted T means the same when serving.
     """
-    z = _as_log_scores(scores, kind)
+    scores = _rows(scores)
     labels = np.asarray(labels, dtype=np.int64)
-    if len(z) == 0 or len(z) != len(labels):
-        raise ValueError(f"need as many labels as score rows (got {len(labels)} and {len(z)}, > 0)")
-    picked = np.arange(len(z))
+    if len(scores) == 0 or len(scores) != len(labels):
+        raise ValueError(f"need as many labels as score rows (got {len(labels)} and {len(scores)}, > 0)")
 
     def loss(inv_t: float) -> float:
-        return float(-_log_softmax(z * inv_t)[picked, labels].mean())
+        return nll(scores, labels, 1.0 / inv_t, kind)
 
     lo, hi = 1.0 / bounds[1], 1.0 / bounds[0]
     a, b = lo + (1 - _GOLDEN) * (hi - lo), lo + _GOLDEN * (hi - lo)

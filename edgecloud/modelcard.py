@@ -8,18 +8,18 @@ checks a card lightly at load time (required keys and their types) so the runtim
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgecloud.artifacts import file_sha256
 from edgecloud.confidence.probability import SCORE_KINDS
 from edgecloud.errors import ModelLoadError
+from edgecloud.release import format_time, utc_now
 from edgecloud.tensors import TensorSpec
 
 CARD_SUFFIX = ".card.json"
@@ -54,25 +54,18 @@ def read_card(model_path: Path) -> dict[str, Any]:
     return data
 
 
-def served_name(model_path: Path) -> str:
-    """The name a model is served under by default: its card's name, else the file's stem."""
-    return read_card(model_path).get("name") or Path(model_path).stem
+def served_name(model_path: Path, card: Mapping[str, Any] | None = None) -> str:
+    """The name a model is served under by default: its card's name, else the file's stem.
+
+    ``card``: the card as :func:`read_card` gave it, for a caller that has read it already.
+    """
+    card = read_card(model_path) if card is None else card
+    return card.get("name") or Path(model_path).stem
 
 
 def file_digest(path: Path) -> tuple[int, str]:
-    """(size in bytes, sha256 hex) of a file, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
-def utc_now() -> str:
-    """The current time as RFC 3339 UTC with ``Z``, to the second."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """(size in bytes, sha256 hex) of a file: what a card records to tie itself to that file."""
+    return os.path.getsize(path), file_sha256(path)
 
 
 def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -150,7 +143,7 @@ class ModelCard:
     def describe(cls, model_path: Path, **fields: Any) -> ModelCard:
         """A new card for ``model_path``: its size, sha256 and the time now, plus ``fields``."""
         size, sha256 = file_digest(model_path)
-        return cls(size=size, sha256=sha256, created_at=utc_now(), **fields)
+        return cls(size=size, sha256=sha256, created_at=format_time(utc_now()), **fields)
 
     @classmethod
     def load(cls, model_path: Path) -> ModelCard | None:

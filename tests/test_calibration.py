@@ -13,7 +13,7 @@ from edgecloud.calibration import (
     fit_temperature,
     nll,
 )
-from edgecloud.confidence import make_policy
+from edgecloud.confidence import calibrated_probabilities, make_policy
 
 
 def _sample_labels(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
@@ -47,6 +47,19 @@ def test_confidence_is_the_agents_policy() -> None:
     for policy in ("max_prob", "margin", "entropy"):
         agent = make_policy(policy, "logits", "logits", 1.7)({"logits": logits})
         np.testing.assert_allclose(confidence(logits, policy, 1.7), agent)
+
+
+@pytest.mark.parametrize("kind", ["logits", "probabilities"])
+def test_nll_is_taken_on_the_probabilities_the_agent_serves(kind: str) -> None:
+    rng = np.random.default_rng(10)
+    scores = rng.normal(0, 3, (500, 4))
+    if kind == "probabilities":
+        scores = np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
+    labels = rng.integers(0, 4, 500)
+    served = calibrated_probabilities(scores, kind, 1.3)[np.arange(500), labels]
+    assert nll(scores, labels, 1.3, kind) == pytest.approx(-np.log(served).mean(), rel=1e-9)
+    with pytest.raises(ValueError, match="scores must be one of"):
+        fit_temperature(scores, labels, "odds")
 
 
 def _cascade_data(n: int = 2000, seed: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

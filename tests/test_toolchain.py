@@ -17,6 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecloud.confidence import make_policy
+from edgecloud.errors import EdgecloudError, InvalidInput, ModelLoadError
 from edgecloud.modelcard import ModelCard, card_path
 from edgecloud.toolchain import cli
 from edgecloud.toolchain.dataset import LABELS, SIZE, make_split
@@ -123,8 +124,21 @@ def test_quantize_int8_writes_a_tensorrt_ready_graph(tmp_path: Path) -> None:
     assert check_tensorrt_ready(int8) == []
     ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
-    ref, got = model_logits(tmp_path / "fp32.onnx", images), model_logits(int8, images)
+    ref, got = model_logits(tmp_path / "fp32.onnx", images).sets[0], model_logits(int8, images).sets[0]
     assert np.mean(ref.argmax(1) == got.argmax(1)) > 0.9
+
+
+def test_model_logits_scores_several_sets_and_names_what_does_not_fit() -> None:
+    images, _ = make_split("test", 40)
+    run = model_logits(EDGE_INT8, images[:30], images[30:])
+    assert [len(s) for s in run.sets] == [30, 10] and run.outputs[0].name == "logits"
+    np.testing.assert_allclose(np.concatenate(run.sets), model_logits(EDGE_INT8, images).sets[0], rtol=1e-5)
+    with pytest.raises(InvalidInput, match="datatype FP64"):
+        model_logits(EDGE_INT8, images.astype(np.float64))
+    with pytest.raises(InvalidInput, match="shape"):
+        model_logits(EDGE_INT8, images[:, :, :8])
+    with pytest.raises(ModelLoadError, match="no output 'probs'"):
+        model_logits(EDGE_INT8, images, output="probs")
 
 
 # -- the shipped models ------------------------------------------------------------------------------
@@ -146,7 +160,7 @@ def test_shipped_int8_models_fit_the_budget_and_tensorrt(model: Path) -> None:
 def held_out() -> dict:
     """Logits of every shipped model on fresh held-out rows, and their labels."""
     images, labels = make_split("test", SAMPLE)
-    return {"labels": labels, **{m: model_logits(m, images) for m in SHIPPED}}
+    return {"labels": labels, **{m: model_logits(m, images).sets[0] for m in SHIPPED}}
 
 
 def _cascade(model: Path, held_out: dict) -> tuple[float, float]:
@@ -218,3 +232,26 @@ def test_calibrate_writes_and_updates_the_card(tmp_path: Path, capsys: pytest.Ca
     assert second.calibrated_on["target_escalation"] == 0.02 and "target_accuracy" not in second.calibrated_on
     assert second.metrics["threshold"] == second.calibration.threshold
     assert second.created_at == first.created_at and second.sha256 == first.sha256
+
+
+def test_calibrate_keeps_the_cards_built_in_policy_and_dry_run_writes_nothing(tmp_path: Path) -> None:
+    edge = tmp_path / "edge.onnx"
+    shutil.copyfile(EDGE_INT8, edge)
+    assert _calibrate("--model", str(edge), "--cloud", str(CLOUD), "--n", "400", "--policy", "entropy") == 0
+    written = card_path(edge).read_text()
+    assert _calibrate("--model", str(edge), "--cloud", str(CLOUD), "--n", "400", "--dry-run") == 0
+    assert card_path(edge).read_text() == written
+    assert _calibrate("--model", str(edge), "--cloud", str(CLOUD), "--n", "400",
+                      "--target-escalation", "0.1") == 0
+    assert ModelCard.load(edge).calibration.policy == "entropy"
+    data = json.loads(card_path(edge).read_text())
+    data["calibration"]["policy"] = "mypkg.policies:confidence"
+    card_path(edge).write_text(json.dumps(data))
+    with pytest.raises(EdgecloudError, match="not built-in"):
+        _calibrate("--model", str(edge), "--cloud", str(CLOUD), "--n", "400", "--dry-run")
+
+
+def test_calibrate_rejects_a_count_below_one() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _calibrate("--model", "m.onnx", "--cloud", "c.onnx", "--n", "0")
+    assert exit_info.value.code == 2

@@ -10,8 +10,12 @@ import numpy as np
 SCORE_KINDS = ("logits", "probabilities")
 
 
-def calibrated_probabilities(scores: np.ndarray, kind: str, temperature: float = 1.0) -> np.ndarray:
-    """softmax(z/T) for logits, softmax(log(max(p, 1e-12))/T) for probabilities, along the last axis."""
+def log_calibrated_probabilities(scores: np.ndarray, kind: str, temperature: float = 1.0) -> np.ndarray:
+    """log softmax(z/T) along the last axis, z being the logits or log(max(p, 1e-12)) of probabilities.
+
+    The one definition of calibrated scores: serving reads confidences from it and calibration fits
+    the temperature on it, so the two cannot drift apart.
+    """
     if kind not in SCORE_KINDS:
         raise ValueError(f"scores must be one of {SCORE_KINDS}, not {kind!r}")
     if temperature <= 0:
@@ -21,8 +25,12 @@ def calibrated_probabilities(scores: np.ndarray, kind: str, temperature: float =
         z = np.log(np.maximum(z, 1e-12))
     z = z / temperature
     z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def calibrated_probabilities(scores: np.ndarray, kind: str, temperature: float = 1.0) -> np.ndarray:
+    """softmax(z/T) for logits, softmax(log(max(p, 1e-12))/T) for probabilities, along the last axis."""
+    return np.exp(log_calibrated_probabilities(scores, kind, temperature))
 
 
 def max_prob(p: np.ndarray) -> np.ndarray:

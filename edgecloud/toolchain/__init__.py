@@ -11,3 +11,14 @@ from pathlib import Path
 
 #: the repository's ``models/`` directory, where the shipped artifacts and cards live
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+
+# Where the build puts each shipped model, relative to a models directory; the demo, the benchmark
+# and the build all find the models here, so a renamed artifact is renamed once.
+#: the name the cloud model is served under in its repository
+CLOUD_NAME = "inspection"
+REPOSITORY = Path("repository")
+CLOUD = REPOSITORY / CLOUD_NAME / "1" / "model.onnx"
+EDGE_FP32 = Path("edge/inspection-edge-fp32.onnx")
+EDGE_INT8 = Path("edge/inspection-edge-int8.onnx")
+EDGE_V2_INT8 = Path("edge/inspection-edge-v2-int8.onnx")
+

@@ -6,26 +6,29 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from edgecloud.calibration import CascadeOutcome
+from edgecloud.cli import positive_int
 from edgecloud.confidence import POLICIES
 from edgecloud.errors import EdgecloudError
-from edgecloud.modelcard import CardCalibration, ModelCard
+from edgecloud.modelcard import ModelCard
 from edgecloud.toolchain import MODELS_DIR
-from edgecloud.toolchain.dataset import LABELS, make_split
 from edgecloud.toolchain.evaluate import (
     TARGET_ACCURACY,
-    CascadeFit,
+    CascadeCalibration,
+    Scored,
+    Splits,
     accuracy,
-    cascade_on,
-    fit_cascade,
-    model_contract,
-    model_logits,
+    calibrate_cascade,
+    classifier_card,
 )
+
+#: the policy a model without a card is calibrated for
+DEFAULT_POLICY = "max_prob"
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -37,25 +40,11 @@ def run_build(args: argparse.Namespace) -> int:
     return build(args.out)
 
 
-@dataclass(frozen=True)
-class Measured:
-    """Edge and cloud scores on one split."""
-
-    split: str
-    labels: np.ndarray
-    edge: np.ndarray
-    cloud: np.ndarray
-
-    @classmethod
-    def run(cls, split: str, n: int, edge: Path, cloud: Path, score_output: str) -> Measured:
-        images, labels = make_split(split, n)
-        return cls(split, labels, model_logits(edge, images, output=score_output),
-                   model_logits(cloud, images))
-
-    def line(self, outcome: CascadeOutcome) -> str:
-        return (f"{self.split:4} (n={len(self.labels)}): cascade {outcome.accuracy:.2%}, escalated "
-                f"{outcome.escalation:.1%}, edge {accuracy(self.edge, self.labels):.2%}, "
-                f"cloud {accuracy(self.cloud, self.labels):.2%}")
+def _line(split: str, labels: np.ndarray, edge: np.ndarray, cloud: np.ndarray,
+          outcome: CascadeOutcome) -> str:
+    return (f"{split:4} (n={len(labels)}): cascade {outcome.accuracy:.2%}, escalated "
+            f"{outcome.escalation:.1%}, edge {accuracy(edge, labels):.2%}, "
+            f"cloud {accuracy(cloud, labels):.2%}")
 
 
 def _served_name(model: Path) -> str:
@@ -73,57 +62,54 @@ def _existing_card(model: Path) -> ModelCard | None:
     return card
 
 
-def _updated_card(args: argparse.Namespace, card: ModelCard | None, fit: CascadeFit, score_output: str,
-                  target: dict[str, float], test: Measured) -> ModelCard:
-    calibration = CardCalibration(fit.policy, fit.temperature, fit.threshold, score_output, fit.scores)
-    calibrated_on = {"split": "val", "n": args.n, "cloud_model": _served_name(args.cloud), **target,
-                     "accuracy": fit.outcome.accuracy, "escalation_rate": fit.outcome.escalation}
-    held_out = cascade_on(test.edge, test.cloud, test.labels, fit)
-    metrics = {**(card.metrics if card else {}), "split": test.split, "n": len(test.labels),
-               "accuracy": accuracy(test.edge, test.labels),
-               "cloud_accuracy": accuracy(test.cloud, test.labels), "cascade_accuracy": held_out.accuracy,
-               "escalation_rate": held_out.escalation, "threshold": fit.threshold}
+def _policy(args: argparse.Namespace, card: ModelCard | None) -> str:
+    """``--policy``, else the card's (recalibrating keeps what the model was calibrated for)."""
+    if args.policy is not None:
+        return args.policy
+    if card is None:
+        return DEFAULT_POLICY
+    if card.calibration.policy not in POLICIES:
+        raise EdgecloudError(f"the card of {args.model} names policy {card.calibration.policy!r}, "
+                             f"which is not built-in: calibrate fits {sorted(POLICIES)} only; "
+                             "choose one with --policy")
+    return card.calibration.policy
+
+
+def _updated_card(args: argparse.Namespace, card: ModelCard | None, edge: Scored,
+                  cal: CascadeCalibration) -> ModelCard:
+    metrics = {**(card.metrics if card else {}), **cal.metrics}
     if card is not None:
-        return replace(card.with_calibration(calibration, calibrated_on), metrics=metrics)
-    inputs, outputs = model_contract(args.model)
-    return ModelCard.describe(args.model, name=_served_name(args.model), version=0, task="classification",
-                              inputs=inputs, outputs=outputs, labels=LABELS, calibration=calibration,
-                              metrics=metrics, source={"tool": "edgecloud calibrate"},
-                              calibrated_on=calibrated_on)
+        return replace(card.with_calibration(cal.calibration, cal.calibrated_on), metrics=metrics)
+    return classifier_card(args.model, edge, cal.calibration, metrics, name=_served_name(args.model),
+                           version=0, source={"tool": "edgecloud calibrate"},
+                           calibrated_on=cal.calibrated_on)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    """Fit on "val", re-measure on "test" (the card's held-out figures must describe the new
-    threshold), print both and update the edge model's card."""
+    """Fit on "val", re-measure on "test", print both and update the edge model's card."""
     card = _existing_card(args.model)
-    score_output = card.calibration.score_output if card else model_contract(args.model)[1][0].name
-    scores = card.calibration.scores if card else "logits"
+    policy = _policy(args, card)
     if args.target_escalation is not None:
         target = {"target_escalation": args.target_escalation}
     elif args.target_accuracy is not None:
         target = {"target_accuracy": args.target_accuracy}
     else:
         target = {"target_accuracy": TARGET_ACCURACY}
-    val = Measured.run("val", args.n, args.model, args.cloud, score_output)
-    fit = fit_cascade(val.edge, val.cloud, val.labels, args.policy, target.get("target_accuracy"),
-                      target.get("target_escalation"), scores)
-    test = Measured.run("test", int(card.metrics.get("n", args.n)) if card else args.n, args.model,
-                        args.cloud, score_output)
+    splits = Splits.make(args.n, int(card.metrics.get("n", args.n)) if card else args.n)
+    score_output = card.calibration.score_output if card else None  # None: the model's first output
+    edge, cloud = splits.score(args.model, score_output), splits.score(args.cloud)
+    cal = calibrate_cascade(splits, edge, cloud, policy, target, cloud_model=_served_name(args.cloud),
+                            score_output=score_output or edge.outputs[0].name,
+                            scores=card.calibration.scores if card else "logits")
     goal = ", ".join(f"{k.removeprefix('target_')} {v:.2%}" for k, v in target.items())
-    print(f"{args.model.name} with {_served_name(args.cloud)}: policy {args.policy}, target {goal}\n"
-          f"  temperature {fit.temperature:.4f}, threshold {fit.threshold:.4f}\n"
-          f"  {val.line(fit.outcome)}\n  {test.line(cascade_on(test.edge, test.cloud, test.labels, fit))}")
+    print(f"{args.model.name} with {_served_name(args.cloud)}: policy {policy}, target {goal}\n"
+          f"  temperature {cal.fit.temperature:.4f}, threshold {cal.fit.threshold:.4f}\n"
+          f"  {_line('val', splits.val[1], edge.val, cloud.val, cal.fit.outcome)}\n"
+          f"  {_line('test', splits.test[1], edge.test, cloud.test, cal.held_out)}")
     if not args.dry_run:
-        path = _updated_card(args, card, fit, score_output, target, test).save(args.model)
+        path = _updated_card(args, card, edge, cal).save(args.model)
         print(f"  card written: {path}")
     return 0
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -154,7 +140,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help=f"cascade accuracy to reach with the least escalation "
                              f"(default {TARGET_ACCURACY})")
     target.add_argument("--target-escalation", type=_fraction, help="share of rows to escalate at most")
-    cal.add_argument("--policy", choices=sorted(POLICIES), default="max_prob", help="confidence policy")
-    cal.add_argument("--n", type=_positive, default=5000, help="'val' samples to calibrate on (default 5000)")
+    cal.add_argument("--policy", choices=sorted(POLICIES),
+                     help=f"confidence policy (default: the card's, else {DEFAULT_POLICY})")
+    cal.add_argument("--n", type=positive_int, default=5000,
+                     help="'val' samples to calibrate on (default 5000)")
     cal.add_argument("--dry-run", action="store_true", help="print the result, leave the card alone")
     cal.set_defaults(func=run_calibrate)

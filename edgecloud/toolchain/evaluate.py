@@ -3,8 +3,10 @@ from their logits. numpy and onnxruntime only: ``edgecloud calibrate`` runs wher
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,39 +19,79 @@ from edgecloud.calibration import (
     fit_temperature,
 )
 from edgecloud.errors import ModelLoadError
-from edgecloud.tensors import TensorSpec
+from edgecloud.modelcard import CardCalibration, ModelCard
+from edgecloud.tensors import TensorSpec, check_inputs
+from edgecloud.toolchain.dataset import LABELS, make_split
 
 #: cascade accuracy the demo models are calibrated for on "val": above the 97.5 % held-out
 #: target, so the threshold keeps a margin on data it has not seen
 TARGET_ACCURACY = 0.9875
 
 
-def model_logits(path: Path, images: np.ndarray, output: str | None = None, batch_size: int = 500,
-                 threads: int = 0) -> np.ndarray:
-    """Output ``output`` (default: the first) of the ONNX model at ``path`` for ``images``, in batches."""
+@dataclass(frozen=True)
+class ModelOutputs:
+    """One output of a model for each of several image sets, and the model's contract."""
+
+    sets: tuple[np.ndarray, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def model_logits(path: Path, *image_sets: np.ndarray, output: str | None = None, batch_size: int = 500,
+                 threads: int = 0) -> ModelOutputs:
+    """Output ``output`` (default: the first) of the ONNX model at ``path`` for each image set, in
+    batches; one ONNX Runtime session serves every set, since loading a model costs more than a split."""
     backend = OrtBackend(OrtConfig(intra_op_threads=threads))
     backend.load(Path(path))
     try:
         if len(backend.inputs) != 1:
             raise ModelLoadError(f"{path}: expected one input, the model has {len(backend.inputs)}")
-        name, output = backend.inputs[0].name, output or backend.outputs[0].name
-        return np.concatenate([backend.infer({name: images[i:i + batch_size]})[output]
-                               for i in range(0, len(images), batch_size)])
+        names = [o.name for o in backend.outputs]
+        output = output or names[0]
+        if output not in names:
+            raise ModelLoadError(f"{path}: no output {output!r}; the model's outputs are {names}")
+        name = backend.inputs[0].name
+        for images in image_sets:
+            check_inputs(backend.inputs, {name: images}, str(path))
+        sets = tuple(np.concatenate([backend.infer({name: images[i:i + batch_size]})[output]
+                                     for i in range(0, len(images), batch_size)]) for images in image_sets)
+        return ModelOutputs(sets, backend.inputs, backend.outputs)
     finally:
         backend.close()
-
-
-def model_contract(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """(inputs, outputs) of the ONNX model at ``path``, as ONNX Runtime reads them."""
-    backend = OrtBackend()
-    backend.load(Path(path))
-    backend.close()
-    return backend.inputs, backend.outputs
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy."""
     return float(np.mean(logits.argmax(axis=1) == labels))
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One model's score output on "val" and "test", its held-out accuracy and its contract."""
+
+    val: np.ndarray
+    test: np.ndarray
+    test_accuracy: float
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """(images, labels) of the split a cascade is fitted on ("val") and of the held-out one ("test")."""
+
+    val: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+
+    @classmethod
+    def make(cls, n_val: int, n_test: int) -> Splits:
+        return cls(make_split("val", n_val), make_split("test", n_test))
+
+    def score(self, path: Path, output: str | None = None) -> Scored:
+        """The model at ``path`` on both splits."""
+        run = model_logits(path, self.val[0], self.test[0], output=output)
+        val, test = run.sets
+        return Scored(val, test, accuracy(test, self.test[1]), run.inputs, run.outputs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +126,44 @@ def cascade_on(edge_scores: np.ndarray, cloud_scores: np.ndarray, labels: np.nda
     conf = confidence(edge_scores, fit.policy, fit.temperature, fit.scores)
     return cascade_outcome(conf, edge_scores.argmax(1) == labels, cloud_scores.argmax(1) == labels,
                            fit.threshold)
+
+
+@dataclass(frozen=True)
+class CascadeCalibration:
+    """A cascade fitted on "val" and measured on "test", with what a model card records of it."""
+
+    fit: CascadeFit
+    held_out: CascadeOutcome
+    calibration: CardCalibration
+    calibrated_on: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def calibrate_cascade(splits: Splits, edge: Scored, cloud: Scored, policy: str, target: Mapping[str, float],
+                      *, cloud_model: str, score_output: str, scores: str = "logits") -> CascadeCalibration:
+    """Fit on "val" for ``target`` (``target_accuracy`` or ``target_escalation``) and re-measure on
+    "test", so the card's held-out figures describe the threshold it ships.
+
+    CalibrationError when an accuracy target is out of reach on "val".
+    """
+    (_, val_labels), (_, test_labels) = splits.val, splits.test
+    fit = fit_cascade(edge.val, cloud.val, val_labels, policy, target.get("target_accuracy"),
+                      target.get("target_escalation"), scores)
+    held_out = cascade_on(edge.test, cloud.test, test_labels, fit)
+    calibrated_on = {"split": "val", "n": len(val_labels), "cloud_model": cloud_model, **target,
+                     "accuracy": fit.outcome.accuracy, "escalation_rate": fit.outcome.escalation}
+    metrics = {"split": "test", "n": len(test_labels), "accuracy": edge.test_accuracy,
+               "cloud_accuracy": cloud.test_accuracy, "cascade_accuracy": held_out.accuracy,
+               "escalation_rate": held_out.escalation, "threshold": fit.threshold}
+    calibration = CardCalibration(policy, fit.temperature, fit.threshold, score_output, scores)
+    return CascadeCalibration(fit, held_out, calibration, calibrated_on, metrics)
+
+
+def classifier_card(model: Path, scored: Scored, calibration: CardCalibration, metrics: Mapping[str, Any],
+                    *, name: str, version: int, source: Mapping[str, Any],
+                    calibrated_on: Mapping[str, Any] | None = None) -> ModelCard:
+    """A new card for a classifier of the synthetic data set, with the contract it was scored through."""
+    return ModelCard.describe(model, name=name, version=version, task="classification", inputs=scored.inputs,
+                              outputs=scored.outputs, labels=LABELS, calibration=calibration,
+                              metrics=dict(metrics), source=dict(source),
+                              calibrated_on=None if calibrated_on is None else dict(calibrated_on))
