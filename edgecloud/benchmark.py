@@ -27,15 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from edgecloud.backends import open_backend
+from edgecloud.cli import positive_int
 from edgecloud.client import KServeClient
 from edgecloud.endpoint import free_loopback_port
 from edgecloud.modelcard import served_name
 from edgecloud.services import ServiceProcess
-
-MODELS = Path(__file__).resolve().parents[1] / "models"
-EDGE = MODELS / "edge" / "inspection-edge-int8.onnx"
-EDGE_FP32 = MODELS / "edge" / "inspection-edge-fp32.onnx"
-CLOUD = MODELS / "repository" / "inspection" / "1" / "model.onnx"
+from edgecloud.toolchain import CLOUD, EDGE_FP32, EDGE_INT8, MODELS_DIR
 
 
 def _rss_bytes() -> int:
@@ -100,8 +97,8 @@ def bench_agent(edge: Path, rows: np.ndarray, repeats: int, workdir: Path) -> di
             "overhead_p50_ms": round(float(np.median(served) - np.median(direct)), 3)}
 
 
-def _gateway_rows_per_s(cloud: Path, rows: np.ndarray, clients: int, calls: int, batch_size: int,
-                        workdir: Path) -> float:
+def _gateway_rows_per_s(cloud: Path, input_name: str, rows: np.ndarray, clients: int, calls: int,
+                        batch_size: int, workdir: Path) -> float:
     repo = workdir / f"repo-{batch_size}"
     (repo / "m" / "1").mkdir(parents=True)
     shutil.copyfile(cloud, repo / "m" / "1" / "model.onnx")
@@ -109,12 +106,11 @@ def _gateway_rows_per_s(cloud: Path, rows: np.ndarray, clients: int, calls: int,
     port = free_loopback_port()
     flags = ["--model-repository", str(repo), "--listen", f"127.0.0.1:{port}", "--log-level", "WARNING"]
     gateway = ServiceProcess("cloud-gateway", flags, port, workdir / f"gw-{batch_size}.log")
-    name = open_backend(cloud).inputs[0].name
     with gateway:
         def worker(k: int) -> None:
             with KServeClient(f"127.0.0.1:{port}") as client:
                 for i in range(calls):
-                    client.infer("m", {name: rows[(k + i) % len(rows)][None]})
+                    client.infer("m", {input_name: rows[(k + i) % len(rows)][None]})
         threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
         started = time.perf_counter()
         for t in threads:
@@ -127,8 +123,11 @@ def _gateway_rows_per_s(cloud: Path, rows: np.ndarray, clients: int, calls: int,
 def bench_gateway(cloud: Path, rows: np.ndarray, clients: int, calls: int, workdir: Path) -> dict:
     """Dynamic batching vs one run per request, same model, same concurrent load."""
     _progress(f"gateway, {clients} concurrent clients")
-    batched = _gateway_rows_per_s(cloud, rows, clients, calls, 32, workdir)
-    single = _gateway_rows_per_s(cloud, rows, clients, calls, 0, workdir)
+    backend = open_backend(cloud)
+    name = backend.inputs[0].name
+    backend.close()
+    batched = _gateway_rows_per_s(cloud, name, rows, clients, calls, 32, workdir)
+    single = _gateway_rows_per_s(cloud, name, rows, clients, calls, 0, workdir)
     return {"clients": clients, "calls_per_client": calls, "rows_per_s_batched": round(batched, 1),
             "rows_per_s_unbatched": round(single, 1), "speedup": round(batched / single, 2)}
 
@@ -206,12 +205,13 @@ def run_bench(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speed and memory of the hot paths beside their baselines",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--edge", type=Path, default=EDGE, help="edge INT8 model")
-    p.add_argument("--edge-fp32", type=Path, default=EDGE_FP32, help="its FP32 version (baseline)")
-    p.add_argument("--cloud", type=Path, default=CLOUD, help="cloud model")
-    p.add_argument("--repeats", type=int, default=300, help="timed calls per latency figure")
-    p.add_argument("--batch", type=int, default=32, help="batch size for throughput")
-    p.add_argument("--clients", type=int, default=8, help="concurrent clients against the gateway")
-    p.add_argument("--calls", type=int, default=100, help="calls per gateway client")
+    p.add_argument("--edge", type=Path, default=MODELS_DIR / EDGE_INT8, help="edge INT8 model")
+    p.add_argument("--edge-fp32", type=Path, default=MODELS_DIR / EDGE_FP32,
+                   help="its FP32 version (baseline)")
+    p.add_argument("--cloud", type=Path, default=MODELS_DIR / CLOUD, help="cloud model")
+    p.add_argument("--repeats", type=positive_int, default=300, help="timed calls per latency figure")
+    p.add_argument("--batch", type=positive_int, default=32, help="batch size for throughput")
+    p.add_argument("--clients", type=positive_int, default=8, help="concurrent clients against the gateway")
+    p.add_argument("--calls", type=positive_int, default=100, help="calls per gateway client")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="where JSON and PNG go")
     p.set_defaults(func=run_bench)

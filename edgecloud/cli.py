@@ -23,6 +23,14 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts, so 0 or less is a usage error rather than a crash later on."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgecloud", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edgecloud {__version__}")

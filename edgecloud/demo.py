@@ -28,19 +28,19 @@ import grpc
 import numpy as np
 
 from edgecloud.broker import INSTALL_HINT, mosquitto_path
+from edgecloud.cli import positive_int
 from edgecloud.client import KServeClient
-from edgecloud.demo_fleet import DemoFleet, UpdateOutcome
+from edgecloud.demo_fleet import WATCH_S, DemoFleet, UpdateOutcome
 from edgecloud.endpoint import free_loopback_port
 from edgecloud.modelcard import served_name
 from edgecloud.services import ServiceProcess
+from edgecloud.toolchain import CLOUD_NAME, EDGE_INT8, EDGE_V2_INT8, MODELS_DIR, REPOSITORY
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
-EDGE_MODEL = MODELS / "edge" / "inspection-edge-int8.onnx"
-EDGE_MODEL_V2 = MODELS / "edge" / "inspection-edge-v2-int8.onnx"
+EDGE_MODEL = MODELS_DIR / EDGE_INT8
+EDGE_MODEL_V2 = MODELS_DIR / EDGE_V2_INT8
+CLOUD_REPOSITORY = MODELS_DIR / REPOSITORY
 DEVICE = "demo-line-1"
 UPDATE_TIMEOUT_S = 60.0
-CLOUD_REPOSITORY = MODELS / "repository"
-CLOUD_MODEL = "inspection"
 
 
 @dataclass
@@ -146,7 +146,7 @@ def summarize_update(cascade: Run, during: Run, update: UpdateOutcome) -> dict:
     if update.published_at is not None and update.settled_at is not None:
         settle_s = round(update.settled_at - update.published_at, 2)
     return {"version": update.version, "state": update.state, "reason": update.reason,
-            "publish_error": update.error, "publish_to_settled_s": settle_s,
+            "publish_error": update.error, "publish_to_settled_s": settle_s, "watch": update.watch,
             "before": cascade.by_version(old) if old is not None else None, "after": cascade.by_version(new),
             "during": {"answered": len(during.correct), "versions": sorted(set(during.versions))},
             "failed_requests": len(cascade.failed) + len(during.failed)}
@@ -192,7 +192,9 @@ def format_update(u: dict) -> list[str]:
     if u["publish_error"]:
         state = f"not published: {u['publish_error']}"
     took = "" if u["publish_to_settled_s"] is None else f" {u['publish_to_settled_s']:.2f} s after publishing"
-    return [f"signed release v{u['version']} published half-way through the cascade stream: {state}{took}",
+    watched = f"; watch window ({WATCH_S:g} s): {u['watch']}" if u["state"] == "active" else ""
+    return [f"signed release v{u['version']} published half-way through the cascade stream: "
+            f"{state}{took}{watched}",
             f"  before the swap  {part(u['before'])}",
             f"  after the swap   {part(u['after'])}",
             f"  while updating   {u['during']['answered']} requests answered (by version "
@@ -223,7 +225,7 @@ def run_demo(args: argparse.Namespace) -> int:
         gw_port, workdir / "gateway.log")
     agent = ServiceProcess("edge-agent", [
         "--model", str(args.edge_model), "--listen", f"127.0.0.1:{agent_port}",
-        "--cloud", f"127.0.0.1:{gw_port}", "--cloud-model", CLOUD_MODEL,
+        "--cloud", f"127.0.0.1:{gw_port}", "--cloud-model", CLOUD_NAME,
         "--deadline-ms", str(args.deadline_ms), "--max-per-s", "1000",
         "--state-dir", str(workdir / "agent-state"), "--device-id", DEVICE,
         "--metrics-listen", f"127.0.0.1:{free_loopback_port()}", *(fleet.agent_flags() if fleet else [])],
@@ -237,7 +239,7 @@ def run_demo(args: argparse.Namespace) -> int:
         cloud_client = stack.enter_context(KServeClient(f"127.0.0.1:{gw_port}"))
         model = served_name(args.edge_model)
         edge = stream(edge_client, model, images, labels, "edge-only", {"edgecloud.escalate": "never"})
-        cloud = stream(cloud_client, CLOUD_MODEL, images, labels, "cloud-only")
+        cloud = stream(cloud_client, CLOUD_NAME, images, labels, "cloud-only")
         if fleet is None:
             cascade, during = stream(edge_client, model, images, labels, "cascade"), None
         else:  # the first half on v1; the release; requests go on until it settles; the second half
@@ -247,6 +249,7 @@ def run_demo(args: argparse.Namespace) -> int:
             during = stream(edge_client, model, images[half:], labels[half:], "during-update",
                             until=fleet.settled_or_timed_out(UPDATE_TIMEOUT_S))
             stream(edge_client, model, images[half:], labels[half:], "cascade", run=cascade)
+            fleet.wait_watched(WATCH_S + UPDATE_TIMEOUT_S)
     summary = summarize(edge, cloud, cascade, during, fleet.outcome if fleet else None)
     print(format_table(summary, args.wan_ms))
     if args.json:
@@ -257,7 +260,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="gateway + agent on loopback, a stream of images, a summary",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=500, help="images to stream (default 500)")
+    p.add_argument("--n", type=positive_int, default=500, help="images to stream (default 500)")
     p.add_argument("--wan-ms", type=int, default=30, help="emulated WAN delay at the cloud (default 30)")
     p.add_argument("--deadline-ms", type=int, default=300, help="agent's escalation deadline")
     p.add_argument("--edge-model", type=Path, default=EDGE_MODEL)

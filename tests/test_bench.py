@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from edgecloud import cli
 
 
@@ -24,3 +26,10 @@ def test_bench_writes_every_figure_beside_its_baseline(tmp_path: Path, capsys) -
     assert gateway["rows_per_s_batched"] > 0 and gateway["rows_per_s_unbatched"] > 0
     table = capsys.readouterr().out
     assert "edge FP32" in table and "dynamic batching" in table
+
+
+@pytest.mark.parametrize("flag", ["--repeats", "--batch", "--clients", "--calls"])
+def test_bench_refuses_counts_below_one(flag: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", flag, "0"])
+    assert exit_info.value.code == 2 and "must be >= 1" in capsys.readouterr().err

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from edgecloud import cli
 from edgecloud.broker import MOSQUITTO_ENV, mosquitto_path
 from edgecloud.demo import CLOUD_REPOSITORY, EDGE_MODEL_V2
+from edgecloud.demo_fleet import DemoFleet
+from edgecloud.errors import ConfigError
 from edgecloud.modelcard import file_digest, read_card
 
 N = 60
@@ -45,7 +48,7 @@ def test_demo_swaps_to_the_signed_v2_release_without_failed_requests(tmp_path: P
     check_inference_part(summary)
     update = summary["update"]
     assert update["publish_error"] is None
-    assert update["state"] == "active", update
+    assert update["state"] == "active" and update["watch"] == "passed", update
     assert update["version"] == 2
     assert update["before"]["version"] == "1" and update["before"]["images"] >= N // 2
     assert update["after"]["version"] == "2" and update["after"]["images"] > 0
@@ -75,3 +78,19 @@ def test_demo_without_the_update_part(tmp_path: Path, how: str) -> None:
         assert skipped == []
     else:  # one line that says how to get the update part
         assert len(skipped) == 1 and "apt-get install" in skipped[0]
+
+
+@pytest.mark.parametrize("n", ["0", "-1"])
+def test_demo_refuses_fewer_than_one_image(n: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--n", n])
+    assert exit_info.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_update_model_without_a_card_version_is_a_config_error(tmp_path: Path) -> None:
+    model = tmp_path / "edge.onnx"
+    model.write_bytes(EDGE_MODEL_V2.read_bytes())
+    (tmp_path / "edge.onnx.card.json").write_text(json.dumps({"name": "inspection-edge"}))
+    with pytest.raises(ConfigError, match="no integer version"):
+        DemoFleet(tmp_path / "fleet", "device", model, "127.0.0.1:1")
+    assert not (tmp_path / "fleet").exists()
