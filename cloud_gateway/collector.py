@@ -1,7 +1,7 @@
 """The fleet collector: subscribes to every device's status and telemetry of one fleet and exposes
 per-device Prometheus series (labels ``fleet`` and ``device``).
 
-Status is folded by :class:`edgecloud.fleet.status.FleetView`, as ``edgecloud fleet status`` does, so
+Status is folded by :class:`edgecloud_tools.fleet.status.FleetView`, as ``edgecloud fleet status`` does, so
 both agree on online, model and last seen (the device's ``at``). Telemetry is deduplicated by ``seq``:
 QoS 1 delivers at least once, and an agent resends what it was not sure the broker got. A jump in
 ``seq`` counts the messages that never arrived (dropped by a device's full buffer, or sent while this
@@ -28,8 +28,8 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgecloud.exposition import COUNTERS, PREFIX, QUANTILES
-from edgecloud.fleet.status import DeviceRow, FleetView, json_object
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
+from edgecloud.mqtt.fleet_view import DeviceRow, FleetView, json_object
 from edgecloud.mqtt.topics import TopicKind
 
 log = logging.getLogger(__name__)

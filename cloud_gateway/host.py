@@ -16,10 +16,10 @@ import numpy as np
 
 from cloud_gateway.auth import TokenTable
 from cloud_gateway.collaboration import Collaboration, read_collaboration
+from cloud_gateway.hard_examples import HardExample, HardExampleStore
 from cloud_gateway.repository import ModelRepository, ServedModel
 from edgecloud import __version__
 from edgecloud.errors import InvalidInput, ModelNotFound, ModelUnavailable
-from edgecloud.hard_examples import HardExample, HardExampleStore
 from edgecloud.protocol.classification import PARAMETER as CLASSIFICATION
 from edgecloud.protocol.classification import top_k_strings
 from edgecloud.protocol.codec import InferRequest, InferResponse, ModelMetadata

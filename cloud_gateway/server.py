@@ -17,12 +17,12 @@ import grpc
 from cloud_gateway.artifacts import add_artifact_service
 from cloud_gateway.auth import TokenAuthInterceptor, TokenTable
 from cloud_gateway.config import GatewayConfig, TLSSection
+from cloud_gateway.hard_examples import HardExampleStore
 from cloud_gateway.host import GatewayHost
 from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.repository import ModelRepository
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError
-from edgecloud.hard_examples import HardExampleStore
 from edgecloud.protocol.server import RunningServer, ServerTLS, start_server
 
 log = logging.getLogger(__name__)

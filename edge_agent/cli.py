@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 
 from edge_agent import systemd
+from edge_agent.app import EdgeAgent
 from edge_agent.config import AgentConfig
-from edge_agent.server import EdgeAgent
 from edgecloud import __version__
 from edgecloud.config import build, file_and_flags, host_port, merge
 from edgecloud.errors import ConfigError, EdgecloudError

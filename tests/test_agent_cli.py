@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from edgecloud.client import KServeClient
-from edgecloud.services import ServiceProcess
+from edgecloud_tools.services import ServiceProcess
 from tests.support.net import free_port
 from tests.support.onnx_models import linear_classifier, reference_logits
 

@@ -8,11 +8,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from edge_agent.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from edge_agent.cloud.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from edge_agent.cloud.ratelimit import TokenBucket
+from edge_agent.cloud.spool import Spool
 from edge_agent.config import CascadeSection
-from edge_agent.model import CascadeSettings
-from edge_agent.ratelimit import TokenBucket
-from edge_agent.spool import Spool
+from edge_agent.serving.slot import CascadeSettings
 from edgecloud.confidence import calibrated_probabilities, make_policy
 from edgecloud.confidence.probability import entropy, margin, max_prob
 from edgecloud.protocol.codec import InferRequest, request_to_bytes

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgecloud import cli
+from edgecloud_tools import cli
 
 
 def test_bench_writes_every_figure_beside_its_baseline(tmp_path: Path, capsys) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edgecloud import cli
+from edgecloud_tools import cli
 
 
 def load(path: Path) -> x509.Certificate:

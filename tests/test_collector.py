@@ -28,7 +28,7 @@ from tests.support.services import Client, GatewayCloud, start_agent
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from edgecloud.broker import LocalBroker
+    from edgecloud_tools.broker import LocalBroker
 
 TOPICS = FleetTopics(FLEET)
 X = np.random.default_rng(9).standard_normal((4, 8)).astype(np.float32)

@@ -11,20 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from edgecloud import cli
-from edgecloud.broker import MOSQUITTO_ENV, mosquitto_path
-from edgecloud.demo import CLOUD_REPOSITORY, EDGE_MODEL_V2
-from edgecloud.demo_fleet import DemoFleet
 from edgecloud.errors import ConfigError
 from edgecloud.modelcard import file_digest, read_card
+from edgecloud_tools import cli
+from edgecloud_tools.broker import MOSQUITTO_ENV, mosquitto_path
+from edgecloud_tools.demo import CLOUD_REPOSITORY, EDGE_MODEL_V2
+from edgecloud_tools.demo_fleet import DemoFleet
 
 N = 60
 
 
 def run_demo(tmp_path: Path, *flags: str, env: dict[str, str] | None = None) -> tuple[dict, str, str]:
     out = tmp_path / "summary.json"
-    proc = subprocess.run([sys.executable, "-m", "edgecloud.cli", "demo", "--n", str(N), "--wan-ms", "5",
-                           "--workdir", str(tmp_path / "work"), "--json", str(out), *flags],
+    proc = subprocess.run([sys.executable, "-m", "edgecloud_tools.cli", "demo", "--n", str(N),
+                           "--wan-ms", "5", "--workdir", str(tmp_path / "work"), "--json", str(out), *flags],
                           capture_output=True, text=True, timeout=240, check=False,
                           env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,9 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from edgecloud import cli
 from edgecloud.backends.ort_session import OrtBackend, OrtConfig
-from edgecloud.engine import cli as engine_cli
 from edgecloud.engine.builder import (
     BuildOptions,
     build_engine,
@@ -38,6 +36,7 @@ from edgecloud.engine.sidecar import (
     write_sidecar,
 )
 from edgecloud.errors import BackendUnavailable, ModelLoadError
+from edgecloud_tools import cli, engine_cli
 from tests.support.onnx_models import linear_classifier, reference_logits
 
 ORIN = "NVIDIA Jetson AGX Orin Developer Kit"

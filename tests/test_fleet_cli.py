@@ -19,17 +19,18 @@ import jsonschema
 import pytest
 
 from cloud_gateway.artifacts import add_artifact_service
-from edgecloud import cli
 from edgecloud.artifacts import download
-from edgecloud.fleet.status import FleetView, render_table
 from edgecloud.mqtt.client import Message, MqttClient
+from edgecloud.mqtt.fleet_view import FleetView
 from edgecloud.mqtt.payloads import reported_payload, status_payload
 from edgecloud.mqtt.topics import FleetTopics
 from edgecloud.release import Envelope, utc_now, verify_envelope
 from edgecloud.signing import TrustStore, key_id, load_public_key
+from edgecloud_tools import cli
+from edgecloud_tools.fleet.status import render_table
 
 if TYPE_CHECKING:
-    from edgecloud.broker import LocalBroker
+    from edgecloud_tools.broker import LocalBroker
 
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "protos/schemas/release.schema.json").read_text())

@@ -15,9 +15,9 @@ import onnxruntime as ort
 import pytest
 
 from cloud_gateway import Gateway, gateway_config
+from cloud_gateway.hard_examples import HardExampleStore
 from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud.client import KServeClient
-from edgecloud.hard_examples import HardExampleStore
 from edgecloud.protocol.codec import InferRequest, RequestedOutput, decode_response, encode_request
 from tests.support.onnx_models import linear_classifier
 from tests.support.services import start_agent

@@ -12,10 +12,10 @@ import pytest
 from cloud_gateway import Gateway, gateway_config
 from cloud_gateway.auth import token_hash
 from edgecloud._generated.inference import grpc_service_pb2 as pb
-from edgecloud.certs import issue, make_ca
 from edgecloud.client import KServeClient
 from edgecloud.errors import ConfigError
 from edgecloud.protocol.codec import InferRequest, encode_request
+from edgecloud_tools.certs import issue, make_ca
 from tests.support.onnx_models import linear_classifier
 
 SERVER_NAME = "gateway.test"

@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 
+from cloud_gateway.hard_examples import HardExampleStore
 from edgecloud.client import KServeClient
-from edgecloud.hard_examples import HardExampleStore
-from edgecloud.services import ServiceProcess
+from edgecloud_tools.services import ServiceProcess
 from tests.support.net import free_port
 from tests.support.onnx_models import linear_classifier, reference_logits
 

@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from edgecloud import examples_cli
+from cloud_gateway.hard_examples import DAY_S, HardExample, HardExampleStore
 from edgecloud.errors import ConfigError, EdgecloudError
-from edgecloud.hard_examples import DAY_S, HardExample, HardExampleStore
+from edgecloud_tools import examples_cli
 
 
 def example(request_id: str, row: int, *, reason: str = "low_confidence", created_at: float | None = None,

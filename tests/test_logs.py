@@ -15,14 +15,14 @@ AT = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 
 def record(message: str, *args: object) -> logging.LogRecord:
-    return logging.LogRecord("edge_agent.cascade", logging.WARNING, __file__, 1, message, args, None)
+    return logging.LogRecord("edge_agent.serving.cascade", logging.WARNING, __file__, 1, message, args, None)
 
 
 def test_key_value_line_with_and_without_journald(monkeypatch: pytest.MonkeyPatch) -> None:
     event = record("event=escalation_failed request_id=%s error=%r", "r-1", "deadline")
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     line = KeyValueFormatter().format(event)
-    assert re.fullmatch(rf"at={AT} level=WARNING logger=edge_agent.cascade "
+    assert re.fullmatch(rf"at={AT} level=WARNING logger=edge_agent.serving.cascade "
                         r"event=escalation_failed request_id=r-1 error='deadline'", line)
     monkeypatch.setenv("JOURNAL_STREAM", "8:12345")  # inherited, but stderr is something else
     assert KeyValueFormatter().format(event).startswith("at=")
@@ -34,5 +34,5 @@ def test_key_value_line_with_and_without_journald(monkeypatch: pytest.MonkeyPatc
 def test_json_line() -> None:
     entry = json.loads(JsonFormatter().format(record("event=spool_dropped seq=%d", 7)))
     assert re.fullmatch(AT, entry["at"])
-    assert (entry["level"], entry["logger"], entry["msg"]) == ("warning", "edge_agent.cascade",
+    assert (entry["level"], entry["logger"], entry["msg"]) == ("warning", "edge_agent.serving.cascade",
                                                              "event=spool_dropped seq=7")

@@ -11,7 +11,7 @@ import pytest
 
 from edgecloud.modelcard import CardCalibration, ModelCard, ModelCardError, card_path
 from edgecloud.tensors import TensorSpec
-from edgecloud.toolchain.dataset import LABELS
+from edgecloud_tools.toolchain.dataset import LABELS
 from tests.conftest import MODELS, ROOT
 
 SCHEMA = json.loads((ROOT / "protos" / "schemas" / "model_card.schema.json").read_text())

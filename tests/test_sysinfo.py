@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.sysinfo import SystemMonitor
+from edge_agent.fleet.sysinfo import SystemMonitor
 
 
 def write(root: Path, relative: str, text: str) -> None:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from edge_agent.disk_queue import DiskQueue
-from edge_agent.telemetry import system_figures
+from edge_agent.fleet.telemetry import system_figures
 from edgecloud.mqtt.client import MqttClient
 from edgecloud.mqtt.payloads import event_payload
 from edgecloud.mqtt.topics import FleetTopics, TopicKind
-from edgecloud.services import ServiceProcess
+from edgecloud_tools.services import ServiceProcess
 from tests.support.fleet import FLEET, Recorder, Scrape, fleet_sections, schema
 from tests.support.net import free_port, wait_for
 from tests.support.onnx_models import linear_classifier
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
-    from edgecloud.broker import LocalBroker
+    from edgecloud_tools.broker import LocalBroker
 
 TOPICS = FleetTopics(FLEET)
 X = np.random.default_rng(3).standard_normal((4, 8)).astype(np.float32)

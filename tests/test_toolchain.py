@@ -19,10 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 from edgecloud.confidence import make_policy
 from edgecloud.errors import EdgecloudError, InvalidInput, ModelLoadError
 from edgecloud.modelcard import ModelCard, card_path
-from edgecloud.toolchain import cli
-from edgecloud.toolchain.dataset import LABELS, SIZE, make_split
-from edgecloud.toolchain.evaluate import accuracy, model_logits
-from edgecloud.toolchain.quantize import check_tensorrt_ready, quantize_int8
+from edgecloud_tools.toolchain import cli
+from edgecloud_tools.toolchain.dataset import LABELS, SIZE, make_split
+from edgecloud_tools.toolchain.evaluate import accuracy, model_logits
+from edgecloud_tools.toolchain.quantize import check_tensorrt_ready, quantize_int8
 from tests.conftest import EDGE_INT8, EDGE_V2_INT8, MODELS, ROOT
 
 EDGE_FP32 = MODELS / "edge" / "inspection-edge-fp32.onnx"
@@ -50,8 +50,9 @@ def test_dataset_is_reproducible_balanced_and_well_formed() -> None:
 
 
 def test_device_side_modules_do_not_need_torch() -> None:
-    code = ("import sys, edgecloud.toolchain.dataset, edgecloud.toolchain.cli, edgecloud.toolchain.quantize, "
-            "edgecloud.calibration, edgecloud.modelcard; assert 'torch' not in sys.modules")
+    code = ("import sys, edgecloud_tools.toolchain.dataset, edgecloud_tools.toolchain.cli, "
+            "edgecloud_tools.toolchain.quantize, edgecloud.calibration, edgecloud.modelcard; "
+            "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

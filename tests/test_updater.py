@@ -25,14 +25,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_agent.server import EdgeAgent
-from edge_agent.updater import FAULT_ENV, FAULT_STEPS
-from edgecloud.fleet.publish import Published, ReleaseRequest, build_release, publish_release
+from edge_agent.app import EdgeAgent
+from edge_agent.update.updater import FAULT_ENV, FAULT_STEPS
 from edgecloud.mqtt.client import Message, MqttClient
 from edgecloud.mqtt.topics import FleetTopics, Topic, TopicKind
 from edgecloud.release import Envelope, PlanTarget, ReleasePayload, in_rollout, sign_release, utc_now
-from edgecloud.services import ServiceProcess
 from edgecloud.signing import load_private_key, write_keypair
+from edgecloud_tools.fleet.publish import Published, ReleaseRequest, build_release, publish_release
+from edgecloud_tools.services import ServiceProcess
 from tests.support.fleet import FLEET, schema
 from tests.support.net import free_port, wait_for
 from tests.support.onnx_models import linear_classifier, reference_logits
@@ -41,7 +41,7 @@ from tests.test_artifacts import CHUNK
 from tests.test_artifacts import Gateway as StallingGateway
 
 if TYPE_CHECKING:
-    from edgecloud.broker import LocalBroker
+    from edgecloud_tools.broker import LocalBroker
 
 GROUP, NAME = "line-a", "inspection"
 TOPICS = FleetTopics(FLEET)
@@ -299,7 +299,7 @@ def state_file(fleet: Fleet, device: str) -> dict:
 
 # -- happy path -----------------------------------------------------------------------------------------
 def test_group_moves_to_the_release_with_zero_failed_calls(fleet: Fleet, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="edge_agent.updater")
+    caplog.set_level(logging.INFO, logger="edge_agent.update.updater")
     devices = ["edge-1", "edge-2", "edge-3"]
     agents = [fleet.agent(d, update={"watch_s": 0.5}) for d in devices]
     v2 = fleet.model(2, card={"name": NAME, "version": 2, "labels": ["ok", "scratch", "dent", "stain"],
@@ -567,7 +567,7 @@ def test_device_desired_wins_over_group(fleet: Fleet) -> None:
 
 
 def test_rollout_percent_is_honoured(fleet: Fleet, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="edge_agent.updater")
+    caplog.set_level(logging.INFO, logger="edge_agent.update.updater")
     ids = [f"edge-{i}" for i in range(100)]
     inside = next(d for d in ids if in_rollout(d, 50, "canary"))
     outside = next(d for d in ids if not in_rollout(d, 50, "canary"))

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 
 from cloud_gateway import Gateway, gateway_config
+from cloud_gateway.hard_examples import HardExampleStore
+from edge_agent.app import EdgeAgent
 from edge_agent.config import AgentConfig
-from edge_agent.server import EdgeAgent
 from edgecloud.client import KServeClient
 from edgecloud.config import build, merge
-from edgecloud.hard_examples import HardExampleStore
 from edgecloud.protocol.codec import InferResponse
 
 

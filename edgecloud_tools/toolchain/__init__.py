@@ -1,8 +1,8 @@
 """The toolchain that makes the demo models: synthetic data, training, ONNX export, INT8 quantization,
 calibration and model cards.
 
-Only :mod:`~edgecloud.toolchain.nets`, :mod:`~edgecloud.toolchain.train`,
-:mod:`~edgecloud.toolchain.export` and :mod:`~edgecloud.toolchain.build` need torch (the ``train``
+Only :mod:`~edgecloud_tools.toolchain.nets`, :mod:`~edgecloud_tools.toolchain.train`,
+:mod:`~edgecloud_tools.toolchain.export` and :mod:`~edgecloud_tools.toolchain.build` need torch (the ``train``
 extra); the data set, evaluation and the ``calibrate`` command run on a device with numpy and ONNX
 Runtime alone.
 """

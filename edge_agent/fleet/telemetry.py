@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.disk_queue import DiskQueue, atomic_write
-from edge_agent.fleet_link import FleetLink, as_int_version
-from edge_agent.sysinfo import SystemMonitor
+from edge_agent.fleet.link import FleetLink, as_int_version
+from edge_agent.fleet.sysinfo import SystemMonitor
 from edgecloud.mqtt.client import ConnectionState, MqttError, MqttTimeout, NotConnected, encode_payload
 from edgecloud.release import format_time, utc_now
 
 if TYPE_CHECKING:
-    from edge_agent.escalation import CloudLink
-    from edge_agent.server import EdgeAgent
+    from edge_agent.app import EdgeAgent
+    from edge_agent.cloud.link import CloudLink
 
 log = logging.getLogger(__name__)
 

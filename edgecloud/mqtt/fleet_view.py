@@ -1,5 +1,6 @@
 """The fleet as its retained topics describe it: one row per device (online, model, update state,
-escalation rate, last seen), collected by listening for a moment and printed as a table.
+escalation rate, last seen), folded from status, reported and telemetry messages. Read by the fleet
+collector and by ``edgecloud fleet status``.
 
 Status and reported are retained, so every device that ever spoke shows up at once; telemetry is
 not, so the escalation rate appears only for devices that report during the listening window.
@@ -9,15 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
+from edgecloud.mqtt.client import Message
 from edgecloud.mqtt.topics import FleetTopics, TopicKind
-from edgecloud.release import format_time, parse_time
+from edgecloud.release import parse_time
 
 log = logging.getLogger(__name__)
 
@@ -100,36 +99,3 @@ class FleetView:
 
     def sorted_rows(self) -> list[DeviceRow]:
         return [self.rows[d] for d in sorted(self.rows)]
-
-
-def collect(config: MqttConfig, fleet: str, listen_s: float = 2.0,
-            connect_timeout_s: float = 10.0) -> list[DeviceRow]:
-    """Subscribe to the fleet's status, reported and telemetry topics for ``listen_s`` seconds."""
-    view = FleetView(fleet)
-    inbox: queue.Queue[Message] = queue.Queue()
-    with MqttClient(config, on_message=inbox.put) as client:
-        client.wait_connected(connect_timeout_s)
-        for kind in (TopicKind.STATUS, TopicKind.REPORTED, TopicKind.TELEMETRY):
-            client.subscribe(view.topics.every(kind))
-        deadline = time.monotonic() + listen_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                view.apply(inbox.get(timeout=remaining))
-            except queue.Empty:
-                break
-    while not inbox.empty():
-        view.apply(inbox.get_nowait())
-    return view.sorted_rows()
-
-
-def render_table(rows: list[DeviceRow]) -> str:
-    header = ("DEVICE", "ONLINE", "MODEL", "ACTIVE", "UPDATE", "ESCALATION", "LAST SEEN")
-    lines = [header]
-    for row in rows:
-        online = "-" if row.online is None else ("yes" if row.online else "no")
-        escalation = "-" if row.escalation_rate is None else f"{row.escalation_rate:.1%}"
-        lines.append((row.device, online, row.model or "-",
-                      "-" if row.active_version is None else str(row.active_version), row.update,
-                      escalation, format_time(row.last_seen) if row.last_seen else "-"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)

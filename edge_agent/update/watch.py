@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from edge_agent.model import EdgeModel
+from edge_agent.serving.slot import EdgeModel
 from edgecloud.backends.base import Backend
 from edgecloud.errors import InvalidInput
 from edgecloud.release import RollbackReason

@@ -28,7 +28,6 @@ from edgecloud.artifacts import TransportTLS, check_name, file_sha256, gateway_u
 from edgecloud.config import build, host_port
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError, EdgecloudError
-from edgecloud.fleet.status import collect, render_table
 from edgecloud.modelcard import ModelCardError, read_card
 from edgecloud.mqtt.client import MqttClient, MqttConfig
 from edgecloud.mqtt.topics import FleetTopics, Topic
@@ -46,6 +45,7 @@ from edgecloud.release import (
     utc_now,
 )
 from edgecloud.signing import load_private_key
+from edgecloud_tools.fleet.status import collect, render_table
 
 DEFAULT_EXPIRY = timedelta(days=30)
 CALIBRATION_KEYS = ("policy", "temperature", "threshold", "score_output", "scores")

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgecloud.broker import LocalBroker
 from edgecloud.errors import ConfigError
-from edgecloud.fleet.publish import ReleaseRequest, publish_release
 from edgecloud.modelcard import read_card, served_name
 from edgecloud.mqtt.client import Message, MqttClient
 from edgecloud.mqtt.topics import FleetTopics
 from edgecloud.signing import write_keypair
+from edgecloud_tools.broker import LocalBroker
+from edgecloud_tools.fleet.publish import ReleaseRequest, publish_release
 
 FLEET, GROUP = "demo", "line-1"
 SETTLED = ("active", "failed", "rolled_back")

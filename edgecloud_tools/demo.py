@@ -27,14 +27,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from edgecloud.broker import INSTALL_HINT, mosquitto_path
-from edgecloud.cli import positive_int
 from edgecloud.client import KServeClient
-from edgecloud.demo_fleet import WATCH_S, DemoFleet, UpdateOutcome
 from edgecloud.endpoint import free_loopback_port
 from edgecloud.modelcard import served_name
-from edgecloud.services import ServiceProcess
-from edgecloud.toolchain import CLOUD_NAME, EDGE_INT8, EDGE_V2_INT8, MODELS_DIR, REPOSITORY
+from edgecloud_tools.broker import INSTALL_HINT, mosquitto_path
+from edgecloud_tools.cli import positive_int
+from edgecloud_tools.demo_fleet import WATCH_S, DemoFleet, UpdateOutcome
+from edgecloud_tools.services import ServiceProcess
+from edgecloud_tools.toolchain import CLOUD_NAME, EDGE_INT8, EDGE_V2_INT8, MODELS_DIR, REPOSITORY
 
 EDGE_MODEL = MODELS_DIR / EDGE_INT8
 EDGE_MODEL_V2 = MODELS_DIR / EDGE_V2_INT8
@@ -203,7 +203,7 @@ def format_update(u: dict) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from edgecloud.toolchain.dataset import make_split  # numpy only; the demo needs no torch
+    from edgecloud_tools.toolchain.dataset import make_split  # numpy only; the demo needs no torch
 
     images, labels = make_split("test", args.n)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="edgecloud-demo-"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from edgecloud.toolchain.dataset import LABELS
+from edgecloud_tools.toolchain.dataset import LABELS
 
 
 def _conv(cin: int, cout: int) -> list[nn.Module]:

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from edgecloud.backends import open_backend
-from edgecloud.cli import positive_int
 from edgecloud.client import KServeClient
 from edgecloud.endpoint import free_loopback_port
 from edgecloud.modelcard import served_name
-from edgecloud.services import ServiceProcess
-from edgecloud.toolchain import CLOUD, EDGE_FP32, EDGE_INT8, MODELS_DIR
+from edgecloud_tools.cli import positive_int
+from edgecloud_tools.services import ServiceProcess
+from edgecloud_tools.toolchain import CLOUD, EDGE_FP32, EDGE_INT8, MODELS_DIR
 
 
 def _rss_bytes() -> int:
@@ -176,7 +176,7 @@ def plot(r: dict, path: Path) -> bool:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from edgecloud.toolchain.dataset import make_split
+    from edgecloud_tools.toolchain.dataset import make_split
 
     images, _ = make_split("test", max(args.batch, 64))
     out = Path(args.out)

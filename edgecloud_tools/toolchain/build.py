@@ -1,4 +1,4 @@
-"""Rebuild the demo models from nothing: ``python -m edgecloud.toolchain.build [--out models]`` (also
+"""Rebuild the demo models from nothing: ``python -m edgecloud_tools.toolchain.build [--out models]`` (also
 ``edgecloud models build``).
 
 Generates the synthetic data, trains the edge model (v1), a better edge model (v2, for the signed
@@ -30,9 +30,9 @@ import torch
 
 from edgecloud.calibration import CalibrationError, CascadeOutcome, fit_temperature
 from edgecloud.modelcard import CARD_SUFFIX, CardCalibration
-from edgecloud.toolchain import CLOUD, CLOUD_NAME, EDGE_FP32, EDGE_INT8, EDGE_V2_INT8, MODELS_DIR
-from edgecloud.toolchain.dataset import make_split
-from edgecloud.toolchain.evaluate import (
+from edgecloud_tools.toolchain import CLOUD, CLOUD_NAME, EDGE_FP32, EDGE_INT8, EDGE_V2_INT8, MODELS_DIR
+from edgecloud_tools.toolchain.dataset import make_split
+from edgecloud_tools.toolchain.evaluate import (
     TARGET_ACCURACY,
     CascadeFit,
     Scored,
@@ -40,10 +40,10 @@ from edgecloud.toolchain.evaluate import (
     calibrate_cascade,
     classifier_card,
 )
-from edgecloud.toolchain.export import OPSET, OUTPUT_NAME, export_onnx
-from edgecloud.toolchain.nets import CloudNet, EdgeNet
-from edgecloud.toolchain.quantize import check_tensorrt_ready, quantize_int8
-from edgecloud.toolchain.train import TrainConfig, train
+from edgecloud_tools.toolchain.export import OPSET, OUTPUT_NAME, export_onnx
+from edgecloud_tools.toolchain.nets import CloudNet, EdgeNet
+from edgecloud_tools.toolchain.quantize import check_tensorrt_ready, quantize_int8
+from edgecloud_tools.toolchain.train import TrainConfig, train
 
 EDGE_NAME = "inspection-edge"
 EDGE_V2_FP32 = Path("edge/inspection-edge-v2-fp32.onnx")  # scored for the v2 card, not installed
@@ -127,8 +127,8 @@ def _train_all(b: Build) -> None:
 def _source(b: Build, architecture: str, config: TrainConfig, quantized_from: Path | None) -> dict:
     r = b.recipe
     source: dict[str, Any] = {
-        "tool": "edgecloud.toolchain.build",
-        "data": {"generator": "edgecloud.toolchain.dataset", "train": r.n_train, "val": r.n_val,
+        "tool": "edgecloud_tools.toolchain.build",
+        "data": {"generator": "edgecloud_tools.toolchain.dataset", "train": r.n_train, "val": r.n_val,
                  "test": r.n_test},
         "architecture": architecture, "training": asdict(config),
         "export": {"exporter": f"torch {torch.__version__} torch.onnx (TorchScript)", "opset": OPSET},
@@ -278,7 +278,7 @@ def build(out: Path = MODELS_DIR, recipe: Recipe | None = None, targets: Targets
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edgecloud.toolchain.build", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m edgecloud_tools.toolchain.build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=MODELS_DIR, help="models directory (default: the repo's)")
     return build(parser.parse_args(argv).out)

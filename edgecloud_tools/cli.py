@@ -12,14 +12,14 @@ from edgecloud.errors import ConfigError, EdgecloudError
 
 #: modules that add sub-commands, in the order they appear in --help
 COMMAND_MODULES: tuple[str, ...] = (
-    "edgecloud.benchmark",
-    "edgecloud.certs",
-    "edgecloud.demo",
-    "edgecloud.examples_cli",
-    "edgecloud.engine.cli",
-    "edgecloud.fleet.keys_cli",
-    "edgecloud.fleet.publish",
-    "edgecloud.toolchain.cli",
+    "edgecloud_tools.benchmark",
+    "edgecloud_tools.certs",
+    "edgecloud_tools.demo",
+    "edgecloud_tools.examples_cli",
+    "edgecloud_tools.engine_cli",
+    "edgecloud_tools.fleet.keys_cli",
+    "edgecloud_tools.fleet.publish",
+    "edgecloud_tools.toolchain.cli",
 )
 
 

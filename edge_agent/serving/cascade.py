@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent.escalation import CloudError, CloudIncompatible, CloudLink
-from edge_agent.model import EdgeModel, ModelSlot
-from edge_agent.ratelimit import TokenBucket
-from edge_agent.spool import Spool
-from edge_agent.stats import CallRecord, Stats
+from edge_agent.cloud.link import CloudError, CloudIncompatible, CloudLink
+from edge_agent.cloud.ratelimit import TokenBucket
+from edge_agent.cloud.spool import Spool
+from edge_agent.serving.slot import EdgeModel, ModelSlot
+from edge_agent.serving.stats import CallRecord, Stats
 from edgecloud import __version__
 from edgecloud.errors import InvalidInput, ModelNotFound
 from edgecloud.protocol.classification import PARAMETER as CLASSIFICATION

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from edge_agent.circuit import CircuitBreaker
+from edge_agent.cloud.circuit import CircuitBreaker
 from edge_agent.config import CloudSection
-from edge_agent.model import EdgeModel
+from edge_agent.serving.slot import EdgeModel
 from edgecloud.channel import bearer_metadata, open_channel
 from edgecloud.client import KServeClient
 from edgecloud.errors import EdgecloudError

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from edgecloud.backends.ort_session import OrtBackend
-from edgecloud.toolchain.dataset import SIZE
+from edgecloud_tools.toolchain.dataset import SIZE
 
 if TYPE_CHECKING:
     from torch import nn

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from edge_agent.escalation import CloudError, CloudLink
-from edge_agent.model import ModelSlot
-from edge_agent.spool import Spool
+from edge_agent.cloud.link import CloudError, CloudLink
+from edge_agent.cloud.spool import Spool
+from edge_agent.serving.slot import ModelSlot
 
 log = logging.getLogger(__name__)
 

@@ -6,17 +6,17 @@ import logging
 import threading
 from pathlib import Path
 
-from edge_agent.cascade import Cascade
+from edge_agent.cloud.link import CloudLink
+from edge_agent.cloud.ratelimit import TokenBucket
+from edge_agent.cloud.replay import Replayer
+from edge_agent.cloud.spool import Spool
 from edge_agent.config import AgentConfig
-from edge_agent.escalation import CloudLink
-from edge_agent.fleet_link import FleetLink, as_int_version
-from edge_agent.metrics import serve_metrics
-from edge_agent.model import ModelSlot
-from edge_agent.ratelimit import TokenBucket
-from edge_agent.replay import Replayer
-from edge_agent.spool import Spool
-from edge_agent.telemetry import Telemetry
-from edge_agent.updater import Updater, load_startup
+from edge_agent.fleet.link import FleetLink, as_int_version
+from edge_agent.fleet.metrics import serve_metrics
+from edge_agent.fleet.telemetry import Telemetry
+from edge_agent.serving.cascade import Cascade
+from edge_agent.serving.slot import ModelSlot
+from edge_agent.update.updater import Updater, load_startup
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.exposition import MetricsServer
 from edgecloud.protocol.server import RunningServer, start_server

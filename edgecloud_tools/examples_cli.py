@@ -16,8 +16,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cloud_gateway.hard_examples import HardExample, HardExampleStore, write_training_set
 from edgecloud.errors import ConfigError, EdgecloudError
-from edgecloud.hard_examples import HardExample, HardExampleStore, write_training_set
 
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

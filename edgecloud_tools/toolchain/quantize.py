@@ -27,7 +27,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from edgecloud.toolchain.export import INPUT_NAME, MAX_IR_VERSION, OPSET, cap_ir_version
+from edgecloud_tools.toolchain.export import INPUT_NAME, MAX_IR_VERSION, OPSET, cap_ir_version
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 #: ops whose input 1 is a weight that TensorRT wants quantized per output channel

@@ -50,11 +50,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from edge_agent.config import AgentConfig
-from edge_agent.fleet_link import FleetLink, as_int_version
-from edge_agent.model import EdgeModel, ModelSlot, load_edge_model
-from edge_agent.staging import Runtime, self_test
-from edge_agent.update_state import Pending, Release, Slot, StateStore, UpdateState
-from edge_agent.watch import figures, metered, regression
+from edge_agent.fleet.link import FleetLink, as_int_version
+from edge_agent.serving.slot import EdgeModel, ModelSlot, load_edge_model
+from edge_agent.update.staging import Runtime, self_test
+from edge_agent.update.state import Pending, Release, Slot, StateStore, UpdateState
+from edge_agent.update.watch import figures, metered, regression
 from edgecloud.artifacts import TransportTLS, check_name, download, file_sha256, parse_uri
 from edgecloud.channel import read_token
 from edgecloud.engine.builder import BuildOptions, build_engine

@@ -21,7 +21,7 @@ from edgecloud.calibration import (
 from edgecloud.errors import ModelLoadError
 from edgecloud.modelcard import CardCalibration, ModelCard
 from edgecloud.tensors import TensorSpec, check_inputs
-from edgecloud.toolchain.dataset import LABELS, make_split
+from edgecloud_tools.toolchain.dataset import LABELS, make_split
 
 #: cascade accuracy the demo models are calibrated for on "val": above the 97.5 % held-out
 #: target, so the threshold keeps a margin on data it has not seen

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from edgecloud.calibration import CascadeOutcome
-from edgecloud.cli import positive_int
 from edgecloud.confidence import POLICIES
 from edgecloud.errors import EdgecloudError
 from edgecloud.modelcard import ModelCard
-from edgecloud.toolchain import MODELS_DIR
-from edgecloud.toolchain.evaluate import (
+from edgecloud_tools.cli import positive_int
+from edgecloud_tools.toolchain import MODELS_DIR
+from edgecloud_tools.toolchain.evaluate import (
     TARGET_ACCURACY,
     CascadeCalibration,
     Scored,
@@ -33,7 +33,7 @@ DEFAULT_POLICY = "max_prob"
 
 def run_build(args: argparse.Namespace) -> int:
     try:
-        from edgecloud.toolchain.build import build
+        from edgecloud_tools.toolchain.build import build
     except ImportError as e:
         raise EdgecloudError("models build needs torch and onnx: pip install 'edgecloud[train]' "
                              f"({e})") from e

@@ -16,13 +16,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from edge_agent.circuit import CLOSED, HALF_OPEN, OPEN
-from edge_agent.stats import PATHS
-from edge_agent.telemetry import DISABLED, circuit_state
+from edge_agent.cloud.circuit import CLOSED, HALF_OPEN, OPEN
+from edge_agent.fleet.telemetry import DISABLED, circuit_state
+from edge_agent.serving.stats import PATHS
 from edgecloud.exposition import COUNTERS, PREFIX, QUANTILES, MetricsServer, MetricsUnavailable
 
 if TYPE_CHECKING:
-    from edge_agent.server import EdgeAgent
+    from edge_agent.app import EdgeAgent
 
 log = logging.getLogger(__name__)
 

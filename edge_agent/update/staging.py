@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.config import AgentConfig
-from edge_agent.model import EdgeModel
+from edge_agent.serving.slot import EdgeModel
 from edgecloud.backends import backend_key_for
 from edgecloud.backends.base import zeros_for
 from edgecloud.engine.builder import installed_tensorrt_version
