@@ -32,7 +32,7 @@ from edgecloud.endpoint import free_loopback_port
 from edgecloud.modelcard import served_name
 from edgecloud_tools.cli import positive_int
 from edgecloud_tools.services import ServiceProcess
-from edgecloud_tools.toolchain import CLOUD, EDGE_FP32, EDGE_INT8, MODELS_DIR
+from edgecloud_tools.toolchain import CLOUD, EDGE_FP32, EDGE_INT8, models_dir
 
 
 def _rss_bytes() -> int:
@@ -203,12 +203,13 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    models = models_dir()
     p = sub.add_parser("bench", help="speed and memory of the hot paths beside their baselines",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--edge", type=Path, default=MODELS_DIR / EDGE_INT8, help="edge INT8 model")
-    p.add_argument("--edge-fp32", type=Path, default=MODELS_DIR / EDGE_FP32,
+    p.add_argument("--edge", type=Path, default=models / EDGE_INT8, help="edge INT8 model")
+    p.add_argument("--edge-fp32", type=Path, default=models / EDGE_FP32,
                    help="its FP32 version (baseline)")
-    p.add_argument("--cloud", type=Path, default=MODELS_DIR / CLOUD, help="cloud model")
+    p.add_argument("--cloud", type=Path, default=models / CLOUD, help="cloud model")
     p.add_argument("--repeats", type=positive_int, default=300, help="timed calls per latency figure")
     p.add_argument("--batch", type=positive_int, default=32, help="batch size for throughput")
     p.add_argument("--clients", type=positive_int, default=8, help="concurrent clients against the gateway")

@@ -34,11 +34,8 @@ from edgecloud_tools.broker import INSTALL_HINT, mosquitto_path
 from edgecloud_tools.cli import positive_int
 from edgecloud_tools.demo_fleet import WATCH_S, DemoFleet, UpdateOutcome
 from edgecloud_tools.services import ServiceProcess
-from edgecloud_tools.toolchain import CLOUD_NAME, EDGE_INT8, EDGE_V2_INT8, MODELS_DIR, REPOSITORY
+from edgecloud_tools.toolchain import CLOUD_NAME, EDGE_INT8, EDGE_V2_INT8, MODELS_ENV, REPOSITORY, models_dir
 
-EDGE_MODEL = MODELS_DIR / EDGE_INT8
-EDGE_MODEL_V2 = MODELS_DIR / EDGE_V2_INT8
-CLOUD_REPOSITORY = MODELS_DIR / REPOSITORY
 DEVICE = "demo-line-1"
 UPDATE_TIMEOUT_S = 60.0
 
@@ -258,17 +255,20 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    models = models_dir()
     p = sub.add_parser("demo", help="gateway + agent on loopback, a stream of images, a summary",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=positive_int, default=500, help="images to stream (default 500)")
     p.add_argument("--wan-ms", type=int, default=30, help="emulated WAN delay at the cloud (default 30)")
     p.add_argument("--deadline-ms", type=int, default=300, help="agent's escalation deadline")
-    p.add_argument("--edge-model", type=Path, default=EDGE_MODEL)
-    p.add_argument("--update-model", type=Path, default=EDGE_MODEL_V2,
+    p.add_argument("--edge-model", type=Path, default=models / EDGE_INT8,
+                   help=f"edge model (default: {EDGE_INT8} under ${MODELS_ENV} or ./models)")
+    p.add_argument("--update-model", type=Path, default=models / EDGE_V2_INT8,
                    help="edge model published as a signed release half-way (needs mosquitto)")
     p.add_argument("--no-update", dest="update_model", action="store_const", const=None,
                    help="skip the update part")
-    p.add_argument("--repository", type=Path, default=CLOUD_REPOSITORY)
+    p.add_argument("--repository", type=Path, default=models / REPOSITORY,
+                   help="the cloud's model repository (copied, never written)")
     p.add_argument("--workdir", type=Path, help="where logs and state go (default: a new temp dir)")
     p.add_argument("--json", type=Path, help="also write the summary as JSON here")
     p.set_defaults(func=run_demo)

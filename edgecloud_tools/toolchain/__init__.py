@@ -7,10 +7,21 @@ extra); the data set, evaluation and the ``calibrate`` command run on a device w
 Runtime alone.
 """
 
+import os
 from pathlib import Path
 
-#: the repository's ``models/`` directory, where the shipped artifacts and cards live
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+#: environment variable naming the models directory (default: ``models`` in the working directory)
+MODELS_ENV = "EDGECLOUD_MODELS"
+
+
+def models_dir() -> Path:
+    """Where the shipped artifacts and cards live: ``$EDGECLOUD_MODELS``, else ``./models``.
+
+    Configuration rather than this package's own location, so an installed ``edgecloud`` finds the
+    models of a checkout, an unpacked release or a mounted volume alike.
+    """
+    return Path(os.environ.get(MODELS_ENV) or "models")
+
 
 # Where the build puts each shipped model, relative to a models directory; the demo, the benchmark
 # and the build all find the models here, so a renamed artifact is renamed once.

@@ -30,7 +30,7 @@ import torch
 
 from edgecloud.calibration import CalibrationError, CascadeOutcome, fit_temperature
 from edgecloud.modelcard import CARD_SUFFIX, CardCalibration
-from edgecloud_tools.toolchain import CLOUD, CLOUD_NAME, EDGE_FP32, EDGE_INT8, EDGE_V2_INT8, MODELS_DIR
+from edgecloud_tools.toolchain import CLOUD, CLOUD_NAME, EDGE_FP32, EDGE_INT8, EDGE_V2_INT8, models_dir
 from edgecloud_tools.toolchain.dataset import make_split
 from edgecloud_tools.toolchain.evaluate import (
     TARGET_ACCURACY,
@@ -251,8 +251,9 @@ def _install(stage: Path, out: Path) -> None:
             shutil.copyfile(src, dest)
 
 
-def build(out: Path = MODELS_DIR, recipe: Recipe | None = None, targets: Targets | None = None) -> int:
-    """Run the whole build; 0 when every target holds and the artifacts are installed in ``out``."""
+def build(out: Path | None = None, recipe: Recipe | None = None, targets: Targets | None = None) -> int:
+    """Run the whole build; 0 when every target holds and the artifacts are installed in ``out``
+    (default: :func:`models_dir`)."""
     recipe, targets = recipe or Recipe(), targets or Targets()
     started = time.perf_counter()
     log(f"generating data: train {recipe.n_train}, val {recipe.n_val}, test {recipe.n_test}")
@@ -271,7 +272,7 @@ def build(out: Path = MODELS_DIR, recipe: Recipe | None = None, targets: Targets
         print(f"\nbuild FAILED after {elapsed:.0f} s; targets missed:", *misses, sep="\n  ")
         print(f"rejected artifacts kept in {b.stage}")
         return 1
-    _install(b.stage, Path(out))
+    _install(b.stage, Path(out) if out is not None else models_dir())
     shutil.rmtree(b.stage)
     print(f"\nall targets met; installed in {out} ({elapsed:.0f} s)")
     return 0
@@ -280,7 +281,8 @@ def build(out: Path = MODELS_DIR, recipe: Recipe | None = None, targets: Targets
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgecloud_tools.toolchain.build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=MODELS_DIR, help="models directory (default: the repo's)")
+    parser.add_argument("--out", type=Path, default=models_dir(),
+                        help="models directory (default: $EDGECLOUD_MODELS or ./models)")
     return build(parser.parse_args(argv).out)
 
 

@@ -16,7 +16,7 @@ from edgecloud.confidence import POLICIES
 from edgecloud.errors import EdgecloudError
 from edgecloud.modelcard import ModelCard
 from edgecloud_tools.cli import positive_int
-from edgecloud_tools.toolchain import MODELS_DIR
+from edgecloud_tools.toolchain import models_dir
 from edgecloud_tools.toolchain.evaluate import (
     TARGET_ACCURACY,
     CascadeCalibration,
@@ -125,7 +125,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     build = actions.add_parser(
         "build", help="generate data, train, export, quantize, calibrate, write artifacts and cards",
         description="Rebuild the demo models; exit 1 when a target is missed (nothing is installed then).")
-    build.add_argument("--out", type=Path, default=MODELS_DIR, help="models directory (default: the repo's)")
+    build.add_argument("--out", type=Path, default=models_dir(),
+                       help="models directory (default: $EDGECLOUD_MODELS or ./models)")
     build.set_defaults(func=run_build)
 
     cal = sub.add_parser(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "cloud"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "cloud"
 
 
 def _docs():

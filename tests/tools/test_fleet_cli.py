@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from edgecloud_tools.broker import LocalBroker
 
 
-SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "protos/schemas/release.schema.json").read_text())
+SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "protos/schemas/release.schema.json").read_text())
 TOPICS = FleetTopics("plant-1")
 
 

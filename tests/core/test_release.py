@@ -32,7 +32,7 @@ from edgecloud.release import (
 )
 from edgecloud.signing import TrustStore, generate_key, key_id, public_key_pem, sign
 
-SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "protos/schemas/release.schema.json").read_text())
+SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "protos/schemas/release.schema.json").read_text())
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 SHA = hashlib.sha256(b"model").hexdigest()
 

@@ -14,7 +14,7 @@ import pytest
 from edge_agent.config import AgentConfig
 from edgecloud.config import build, read_toml
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "jetson"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "jetson"
 INSTALL = DEPLOY / "install.sh"
 BUILD = DEPLOY / "build_engine.sh"
 SCRIPTS = [INSTALL, BUILD]

@@ -15,8 +15,8 @@ from edgecloud.errors import ConfigError
 from edgecloud.modelcard import file_digest, read_card
 from edgecloud_tools import cli
 from edgecloud_tools.broker import MOSQUITTO_ENV, mosquitto_path
-from edgecloud_tools.demo import CLOUD_REPOSITORY, EDGE_MODEL_V2
 from edgecloud_tools.demo_fleet import DemoFleet
+from tests.conftest import CLOUD_REPO, EDGE_V2_INT8
 
 N = 60
 
@@ -56,12 +56,12 @@ def test_demo_swaps_to_the_signed_v2_release_without_failed_requests(tmp_path: P
     assert update["during"]["answered"] > 0
     assert update["failed_requests"] == 0
     assert "signed release v2 published half-way through the cascade stream: active" in table
-    assert not (CLOUD_REPOSITORY / ".releases").exists(), "the demo wrote into the committed models"
+    assert not (CLOUD_REPO / ".releases").exists(), "the demo wrote into the committed models"
     # The device persisted v2 as its active model: the file it serves is the committed v2, byte for byte.
     state_dir = tmp_path / "work" / "agent-state"
     active = json.loads((state_dir / "update" / "state.json").read_text())["active"]
     assert active["version"] == 2
-    assert file_digest(state_dir / active["path"])[1] == read_card(EDGE_MODEL_V2)["sha256"]
+    assert file_digest(state_dir / active["path"])[1] == read_card(EDGE_V2_INT8)["sha256"]
 
 
 @pytest.mark.parametrize("how", ["--no-update", "no mosquitto"])
@@ -89,7 +89,7 @@ def test_demo_refuses_fewer_than_one_image(n: str, capsys: pytest.CaptureFixture
 
 def test_update_model_without_a_card_version_is_a_config_error(tmp_path: Path) -> None:
     model = tmp_path / "edge.onnx"
-    model.write_bytes(EDGE_MODEL_V2.read_bytes())
+    model.write_bytes(EDGE_V2_INT8.read_bytes())
     (tmp_path / "edge.onnx.card.json").write_text(json.dumps({"name": "inspection-edge"}))
     with pytest.raises(ConfigError, match="no integer version"):
         DemoFleet(tmp_path / "fleet", "device", model, "127.0.0.1:1")
