@@ -25,15 +25,20 @@ import grpc
 from edgecloud._generated.edgecloud.v1 import artifacts_pb2 as pb
 from edgecloud._generated.edgecloud.v1 import artifacts_pb2_grpc as pb_grpc
 from edgecloud.artifacts import CHUNK_BYTES, check_name, file_sha256
+from edgecloud.backends import release_backends
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ArtifactService"].full_name
 RELEASES_DIR = ".releases"
-#: file name of each release format inside its version directory (Triton's naming)
-FILE_NAMES = {"onnx": "model.onnx", "tensorrt-plan": "model.plan"}
 DEFAULT_MAX_UPLOAD_BYTES = 2_000_000_000
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def release_files() -> dict[str, str]:
+    """Release format → its file's name in a version directory: its backend's in Triton's layout."""
+    return {fmt: backend.repository_file for fmt, backend in release_backends().items()
+            if backend.repository_file is not None}
 
 
 class UploadRefused(Exception):
@@ -58,7 +63,7 @@ class ReleaseStore:
 
     def find(self, name: str, version: int) -> Path | None:
         vdir = self.version_dir(name, version)
-        for file_name in FILE_NAMES.values():
+        for file_name in release_files().values():
             path = vdir / file_name
             # resolve: a symlink planted in the repository must not lead out of it
             if path.is_file() and path.resolve().is_relative_to(self.root.resolve()):
@@ -80,9 +85,10 @@ class ReleaseStore:
     def add(self, name: str, version: int, artifact_format: str, size: int, sha256: str,
             blocks: Iterable[bytes], max_bytes: int) -> tuple[Path, bool]:
         """Store the file streamed as ``blocks``; returns its path and whether it already existed."""
-        if artifact_format not in FILE_NAMES:
+        file_names = release_files()
+        if artifact_format not in file_names:
             raise UploadRefused(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"format {artifact_format!r} is not one of {sorted(FILE_NAMES)}")
+                                f"format {artifact_format!r} is not one of {sorted(file_names)}")
         if not _SHA256.match(sha256):
             raise UploadRefused(grpc.StatusCode.INVALID_ARGUMENT, "sha256 must be 64 lowercase hex digits")
         if size > max_bytes:
@@ -116,7 +122,7 @@ class ReleaseStore:
             if digest.hexdigest() != sha256:
                 raise UploadRefused(grpc.StatusCode.DATA_LOSS,
                                     f"received data has sha256 {digest.hexdigest()}, {sha256} was announced")
-            final = vdir / FILE_NAMES[artifact_format]
+            final = vdir / file_names[artifact_format]
             os.replace(tmp, final)
             fd = os.open(vdir, os.O_RDONLY)
             try:

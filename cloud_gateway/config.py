@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from edgecloud.backends.options import BackendOptions
+from edgecloud.backends.options import BackendOptions, required_keys, section_name
 from edgecloud.config import Section, build, merge
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.exposition import check_listen
@@ -31,12 +31,15 @@ class ModelConfig(Section):
     max_queue_size: int = Field(256, gt=0, description="requests waiting per model before RESOURCE_EXHAUSTED")
     warmup_rows: int = Field(1, ge=1, description="batch size of the warm-up run at load")
     labels: tuple[str, ...] = Field((), description="class labels for the classification extension")
-    backend: BackendOptions = Field(default_factory=BackendOptions)
+    backend: BackendOptions
 
     @model_validator(mode="after")
-    def _remote_needs_target(self) -> ModelConfig:
-        if self.platform == "remote" and self.backend.remote is None:
-            raise ValueError("platform 'remote' needs [backend.remote] with target and model")
+    def _platform_has_its_section(self) -> ModelConfig:
+        if self.platform and getattr(self.backend, self.platform, None) is None:
+            needs = required_keys(self.platform)
+            if needs:
+                raise ValueError(f"platform {self.platform!r} needs [{section_name(self.platform)}] with "
+                                 f"{' and '.join(needs)}")
         return self
 
 

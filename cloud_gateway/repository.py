@@ -1,6 +1,7 @@
-"""The model repository in Triton's layout: ``<repo>/<name>/<version>/model.onnx`` (or ``model.plan``)
-with an optional ``<repo>/<name>/config.toml``; ``platform = "remote"`` there (with
-``[backend.remote]``) serves a model that runs on another KServe v2 server instead.
+"""The model repository in Triton's layout: ``<repo>/<name>/<version>/model.onnx`` (or ``model.plan``:
+each backend's ``repository_file``) with an optional ``<repo>/<name>/config.toml``; a ``platform``
+there whose backend has no repository file, such as ``platform = "remote"`` (with ``[backend.remote]``),
+serves a model that runs elsewhere instead, as version 1.
 
 Every version of every model is loaded, warmed up and served at start; an empty version asks for the
 highest. Dot-directories are never served: ``<repo>/.releases/`` holds edge releases for download
@@ -19,7 +20,7 @@ import numpy as np
 
 from cloud_gateway.batcher import Batcher
 from cloud_gateway.config import ModelConfig
-from edgecloud.backends import backend_key_for, open_backend
+from edgecloud.backends import backend_class, backend_key_for, open_backend, repository_files
 from edgecloud.backends.base import Backend
 from edgecloud.config import build, merge, read_toml
 from edgecloud.errors import ConfigError, ModelLoadError, ModelNotFound
@@ -28,8 +29,6 @@ from edgecloud.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
 
-#: file names a version directory may hold, in order of preference
-MODEL_FILES = ("model.onnx", "model.plan")
 CONFIG_FILE = "config.toml"
 
 
@@ -97,8 +96,16 @@ def _model_config(model_dir: Path, defaults: ModelConfig) -> ModelConfig:
     return build(ModelConfig, merge(defaults.model_dump(exclude_unset=True), read_toml(path)), str(path))
 
 
-def _version_files(model_dir: Path) -> dict[int, Path]:
-    """``{version: model file}`` of the integer-named version directories."""
+def _model_files(config: ModelConfig) -> tuple[str, ...]:
+    """The file names a version directory may hold for ``config``: its platform's, else any backend's."""
+    if config.platform is None:
+        return repository_files()
+    own = backend_class(config.platform).repository_file
+    return () if own is None else (own,)
+
+
+def _version_files(model_dir: Path, names: tuple[str, ...]) -> dict[int, Path]:
+    """``{version: model file}`` of the integer-named version directories, ``names`` preferred in order."""
     found = {}
     for vdir in sorted(model_dir.iterdir()):
         if vdir.name.startswith(".") or not vdir.is_dir():
@@ -106,10 +113,10 @@ def _version_files(model_dir: Path) -> dict[int, Path]:
         if not vdir.name.isdigit():
             log.warning("event=version_skipped model=%s dir=%s reason=not_an_integer", model_dir.name, vdir)
             continue
-        files = [vdir / f for f in MODEL_FILES if (vdir / f).is_file()]
+        files = [vdir / f for f in names if (vdir / f).is_file()]
         if not files:
             log.warning("event=version_skipped model=%s dir=%s reason=no_model_file expected=%s",
-                        model_dir.name, vdir, "|".join(MODEL_FILES))
+                        model_dir.name, vdir, "|".join(names))
             continue
         found[int(vdir.name)] = files[0]
     return found
@@ -133,9 +140,9 @@ class ModelRepository:
                 if model_dir.name.startswith(".") or not model_dir.is_dir():
                     continue
                 config = _model_config(model_dir, defaults)
-                # a remote model has no files here: it is served as version 1 of whatever runs there
-                remote = config.platform == "remote"
-                versions = {1: model_dir / CONFIG_FILE} if remote else _version_files(model_dir)
+                # a model that runs elsewhere has no files here: it is served as version 1 of what runs there
+                names = _model_files(config)
+                versions = _version_files(model_dir, names) if names else {1: model_dir / CONFIG_FILE}
                 for version, path in sorted(versions.items()):
                     models.setdefault(model_dir.name, {})[version] = load_model(
                         model_dir.name, version, path, config)
@@ -144,7 +151,7 @@ class ModelRepository:
             raise
         if not models:
             raise ConfigError(f"gateway.model_repository: {root} holds no model "
-                              f"(expected <name>/<version>/{' or '.join(MODEL_FILES)})")
+                              f"(expected <name>/<version>/{' or '.join(repository_files())})")
         return cls(models)
 
     @property

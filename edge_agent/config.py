@@ -124,7 +124,7 @@ class AgentConfig(Section):
 
     agent: AgentSection = Field(default_factory=AgentSection)
     model: ModelSection = Field(default_factory=ModelSection)
-    backend: BackendOptions = Field(default_factory=BackendOptions)
+    backend: BackendOptions
     cascade: CascadeSection = Field(default_factory=CascadeSection)
     cloud: CloudSection = Field(default_factory=CloudSection)
     spool: SpoolSection = Field(default_factory=SpoolSection)

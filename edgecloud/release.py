@@ -19,6 +19,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgecloud.backends import release_backends
 from edgecloud.errors import EdgecloudError
 from edgecloud.signing import KEY_ID_PATTERN, TrustStore, canonical_json, sign, verify
 
@@ -27,7 +28,6 @@ DEFAULT_BUDGET_BYTES = 1_000_000_000
 DEFAULT_CLOCK_SKEW_S = 300.0
 #: a device clock before this is taken as unset (no RTC battery, no NTP yet)
 CLOCK_SET_AFTER = datetime(2024, 1, 1, tzinfo=timezone.utc)
-FORMATS = ("onnx", "tensorrt-plan")
 SCORES = ("logits", "probabilities")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _RFC3339 = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
@@ -147,10 +147,12 @@ class Artifact:
             raise _malformed("artifact.sha256 must be 64 lowercase hex digits")
         if self.size < 0:
             raise _malformed("artifact.size must be >= 0")
-        if self.format not in FORMATS:
-            raise _malformed(f"artifact.format {self.format!r} is not one of {FORMATS}")
-        if (self.format == "tensorrt-plan") != (self.target is not None):
-            raise _malformed("artifact.target is required for a tensorrt-plan, and only for it")
+        backends = release_backends()
+        if self.format not in backends:
+            raise _malformed(f"artifact.format {self.format!r} is not one of {tuple(backends)}")
+        if backends[self.format].plan_target != (self.target is not None):
+            plans = " or ".join(fmt for fmt, backend in backends.items() if backend.plan_target)
+            raise _malformed(f"artifact.target is required for a {plans}, and only for it")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"uri": self.uri, "sha256": self.sha256, "size": self.size,

@@ -56,6 +56,7 @@ from edge_agent.update.staging import Runtime, self_test
 from edge_agent.update.state import Pending, Release, Slot, StateStore, UpdateState
 from edge_agent.update.watch import figures, metered, regression
 from edgecloud.artifacts import TransportTLS, check_name, download, file_sha256, parse_uri
+from edgecloud.backends import release_backends
 from edgecloud.channel import read_token
 from edgecloud.engine.builder import BuildOptions, build_engine
 from edgecloud.engine.cache import EngineCache
@@ -371,7 +372,7 @@ class Updater:
         return True
 
     def _download(self, release: Release, artifact: Artifact) -> Path:
-        suffix = ".plan" if artifact.format == "tensorrt-plan" else ".onnx"
+        suffix = release_backends()[artifact.format].suffixes[0]
         dest = self.store.slot_file(release.model, release.version, suffix)
         self._save(pending=Pending(release, "downloading"))
         if dest.is_file():

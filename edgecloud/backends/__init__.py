@@ -1,4 +1,9 @@
-"""Backend registry: an explicit table, imported lazily so a missing runtime never breaks start-up."""
+"""Backend registry: an explicit table key → ``module:Class``; everything else is read from the classes.
+
+Each class declares its suffixes, release format, repository file name and config model (see
+:class:`~edgecloud.backends.base.Backend`), and importing one never imports its runtime, so the lookups
+below are derived from the table whenever they are asked: a new backend is one module and one line here.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,12 @@ from pathlib import Path
 from edgecloud.backends.base import Backend
 from edgecloud.errors import ModelLoadError
 
-#: backend key → "module:Class"
+#: backend key → "module:Class", in order of preference where several could serve
 REGISTRY: dict[str, str] = {
     "onnxruntime": "edgecloud.backends.ort_session:OrtBackend",
     "tensorrt": "edgecloud.backends.trt_engine:TrtBackend",
     "remote": "edgecloud.backends.remote:RemoteBackend",
 }
-#: file suffix → backend key
-BY_SUFFIX: dict[str, str] = {".onnx": "onnxruntime", ".plan": "tensorrt", ".engine": "tensorrt"}
 
 
 def backend_class(key: str) -> type[Backend]:
@@ -33,15 +36,31 @@ def backend_class(key: str) -> type[Backend]:
     return found
 
 
+def registered() -> dict[str, type[Backend]]:
+    """Every registered backend class by key, in the registry's order."""
+    return {key: backend_class(key) for key in REGISTRY}
+
+
 def backend_key_for(path: Path, explicit: str | None = None) -> str:
     """Which backend serves ``path``: ``explicit`` if given, else chosen by the file suffix."""
     if explicit:
         return explicit
+    by_suffix = {suffix: key for key, cls in registered().items() for suffix in cls.suffixes}
     try:
-        return BY_SUFFIX[Path(path).suffix.lower()]
+        return by_suffix[Path(path).suffix.lower()]
     except KeyError:
         raise ModelLoadError(f"{path}: no backend for suffix {Path(path).suffix!r}; "
-                             f"known: {sorted(BY_SUFFIX)}") from None
+                             f"known: {sorted(by_suffix)}") from None
+
+
+def release_backends() -> dict[str, type[Backend]]:
+    """Release format (``artifact.format``) → the backend that serves its files."""
+    return {cls.release_format: cls for cls in registered().values() if cls.release_format is not None}
+
+
+def repository_files() -> tuple[str, ...]:
+    """The model file names a version directory of a Triton-layout repository may hold, preferred first."""
+    return tuple(cls.repository_file for cls in registered().values() if cls.repository_file is not None)
 
 
 def open_backend(path: Path, key: str | None = None, config: object | None = None) -> Backend:

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from edgecloud.config import Section
 from edgecloud.tensors import TensorSpec
 
 
@@ -16,12 +17,25 @@ class Backend(ABC):
     """Loads one model file and runs it. Inputs and outputs are read from the model, never assumed.
 
     Heavy runtime imports happen in ``load`` so that a missing runtime raises BackendUnavailable with
-    an install hint instead of breaking imports elsewhere.
+    an install hint instead of breaking imports elsewhere: importing the class stays cheap, and the
+    registry reads the declarations below to know which files, releases and config sections are whose.
+    A backend is created with its validated ``config_model`` section when the config has one.
     """
 
+    #: registry key, also the name of its ``[backend.<key>]`` config section
     key: ClassVar[str]
     #: KServe ``platform`` string reported in ModelMetadata.
     platform: ClassVar[str]
+    #: file suffixes (lower case) it serves when no backend is named; the first one names its release files
+    suffixes: ClassVar[tuple[str, ...]] = ()
+    #: ``artifact.format`` of its signed releases; None: a fleet cannot ship it
+    release_format: ClassVar[str | None] = None
+    #: its files run only where they were built, so a release of them names that ``artifact.target``
+    plan_target: ClassVar[bool] = False
+    #: its file's name in a version directory of a Triton-layout repository; None: its model is elsewhere
+    repository_file: ClassVar[str | None] = None
+    #: the model of its ``[backend.<key>]`` section; the empty Section for a backend without options
+    config_model: ClassVar[type[Section]] = Section
 
     @abstractmethod
     def load(self, path: Path) -> None:

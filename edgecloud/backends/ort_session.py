@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field
 
 from edgecloud.backends.base import Backend
+from edgecloud.config import Section
 from edgecloud.errors import BackendUnavailable, ModelLoadError
 from edgecloud.tensors import TensorSpec
 
@@ -22,8 +23,7 @@ _KSERVE_OF_ORT = {
 }
 
 
-@dataclass(frozen=True)
-class OrtConfig:
+class OrtConfig(Section):
     """The ``[backend.onnxruntime]`` section.
 
     ``providers`` are ONNX Runtime execution provider names in order of preference, e.g.
@@ -33,10 +33,11 @@ class OrtConfig:
     Thread counts of 0 let ONNX Runtime choose.
     """
 
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    provider_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
+    providers: tuple[str, ...] = Field(("CPUExecutionProvider",), description="in order of preference")
+    provider_options: Mapping[str, Mapping[str, str]] = Field(default_factory=dict,
+                                                              description="options by provider name")
+    intra_op_threads: int = Field(0, description="0: ONNX Runtime chooses")
+    inter_op_threads: int = Field(0, description="0: ONNX Runtime chooses")
 
 
 def _spec(arg) -> TensorSpec:
@@ -53,6 +54,10 @@ class OrtBackend(Backend):
 
     key = "onnxruntime"
     platform = "onnxruntime_onnx"
+    suffixes = (".onnx",)
+    release_format = "onnx"
+    repository_file = "model.onnx"
+    config_model = OrtConfig
 
     def __init__(self, config: OrtConfig | None = None) -> None:
         self.config = config or OrtConfig()

@@ -38,6 +38,7 @@ class RemoteBackend(Backend):
 
     key = "remote"
     platform = "remote"
+    config_model = RemoteConfig
 
     def __init__(self, config: RemoteConfig | None = None) -> None:
         if config is None:

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from edgecloud.backends.base import Backend
+from edgecloud.config import Section
 from edgecloud.engine.builder import INSTALL_HINT
 from edgecloud.engine.sidecar import (
     DEVICE_TREE_MODEL,
@@ -250,8 +252,7 @@ def _import_runtime() -> tuple[Any, Any]:
     return trt, cuda
 
 
-@dataclass(frozen=True)
-class TrtConfig:
+class TrtConfig(Section):
     """The ``[backend.tensorrt]`` section.
 
     ``require_sidecar``: refuse an engine without ``<engine>.meta.json`` (its TensorRT version and
@@ -259,9 +260,9 @@ class TrtConfig:
     tree), compared with the device the engine was built on.
     """
 
-    device_id: int = 0
-    require_sidecar: bool = True
-    device_model_path: Path = DEVICE_TREE_MODEL
+    device_id: int = Field(0, description="CUDA device the engine runs on")
+    require_sidecar: bool = Field(True, description="refuse an engine without <engine>.meta.json")
+    device_model_path: Path = Field(DEVICE_TREE_MODEL, description="where the board names itself")
 
 
 class TrtBackend(Backend):
@@ -269,6 +270,11 @@ class TrtBackend(Backend):
 
     key = "tensorrt"
     platform = "tensorrt_plan"
+    suffixes = (".plan", ".engine")
+    release_format = "tensorrt-plan"
+    plan_target = True
+    repository_file = "model.plan"
+    config_model = TrtConfig
 
     def __init__(self, config: TrtConfig | None = None) -> None:
         self.config = config or TrtConfig()

@@ -25,9 +25,11 @@ from typing import Any
 import grpc
 
 from edgecloud.artifacts import TransportTLS, check_name, file_sha256, gateway_uri, parse_uri, upload
+from edgecloud.backends import backend_class, backend_key_for
+from edgecloud.backends.base import Backend
 from edgecloud.config import build, host_port
 from edgecloud.endpoint import parse_endpoint
-from edgecloud.errors import ConfigError, EdgecloudError
+from edgecloud.errors import ConfigError, EdgecloudError, ModelLoadError
 from edgecloud.modelcard import ModelCardError, read_card
 from edgecloud.mqtt.client import MqttClient, MqttConfig
 from edgecloud.mqtt.topics import FleetTopics, Topic
@@ -49,7 +51,6 @@ from edgecloud_tools.fleet.status import collect, render_table
 
 DEFAULT_EXPIRY = timedelta(days=30)
 CALIBRATION_KEYS = ("policy", "temperature", "threshold", "score_output", "scores")
-PLAN_SUFFIXES = (".plan", ".engine")
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 PASSWORD_ENV = "EDGECLOUD_MQTT_PASSWORD"
@@ -141,6 +142,17 @@ def _artifact_uri(request: ReleaseRequest, sha256: str, artifact_format: str) ->
                        tls=request.gateway_tls is not None)
 
 
+def _shipped_backend(model: Path) -> Backend:
+    """The backend whose releases carry ``model``, chosen by its file suffix."""
+    try:
+        backend = backend_class(backend_key_for(model))
+    except ModelLoadError as e:
+        raise ConfigError(f"--model {e}") from None
+    if backend.release_format is None:
+        raise ConfigError(f"--model {model}: backend {backend.key} cannot be shipped in a release")
+    return backend
+
+
 def build_release(request: ReleaseRequest, now: datetime | None = None) -> tuple[Topic, ReleasePayload]:
     """Check the request, upload the artifact if needed, and assemble the payload to sign."""
     topic = _target_topic(request)
@@ -152,10 +164,13 @@ def build_release(request: ReleaseRequest, now: datetime | None = None) -> tuple
         raise ConfigError(f"--version {request.version}: must be >= 0")
     if not request.model.is_file():
         raise ConfigError(f"--model {request.model}: no such file")
-    plan = request.plan_target is not None or request.model.suffix in PLAN_SUFFIXES
-    if plan and request.plan_target is None:
+    backend = _shipped_backend(request.model)
+    if backend.plan_target and request.plan_target is None:
         raise ConfigError(f"--model {request.model} is a TensorRT plan: "
                           "give --tensorrt-version and --target-device")
+    if request.plan_target is not None and not backend.plan_target:
+        raise ConfigError(f"--model {request.model} is not a plan: --tensorrt-version and "
+                          "--target-device are for plans only")
     try:
         card = read_card(request.model)
     except ModelCardError as e:
@@ -172,7 +187,7 @@ def build_release(request: ReleaseRequest, now: datetime | None = None) -> tuple
     except ReleaseRejected as e:
         raise ConfigError(e.detail) from None
     sha256, size = file_sha256(request.model), request.model.stat().st_size
-    artifact_format = "tensorrt-plan" if plan else "onnx"
+    artifact_format = backend.release_format
     uri = _artifact_uri(request, sha256, artifact_format)
     try:
         payload = ReleasePayload(
