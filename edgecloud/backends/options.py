@@ -9,6 +9,7 @@ backend class to read its config model never imports its runtime.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
@@ -36,8 +37,14 @@ def options_model(user_keys: Iterable[str] = ()) -> type[Section]:
     A section left out of the config holds its defaults, or None when it has required keys
     (``[backend.remote]`` needs a target).
     """
+    return _model(tuple(REGISTRY.items()), tuple(sorted(set(user_keys))))
+
+
+@functools.lru_cache(maxsize=64)
+def _model(registry: tuple[tuple[str, str], ...], user_keys: tuple[str, ...]) -> type[Section]:
+    """One class per registry and user keys, so that equal tables compare equal."""
     fields: dict[str, Any] = {}
-    for key in (*REGISTRY, *user_keys):
+    for key in (*dict(registry), *user_keys):
         model = backend_class(key).config_model
         fields[key] = (model | None, None) if required_keys(key) else (model, Field(default_factory=model))
     return create_model("BackendOptions", __base__=Section, **fields)

@@ -142,7 +142,7 @@ def _artifact_uri(request: ReleaseRequest, sha256: str, artifact_format: str) ->
                        tls=request.gateway_tls is not None)
 
 
-def _shipped_backend(model: Path) -> Backend:
+def _shipped_backend(model: Path) -> type[Backend]:
     """The backend whose releases carry ``model``, chosen by its file suffix."""
     try:
         backend = backend_class(backend_key_for(model))

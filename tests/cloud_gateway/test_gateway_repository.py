@@ -94,3 +94,19 @@ def test_missing_or_empty_repository(tmp_path):
     (tmp_path / ".releases" / "edge" / "1").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"gateway\.model_repository: .* holds no model"):
         load(tmp_path)
+
+
+def test_a_users_backend_named_by_dotted_path_gets_its_own_section(tmp_path):
+    user = "tests.plugins.backends:SlowOrtBackend"
+    linear_classifier(tmp_path / "clf" / "1" / "model.onnx")
+    config = tmp_path / "clf" / "config.toml"
+    config.write_text(f'platform = "{user}"\n[backend."{user}"]\nintra_op_threads = 1\n')
+    repo = load(tmp_path)
+    try:
+        backend = repo.get("clf").backend
+        assert type(backend).__name__ == "SlowOrtBackend" and backend.config.intra_op_threads == 1
+    finally:
+        repo.close()
+    config.write_text(f'platform = "{user}"\n[backend."{user}"]\nintra_op = 1\n')
+    with pytest.raises(ConfigError, match=rf"backend\.{user}\.intra_op: unknown key"):
+        load(tmp_path)

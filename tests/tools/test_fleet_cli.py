@@ -142,6 +142,7 @@ def test_device_release_by_uri_and_signed_rollback(broker, key, model, capsys) -
     (["--expires", "tomorrow"], "--expires"),
     (["--expires", "2020-01-01T00:00:00Z"], "not in the future"),
     (["--tensorrt-version", "10.3"], "together"),
+    (["--tensorrt-version", "10.3", "--target-device", "orin"], "are for plans only"),
     (["--rollout-percent", "120"], "rollout.percent"),
 ])
 def test_bad_release_options_exit_2(broker, key, model, capsys, extra, message) -> None:
@@ -164,6 +165,10 @@ def test_unusable_inputs_exit_2(broker, model, tmp_path, capsys) -> None:
     assert cli.main(["keygen", "--out", str(key_path)]) == 0
     assert cli.main(["fleet", "publish", "--model", str(plan), "--key", f"{key_path}.key", *common]) == 2
     assert "--tensorrt-version" in capsys.readouterr().err
+    weights = tmp_path / "m.bin"
+    weights.write_bytes(b"weights")
+    assert cli.main(["fleet", "publish", "--model", str(weights), "--key", f"{key_path}.key", *common]) == 2
+    assert "no backend for suffix '.bin'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:  # argparse: --group and --device exclude each other
         cli.main(["fleet", "publish", "--model", str(model), "--key", f"{key_path}.key", "--device", "d",
                   *common])
