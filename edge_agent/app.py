@@ -16,7 +16,8 @@ from edge_agent.fleet.metrics import serve_metrics
 from edge_agent.fleet.telemetry import Telemetry
 from edge_agent.serving.cascade import Cascade
 from edge_agent.serving.slot import ModelSlot
-from edge_agent.update.updater import Updater, load_startup
+from edge_agent.update.startup import load_startup
+from edge_agent.update.updater import Updater
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.exposition import MetricsServer
 from edgecloud.protocol.server import RunningServer, start_server
