@@ -21,9 +21,9 @@ FAULT_STEPS = ("downloading", "verifying", "staged", "swapped")
 class FaultPoints:
     """The fault point this process was started with (``$EDGECLOUD_FAULT``, read once)."""
 
-    def __init__(self, device: str, setting: str | None = None) -> None:
+    def __init__(self, device: str) -> None:
         self.device = device
-        self.setting = os.environ.get(FAULT_ENV, "") if setting is None else setting
+        self.setting = os.environ.get(FAULT_ENV, "")
         if self.setting and self.setting.removeprefix("after:") not in FAULT_STEPS:
             log.warning("event=fault_unknown %s=%s steps=%s", FAULT_ENV, self.setting, ",".join(FAULT_STEPS))
 

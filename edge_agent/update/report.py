@@ -54,6 +54,7 @@ class Reporter:
             self._connected.clear()
 
     def wait_connected(self, timeout: float) -> bool:
+        """True once the broker is connected, False after ``timeout`` seconds without it."""
         return self._connected.wait(timeout)
 
     def enter(self, model: str, version: int, state: str, progress: float | None = None,
