@@ -8,7 +8,6 @@ fleet is enough, while serving gateways scale out (each replica would otherwise 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -16,20 +15,20 @@ from prometheus_client.registry import Collector
 
 from cloud_gateway.collector import FleetCollector
 from cloud_gateway.config import GatewayConfig
+from cloud_gateway.hard_examples import HardExampleStore
+from cloud_gateway.repository import ModelRepository
 from edgecloud.errors import ConfigError
 from edgecloud.exposition import PREFIX, MetricsServer
-
-if TYPE_CHECKING:
-    from cloud_gateway.server import Gateway
 
 GATEWAY = PREFIX + "gateway_"
 
 
 class ServingCollector(Collector):
-    """The gateway's own figures, read at each scrape."""
+    """The gateway's own figures, read at each scrape: its models' batchers and its store."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self._gateway = gateway
+    def __init__(self, repository: ModelRepository, store: HardExampleStore | None) -> None:
+        self._repository = repository
+        self._store = store
 
     def collect(self) -> Iterator[Metric]:
         labels = ("model", "version")
@@ -39,8 +38,8 @@ class ServingCollector(Collector):
                                        "dynamic batcher", labels=labels)
         rows = CounterMetricFamily(GATEWAY + "batched_rows_total", "Rows served through the dynamic batcher "
                                    "(rows / batches = mean batch size)", labels=labels)
-        repository = self._gateway.repository
-        for name in repository.names if repository else ():
+        repository = self._repository
+        for name in repository.names:
             for version in repository.versions(name):
                 batcher = repository.get(name, str(version)).batcher
                 if batcher is None:
@@ -50,18 +49,21 @@ class ServingCollector(Collector):
                 requests.add_metric(key, stats.requests)
                 rows.add_metric(key, stats.rows)
         yield from (batches, requests, rows)
-        store = self._gateway.store
+        store = self._store
         if store is not None:
             yield GaugeMetricFamily(GATEWAY + "hard_examples", "Rows kept in the hard-example store",
                                     value=store.rows)
 
 
 class GatewayMetrics:
-    """Starts what ``[collector]`` and ``[metrics]`` ask for; ``gateway`` is None in collect mode."""
+    """Starts what ``[collector]`` and ``[metrics]`` ask for; ``repository`` (the models served, and
+    ``store`` beside them) is None in collect mode."""
 
-    def __init__(self, config: GatewayConfig, gateway: Gateway | None = None) -> None:
+    def __init__(self, config: GatewayConfig, repository: ModelRepository | None = None,
+                 store: HardExampleStore | None = None) -> None:
         self.config = config
-        self.gateway = gateway
+        self.repository = repository
+        self.store = store
         self.collector: FleetCollector | None = None
         self.server: MetricsServer | None = None
 
@@ -71,14 +73,14 @@ class GatewayMetrics:
 
     def start(self) -> GatewayMetrics:
         cfg = self.config
-        if self.gateway is None and not cfg.collector.fleet:
+        if self.repository is None and not cfg.collector.fleet:
             raise ConfigError("collector.fleet: collect mode needs a fleet "
                               "(--collect-fleet or [collector] fleet)")
         if not cfg.metrics.listen:
             return self
         registry = CollectorRegistry(auto_describe=False)
-        if self.gateway is not None:
-            registry.register(ServingCollector(self.gateway))
+        if self.repository is not None:
+            registry.register(ServingCollector(self.repository, self.store))
         try:
             if cfg.collector.fleet:
                 self.collector = FleetCollector(cfg.collector.mqtt, cfg.collector.fleet).start()

@@ -85,7 +85,7 @@ class Gateway:
                                        workers=cfg.gateway.workers,
                                        extra_services=(artifacts, *self.extra_services),
                                        interceptors=interceptors)
-            self.metrics = GatewayMetrics(cfg, self).start()
+            self.metrics = GatewayMetrics(cfg, self.repository, self.store).start()
         except BaseException:
             self.stop(grace=0)
             raise

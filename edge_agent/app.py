@@ -13,10 +13,12 @@ from edge_agent.cloud.spool import Spool
 from edge_agent.config import AgentConfig
 from edge_agent.fleet.link import FleetLink, as_int_version
 from edge_agent.fleet.metrics import serve_metrics
+from edge_agent.fleet.readings import AgentReadings, circuit_state
 from edge_agent.fleet.telemetry import Telemetry
 from edge_agent.serving.cascade import Cascade
 from edge_agent.serving.slot import ModelSlot
-from edge_agent.update.updater import Updater, load_startup
+from edge_agent.update.startup import load_startup
+from edge_agent.update.updater import Updater
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.exposition import MetricsServer
 from edgecloud.protocol.server import RunningServer, start_server
@@ -75,11 +77,24 @@ class EdgeAgent:
             self.fleet = FleetLink(cfg.mqtt, cfg.fleet.name, cfg.agent.device_id, self._model_info)
             self.updater = Updater(cfg, self.slot, self.fleet, startup).start()  # subscribes before connect
             self.fleet.start()
-            self.telemetry = Telemetry(self, self.fleet).start()
-        self.metrics = serve_metrics(self)
+        readings = self._readings()
+        if self.fleet is not None:
+            self.telemetry = Telemetry(readings, self.fleet, cfg.telemetry, cfg.agent.state_dir).start()
+        self.metrics = serve_metrics(cfg.metrics.listen, readings, self.telemetry)
         model = self.slot.model
         log.info("event=agent_ready device=%s model=%s version=%s listen=%s cloud=%s", cfg.agent.device_id,
                  model.name, model.version, listen, cfg.cloud.target or "none")
+
+    def _readings(self) -> AgentReadings:
+        """What telemetry and ``/metrics`` read of this agent, live."""
+        stats, fleet = self.cascade.stats, self.fleet
+        return AgentReadings(snapshot=stats.snapshot, interval=stats.interval, served=self._served,
+                             circuit_state=lambda: circuit_state(self.link), spool=self.spool,
+                             mqtt_connected=(lambda: fleet.client.is_connected) if fleet else None)
+
+    def _served(self) -> tuple[str, str]:
+        model = self.slot.model
+        return model.name, model.version
 
     def _model_info(self) -> tuple[str | None, int | None]:
         model = self.slot.model if self.slot else None
@@ -109,7 +124,7 @@ class EdgeAgent:
             self.updater.stop()
         if self.telemetry:  # after the drain, so the last message counts every call
             self.telemetry.stop()
-        if self.fleet:
+        if self.fleet is not None:
             self.fleet.stop()
         if self.metrics:
             self.metrics.stop()

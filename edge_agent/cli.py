@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace) -> AgentConfig:
-    """Config file merged under the flags, validated; errors name the key."""
+    """Config file merged under the flags, validated; errors name the key. The layers below, release
+    and model card, come in when a model is loaded (``edge_agent/serving/settings.py``)."""
     data, overrides = file_and_flags(args, FLAG_KEYS)
     if args.mqtt:
         overrides["mqtt"] = host_port("--mqtt", args.mqtt)

@@ -1,7 +1,8 @@
 """The agent's TOML configuration (``/etc/edge-agent/agent.toml``), one validated section per concern.
 
-Precedence (DESIGN §4): command-line flag > config file > release > model card > defaults. Flags and
-file are merged here; release and card values fill the cascade fields left unset (None) at load time.
+Precedence (DESIGN §4): command-line flag > config file > release > model card > defaults. ``edge-agent``
+lays its flags over the file before validation; release and card values fill the cascade fields left
+unset (None) when a model is loaded, in ``edge_agent/serving/settings.py``.
 """
 
 from __future__ import annotations

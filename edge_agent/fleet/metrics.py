@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from edge_agent.cloud.circuit import CLOSED, HALF_OPEN, OPEN
-from edge_agent.fleet.telemetry import DISABLED, circuit_state
+from edge_agent.fleet.readings import DISABLED, AgentReadings
+from edge_agent.fleet.telemetry import Telemetry
 from edge_agent.serving.stats import PATHS
 from edgecloud.exposition import COUNTERS, PREFIX, QUANTILES, MetricsServer, MetricsUnavailable
-
-if TYPE_CHECKING:
-    from edge_agent.app import EdgeAgent
 
 log = logging.getLogger(__name__)
 
@@ -30,25 +27,24 @@ CIRCUIT_STATES = (CLOSED, OPEN, HALF_OPEN, DISABLED)
 
 
 class AgentCollector(Collector):
-    """Every agent figure, read from the running agent at each scrape."""
+    """Every agent figure, read from the running agent at each scrape (and from its telemetry worker,
+    in a fleet)."""
 
-    def __init__(self, agent: EdgeAgent) -> None:
+    def __init__(self, agent: AgentReadings, telemetry: Telemetry | None = None) -> None:
         self._agent = agent
+        self._telemetry = telemetry
 
     def collect(self) -> Iterator[Metric]:
         agent = self._agent
-        if agent.cascade is None or agent.slot is None:
-            return
-        snapshot = agent.cascade.stats.snapshot()
+        snapshot = agent.snapshot()
         for key, (name, documentation) in COUNTERS.items():
             yield CounterMetricFamily(PREFIX + name, documentation, value=snapshot["counters"][key])
         yield self._latency(snapshot)
-        model = agent.slot.model
         info = GaugeMetricFamily(PREFIX + "model_info", "The edge model serving now",
                                  labels=("name", "version"))
-        info.add_metric((model.name, model.version), 1)
+        info.add_metric(agent.served(), 1)
         yield info
-        state = circuit_state(agent.link)
+        state = agent.circuit_state()
         states = GaugeMetricFamily(PREFIX + "circuit_state", "Cloud circuit breaker state (1 = current)",
                                    labels=("state",))
         for name in CIRCUIT_STATES:
@@ -79,11 +75,10 @@ class AgentCollector(Collector):
         return summary
 
     def _fleet(self) -> Iterator[Metric]:
-        agent = self._agent
-        if agent.fleet is not None:
+        if self._agent.mqtt_connected is not None:
             yield GaugeMetricFamily(PREFIX + "mqtt_connected", "1 while the fleet's MQTT broker is connected",
-                                    value=int(agent.fleet.client.is_connected))
-        telemetry = agent.telemetry
+                                    value=int(self._agent.mqtt_connected()))
+        telemetry = self._telemetry
         if telemetry is not None:
             yield GaugeMetricFamily(PREFIX + "telemetry_buffered_messages",
                                     "Telemetry messages on disk waiting for the broker",
@@ -95,13 +90,13 @@ class AgentCollector(Collector):
                                       value=telemetry.buffer.dropped)
 
 
-def serve_metrics(agent: EdgeAgent) -> MetricsServer | None:
+def serve_metrics(listen: str | None, agent: AgentReadings,
+                  telemetry: Telemetry | None = None) -> MetricsServer | None:
     """Start ``/metrics`` for ``agent``; None when ``[metrics] listen`` is empty or cannot be bound."""
-    listen = agent.config.metrics.listen
     if not listen:
         return None
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AgentCollector(agent))
+    registry.register(AgentCollector(agent, telemetry))
     try:
         return MetricsServer(registry, listen).start()
     except MetricsUnavailable as e:

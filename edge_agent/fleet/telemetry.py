@@ -14,33 +14,21 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from edge_agent.config import TelemetrySection
 from edge_agent.disk_queue import DiskQueue, atomic_write
 from edge_agent.fleet.link import FleetLink, as_int_version
+from edge_agent.fleet.readings import AgentReadings
 from edge_agent.fleet.sysinfo import SystemMonitor
 from edgecloud.mqtt.client import ConnectionState, MqttError, MqttTimeout, NotConnected, encode_payload
 from edgecloud.release import format_time, utc_now
-
-if TYPE_CHECKING:
-    from edge_agent.app import EdgeAgent
-    from edge_agent.cloud.link import CloudLink
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 #: how long one publish waits for the broker's PUBACK before the message is retried later
 PUBLISH_TIMEOUT_S = 5.0
-#: circuit state reported when there is no usable cloud (none configured, or its contract differs)
-DISABLED = "disabled"
-
-
-def circuit_state(link: CloudLink | None) -> str:
-    """The breaker's state, or ``disabled`` without a cloud or when the cloud's contract differs."""
-    if link is None:
-        return DISABLED
-    state = link.state
-    return DISABLED if state.compatible is False else state.circuit
 
 
 def system_figures(sample: dict[str, Any]) -> dict[str, Any]:
@@ -81,14 +69,14 @@ class SeqCounter:
 class Telemetry:
     """The agent's telemetry worker: builds, buffers and delivers messages and events on one thread."""
 
-    def __init__(self, agent: EdgeAgent, fleet: FleetLink) -> None:
-        cfg = agent.config
+    def __init__(self, agent: AgentReadings, fleet: FleetLink, settings: TelemetrySection,
+                 state_dir: Path) -> None:
         self._agent = agent
         self._fleet = fleet
-        self.interval_s = cfg.telemetry.interval_s
+        self.interval_s = settings.interval_s
         self.topic = fleet.topics.telemetry(fleet.device)
-        directory = Path(cfg.agent.state_dir) / "telemetry"
-        self.buffer = DiskQueue(directory / "buffer", cfg.telemetry.buffer_max_bytes, ".json", "telemetry")
+        directory = Path(state_dir) / "telemetry"
+        self.buffer = DiskQueue(directory / "buffer", settings.buffer_max_bytes, ".json", "telemetry")
         highest = self.buffer.highest()
         self.seq = SeqCounter(directory / "seq", floor=0 if highest is None else highest + 1)
         self.sent = 0
@@ -145,13 +133,13 @@ class Telemetry:
     def _message(self, seq: int) -> dict[str, Any]:
         """One telemetry message: counters since start, the rest over the interval since the last one."""
         agent = self._agent
-        figures = agent.cascade.stats.interval()
-        model = agent.slot.model
+        figures = agent.interval()
+        name, version = agent.served()
         return {"schema": SCHEMA_VERSION, "device": self._fleet.device, "seq": seq,
-                "at": format_time(utc_now()), "model": model.name,
-                "model_version": as_int_version(model.version), **figures,
+                "at": format_time(utc_now()), "model": name,
+                "model_version": as_int_version(version), **figures,
                 "spool_depth": agent.spool.depth() if agent.spool else 0,
-                "circuit_state": circuit_state(agent.link), "system": system_figures(self._system.sample())}
+                "circuit_state": agent.circuit_state(), "system": system_figures(self._system.sample())}
 
     def _produce(self) -> None:
         try:

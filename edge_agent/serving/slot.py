@@ -11,56 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import AgentConfig, CascadeSection
+from edge_agent.serving.settings import CascadeSettings, Identity, calibration
 from edgecloud.backends import backend_key_for, open_backend
 from edgecloud.backends.base import Backend
-from edgecloud.confidence import ConfidencePolicy, make_policy
 from edgecloud.errors import ModelLoadError
 from edgecloud.modelcard import read_card
 from edgecloud.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
-
-DEFAULT_POLICY = "max_prob"
-DEFAULT_THRESHOLD = 0.5
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_SCORES = "logits"
-
-
-@dataclass(frozen=True, slots=True)
-class CascadeSettings:
-    """Resolved escalation settings of one model (policy, calibration, threshold)."""
-
-    policy_name: str
-    threshold: float
-    temperature: float
-    score_output: str
-    scores: str
-    policy: ConfidencePolicy = field(compare=False, repr=False)
-
-    @classmethod
-    def resolve(cls, flags: CascadeSection, release: Mapping[str, Any], card: Mapping[str, Any],
-                outputs: tuple[TensorSpec, ...]) -> CascadeSettings:
-        """Each value from the first that sets it: config/flags, release, card, default."""
-        def pick(key: str, default: Any) -> Any:
-            for source in (flags.model_dump(), release, card):
-                if source.get(key) is not None:
-                    return source[key]
-            return default
-
-        score_output = pick("score_output", outputs[0].name)
-        if score_output not in {o.name for o in outputs}:
-            raise ModelLoadError(f"score output {score_output!r} is not an output of the model; "
-                                 f"outputs are {[o.name for o in outputs]}")
-        name = pick("policy", DEFAULT_POLICY)
-        scores = pick("scores", DEFAULT_SCORES)
-        temperature = float(pick("temperature", DEFAULT_TEMPERATURE))
-        try:
-            policy = make_policy(name, score_output, scores, temperature)
-        except ValueError as e:
-            raise ModelLoadError(str(e)) from e
-        return cls(name, float(pick("threshold", DEFAULT_THRESHOLD)), temperature, score_output,
-                   scores, policy)
-
 
 @dataclass(frozen=True, slots=True)
 class EdgeModel:
@@ -92,8 +50,13 @@ class EdgeModel:
 
 
 def load_edge_model(config: AgentConfig, path: Path | None = None, version: str | None = None,
-                    release: Mapping[str, Any] | None = None) -> EdgeModel:
-    """Load, check the budget, resolve settings and warm up the model at ``path`` (default: config)."""
+                    release: Mapping[str, Any] | None = None,
+                    flags: CascadeSection | None = None) -> EdgeModel:
+    """Load, check the budget, resolve settings and warm up the model at ``path`` (default: config).
+
+    ``version`` and ``release``: the release it came with (its version and verified payload);
+    ``flags``: the ``[cascade]`` values in force (default: the config's). See ``settings.py``.
+    """
     path = Path(path or config.model.path or "")
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")
@@ -102,21 +65,20 @@ def load_edge_model(config: AgentConfig, path: Path | None = None, version: str 
         raise ModelLoadError(f"model file {path} is {size} bytes, over the edge budget of "
                              f"{config.model.budget_bytes}")
     card = read_card(path)
+    release = release or {}
     key = backend_key_for(path, config.model.backend)
     backend = open_backend(path, key, getattr(config.backend, key, None))
     try:
-        release_cal = dict((release or {}).get("calibration") or {})
-        card_cal = dict(card.get("calibration") or {})
-        settings = CascadeSettings.resolve(config.cascade, release_cal, card_cal, backend.outputs)
+        release_cal, card_cal = calibration(release), calibration(card)
+        settings = CascadeSettings.resolve(config.cascade if flags is None else flags, release_cal, card_cal,
+                                           backend.outputs)
         backend.warmup(config.model.warmup_rows)
     except Exception:
         backend.close()
         raise
-    labels = tuple((release or {}).get("labels") or card.get("labels") or ())
-    name = config.model.name or card.get("name") or path.stem
-    model = EdgeModel(name=name, version=str(version or card.get("version", 0)), path=path,
-                      backend=backend, settings=settings, labels=labels,
-                      release_calibration=release_cal, card_calibration=card_cal)
+    served = Identity.resolve(path, config.model.name, version, release, card)
+    model = EdgeModel(name=served.name, version=served.version, path=path, backend=backend, settings=settings,
+                      labels=served.labels, release_calibration=release_cal, card_calibration=card_cal)
     log.info("event=model_loaded name=%s version=%s path=%s policy=%s threshold=%.4f temperature=%.4f",
              model.name, model.version, path, settings.policy_name, settings.threshold,
              settings.temperature)

@@ -12,7 +12,7 @@ from edge_agent.cloud.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from edge_agent.cloud.ratelimit import TokenBucket
 from edge_agent.cloud.spool import Spool
 from edge_agent.config import CascadeSection
-from edge_agent.serving.slot import CascadeSettings
+from edge_agent.serving.settings import CascadeSettings
 from edgecloud.confidence import calibrated_probabilities, make_policy
 from edgecloud.confidence.probability import entropy, margin, max_prob
 from edgecloud.protocol.codec import InferRequest, request_to_bytes

@@ -26,7 +26,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent.app import EdgeAgent
-from edge_agent.update.updater import FAULT_ENV, FAULT_STEPS
+from edge_agent.update.faults import FAULT_ENV, FAULT_STEPS
 from edgecloud.mqtt.client import Message, MqttClient
 from edgecloud.mqtt.topics import FleetTopics, Topic, TopicKind
 from edgecloud.release import Envelope, PlanTarget, ReleasePayload, in_rollout, sign_release, utc_now
@@ -299,7 +299,7 @@ def state_file(fleet: Fleet, device: str) -> dict:
 
 # -- happy path -----------------------------------------------------------------------------------------
 def test_group_moves_to_the_release_with_zero_failed_calls(fleet: Fleet, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="edge_agent.update.updater")
+    caplog.set_level(logging.INFO, logger="edge_agent.update")
     devices = ["edge-1", "edge-2", "edge-3"]
     agents = [fleet.agent(d, update={"watch_s": 0.5}) for d in devices]
     v2 = fleet.model(2, card={"name": NAME, "version": 2, "labels": ["ok", "scratch", "dent", "stain"],
@@ -567,7 +567,7 @@ def test_device_desired_wins_over_group(fleet: Fleet) -> None:
 
 
 def test_rollout_percent_is_honoured(fleet: Fleet, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="edge_agent.update.updater")
+    caplog.set_level(logging.INFO, logger="edge_agent.update")
     ids = [f"edge-{i}" for i in range(100)]
     inside = next(d for d in ids if in_rollout(d, 50, "canary"))
     outside = next(d for d in ids if not in_rollout(d, 50, "canary"))

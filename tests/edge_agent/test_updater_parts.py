@@ -13,8 +13,8 @@ import pytest
 from edge_agent.config import AgentConfig
 from edge_agent.serving.slot import EdgeModel, load_edge_model
 from edge_agent.update.staging import Runtime, self_test
+from edge_agent.update.startup import load_startup
 from edge_agent.update.state import ROLLED_BACK_KEPT, Pending, Release, Slot, StateStore, UpdateState
-from edge_agent.update.updater import load_startup
 from edge_agent.update.watch import Figures, MeteredBackend, figures, metered, regression
 from edgecloud.backends.base import Backend
 from edgecloud.engine.builder import sha256_file

@@ -1,0 +1,153 @@
+"""Which release this device follows, and when it tries it (DESIGN §6).
+
+- Two retained topics say what is desired: the device's own and its group's. A device desired release
+  wins over the group's until it is cleared with an empty retained message (the device topic is
+  subscribed first, so on connect its retained message arrives before the group's).
+- MQTT handlers only record the newest desired message per topic, and one thread does updates, so a
+  burst of releases coalesces into the latest one.
+- A device outside a release's rollout share stays put and logs it; that is not a failure. A release
+  for the active version is skipped quietly. A release once rolled back is never retried: publish a
+  new version.
+- A desired message is handled once; one that failed for a passing reason (a cut download, an
+  internal error) is tried again with exponential backoff, until another message replaces it.
+
+How one release is applied is ``apply.py``'s business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from typing import NamedTuple
+
+from edge_agent.fleet.link import FleetLink, as_int_version
+from edge_agent.serving.slot import ModelSlot
+from edge_agent.update.apply import Applier, Stopping
+from edge_agent.update.report import Reporter, identity
+from edge_agent.update.state import Release
+from edgecloud.mqtt.client import ConnectionState, Message
+from edgecloud.release import Envelope, Reason, ReleasePayload, ReleaseRejected, in_rollout
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 60.0
+
+
+class _Retry(NamedTuple):
+    """Backoff of a desired message (by hash) whose last try failed for a passing reason."""
+
+    key: str
+    attempts: int
+    due: float
+
+
+class Follower:
+    """Follows the desired release topics of one device and hands each new release to the applier."""
+
+    def __init__(self, fleet: FleetLink, device: str, group: str, slot: ModelSlot, applier: Applier,
+                 reporter: Reporter, stopping: threading.Event) -> None:
+        self.fleet = fleet
+        self.device = device
+        self.group = group
+        self.slot = slot
+        self.applier = applier
+        self.reporter = reporter
+        self._stopping = stopping
+        self._lock = threading.Lock()
+        self._desired: dict[str, bytes | None] = {"device": None, "group": None}
+        self._wake = threading.Event()
+        self._settled: set[str] = set()  # desired messages (by hash) handled for good
+        self._retry = _Retry("", 0, 0.0)  # of the desired message that failed for a passing reason
+
+    def subscribe(self) -> None:
+        """Device topic first; call before the link starts."""
+        topics = self.fleet.topics
+        self.fleet.on(topics.device_desired(self.device), lambda m: self._on_desired("device", m))
+        self.fleet.on(topics.group_desired(self.group), lambda m: self._on_desired("group", m))
+        self.fleet.client.add_state_listener(self._connection)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- desired messages (FleetLink's worker thread) ---------------------------------------------------
+    def _on_desired(self, source: str, message: Message) -> None:
+        with self._lock:
+            self._desired[source] = message.payload or None
+            device_set = self._desired["device"] is not None
+        if not message.payload:
+            log.info("event=update_desired_cleared device=%s source=%s", self.device, source)
+        elif source == "group" and device_set:
+            log.info("event=update_group_ignored device=%s reason=device_desired_set", self.device)
+        self._wake.set()
+
+    def _connection(self, state: ConnectionState, _detail: str) -> None:  # paho's thread: no blocking
+        if state is ConnectionState.CONNECTED:
+            self._wake.set()  # a report kept while the broker was away goes out now
+
+    def _effective(self) -> bytes | None:
+        with self._lock:
+            return self._desired["device"] or self._desired["group"]
+
+    # -- the update thread ------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Until the agent stops: the effective desired message, each new one tried once, a failed one
+        again after its backoff."""
+        while not self._stopping.is_set():
+            self._wake.clear()
+            self.reporter.flush()
+            raw = self._effective()
+            key = hashlib.sha256(raw).hexdigest() if raw else ""
+            if not raw or key in self._settled:
+                self._wake.wait()
+                continue
+            retry = self._retry if self._retry.key == key else _Retry(key, 0, 0.0)
+            if (wait := retry.due - time.monotonic()) > 0:
+                self._wake.wait(wait)
+                continue
+            if self._handle(raw):
+                delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** retry.attempts)
+                self._retry = _Retry(key, retry.attempts + 1, time.monotonic() + delay)
+                log.info("event=update_retry_scheduled device=%s in_s=%.1f attempt=%d", self.device, delay,
+                         self._retry.attempts)
+            elif not self._stopping.is_set():
+                self._settled.add(key)
+
+    def _handle(self, raw: bytes) -> bool:
+        """Handle one desired message; True when it failed for a passing reason (retry later)."""
+        ident = None
+        try:
+            envelope = Envelope.from_json(raw)
+            ident = identity(envelope.payload)
+            payload = self.applier.verify(envelope)
+            if self._wanted(payload):
+                self.applier.apply(envelope, payload)
+            return False
+        except Stopping:
+            log.info("event=update_abandoned device=%s reason=stopping", self.device)
+            return False
+        except ReleaseRejected as e:
+            self.applier.refused(ident, e.reason.value, e.detail)
+            return e.reason is Reason.DOWNLOAD_FAILED
+        except Exception as e:  # a bug or the disk: keep serving, say so, try again later
+            log.exception("event=update_error device=%s", self.device)
+            self.applier.refused(ident, "internal", f"{type(e).__name__}: {e}")
+            return True
+
+    def _wanted(self, payload: ReleasePayload) -> bool:
+        """False for a verified release this device skips quietly: outside its rollout share, rolled
+        back before, or the version already active."""
+        where = f"device={self.device} model={payload.model} version={payload.version}"
+        if not in_rollout(self.device, payload.rollout.percent, payload.rollout.salt):
+            log.info("event=update_not_in_rollout %s percent=%g salt=%s", where, payload.rollout.percent,
+                     payload.rollout.salt)
+            return False
+        if Release(payload.model, payload.version, payload.artifact.sha256) in self.applier.state.rolled_back:
+            log.info("event=update_skipped %s reason=rolled_back_before", where)
+            return False
+        if payload.version == as_int_version(self.slot.model.version):
+            log.info("event=update_skipped %s reason=active_version", where)
+            return False
+        return True

@@ -1,0 +1,107 @@
+"""What the fleet hears about updates (DESIGN §6, §9): the retained ``model/reported`` state of the
+release being handled, and an ``update.*`` event and a log line for each change.
+
+The report is retained, so the latest one is what matters: while the broker is away it is kept (only
+the latest) and sent by :meth:`Reporter.flush`, which the update thread calls whenever it wakes, a
+reconnect included. Events are best effort.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from edge_agent.fleet.link import FleetLink
+from edgecloud.mqtt.client import ConnectionState, MqttError
+from edgecloud.mqtt.payloads import reported_payload
+
+log = logging.getLogger(__name__)
+
+REASON_MAX_CHARS = 400
+
+
+def one_line(text: str) -> str:
+    """Runtime errors span lines; a reason is one line of bounded length."""
+    return " ".join(str(text).split())[:REASON_MAX_CHARS]
+
+
+def identity(payload: Mapping[str, Any]) -> tuple[str, int] | None:
+    """Model and version of a release not (yet) verified, when it names them well enough to report."""
+    model, version = payload.get("model"), payload.get("version")
+    named = isinstance(model, str) and bool(model)
+    numbered = isinstance(version, int) and not isinstance(version, bool) and version >= 0
+    return (model, version) if named and numbered else None
+
+
+class Reporter:
+    """Reports and events of one device's updates; ``active_version`` reads the version serving now."""
+
+    def __init__(self, fleet: FleetLink, device: str, active_version: Callable[[], int | None]) -> None:
+        self.fleet = fleet
+        self.device = device
+        self._active_version = active_version
+        self._lock = threading.Lock()
+        self._unsent: dict[str, Any] | None = None  # the latest report, until the broker has it
+        self._connected = threading.Event()
+        fleet.client.add_state_listener(self._connection)
+
+    def _connection(self, state: ConnectionState, _detail: str) -> None:  # paho's thread: no blocking
+        if state is ConnectionState.CONNECTED:
+            self._connected.set()
+        else:
+            self._connected.clear()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """True once the broker is connected, False after ``timeout`` seconds without it."""
+        return self._connected.wait(timeout)
+
+    def enter(self, model: str, version: int, state: str, progress: float | None = None,
+              reason: str | None = None) -> None:
+        """A state change: one log line, one event, one retained report."""
+        bad = state in ("failed", "rolled_back")
+        log.log(logging.WARNING if bad else logging.INFO,
+                "event=update_state device=%s model=%s version=%d state=%s progress=%s reason=%r",
+                self.device, model, version, state, progress, reason)
+        self.fleet.event("update.state", "warning" if bad else "info", model=model, version=version,
+                         state=state, progress=progress, reason=reason, active_version=self._active_version())
+        self.report(model, version, state, progress, reason)
+        if state in ("active", "rolled_back"):  # the served model changed
+            self.fleet.announce()
+
+    def failed(self, ident: tuple[str, int] | None, reason: str) -> None:
+        """A release refused: reported under its name, or only as an event when it names nothing."""
+        if ident is None:
+            log.warning("event=update_rejected device=%s reason=%r", self.device, reason)
+            self.fleet.event("update.rejected", "warning", reason=reason)
+        else:
+            self.enter(*ident, "failed", reason=reason)
+
+    def event(self, event_type: str, severity: str = "info", **data: Any) -> None:
+        self.fleet.event(event_type, severity, **data)
+
+    def report(self, model: str, version: int, state: str, progress: float | None = None,
+               reason: str | None = None) -> None:
+        """The retained report alone (download progress is no state change)."""
+        payload = reported_payload(self.device, model, version, state, active_version=self._active_version(),
+                                   progress=progress, reason=reason)
+        with self._lock:
+            self._unsent = payload
+        self.flush()
+
+    def flush(self) -> None:
+        """Publish the latest report (retained); kept for the next connect when the broker is away."""
+        with self._lock:
+            payload = self._unsent
+        if payload is None:
+            return
+        try:
+            self.fleet.publish(self.fleet.topics.reported(self.device), payload, retain=True)
+        except MqttError as e:
+            log.warning("event=update_report_not_sent device=%s state=%s error=%r", self.device,
+                        payload["state"], str(e))
+            return
+        with self._lock:
+            if self._unsent is payload:
+                self._unsent = None
