@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgecloud.errors import ConfigError
+from edgecloud.files import atomic_write
 from edgecloud.mqtt.topics import check_id
 from edgecloud.signing import write_secret
 
@@ -57,7 +58,7 @@ def _write(prefix: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
                 raise ConfigError(f"{path} exists; refusing to overwrite it (use --force)")
     write_secret(issued.key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
-    issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write(issued.cert, cert.public_bytes(serialization.Encoding.PEM))
     return issued
 
 

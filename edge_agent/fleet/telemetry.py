@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_agent.disk_queue import DiskQueue, atomic_write
+from edge_agent.disk_queue import DiskQueue
 from edge_agent.fleet.link import FleetLink, as_int_version
 from edge_agent.fleet.sysinfo import SystemMonitor
+from edgecloud.clock import now_text
+from edgecloud.files import atomic_write
 from edgecloud.mqtt.client import ConnectionState, MqttError, MqttTimeout, NotConnected, encode_payload
-from edgecloud.release import format_time, utc_now
 
 if TYPE_CHECKING:
     from edge_agent.app import EdgeAgent
@@ -148,7 +149,7 @@ class Telemetry:
         figures = agent.cascade.stats.interval()
         model = agent.slot.model
         return {"schema": SCHEMA_VERSION, "device": self._fleet.device, "seq": seq,
-                "at": format_time(utc_now()), "model": model.name,
+                "at": now_text(), "model": model.name,
                 "model_version": as_int_version(model.version), **figures,
                 "spool_depth": agent.spool.depth() if agent.spool else 0,
                 "circuit_state": circuit_state(agent.link), "system": system_figures(self._system.sample())}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edge_agent.disk_queue import atomic_write
+from edgecloud.files import atomic_write
 
 log = logging.getLogger(__name__)
 

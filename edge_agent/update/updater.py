@@ -55,11 +55,13 @@ from edge_agent.serving.slot import EdgeModel, ModelSlot, load_edge_model
 from edge_agent.update.staging import Runtime, self_test
 from edge_agent.update.state import Pending, Release, Slot, StateStore, UpdateState
 from edge_agent.update.watch import figures, metered, regression
-from edgecloud.artifacts import TransportTLS, check_name, download, file_sha256, parse_uri
+from edgecloud.artifacts import TransportTLS, check_name, download, parse_uri
 from edgecloud.channel import read_token
+from edgecloud.clock import format_time, parse_time, utc_now
 from edgecloud.engine.builder import BuildOptions, build_engine
 from edgecloud.engine.cache import EngineCache
 from edgecloud.errors import ModelLoadError
+from edgecloud.files import file_sha256
 from edgecloud.mqtt.client import ConnectionState, Message, MqttError
 from edgecloud.mqtt.payloads import reported_payload
 from edgecloud.release import (
@@ -71,10 +73,7 @@ from edgecloud.release import (
     RollbackReason,
     check_size,
     check_version,
-    format_time,
     in_rollout,
-    parse_time,
-    utc_now,
     verify_envelope,
 )
 from edgecloud.signing import TrustStore

@@ -9,9 +9,7 @@ Everything but :func:`build_engine` is pure and runs without TensorRT.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from pathlib import Path
 
 from edgecloud.engine.sidecar import EngineSidecar, device_model, tensorrt_major, write_sidecar
 from edgecloud.errors import BackendUnavailable, ModelLoadError
+from edgecloud.files import atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +142,6 @@ def check_budget(size: int, budget: int, what: Path | str) -> None:
                              "lower --max-batch or quantize the model further")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def onnx_inputs(onnx: Path) -> dict[str, Shape]:
     """Input names and shapes (-1 = dynamic) of an ONNX model, read with ONNX Runtime on the CPU."""
     from edgecloud.backends.ort_session import OrtBackend
@@ -218,17 +209,12 @@ def build_engine(onnx: Path, out: Path, options: BuildOptions | None = None,
     size = int(serialized.nbytes)
     check_budget(size, options.budget_bytes, f"engine built from {onnx}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(serialized)
-        f.flush()
-        os.fsync(f.fileno())
     sidecar = EngineSidecar(tensorrt=trt.__version__, device=device or device_model(),
-                            precision=plan.label, onnx_sha256=sha256_file(onnx),
+                            precision=plan.label, onnx_sha256=file_sha256(onnx),
                             build_flags=build_flags(plan, options),
                             max_batch=options.max_batch if profiles else min(s[0] for s in inputs.values()))
     write_sidecar(out, sidecar)
-    os.replace(tmp, out)
+    atomic_write(out, memoryview(serialized))
     log.info("event=engine_built out=%s bytes=%d precision=%s device=%r", out, size, plan.label,
              sidecar.device)
     return BuildResult(out, size, sidecar, trtexec)

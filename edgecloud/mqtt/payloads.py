@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
-from edgecloud.release import format_time, utc_now
+from edgecloud.clock import format_time, utc_now
 
 UPDATE_STATES = ("downloading", "verifying", "staged", "active", "failed", "rolled_back")
 SEVERITIES = ("info", "warning", "error")
