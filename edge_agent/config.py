@@ -1,6 +1,6 @@
 """The agent's TOML configuration (``/etc/edge-agent/agent.toml``), one validated section per concern.
 
-Precedence (DESIGN §4): command-line flag > config file > release > model card > defaults. Flags and
+Precedence (docs/design.md §4): command-line flag > config file > release > model card > defaults. Flags and
 file are merged here; release and card values fill the cascade fields left unset (None) at load time.
 """
 

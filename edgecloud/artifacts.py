@@ -1,4 +1,5 @@
-"""Moves a release's model file: resumable verified downloads, and uploads to the gateway (DESIGN §5).
+"""Moves a release's model file: resumable verified downloads, and uploads to the gateway
+(docs/design.md §5).
 
 Release URIs: ``grpc://HOST:PORT/<name>/<version>`` (``grpcs://`` with TLS) read the gateway's
 ArtifactService chunk stream, ``https://…`` uses HTTP Range, ``file://…`` is only allowed under the

@@ -1,5 +1,5 @@
 """Model cards: the JSON beside a model file (``<file>.card.json``) that says what the model is, how its
-cascade is calibrated and how it scored on held-out data (DESIGN §9).
+cascade is calibrated and how it scored on held-out data (docs/design.md §10).
 
 The committed JSON Schema (``protos/schemas/model_card.schema.json``) is the contract; this module
 checks a card lightly at load time (required keys and their types) so the runtime needs no

@@ -1,4 +1,4 @@
-"""Signed model releases (DESIGN §6, §9): the payload and its envelope, verification that names a
+"""Signed model releases (docs/design.md §6): the payload and its envelope, verification that names a
 reason for every rejection, and the pure rules an updater applies (rollout, version, size, target).
 
 The envelope keeps the payload exactly as it was signed, unknown keys included, so a newer publisher
@@ -190,7 +190,7 @@ class Rollout:
 
 @dataclass(frozen=True, slots=True)
 class ReleasePayload:
-    """The typed view of a release payload (DESIGN §9)."""
+    """The typed view of a release payload (docs/design.md §6)."""
 
     model: str
     version: int
@@ -312,7 +312,7 @@ def verify_envelope(envelope: Envelope, trust: TrustStore, now: datetime | None 
 
 # -- rules ----------------------------------------------------------------------------------------------
 def in_rollout(device_id: str, percent: float, salt: str) -> bool:
-    """Deterministic share of devices: the same answer for a device on every run (DESIGN §9)."""
+    """Deterministic share of devices: the same answer for a device on every run (docs/design.md §6)."""
     digest = hashlib.sha256(f"{salt}:{device_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % 10000 < round(percent * 100)
 

@@ -1,4 +1,4 @@
-"""Ed25519 signatures over canonical JSON (DESIGN §9), and the set of keys a device trusts.
+"""Ed25519 signatures over canonical JSON (docs/design.md §6), and the set of keys a device trusts.
 
 Keys are PEM files: private keys in PKCS#8, public keys as SubjectPublicKeyInfo. A key is named by
 its key id, the first 16 hex digits of sha256 over the raw 32-byte public key, so a release says

@@ -1,4 +1,4 @@
-"""The cascade (DESIGN §4): answer every row at the edge, send the unsure ones to the cloud in one
+"""The cascade (docs/design.md §4): answer every row at the edge, send the unsure ones to the cloud in one
 call, and never let the cloud's absence become the client's error."""
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ class Cascade:
 
     @staticmethod
     def _parameters(call: _Call, from_cloud: np.ndarray, degraded: bool, rate_limited: int) -> dict:
-        """Response parameters of DESIGN §3 (``escalated`` is added by the caller)."""
+        """Response parameters of docs/design.md §3 (``escalated`` is added by the caller)."""
         model, confidence = call.model, call.confidence
         answered = int(from_cloud.sum())
         source = "cloud" if answered == from_cloud.size else "mixed" if answered else "edge"

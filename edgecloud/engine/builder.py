@@ -1,6 +1,6 @@
 """Build a TensorRT engine from a QDQ INT8 ONNX model with TensorRT's Python builder.
 
-INT8 is the explicit kind: the scales are the Q/DQ nodes of the ONNX graph (DESIGN §8), so there is
+INT8 is the explicit kind: the scales are the Q/DQ nodes of the ONNX graph (docs/design.md §11), so there is
 no calibrator. TensorRT 10 still needs the INT8 (and FP16, for the layers left unquantized) builder
 flags to consider those kernels; TensorRT 11 drops precision flags and builds every network strongly
 typed, taking the precision from the graph alone, so the version decides which path is used.
@@ -21,7 +21,7 @@ from edgecloud.files import atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 
-#: DESIGN §9: the edge budget for a model file or engine
+#: the edge budget (docs/design.md §9) for a model file or engine
 EDGE_BUDGET_BYTES = 1_000_000_000
 #: JetPack 6's TensorRT, assumed when the command line is printed where TensorRT is not installed
 JETPACK6_TENSORRT = "10.3.0"
@@ -136,7 +136,7 @@ def build_flags(plan: PrecisionPlan, options: BuildOptions) -> tuple[str, ...]:
 
 
 def check_budget(size: int, budget: int, what: Path | str) -> None:
-    """An engine over the edge budget is refused (DESIGN §9)."""
+    """An engine over the edge budget is refused (docs/design.md §9)."""
     if size > budget:
         raise ModelLoadError(f"{what} is {size} bytes, over the edge budget of {budget} bytes; "
                              "lower --max-batch or quantize the model further")

@@ -1,7 +1,7 @@
 """The engine cache: one engine per (ONNX sha256, TensorRT release, device), under the agent's state dir.
 
-An ONNX release serves every device (DESIGN §6); a Jetson builds its engine while staging and keeps it
-here, so a restart or a rollback to a model seen before loads in seconds instead of rebuilding.
+An ONNX release serves every device (docs/design.md §6); a Jetson builds its engine while staging and
+keeps it here, so a restart or a rollback to a model seen before loads in seconds instead of rebuilding.
 """
 
 from __future__ import annotations
