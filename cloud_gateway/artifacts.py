@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import os
 import re
 import threading
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +22,9 @@ import grpc
 
 from edgecloud._generated.edgecloud.v1 import artifacts_pb2 as pb
 from edgecloud._generated.edgecloud.v1 import artifacts_pb2_grpc as pb_grpc
-from edgecloud.artifacts import CHUNK_BYTES, check_name, file_sha256
+from edgecloud.artifacts import CHUNK_BYTES, check_name
 from edgecloud.backends import release_backends
+from edgecloud.files import atomic_open, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -103,34 +102,22 @@ class ReleaseStore:
                                 "publish a new version")
         vdir = self.version_dir(name, version)
         vdir.mkdir(parents=True, exist_ok=True)
-        tmp = vdir / f".upload-{uuid.uuid4().hex}.part"
-        try:
-            digest, written = hashlib.sha256(), 0
-            with open(tmp, "wb") as f:
-                for block in blocks:
-                    written += len(block)
-                    if written > size:
-                        raise UploadRefused(grpc.StatusCode.INVALID_ARGUMENT,
-                                            f"more data than the announced {size} bytes")
-                    digest.update(block)
-                    f.write(block)
-                f.flush()
-                os.fsync(f.fileno())
+        final = vdir / file_names[artifact_format]
+        digest, written = hashlib.sha256(), 0
+        with atomic_open(final) as f:  # lands only once every check below has passed
+            for block in blocks:
+                written += len(block)
+                if written > size:
+                    raise UploadRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"more data than the announced {size} bytes")
+                digest.update(block)
+                f.write(block)
             if written != size:
                 raise UploadRefused(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"received {written} bytes, {size} were announced")
             if digest.hexdigest() != sha256:
                 raise UploadRefused(grpc.StatusCode.DATA_LOSS,
                                     f"received data has sha256 {digest.hexdigest()}, {sha256} was announced")
-            final = vdir / file_names[artifact_format]
-            os.replace(tmp, final)
-            fd = os.open(vdir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        finally:
-            tmp.unlink(missing_ok=True)
         return final, False
 
 

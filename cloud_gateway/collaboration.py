@@ -1,4 +1,4 @@
-"""The agent → gateway request parameters of DESIGN §3, read and checked.
+"""The agent → gateway request parameters of docs/design.md §3, read and checked.
 
 A malformed ``edgecloud.edge_summary`` is refused (INVALID_ARGUMENT) rather than guessed at: the
 hard-example store is training data, and a wrong row index would pair an input with another row's

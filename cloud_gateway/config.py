@@ -12,9 +12,8 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from edgecloud.backends.options import BackendOptions, required_keys, section_name
-from edgecloud.config import Section, build, merge
+from edgecloud.config import MetricsSection, Section, build, cert_key_pair, merge
 from edgecloud.endpoint import parse_endpoint
-from edgecloud.exposition import check_listen
 from edgecloud.mqtt.client import MqttConfig
 from edgecloud.mqtt.topics import check_id
 
@@ -76,10 +75,10 @@ class TLSSection(Section):
     key: Path | None = Field(None, description="server private key (PEM)")
     client_ca: Path | None = Field(None, description="CA of device certificates; their CN is the device id")
 
+    _pair = model_validator(mode="after")(cert_key_pair)
+
     @model_validator(mode="after")
-    def _complete(self) -> TLSSection:
-        if (self.cert is None) != (self.key is None):
-            raise ValueError("cert and key go together")
+    def _mutual_needs_server_pair(self) -> TLSSection:
         if self.client_ca is not None and self.cert is None:
             raise ValueError("client_ca needs cert and key (mutual TLS is TLS first)")
         return self
@@ -101,14 +100,6 @@ class CollectorSection(Section):
     @classmethod
     def _fleet(cls, value: str | None) -> str | None:
         return value if value is None else check_id("fleet", value)
-
-
-class MetricsSection(Section):
-    """``[metrics]``: Prometheus ``/metrics`` (serving figures, and the collector's per-device ones)."""
-
-    listen: str | None = Field(None, description="HOST:PORT; unset or empty = off")
-
-    _listen = field_validator("listen")(check_listen)
 
 
 class GatewayConfig(Section):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecloud.errors import EdgecloudError
+from edgecloud.files import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -239,13 +239,7 @@ def write_training_set(examples: list[HardExample], path: Path) -> int:
     """Write ``examples`` as a training set ``.npz`` (see :func:`training_arrays`), replacing the file
     atomically; returns the number of rows."""
     arrays = training_arrays(examples)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(Path(path)) as f:
+        np.savez_compressed(f, **arrays)
     log.info("event=hard_examples_exported rows=%d path=%s", len(examples), path)
     return len(examples)

@@ -19,10 +19,9 @@ from cloud_gateway.collaboration import Collaboration, read_collaboration
 from cloud_gateway.hard_examples import HardExample, HardExampleStore
 from cloud_gateway.repository import ModelRepository, ServedModel
 from edgecloud import __version__
-from edgecloud.errors import InvalidInput, ModelNotFound, ModelUnavailable
-from edgecloud.protocol.classification import PARAMETER as CLASSIFICATION
-from edgecloud.protocol.classification import top_k_strings
+from edgecloud.errors import ModelNotFound, ModelUnavailable
 from edgecloud.protocol.codec import InferRequest, InferResponse, ModelMetadata
+from edgecloud.protocol.outputs import check_requested, select_outputs
 from edgecloud.protocol.servicer import PeerInfo
 from edgecloud.tensors import check_inputs
 
@@ -68,7 +67,7 @@ class GatewayHost:
             raise ModelUnavailable("the gateway is shutting down")
         model = self.repository.get(request.model_name, request.model_version)
         rows = check_inputs(model.inputs, request.inputs, model.name)
-        _check_requested(model, request)
+        check_requested(model.name, request.outputs, [o.name for o in model.outputs])
         collab = read_collaboration(request, rows)
         device = self._device(peer, collab.device_id)
         outputs = model.run(request.inputs)
@@ -80,7 +79,9 @@ class GatewayHost:
         if self.added_latency_s:
             time.sleep(self.added_latency_s)
         return InferResponse(model_name=model.name, model_version=str(model.version), id=request.id,
-                             outputs=_select_outputs(model, outputs, request))
+                             outputs=select_outputs(model.name, request.outputs,
+                                                    {o.name: outputs[o.name] for o in model.outputs},
+                                                    model.config.labels))
 
     def _device(self, peer: PeerInfo, claimed: str) -> str:
         proven = peer.common_name
@@ -116,21 +117,3 @@ class GatewayHost:
                  len(summary.rows), stored, summary.reason, collab.deferred, collab.edge_model_version)
 
 
-def _check_requested(model: ServedModel, request: InferRequest) -> None:
-    names = [o.name for o in model.outputs]
-    for out in request.outputs:
-        if out.name not in names:
-            raise InvalidInput(f"model {model.name!r} has no output {out.name!r}; outputs are {names}")
-
-
-def _select_outputs(model: ServedModel, outputs: dict[str, np.ndarray],
-                    request: InferRequest) -> dict[str, np.ndarray]:
-    """The outputs the client named (with Triton's classification extension), else all in model order."""
-    if not request.outputs:
-        return {o.name: outputs[o.name] for o in model.outputs}
-    selected = {}
-    for out in request.outputs:
-        k = out.parameters.get(CLASSIFICATION)
-        value = outputs[out.name]
-        selected[out.name] = top_k_strings(value, int(k), model.config.labels) if k else value
-    return selected

@@ -1,8 +1,8 @@
 """The agent's TOML configuration (``/etc/edge-agent/agent.toml``), one validated section per concern.
 
-Precedence (DESIGN §4): command-line flag > config file > release > model card > defaults. ``edge-agent``
-lays its flags over the file before validation; release and card values fill the cascade fields left
-unset (None) when a model is loaded, in ``edge_agent/serving/settings.py``.
+Precedence (docs/design.md §4): command-line flag > config file > release > model card > defaults.
+``edge-agent`` lays its flags over the file before validation; release and card values fill the cascade
+fields left unset (None) when a model is loaded, in ``edge_agent/serving/settings.py``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from pydantic import Field, field_validator
 
 from edgecloud.backends.options import BackendOptions
 from edgecloud.channel import ClientTLS
-from edgecloud.config import Section
+from edgecloud.config import MetricsSection, Section
 from edgecloud.endpoint import parse_endpoint
-from edgecloud.exposition import check_listen
 from edgecloud.mqtt.client import MqttConfig
 
 DEFAULT_LISTEN = "127.0.0.1:8001"
@@ -112,12 +111,10 @@ class TelemetrySection(Section):
     buffer_max_bytes: int = Field(16 * 1024 * 1024, gt=0, description="disk buffer bound; oldest dropped")
 
 
-class MetricsSection(Section):
-    """``[metrics]``: Prometheus ``/metrics`` for a local Prometheus or node agent."""
+class AgentMetricsSection(MetricsSection):
+    """``[metrics]``: on by default, on loopback, for a local Prometheus or node agent."""
 
     listen: str | None = Field("127.0.0.1:9108", description="HOST:PORT (loopback); empty = off")
-
-    _listen = field_validator("listen")(check_listen)
 
 
 class AgentConfig(Section):
@@ -133,4 +130,4 @@ class AgentConfig(Section):
     fleet: FleetSection = Field(default_factory=FleetSection)
     update: UpdateSection = Field(default_factory=UpdateSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
-    metrics: MetricsSection = Field(default_factory=MetricsSection)
+    metrics: AgentMetricsSection = Field(default_factory=AgentMetricsSection)

@@ -1,40 +1,21 @@
-"""Crash-safe files for the agent's state: atomic writes, and a bounded on-disk FIFO of records.
+"""A bounded on-disk FIFO of records that survives restarts and power cuts.
 
-The FIFO keeps one file per record, named by its sequence number, so the directory is the queue and
-survives restarts and power cuts (each file is written atomically). Beyond ``max_bytes`` the oldest
-records are deleted, counted in ``dropped`` and logged. The spool (cases for the cloud) and the
-telemetry buffer are both one of these.
+It keeps one file per record, named by its sequence number, so the directory is the queue (each file
+is written atomically). Beyond ``max_bytes`` the oldest records are deleted, counted in ``dropped``
+and logged. The spool (cases for the cloud) and the telemetry buffer are both one of these.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
+
+from edgecloud.files import TEMP_GLOB, atomic_write
 
 log = logging.getLogger(__name__)
 
 CORRUPT_SUFFIX = ".bad"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class DiskQueue:
@@ -48,7 +29,7 @@ class DiskQueue:
         self.name = name
         self.dropped = 0
         self._lock = threading.Lock()
-        for stale in self.directory.glob(".*.tmp"):  # left by a crash mid-write
+        for stale in self.directory.glob(TEMP_GLOB):  # left by a crash mid-write
             stale.unlink(missing_ok=True)
         self._sizes: dict[int, int] = {}  # seq → bytes, oldest first
         for path in sorted(self.directory.glob(f"*{suffix}")):

@@ -1,4 +1,5 @@
-"""Moves a release's model file: resumable verified downloads, and uploads to the gateway (DESIGN §5).
+"""Moves a release's model file: resumable verified downloads, and uploads to the gateway
+(docs/design.md §5).
 
 Release URIs: ``grpc://HOST:PORT/<name>/<version>`` (``grpcs://`` with TLS) read the gateway's
 ArtifactService chunk stream, ``https://…`` uses HTTP Range, ``file://…`` is only allowed under the
@@ -9,7 +10,6 @@ that turns out to be wrong (size, sha256) is deleted: resuming it would only rep
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -28,6 +28,7 @@ import grpc
 from edgecloud._generated.edgecloud.v1 import artifacts_pb2 as pb
 from edgecloud._generated.edgecloud.v1 import artifacts_pb2_grpc as pb_grpc
 from edgecloud.endpoint import Endpoint
+from edgecloud.files import file_sha256, replace
 from edgecloud.release import DEFAULT_BUDGET_BYTES, Reason, ReleaseRejected, check_size
 
 log = logging.getLogger(__name__)
@@ -205,8 +206,7 @@ def download(uri: str, dest: Path, *, sha256: str, size: int, budget: int = DEFA
         if e.reason is not Reason.DOWNLOAD_FAILED:
             part.unlink(missing_ok=True)
         raise
-    os.replace(part, dest)
-    _fsync_dir(dest.parent)
+    replace(part, dest)
     return dest
 
 
@@ -217,22 +217,6 @@ def _verify(part: Path, sha256: str, size: int) -> None:
     actual = file_sha256(part)
     if actual != sha256:
         raise ReleaseRejected(Reason.SHA256_MISMATCH, f"file has sha256 {actual}, the release says {sha256}")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fetch_grpc(target: ArtifactURI, writer: _PartFile, *, sha256: str, tls: TransportTLS | None,

@@ -1,5 +1,5 @@
 """Cascade calibration: a softmax temperature fitted by NLL, and the confidence threshold that meets a
-target cascade accuracy or a target escalation fraction (DESIGN §4).
+target cascade accuracy or a target escalation fraction (docs/design.md §4).
 
 Pure numpy, so a device or an operator's laptop can recalibrate without torch. Confidences come from
 :mod:`edgecloud.confidence`, the same code the agent scores rows with, so a threshold chosen here means

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 from pydantic import Field, model_validator
 
-from edgecloud.config import Section
+from edgecloud.config import Section, cert_key_pair
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError
 
@@ -29,11 +29,7 @@ class ClientTLS(Section):
     key: Path | None = Field(None, description="client private key (PEM)")
     server_name: str | None = Field(None, description="override the TLS name checked on the server")
 
-    @model_validator(mode="after")
-    def _pair(self) -> ClientTLS:
-        if (self.cert is None) != (self.key is None):
-            raise ValueError("cert and key go together")
-        return self
+    _pair = model_validator(mode="after")(cert_key_pair)
 
 
 def open_channel(target: str, tls: ClientTLS | None = None, *, what: str = "target",

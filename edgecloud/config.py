@@ -1,16 +1,17 @@
 """TOML configuration: strict, frozen sections and errors that name the offending key.
 
 Each service defines its config as :class:`Section` models; validation does no I/O (paths are
-resolved, files read and hashed later, by the code that uses them).
+resolved, files read and hashed later, by the code that uses them). The pieces both services share
+live here: the ``[metrics]`` section and the check that a TLS section's certificate and key pair up.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError
@@ -27,6 +28,41 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _CertKey(Protocol):
+    @property
+    def cert(self) -> Path | None: ...
+    @property
+    def key(self) -> Path | None: ...
+
+
+T = TypeVar("T", bound=_CertKey)
+
+
+def cert_key_pair(section: T) -> T:
+    """A TLS section's ``cert`` and ``key`` come both or neither: a certificate is only usable with its
+    private key. Meant as ``_pair = model_validator(mode="after")(cert_key_pair)``."""
+    if (section.cert is None) != (section.key is None):
+        raise ValueError("cert and key must be given together")
+    return section
+
+
+class MetricsSection(Section):
+    """``[metrics]``: Prometheus ``/metrics`` on HOST:PORT, off when unset or empty."""
+
+    listen: str | None = Field(None, description="HOST:PORT; unset or empty = off")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        """HOST:PORT, or None for off; checked at load, so a bad value stops the service before it
+        starts anything."""
+        if not value:
+            return None
+        if parse_endpoint(value).unix_path:
+            raise ValueError("/metrics needs HOST:PORT, not a unix socket")
+        return value
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -35,22 +35,12 @@ COUNTERS = {
 QUANTILES = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
 
 
-def check_listen(value: str | None) -> str | None:
-    """A ``[metrics] listen`` value: HOST:PORT, or None for off (unset or empty); ValueError otherwise.
-    Meant as a config validator, so a bad value stops the service before it starts anything."""
-    if not value:
-        return None
-    if parse_endpoint(value).unix_path:
-        raise ValueError("/metrics needs HOST:PORT, not a unix socket")
-    return value
-
-
 class MetricsUnavailable(EdgecloudError):
     """The /metrics endpoint could not listen (address in use, not permitted)."""
 
 
 class MetricsServer:
-    """``/metrics`` of ``registry`` over HTTP on ``listen`` (HOST:PORT, checked by ``check_listen``;
+    """``/metrics`` of ``registry`` over HTTP on ``listen`` (HOST:PORT, checked by ``MetricsSection``;
     port 0 picks a free one)."""
 
     def __init__(self, registry: CollectorRegistry, listen: str) -> None:

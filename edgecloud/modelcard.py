@@ -1,5 +1,5 @@
 """Model cards: the JSON beside a model file (``<file>.card.json``) that says what the model is, how its
-cascade is calibrated and how it scored on held-out data (DESIGN §9).
+cascade is calibrated and how it scored on held-out data (docs/design.md §10).
 
 The committed JSON Schema (``protos/schemas/model_card.schema.json``) is the contract; this module
 checks a card lightly at load time (required keys and their types) so the runtime needs no
@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgecloud.artifacts import file_sha256
+from edgecloud.clock import now_text
 from edgecloud.confidence.probability import SCORE_KINDS
 from edgecloud.errors import ModelLoadError
-from edgecloud.release import format_time, utc_now
+from edgecloud.files import atomic_write, file_sha256
 from edgecloud.tensors import TensorSpec
 
 CARD_SUFFIX = ".card.json"
@@ -61,11 +61,6 @@ def served_name(model_path: Path, card: Mapping[str, Any] | None = None) -> str:
     """
     card = read_card(model_path) if card is None else card
     return card.get("name") or Path(model_path).stem
-
-
-def file_digest(path: Path) -> tuple[int, str]:
-    """(size in bytes, sha256 hex) of a file: what a card records to tie itself to that file."""
-    return os.path.getsize(path), file_sha256(path)
 
 
 def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -142,8 +137,8 @@ class ModelCard:
     @classmethod
     def describe(cls, model_path: Path, **fields: Any) -> ModelCard:
         """A new card for ``model_path``: its size, sha256 and the time now, plus ``fields``."""
-        size, sha256 = file_digest(model_path)
-        return cls(size=size, sha256=sha256, created_at=format_time(utc_now()), **fields)
+        return cls(size=os.path.getsize(model_path), sha256=file_sha256(model_path), created_at=now_text(),
+                   **fields)
 
     @classmethod
     def load(cls, model_path: Path) -> ModelCard | None:
@@ -200,19 +195,14 @@ class ModelCard:
         return out
 
     def save(self, model_path: Path) -> Path:
-        """Write the card beside ``model_path`` atomically (temp file, fsync, rename); return its path."""
+        """Write the card beside ``model_path`` atomically; return its path."""
         path = card_path(model_path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, (json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n").encode())
         return path
 
     def file_problems(self, model_path: Path) -> list[str]:
         """How the file at ``model_path`` differs from what this card says (size, sha256)."""
-        size, sha256 = file_digest(model_path)
+        size, sha256 = os.path.getsize(model_path), file_sha256(model_path)
         problems = []
         if size != self.size:
             problems.append(f"{model_path}: {size} bytes, card says {self.size}")

@@ -1,4 +1,4 @@
-"""Signed model releases (DESIGN §6, §9): the payload and its envelope, verification that names a
+"""Signed model releases (docs/design.md §6): the payload and its envelope, verification that names a
 reason for every rejection, and the pure rules an updater applies (rollout, version, size, target).
 
 The envelope keeps the payload exactly as it was signed, unknown keys included, so a newer publisher
@@ -20,6 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgecloud.backends import release_backends
+from edgecloud.clock import format_time, parse_time, utc_now
 from edgecloud.errors import EdgecloudError
 from edgecloud.signing import KEY_ID_PATTERN, TrustStore, canonical_json, sign, verify
 
@@ -30,7 +31,6 @@ DEFAULT_CLOCK_SKEW_S = 300.0
 CLOCK_SET_AFTER = datetime(2024, 1, 1, tzinfo=timezone.utc)
 SCORES = ("logits", "probabilities")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_RFC3339 = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 
 
 class Reason(str, Enum):
@@ -68,34 +68,6 @@ class ReleaseRejected(EdgecloudError):
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-# -- times ----------------------------------------------------------------------------------------------
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def format_time(moment: datetime) -> str:
-    """RFC 3339 in UTC with ``Z``, to the second: ``2025-03-01T12:00:00Z``."""
-    if moment.tzinfo is None:
-        raise ValueError("refusing to format a naive datetime: give it a time zone")
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str) -> datetime:
-    """Parse an RFC 3339 time (``Z`` or an offset) into an aware UTC datetime; ValueError otherwise."""
-    m = _RFC3339.match(text) if isinstance(text, str) else None
-    if not m:
-        raise ValueError(f"{text!r} is not an RFC 3339 time like 2025-03-01T12:00:00Z")
-    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
-    micros = int((m.group(7) or ".0")[1:7].ljust(6, "0"))
-    zone = m.group(8)
-    if zone in ("Z", "z"):
-        tz = timezone.utc
-    else:
-        sign_ = -1 if zone[0] == "-" else 1
-        tz = timezone(sign_ * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
-    return datetime(year, month, day, hour, minute, second, micros, tzinfo=tz).astimezone(timezone.utc)
 
 
 # -- payload --------------------------------------------------------------------------------------------
@@ -220,7 +192,7 @@ class Rollout:
 
 @dataclass(frozen=True, slots=True)
 class ReleasePayload:
-    """The typed view of a release payload (DESIGN §9)."""
+    """The typed view of a release payload (docs/design.md §6)."""
 
     model: str
     version: int
@@ -342,7 +314,7 @@ def verify_envelope(envelope: Envelope, trust: TrustStore, now: datetime | None 
 
 # -- rules ----------------------------------------------------------------------------------------------
 def in_rollout(device_id: str, percent: float, salt: str) -> bool:
-    """Deterministic share of devices: the same answer for a device on every run (DESIGN §9)."""
+    """Deterministic share of devices: the same answer for a device on every run (docs/design.md §6)."""
     digest = hashlib.sha256(f"{salt}:{device_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % 10000 < round(percent * 100)
 

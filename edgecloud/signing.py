@@ -1,4 +1,4 @@
-"""Ed25519 signatures over canonical JSON (DESIGN §9), and the set of keys a device trusts.
+"""Ed25519 signatures over canonical JSON (docs/design.md §6), and the set of keys a device trusts.
 
 Keys are PEM files: private keys in PKCS#8, public keys as SubjectPublicKeyInfo. A key is named by
 its key id, the first 16 hex digits of sha256 over the raw 32-byte public key, so a release says
@@ -11,7 +11,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgecloud.errors import ConfigError
+from edgecloud.files import atomic_write
 
 KEY_ID_PATTERN = re.compile(r"^[0-9a-f]{16}$")
 
@@ -74,12 +74,10 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def write_secret(path: Path, data: bytes) -> None:
-    """Write a private key: mode 0600 from the first byte (a missing directory is made 0700)."""
+    """Write a private key atomically, mode 0600 from the first byte, also over an existing file with
+    wider permissions (a missing directory is made 0700)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), 0o600)  # also when an existing file had wider permissions
-        f.write(data)
+    atomic_write(path, data, mode=0o600)
 
 
 def write_keypair(prefix: Path, overwrite: bool = False) -> tuple[Path, Path, str]:
@@ -94,7 +92,7 @@ def write_keypair(prefix: Path, overwrite: bool = False) -> tuple[Path, Path, st
                 raise ConfigError(f"{path} exists; refusing to overwrite a key (use --force)")
     key = generate_key()
     write_secret(private_path, private_key_pem(key))
-    public_path.write_bytes(public_key_pem(key.public_key()))
+    atomic_write(public_path, public_key_pem(key.public_key()))
     return private_path, public_path, key_id(key.public_key())
 
 

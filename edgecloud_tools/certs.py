@@ -24,7 +24,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edgecloud.clock import utc_now
 from edgecloud.errors import ConfigError
+from edgecloud.files import atomic_write
 from edgecloud.mqtt.topics import check_id
 from edgecloud.signing import write_secret
 
@@ -57,14 +59,14 @@ def _write(prefix: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
                 raise ConfigError(f"{path} exists; refusing to overwrite it (use --force)")
     write_secret(issued.key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
-    issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write(issued.cert, cert.public_bytes(serialization.Encoding.PEM))
     return issued
 
 
 def make_ca(directory: Path, name: str = "edgecloud-ca", days: int = 3650, overwrite: bool = False) -> Issued:
     """A self-signed CA in ``directory`` (``ca.pem``, ``ca.key``)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = utc_now()
     cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
@@ -104,7 +106,7 @@ def issue(ca_dir: Path, prefix: Path, common_name: str, *, hosts: Iterable[str] 
     a server's for ``hosts`` (DNS names or IP addresses), or with ``client`` a device's."""
     ca_cert, ca_key = _load_ca(ca_dir)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = utc_now()
     usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
     builder = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())

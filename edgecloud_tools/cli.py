@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; exit 0 done, 2 bad usage or configuration, 1 failure (DESIGN §9)."""
+    """Run one command; exit 0 done, 2 bad usage or configuration, 1 failure (docs/design.md §9)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -15,11 +15,11 @@ from edgecloud.engine.builder import (
     check_budget,
     installed_tensorrt_version,
     onnx_inputs,
-    sha256_file,
     trtexec_command,
 )
 from edgecloud.engine.sidecar import EngineSidecar, device_model, write_sidecar
 from edgecloud.errors import BackendUnavailable, ConfigError
+from edgecloud.files import file_sha256
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -94,7 +94,7 @@ def run_sidecar(args: argparse.Namespace) -> int:
         raise BackendUnavailable(INSTALL_HINT)
     check_budget(args.engine.stat().st_size, args.budget_bytes, args.engine)
     sidecar = EngineSidecar(tensorrt=version, device=device_model(), precision=args.precision,
-                            onnx_sha256=sha256_file(args.onnx), build_flags=tuple(args.flags),
+                            onnx_sha256=file_sha256(args.onnx), build_flags=tuple(args.flags),
                             max_batch=args.max_batch)
     print(f"wrote {write_sidecar(args.engine, sidecar)}")
     return 0

@@ -1,4 +1,4 @@
-"""Telemetry over MQTT (DESIGN §6): every ``interval_s`` one message of ``telemetry.schema.json``.
+"""Telemetry over MQTT (docs/design.md §8): every ``interval_s`` one message of ``telemetry.schema.json``.
 
 Each message gets a ``seq`` that is persisted before use, so a restart never reuses one, and is written
 to a bounded disk buffer before anything is sent. A worker thread delivers the buffer oldest first while
@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import TelemetrySection
-from edge_agent.disk_queue import DiskQueue, atomic_write
+from edge_agent.disk_queue import DiskQueue
 from edge_agent.fleet.link import FleetLink, as_int_version
 from edge_agent.fleet.readings import AgentReadings
 from edge_agent.fleet.sysinfo import SystemMonitor
+from edgecloud.clock import now_text
+from edgecloud.files import atomic_write
 from edgecloud.mqtt.client import ConnectionState, MqttError, MqttTimeout, NotConnected, encode_payload
-from edgecloud.release import format_time, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class Telemetry:
         figures = agent.interval()
         name, version = agent.served()
         return {"schema": SCHEMA_VERSION, "device": self._fleet.device, "seq": seq,
-                "at": format_time(utc_now()), "model": name,
+                "at": now_text(), "model": name,
                 "model_version": as_int_version(version), **figures,
                 "spool_depth": agent.spool.depth() if agent.spool else 0,
                 "circuit_state": agent.circuit_state(), "system": system_figures(self._system.sample())}

@@ -1,4 +1,4 @@
-"""The cascade (DESIGN §4): answer every row at the edge, send the unsure ones to the cloud in one
+"""The cascade (docs/design.md §4): answer every row at the edge, send the unsure ones to the cloud in one
 call, and never let the cloud's absence become the client's error."""
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from edge_agent.serving.slot import EdgeModel, ModelSlot
 from edge_agent.serving.stats import CallRecord, Stats
 from edgecloud import __version__
 from edgecloud.errors import InvalidInput, ModelNotFound
-from edgecloud.protocol.classification import PARAMETER as CLASSIFICATION
-from edgecloud.protocol.classification import top_k_strings
 from edgecloud.protocol.codec import InferRequest, InferResponse, ModelMetadata
+from edgecloud.protocol.outputs import select_outputs
 from edgecloud.protocol.servicer import PeerInfo
 from edgecloud.tensors import TensorSpec, check_inputs
 
@@ -244,30 +243,15 @@ class Cascade:
 
     @staticmethod
     def _select_outputs(call: _Call, from_cloud: np.ndarray) -> dict[str, np.ndarray]:
-        """The outputs a client asked for by name (all the model's when it named none)."""
-        model, outputs = call.model, call.outputs
-        if not call.request.outputs:
-            return outputs
+        """The outputs a client asked for by name (all the model's when it named none), with the
+        per-row confidence and source as extra outputs."""
         extras = {CONFIDENCE_OUTPUT.name: lambda: call.confidence,
                   SOURCE_OUTPUT.name: lambda: np.where(from_cloud, b"cloud", b"edge").astype(np.object_)}
-        selected = {}
-        for out in call.request.outputs:
-            if out.name in outputs:
-                value = outputs[out.name]
-            elif out.name in extras:
-                value = extras[out.name]()
-            else:
-                raise InvalidInput(f"model {model.name!r} has no output {out.name!r}; outputs are "
-                                   f"{[o.name for o in model.outputs] + list(extras)}")
-            k = out.parameters.get(CLASSIFICATION)
-            if k:
-                value = top_k_strings(value, int(k), model.labels)
-            selected[out.name] = value
-        return selected
+        return select_outputs(call.model.name, call.request.outputs, call.outputs, call.model.labels, extras)
 
     @staticmethod
     def _parameters(call: _Call, from_cloud: np.ndarray, degraded: bool, rate_limited: int) -> dict:
-        """Response parameters of DESIGN §3 (``escalated`` is added by the caller)."""
+        """Response parameters of docs/design.md §3 (``escalated`` is added by the caller)."""
         model, confidence = call.model, call.confidence
         answered = int(from_cloud.sum())
         source = "cloud" if answered == from_cloud.size else "mixed" if answered else "edge"

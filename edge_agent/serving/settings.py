@@ -1,4 +1,4 @@
-"""Where each setting of a served model comes from (DESIGN §4), decided here and nowhere else:
+"""Where each setting of a served model comes from (docs/design.md §4), decided here and nowhere else:
 
     command-line flag > config file > release > model card > default
 
@@ -87,7 +87,8 @@ class Identity:
                 release: Mapping[str, Any], card: Mapping[str, Any]) -> Identity:
         """The name: the release's (a release names the model it updates, and the updater takes only
         releases for the served name) > ``[model] name`` > the card's > the file stem. The version: the
-        release's (``version``) > the card's > 0 (DESIGN §9). The labels: the release's > the card's."""
+        release's (``version``) > the card's > 0 (docs/design.md §9). The labels: the release's > the
+        card's."""
         name = release.get("model") or configured_name or served_name(path, card)
         labels = tuple(release.get("labels") or card.get("labels") or ())
         return cls(name, str(version or card.get("version", 0)), labels)

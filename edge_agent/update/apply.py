@@ -1,4 +1,4 @@
-"""One release applied (DESIGN §6): where a verified release becomes the serving model, or is refused
+"""One release applied (docs/design.md §7): where a verified release becomes the serving model, or is refused
 while the active model keeps serving::
 
     verify (key, signature, expiry) ─ checks that need no file (version, name, size, target, URI)
@@ -41,11 +41,12 @@ from edge_agent.update.report import Reporter, one_line
 from edge_agent.update.staging import Runtime, self_test
 from edge_agent.update.state import Pending, Release, Slot, StateStore, UpdateState
 from edge_agent.update.watch import figures, metered, regression
-from edgecloud.artifacts import TransportTLS, check_name, download, file_sha256, parse_uri
+from edgecloud.artifacts import TransportTLS, check_name, download, parse_uri
 from edgecloud.backends import release_backends
 from edgecloud.channel import read_token
 from edgecloud.engine.builder import BuildOptions, build_engine
 from edgecloud.engine.cache import EngineCache
+from edgecloud.files import file_sha256
 from edgecloud.release import (
     Artifact,
     Envelope,

@@ -1,4 +1,4 @@
-"""Fault points for crash tests (DESIGN §6: a power cut at any step restarts on the last good model).
+"""Fault points for crash tests (docs/design.md §7: a power cut at any step restarts on the last good model).
 
 With ``EDGECLOUD_FAULT=after:<step>`` the agent SIGKILLs itself right after ``downloading`` (the first
 chunk is on disk), ``verifying`` (the file is complete and verified), ``staged`` (the self-test passed)

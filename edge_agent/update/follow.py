@@ -1,4 +1,4 @@
-"""Which release this device follows, and when it tries it (DESIGN §6).
+"""Which release this device follows, and when it tries it (docs/design.md §7).
 
 - Two retained topics say what is desired: the device's own and its group's. A device desired release
   wins over the group's until it is cleared with an empty retained message (the device topic is

@@ -1,4 +1,4 @@
-"""What the fleet hears about updates (DESIGN §6, §9): the retained ``model/reported`` state of the
+"""What the fleet hears about updates (docs/design.md §7, §9): the retained ``model/reported`` state of the
 release being handled, and an ``update.*`` event and a log line for each change.
 
 The report is retained, so the latest one is what matters: while the broker is away it is kept (only

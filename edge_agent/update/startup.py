@@ -1,4 +1,4 @@
-"""What the agent serves after a restart, and what it then tells the fleet (DESIGN §6: a power cut at
+"""What the agent serves after a restart, and what it then tells the fleet (docs/design.md §7: a power cut at
 any step restarts on the last good model).
 
 The last good model is the state's active slot; after a restart inside a watch window (a crash loop)

@@ -2,7 +2,7 @@
 
 It names the model to serve after a restart (the active slot), the one to fall back to (the previous
 slot), the release in progress with its step, releases rolled back (never retried), and the newest
-``issued_at`` trusted so far (the reference for expiry while the device clock is unset, DESIGN §6).
+``issued_at`` trusted so far (the reference for expiry while the device clock is unset, docs/design.md §6).
 Every write is atomic (temp file, fsync, rename), so a power cut leaves the old state or the new one.
 Slot files live under ``<state_dir>/models/<name>/<version>/`` and are recorded relative to the state
 dir. A state file that cannot be read is set aside (``state.json.corrupt-<ns>``) and the agent starts
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edge_agent.disk_queue import atomic_write
+from edgecloud.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The agent's update path (DESIGN §6), composed: follow the signed release desired for this device
+"""The agent's update path (docs/design.md §7), composed: follow the signed release desired for this device
 (or else for its group) and move to it without ever failing a call, or refuse it with a reason.
 
 States reported on ``model/reported`` (retained), each change also an ``update.state`` event::
@@ -33,7 +33,7 @@ from edge_agent.update.faults import FaultPoints
 from edge_agent.update.follow import Follower
 from edge_agent.update.report import Reporter
 from edge_agent.update.startup import Startup, announce_startup
-from edgecloud.release import utc_now
+from edgecloud.clock import utc_now
 
 log = logging.getLogger(__name__)
 

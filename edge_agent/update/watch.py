@@ -1,4 +1,4 @@
-"""The watch window's measurements (DESIGN §6): is a newly swapped-in model worse than the one before?
+"""The watch window's measurements (docs/design.md §7): is the new model worse than the one it replaced?
 
 Every model the updater serves runs behind a :class:`MeteredBackend`, which counts the model's own
 calls and failures and keeps the run times of its last calls. Figures therefore belong to one loaded

@@ -1,6 +1,6 @@
 """Build a TensorRT engine from a QDQ INT8 ONNX model with TensorRT's Python builder.
 
-INT8 is the explicit kind: the scales are the Q/DQ nodes of the ONNX graph (DESIGN §8), so there is
+INT8 is the explicit kind: the scales are the Q/DQ nodes of the ONNX graph (docs/design.md §11), so there is
 no calibrator. TensorRT 10 still needs the INT8 (and FP16, for the layers left unquantized) builder
 flags to consider those kernels; TensorRT 11 drops precision flags and builds every network strongly
 typed, taking the precision from the graph alone, so the version decides which path is used.
@@ -9,9 +9,7 @@ Everything but :func:`build_engine` is pure and runs without TensorRT.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,10 +17,11 @@ from pathlib import Path
 
 from edgecloud.engine.sidecar import EngineSidecar, device_model, tensorrt_major, write_sidecar
 from edgecloud.errors import BackendUnavailable, ModelLoadError
+from edgecloud.files import atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 
-#: DESIGN §9: the edge budget for a model file or engine
+#: the edge budget (docs/design.md §9) for a model file or engine
 EDGE_BUDGET_BYTES = 1_000_000_000
 #: JetPack 6's TensorRT, assumed when the command line is printed where TensorRT is not installed
 JETPACK6_TENSORRT = "10.3.0"
@@ -137,18 +136,10 @@ def build_flags(plan: PrecisionPlan, options: BuildOptions) -> tuple[str, ...]:
 
 
 def check_budget(size: int, budget: int, what: Path | str) -> None:
-    """An engine over the edge budget is refused (DESIGN §9)."""
+    """An engine over the edge budget is refused (docs/design.md §9)."""
     if size > budget:
         raise ModelLoadError(f"{what} is {size} bytes, over the edge budget of {budget} bytes; "
                              "lower --max-batch or quantize the model further")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def onnx_inputs(onnx: Path) -> dict[str, Shape]:
@@ -218,17 +209,12 @@ def build_engine(onnx: Path, out: Path, options: BuildOptions | None = None,
     size = int(serialized.nbytes)
     check_budget(size, options.budget_bytes, f"engine built from {onnx}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(serialized)
-        f.flush()
-        os.fsync(f.fileno())
     sidecar = EngineSidecar(tensorrt=trt.__version__, device=device or device_model(),
-                            precision=plan.label, onnx_sha256=sha256_file(onnx),
+                            precision=plan.label, onnx_sha256=file_sha256(onnx),
                             build_flags=build_flags(plan, options),
                             max_batch=options.max_batch if profiles else min(s[0] for s in inputs.values()))
     write_sidecar(out, sidecar)
-    os.replace(tmp, out)
+    atomic_write(out, memoryview(serialized))
     log.info("event=engine_built out=%s bytes=%d precision=%s device=%r", out, size, plan.label,
              sidecar.device)
     return BuildResult(out, size, sidecar, trtexec)

@@ -1,21 +1,20 @@
 """The engine cache: one engine per (ONNX sha256, TensorRT release, device), under the agent's state dir.
 
-An ONNX release serves every device (DESIGN §6); a Jetson builds its engine while staging and keeps it
-here, so a restart or a rollback to a model seen before loads in seconds instead of rebuilding.
+An ONNX release serves every device (docs/design.md §6); a Jetson builds its engine while staging and
+keeps it here, so a restart or a rollback to a model seen before loads in seconds instead of rebuilding.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from edgecloud.engine.builder import sha256_file
 from edgecloud.engine.sidecar import check_compatible, read_sidecar, sidecar_path, tensorrt_release
 from edgecloud.errors import ModelLoadError
+from edgecloud.files import file_sha256, replace
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class EngineCache:
 
     def get_or_build(self, onnx: Path, trt_version: str, device: str, build: BuildFn) -> Path:
         """The engine for ``onnx`` on this TensorRT and device: from the cache, else built and cached."""
-        digest = sha256_file(onnx)
+        digest = file_sha256(onnx)
         with self._lock:
             cached = self.lookup(digest, trt_version, device)
             if cached:
@@ -73,8 +72,8 @@ class EngineCache:
                 raise ModelLoadError(f"engine built from {onnx} records ONNX sha256 {built.onnx_sha256}, "
                                      f"expected {digest}")
             check_compatible(built, trt_version, device, staging)
-            os.replace(sidecar_path(staging), sidecar_path(path))
-            os.replace(staging, path)
+            replace(sidecar_path(staging), sidecar_path(path))
+            replace(staging, path)
             return path
 
     def prune(self, keep: int = 2) -> list[Path]:

@@ -8,14 +8,14 @@ so the agent can refuse a foreign engine up front with a message that says how t
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgecloud.clock import now_text
 from edgecloud.errors import ModelLoadError
+from edgecloud.files import atomic_write
 
 SCHEMA = 1
 #: where a Jetson (any device-tree Linux board) names its model, NUL-terminated
@@ -53,11 +53,6 @@ def tensorrt_major(version: str) -> int:
         raise ModelLoadError(f"cannot read the TensorRT version {version!r}") from None
 
 
-def utc_now() -> str:
-    """RFC 3339 UTC with ``Z`` (DESIGN §9)."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 @dataclass(frozen=True)
 class EngineSidecar:
     """What an engine was built from, with what, and where."""
@@ -68,7 +63,7 @@ class EngineSidecar:
     onnx_sha256: str
     build_flags: tuple[str, ...] = ()
     max_batch: int = 0
-    created_at: str = field(default_factory=utc_now)
+    created_at: str = field(default_factory=now_text)
     schema: int = SCHEMA
 
     def to_json(self) -> str:
@@ -84,14 +79,9 @@ class EngineSidecar:
 
 
 def write_sidecar(engine: Path, sidecar: EngineSidecar) -> Path:
-    """Write the sidecar beside ``engine`` atomically (temp file, fsync, rename)."""
+    """Write the sidecar beside ``engine`` atomically."""
     path = sidecar_path(engine)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(sidecar.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, sidecar.to_json().encode())
     return path
 
 

@@ -30,7 +30,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import Field, SecretStr, model_validator
 
-from edgecloud.config import Section
+from edgecloud.config import Section, cert_key_pair
 from edgecloud.errors import EdgecloudError
 from edgecloud.mqtt.topics import Topic, Wildcard
 
@@ -62,11 +62,7 @@ class MqttTLS(Section):
     cert: Path | None = Field(None, description="client certificate (mutual TLS)")
     key: Path | None = Field(None, description="client private key (mutual TLS)")
 
-    @model_validator(mode="after")
-    def _pair(self) -> MqttTLS:
-        if (self.cert is None) != (self.key is None):
-            raise ValueError("cert and key must be given together")
-        return self
+    _pair = model_validator(mode="after")(cert_key_pair)
 
 
 class MqttConfig(Section):

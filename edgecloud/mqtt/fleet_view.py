@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from edgecloud.clock import parse_time
 from edgecloud.mqtt.client import Message
 from edgecloud.mqtt.topics import FleetTopics, TopicKind
-from edgecloud.release import parse_time
 
 log = logging.getLogger(__name__)
 

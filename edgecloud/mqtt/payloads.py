@@ -1,4 +1,4 @@
-"""The JSON bodies of the device topics (DESIGN §9), built in one place so they match
+"""The JSON bodies of the device topics (docs/design.md §8), built in one place so they match
 ``protos/schemas/{status,reported,events}.schema.json`` (the tests check them against the schemas).
 
 Telemetry has its own schema (``telemetry.schema.json``) and is built by the agent's collector.
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
-from edgecloud.release import format_time, utc_now
+from edgecloud.clock import format_time, utc_now
 
 UPDATE_STATES = ("downloading", "verifying", "staged", "active", "failed", "rolled_back")
 SEVERITIES = ("info", "warning", "error")

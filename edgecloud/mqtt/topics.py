@@ -1,4 +1,4 @@
-"""Every MQTT topic of the fleet (DESIGN §6), built and validated in one place.
+"""Every MQTT topic of the fleet (docs/design.md §8), built and validated in one place.
 
 :class:`Topic` is a concrete name to publish on, :class:`Wildcard` a filter to subscribe with; both
 validate on construction, so a bad fleet or device id fails where it is configured, not at the broker.
@@ -80,7 +80,7 @@ class Wildcard:
 
 
 class TopicKind(Enum):
-    """The topics of DESIGN §6 with their retain flag and QoS."""
+    """The topics of docs/design.md §8 with their retain flag and QoS."""
 
     STATUS = ("devices", "status", True)
     TELEMETRY = ("devices", "telemetry", False)

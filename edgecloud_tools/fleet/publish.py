@@ -24,12 +24,14 @@ from typing import Any
 
 import grpc
 
-from edgecloud.artifacts import TransportTLS, check_name, file_sha256, gateway_uri, parse_uri, upload
+from edgecloud.artifacts import TransportTLS, check_name, gateway_uri, parse_uri, upload
 from edgecloud.backends import backend_class, backend_key_for
 from edgecloud.backends.base import Backend
+from edgecloud.clock import format_time, parse_time, utc_now
 from edgecloud.config import build, host_port
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError, EdgecloudError, ModelLoadError
+from edgecloud.files import file_sha256
 from edgecloud.modelcard import ModelCardError, read_card
 from edgecloud.mqtt.client import MqttClient, MqttConfig
 from edgecloud.mqtt.topics import FleetTopics, Topic
@@ -41,10 +43,7 @@ from edgecloud.release import (
     ReleasePayload,
     ReleaseRejected,
     Rollout,
-    format_time,
-    parse_time,
     sign_release,
-    utc_now,
 )
 from edgecloud.signing import load_private_key
 from edgecloud_tools.fleet.status import collect, render_table

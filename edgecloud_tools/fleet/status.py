@@ -7,10 +7,10 @@ from __future__ import annotations
 import queue
 import time
 
+from edgecloud.clock import format_time
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
 from edgecloud.mqtt.fleet_view import DeviceRow, FleetView
 from edgecloud.mqtt.topics import TopicKind
-from edgecloud.release import format_time
 
 
 def collect(config: MqttConfig, fleet: str, listen_s: float = 2.0,

@@ -1,6 +1,6 @@
 """torch → ONNX for the inspection models: input ``image`` FP32 [-1,1,32,32], output ``logits`` FP32
 [-1,4], dynamic batch, opset 17 and IR ≤ 10 so that ONNX Runtime 1.23 (Python 3.10) and TensorRT 10.3
-load it (DESIGN §9).
+load it (docs/design.md §11).
 
 torch is imported only by :func:`export_onnx`, so the format constants serve torch-free code too.
 Uses the TorchScript exporter (``dynamo=False``): the torch.export-based one writes opset 18 and up.

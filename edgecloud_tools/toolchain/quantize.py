@@ -1,5 +1,5 @@
 """INT8 the way TensorRT takes it: a QDQ ONNX graph from ONNX Runtime's static quantization, and a
-checker for the rules TensorRT 10 enforces on such a graph (DESIGN §8).
+checker for the rules TensorRT 10 enforces on such a graph (docs/design.md §11).
 
 TensorRT reads scales from the Q/DQ nodes (explicit quantization, no calibration table) and only
 accepts symmetric INT8: every zero point 0 and of type int8. Weights are quantized per output

@@ -28,9 +28,10 @@ from cloud_gateway.artifacts import (
 )
 from edgecloud._generated.edgecloud.v1 import artifacts_pb2 as pb
 from edgecloud._generated.edgecloud.v1 import artifacts_pb2_grpc as pb_grpc
-from edgecloud.artifacts import TransportTLS, download, file_sha256, parse_uri, upload
+from edgecloud.artifacts import TransportTLS, download, parse_uri, upload
 from edgecloud.endpoint import Endpoint
 from edgecloud.errors import ModelNotFound
+from edgecloud.files import file_sha256
 from edgecloud.protocol.server import start_server
 from edgecloud.release import Reason, ReleaseRejected
 

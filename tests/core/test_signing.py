@@ -1,4 +1,4 @@
-"""Ed25519 keys as PEM, key ids, canonical JSON and the trust store (DESIGN §9)."""
+"""Ed25519 keys as PEM, key ids, canonical JSON and the trust store (docs/design.md §6)."""
 
 from __future__ import annotations
 

@@ -27,9 +27,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent.app import EdgeAgent
 from edge_agent.update.faults import FAULT_ENV, FAULT_STEPS
+from edgecloud.clock import utc_now
 from edgecloud.mqtt.client import Message, MqttClient
 from edgecloud.mqtt.topics import FleetTopics, Topic, TopicKind
-from edgecloud.release import Envelope, PlanTarget, ReleasePayload, in_rollout, sign_release, utc_now
+from edgecloud.release import Envelope, PlanTarget, ReleasePayload, in_rollout, sign_release
 from edgecloud.signing import load_private_key, write_keypair
 from edgecloud_tools.fleet.publish import Published, ReleaseRequest, build_release, publish_release
 from edgecloud_tools.services import ServiceProcess

@@ -17,10 +17,10 @@ from edge_agent.update.startup import load_startup
 from edge_agent.update.state import ROLLED_BACK_KEPT, Pending, Release, Slot, StateStore, UpdateState
 from edge_agent.update.watch import Figures, MeteredBackend, figures, metered, regression
 from edgecloud.backends.base import Backend
-from edgecloud.engine.builder import sha256_file
 from edgecloud.engine.cache import EngineCache
 from edgecloud.engine.sidecar import EngineSidecar, write_sidecar
 from edgecloud.errors import InvalidInput
+from edgecloud.files import file_sha256
 from edgecloud.release import Artifact, PlanTarget, Reason, ReleaseRejected
 from edgecloud.tensors import TensorSpec
 from tests.support.onnx_models import linear_classifier
@@ -164,10 +164,10 @@ def test_onnx_release_becomes_a_cached_engine_on_a_tensorrt_device(tmp_path: Pat
     def build(source: Path, out: Path) -> None:  # stands in for TensorRT's builder
         built.append(out)
         out.write_bytes(b"engine")
-        write_sidecar(out, EngineSidecar("10.3.0", ORIN, "int8+fp16", sha256_file(source)))
+        write_sidecar(out, EngineSidecar("10.3.0", ORIN, "int8+fp16", file_sha256(source)))
 
     cache = EngineCache(tmp_path / "engines")
-    artifact = Artifact("grpc://h:1/m/2", sha256_file(onnx), 10)
+    artifact = Artifact("grpc://h:1/m/2", file_sha256(onnx), 10)
     assert Runtime(None, ORIN).servable(onnx, artifact, cache, build) == onnx  # ONNX Runtime loads it as is
     engine = Runtime("10.3.0", ORIN).servable(onnx, artifact, cache, build)
     assert engine.suffix == ".plan" and engine.parent == tmp_path / "engines" and len(built) == 1

@@ -1,7 +1,7 @@
 """Drive a server with the real ``tritonclient`` in a subprocess, as a local app would.
 
 tritonclient bundles its own ``inference`` protobuf descriptors, which clash with ours in one process
-(DESIGN §3), so each call runs a short script in a fresh interpreter and reads JSON from its stdout.
+(docs/design.md §2), so each call runs a short script in a fresh interpreter and reads JSON from its stdout.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from edgecloud.errors import ConfigError
-from edgecloud.modelcard import file_digest, read_card
+from edgecloud.files import file_sha256
+from edgecloud.modelcard import read_card
 from edgecloud_tools import cli
 from edgecloud_tools.broker import MOSQUITTO_ENV, mosquitto_path
 from edgecloud_tools.demo_fleet import DemoFleet
@@ -61,7 +62,7 @@ def test_demo_swaps_to_the_signed_v2_release_without_failed_requests(tmp_path: P
     state_dir = tmp_path / "work" / "agent-state"
     active = json.loads((state_dir / "update" / "state.json").read_text())["active"]
     assert active["version"] == 2
-    assert file_digest(state_dir / active["path"])[1] == read_card(EDGE_V2_INT8)["sha256"]
+    assert file_sha256(state_dir / active["path"]) == read_card(EDGE_V2_INT8)["sha256"]
 
 
 @pytest.mark.parametrize("how", ["--no-update", "no mosquitto"])

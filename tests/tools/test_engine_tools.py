@@ -20,7 +20,6 @@ from edgecloud.engine.builder import (
     onnx_inputs,
     precision_plan,
     profile_shapes,
-    sha256_file,
     trtexec_command,
 )
 from edgecloud.engine.cache import EngineCache
@@ -36,6 +35,7 @@ from edgecloud.engine.sidecar import (
     write_sidecar,
 )
 from edgecloud.errors import BackendUnavailable, ModelLoadError
+from edgecloud.files import file_sha256
 from edgecloud_tools import cli, engine_cli
 from tests.support.onnx_models import linear_classifier, reference_logits
 
@@ -170,7 +170,7 @@ def fake_builder(calls: list, trt_version="10.3.0", device=ORIN):
         calls.append((onnx, out))
         out.write_bytes(b"engine for " + onnx.read_bytes())
         write_sidecar(out, EngineSidecar(tensorrt=trt_version, device=device, precision="int8+fp16",
-                                         onnx_sha256=sha256_file(onnx)))
+                                         onnx_sha256=file_sha256(onnx)))
     return build
 
 
@@ -184,14 +184,14 @@ def test_cache_builds_once_per_onnx_tensorrt_and_device(tmp_path):
     assert first == again and len(calls) == 1
     assert first.read_bytes() == b"engine for model v1" and sidecar_path(first).exists()
     assert not list(cache.root.glob("*.building*"))
-    assert first.name.startswith(sha256_file(onnx)[:16]) and "trt10.3.0" in first.name
+    assert first.name.startswith(file_sha256(onnx)[:16]) and "trt10.3.0" in first.name
 
     other = cache.get_or_build(onnx, "10.4.0", ORIN, fake_builder(calls, trt_version="10.4.0"))
     assert other != first and len(calls) == 2
     onnx.write_bytes(b"model v2")
     newer = cache.get_or_build(onnx, "10.3.0", ORIN, fake_builder(calls))
     assert newer not in (first, other) and len(calls) == 3
-    assert cache.lookup(sha256_file(onnx), "10.3.0", "NVIDIA Jetson Orin Nano") is None
+    assert cache.lookup(file_sha256(onnx), "10.3.0", "NVIDIA Jetson Orin Nano") is None
 
 
 def test_cache_rebuilds_a_stale_entry_and_rejects_a_wrong_build(tmp_path):
@@ -304,5 +304,5 @@ def test_cli_writes_a_sidecar_for_a_trtexec_engine(edgecloud_main, monkeypatch, 
                            "--flag", "INT8", "--flag", "FP16"]) == 0
     sidecar = read_sidecar(engine)
     assert (sidecar.tensorrt, sidecar.device, sidecar.precision) == ("10.3.0.30", ORIN, "int8+fp16")
-    assert sidecar.onnx_sha256 == sha256_file(model) and sidecar.build_flags == ("INT8", "FP16")
+    assert sidecar.onnx_sha256 == file_sha256(model) and sidecar.build_flags == ("INT8", "FP16")
     check_compatible(sidecar, "10.3.0", ORIN, engine)

@@ -20,11 +20,12 @@ import pytest
 
 from cloud_gateway.artifacts import add_artifact_service
 from edgecloud.artifacts import download
+from edgecloud.clock import utc_now
 from edgecloud.mqtt.client import Message, MqttClient
 from edgecloud.mqtt.fleet_view import FleetView
 from edgecloud.mqtt.payloads import reported_payload, status_payload
 from edgecloud.mqtt.topics import FleetTopics
-from edgecloud.release import Envelope, utc_now, verify_envelope
+from edgecloud.release import Envelope, verify_envelope
 from edgecloud.signing import TrustStore, key_id, load_public_key
 from edgecloud_tools import cli
 from edgecloud_tools.fleet.status import render_table
