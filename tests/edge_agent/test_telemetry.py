@@ -15,6 +15,7 @@ from edge_agent.fleet.telemetry import system_figures
 from edgecloud.mqtt.client import MqttClient
 from edgecloud.mqtt.payloads import event_payload
 from edgecloud.mqtt.topics import FleetTopics, TopicKind
+from edgecloud.protocol.parameters import AgentResponse
 from edgecloud_tools.services import ServiceProcess
 from tests.support.fleet import FLEET, Recorder, Scrape, fleet_sections, schema
 from tests.support.net import free_port, wait_for
@@ -157,7 +158,7 @@ def test_circuit_changes_are_events_and_telemetry_says_open(broker, recorder, mo
         agent.fleet.client.wait_connected(5)
         with Client(agent.port) as client:
             reply = client.infer("clf", {"x": X}, escalate="always")
-        assert reply.parameters["edgecloud.degraded"] is True
+        assert reply.parameters[AgentResponse.DEGRADED] is True
         assert wait_for(lambda: recorder.bodies(TOPICS.events("d1")))
         assert wait_for(lambda: any(b["circuit_state"] == "open" and b["spool_depth"] == 1
                                     for b in recorder.bodies(TOPICS.telemetry("d1"))))
