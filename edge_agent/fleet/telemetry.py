@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from edge_agent.disk_queue import DiskQueue, atomic_write
 from edge_agent.fleet.link import FleetLink, as_int_version
 from edge_agent.fleet.sysinfo import SystemMonitor
+from edgecloud.mqtt import payloads
 from edgecloud.mqtt.client import ConnectionState, MqttError, MqttTimeout, NotConnected, encode_payload
-from edgecloud.release import format_time, utc_now
 
 if TYPE_CHECKING:
     from edge_agent.app import EdgeAgent
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 #: how long one publish waits for the broker's PUBACK before the message is retried later
 PUBLISH_TIMEOUT_S = 5.0
 #: circuit state reported when there is no usable cloud (none configured, or its contract differs)
@@ -142,16 +141,14 @@ class Telemetry:
         log.info("event=telemetry_stopped sent=%d buffered=%d dropped=%d", self.sent, self.buffer.depth(),
                  self.buffer.dropped)
 
-    def _message(self, seq: int) -> dict[str, Any]:
+    def _message(self, seq: int) -> payloads.Telemetry:
         """One telemetry message: counters since start, the rest over the interval since the last one."""
         agent = self._agent
-        figures = agent.cascade.stats.interval()
         model = agent.slot.model
-        return {"schema": SCHEMA_VERSION, "device": self._fleet.device, "seq": seq,
-                "at": format_time(utc_now()), "model": model.name,
-                "model_version": as_int_version(model.version), **figures,
-                "spool_depth": agent.spool.depth() if agent.spool else 0,
-                "circuit_state": circuit_state(agent.link), "system": system_figures(self._system.sample())}
+        return payloads.Telemetry(
+            device=self._fleet.device, seq=seq, model=model.name, model_version=as_int_version(model.version),
+            **agent.cascade.stats.interval(), spool_depth=agent.spool.depth() if agent.spool else 0,
+            circuit_state=circuit_state(agent.link), system=system_figures(self._system.sample()))
 
     def _produce(self) -> None:
         try:

@@ -61,7 +61,7 @@ from edgecloud.engine.builder import BuildOptions, build_engine
 from edgecloud.engine.cache import EngineCache
 from edgecloud.errors import ModelLoadError
 from edgecloud.mqtt.client import ConnectionState, Message, MqttError
-from edgecloud.mqtt.payloads import reported_payload
+from edgecloud.mqtt.payloads import Reported
 from edgecloud.release import (
     Artifact,
     Envelope,
@@ -207,7 +207,7 @@ class Updater:
         self._stopping = threading.Event()
         self._settled: set[str] = set()  # desired messages (by hash) handled for good
         self._retry = _Retry("", 0, 0.0)  # of the desired message that failed for a passing reason
-        self._unsent: dict[str, Any] | None = None  # the latest report, until the broker has it
+        self._unsent: Reported | None = None  # the latest report, until the broker has it
         self._retired: list[EdgeModel] = []  # replaced models, closed at the next update or at stop
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
 
@@ -493,9 +493,9 @@ class Updater:
 
     def _report(self, model: str, version: int, state: str, progress: float | None = None,
                 reason: str | None = None) -> None:
-        payload = reported_payload(self.device, model, version, state,
-                                   active_version=as_int_version(self.slot.model.version),
-                                   progress=progress, reason=reason)
+        payload = Reported(device=self.device, model=model, version=version, state=state,
+                           active_version=as_int_version(self.slot.model.version),
+                           progress=progress, reason=reason)
         with self._lock:
             self._unsent = payload
         self._flush()

@@ -12,8 +12,9 @@ import pytest
 
 from edge_agent.disk_queue import DiskQueue
 from edge_agent.fleet.telemetry import system_figures
+from edge_agent.serving.stats import CallRecord, Stats
 from edgecloud.mqtt.client import MqttClient
-from edgecloud.mqtt.payloads import event_payload
+from edgecloud.mqtt.payloads import Counters, Event
 from edgecloud.mqtt.topics import FleetTopics, TopicKind
 from edgecloud.protocol.parameters import AgentResponse
 from edgecloud_tools.services import ServiceProcess
@@ -111,7 +112,7 @@ def test_broker_restart_loses_no_telemetry_and_keeps_its_order(broker, model, tm
             assert wait_for(lambda: agent.telemetry.buffer.depth() == 0 and produced in recorder.seqs(topic))
             with MqttClient(broker.mqtt_config()) as operator:  # the agent subscribed again
                 operator.wait_connected(5)
-                operator.publish(events, event_payload("d1", "test.ping"))
+                operator.publish(events, Event(device="d1", type="test.ping"))
             assert wait_for(lambda: any(b["type"] == "test.ping" for b in commands.bodies(events)))
         last = next_seq(state) - 1
         assert wait_for(lambda: last in recorder.seqs(topic))
@@ -148,6 +149,18 @@ def test_system_figures_of_a_jetson_fit_the_schema() -> None:
                        "gpu_load_percent": 61.5, "power_mw": {"VDD_IN": 5123.0}}
     jsonschema.validate(figures, schema("telemetry")["properties"]["system"])
     jsonschema.validate(system_figures({}), schema("telemetry")["properties"]["system"])  # a bare machine
+
+
+def test_a_call_counts_into_every_telemetry_counter() -> None:
+    stats = Stats()
+    stats.record(CallRecord(rows=4, escalated_rows=3, cloud_rows=2, degraded_rows=1, rate_limited_rows=1,
+                            latency_s=0.01, confidences=np.array([0.1, 0.2, 0.3, 0.9])))
+    stats.audit()
+    assert Counters(**stats.interval()["counters"]).to_dict() == {
+        "requests": 1, "rows": 4, "escalated": 3, "cloud_answers": 2, "degraded": 1, "rate_limited": 1,
+        "errors": 0, "audited": 1}
+    with pytest.raises(TypeError):  # by keyword only: a new count cannot slip into another's place
+        CallRecord(4, 3, 2, 1, 1, 0.01, np.zeros(4))  # type: ignore[misc]
 
 
 def test_circuit_changes_are_events_and_telemetry_says_open(broker, recorder, model, tmp_path) -> None:
