@@ -24,7 +24,7 @@ _ACCEPTED: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (i
 
 
 class Parameter(str, Enum):
-    """A parameter key with the type of its value; the members of each direction subclass this."""
+    """A parameter key with the type of its value; the keys of each direction are a subclass."""
 
     kind: type
 
