@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import ssl
 import time
 import urllib.error
@@ -29,12 +28,11 @@ from edgecloud._generated.edgecloud.v1 import artifacts_pb2 as pb
 from edgecloud._generated.edgecloud.v1 import artifacts_pb2_grpc as pb_grpc
 from edgecloud.endpoint import Endpoint
 from edgecloud.files import file_sha256, replace
-from edgecloud.release import DEFAULT_BUDGET_BYTES, Reason, ReleaseRejected, check_size
+from edgecloud.release import DEFAULT_BUDGET_BYTES, NAME_PATTERN, Reason, ReleaseRejected, check_size
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SCHEMES = ("grpc", "grpcs", "https", "file")
 
 Progress = Callable[[int, int], None]  # (bytes on disk, total bytes)

@@ -13,22 +13,15 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import EdgecloudError
+from edgecloud.mqtt.payloads import Counters, Metric
 
 log = logging.getLogger(__name__)
 
 PREFIX = "edgecloud_"
 
 #: cascade counter (key of the agent's stats and of telemetry ``counters``) → (metric name, help)
-COUNTERS = {
-    "requests": ("requests_total", "Inference calls answered"),
-    "rows": ("rows_total", "Rows answered"),
-    "escalated": ("escalated_rows_total", "Rows sent to the cloud"),
-    "cloud_answers": ("cloud_answers_total", "Rows answered by the cloud"),
-    "degraded": ("degraded_rows_total", "Rows that wanted the cloud and got the edge's answer"),
-    "rate_limited": ("rate_limited_rows_total", "Rows over the escalation rate limit, answered by the edge"),
-    "errors": ("errors_total", "Calls the edge model failed"),
-    "audited": ("audits_total", "Audit calls the cloud answered"),
-}
+COUNTERS = {key: (next(m.name for m in field.metadata if isinstance(m, Metric)), field.description or "")
+            for key, field in Counters.model_fields.items()}
 
 
 #: percentile key of the agent's latency figures → Prometheus summary quantile

@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ConfigDict, Field, GetPydanticSchema, WithJsonSchema
 
 from edgecloud.backends import release_backends
 from edgecloud.clock import format_time, parse_time, utc_now
@@ -29,8 +30,16 @@ DEFAULT_BUDGET_BYTES = 1_000_000_000
 DEFAULT_CLOCK_SKEW_S = 300.0
 #: a device clock before this is taken as unset (no RTC battery, no NTP yet)
 CLOCK_SET_AFTER = datetime(2024, 1, 1, tzinfo=timezone.utc)
-SCORES = ("logits", "probabilities")
+#: the release formats the registered backends can ship (the schema's enum; checks read the registry)
+Format = Literal[tuple(release_backends())]  # type: ignore[valid-type]
+Scores = Literal["logits", "probabilities"]
+SCORES = get_args(Scores)
+#: a model or artifact name: one safe path component
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: how :func:`format_time` writes a time (a fraction of a second is tolerated)
+TIME_SCHEMA = {"description": "RFC 3339, UTC, with Z", "type": "string",
+               "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?Z$"}
 
 
 class Reason(str, Enum):
@@ -96,9 +105,21 @@ def _time(data: Mapping[str, Any], key: str) -> datetime:
         raise _malformed(f"payload.{key}: {e}") from None
 
 
+# The annotations below also state what the JSON Schema of a release says (edgecloud.mqtt.schemas);
+# parsing stays by hand, so that every rejection names its key.
+def _none(value: object) -> bool:
+    return value is None
+
+
+#: a time, written by format_time
+Time = Annotated[datetime, WithJsonSchema(TIME_SCHEMA)]
+#: a key to_dict leaves out when it is None
+Omitted = Field(exclude_if=_none)
+
+
 @dataclass(frozen=True, slots=True)
 class PlanTarget:
-    """What a TensorRT plan was built for: it only runs there."""
+    """Plans only: where the engine was built, the only place it runs."""
 
     tensorrt: str
     device: str
@@ -108,11 +129,18 @@ class PlanTarget:
 class Artifact:
     """Where the model file is, and what it must hash to."""
 
-    uri: str
-    sha256: str
-    size: int
-    format: str = "onnx"
-    target: PlanTarget | None = None
+    __pydantic_config__ = ConfigDict(json_schema_extra={
+        "if": {"properties": {"format": {"enum": [fmt for fmt, backend in release_backends().items()
+                                                  if backend.plan_target]}}},
+        "then": {"required": ["target"]},
+        "else": {"not": {"required": ["target"]}}})
+
+    uri: Annotated[str, Field(pattern=r"^(grpcs?|https|file)://",
+                              description="grpc://HOST:PORT/<name>/<version>, grpcs://…, https://… or file://…")]
+    sha256: Annotated[str, Field(pattern=_SHA256.pattern)]
+    size: Annotated[int, Field(ge=0, description="bytes")]
+    format: Format = "onnx"
+    target: Annotated[PlanTarget | None, Omitted] = None
 
     def __post_init__(self) -> None:
         if not _SHA256.match(self.sha256):
@@ -146,13 +174,14 @@ class Artifact:
 
 @dataclass(frozen=True, slots=True)
 class Calibration:
-    """Cascade settings that travel with the model; None leaves the next source to decide."""
+    """Cascade settings that travel with the model; a missing key leaves the model card or the default
+    to decide."""
 
-    policy: str | None = None
-    temperature: float | None = None
-    threshold: float | None = None
-    score_output: str | None = None
-    scores: str | None = None
+    policy: Annotated[str | None, Field(min_length=1), Omitted] = None
+    temperature: Annotated[float | None, Field(gt=0), Omitted] = None
+    threshold: Annotated[float | None, Field(ge=0, le=1), Omitted] = None
+    score_output: Annotated[str | None, Field(min_length=1), Omitted] = None
+    scores: Annotated[Scores | None, Omitted] = None
 
     def __post_init__(self) -> None:
         if self.temperature is not None and not self.temperature > 0:
@@ -180,9 +209,9 @@ class Calibration:
 
 @dataclass(frozen=True, slots=True)
 class Rollout:
-    """The share of devices (0-100 %) that take the release, chosen by :func:`in_rollout`."""
+    """The share of devices (0-100 %) that take the release, chosen by a hash of salt and device id."""
 
-    percent: float = 100.0
+    percent: Annotated[float, Field(ge=0, le=100)] = 100.0
     salt: str = ""
 
     def __post_init__(self) -> None:
@@ -192,19 +221,19 @@ class Rollout:
 
 @dataclass(frozen=True, slots=True)
 class ReleasePayload:
-    """The typed view of a release payload (docs/design.md §6)."""
+    """The signed payload: the keys this version understands (others are ignored, and signed all the same)."""
 
-    model: str
-    version: int
-    publisher: str
+    model: Annotated[str, Field(pattern=NAME_PATTERN.pattern)]
+    version: Annotated[int, Field(ge=0)]
+    publisher: Annotated[str, Field(min_length=1)]
     artifact: Artifact
-    issued_at: datetime
-    expires_at: datetime
+    issued_at: Time
+    expires_at: Time
     calibration: Calibration = field(default_factory=Calibration)
     rollout: Rollout = field(default_factory=Rollout)
-    labels: tuple[str, ...] | None = None
+    labels: Annotated[tuple[str, ...] | None, Omitted] = None
     allow_downgrade: bool = False
-    schema: int = SCHEMA_VERSION
+    schema: Annotated[int, WithJsonSchema({"const": SCHEMA_VERSION})] = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         if self.version < 0:
@@ -248,13 +277,26 @@ class ReleasePayload:
 
 
 # -- envelope -------------------------------------------------------------------------------------------
+#: the payload exactly as it was signed, described by ReleasePayload
+SignedPayload = Annotated[Mapping[str, Any],
+                          GetPydanticSchema(lambda _type, handler: handler(ReleasePayload))]
+
+
 @dataclass(frozen=True)
 class Envelope:
-    """``{"payload": {…}, "key_id": "<16 hex>", "signature": "<base64>"}`` as on the desired topics."""
+    """Retained on edgecloud/{fleet}/groups/{group}/model/desired and
+    edgecloud/{fleet}/devices/{device}/model/desired. The signature is Ed25519 over the canonical JSON
+    (RFC 8785) of payload; key_id is the first 16 hex digits of sha256 of the raw 32-byte public key.
+    Unknown payload keys are ignored by devices, so the payload may grow.
+    """
 
-    payload: Mapping[str, Any]
-    key_id: str
-    signature: str
+    __pydantic_config__ = ConfigDict(title="edgecloud signed release",
+                                     json_schema_extra={"additionalProperties": False})
+
+    payload: SignedPayload
+    key_id: Annotated[str, Field(pattern=KEY_ID_PATTERN.pattern)]
+    signature: Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{86}==$",
+                                    description="standard base64 of the 64-byte signature")]
 
     def to_dict(self) -> dict[str, Any]:
         return {"payload": dict(self.payload), "key_id": self.key_id, "signature": self.signature}

@@ -30,6 +30,7 @@ from edgecloud.backends import open_backend
 from edgecloud.client import KServeClient
 from edgecloud.endpoint import free_loopback_port
 from edgecloud.modelcard import served_name
+from edgecloud.protocol.parameters import AgentRequest
 from edgecloud_tools.cli import positive_int
 from edgecloud_tools.services import ServiceProcess
 from edgecloud_tools.toolchain import CLOUD, EDGE_FP32, EDGE_INT8, models_dir
@@ -91,7 +92,7 @@ def bench_agent(edge: Path, rows: np.ndarray, repeats: int, workdir: Path) -> di
     agent = ServiceProcess("edge-agent", flags, port, workdir / "agent.log")
     model = served_name(edge)
     with agent, KServeClient(f"127.0.0.1:{port}") as client:
-        never = {"edgecloud.escalate": "never"}
+        never = {AgentRequest.ESCALATE: "never"}
         served = _timed(lambda: client.infer(model, {name: rows[:1]}, params=never), repeats)
     return {"in_process": _stats(direct), "through_agent": _stats(served),
             "overhead_p50_ms": round(float(np.median(served) - np.median(direct)), 3)}

@@ -30,6 +30,7 @@ import numpy as np
 from edgecloud.client import KServeClient
 from edgecloud.endpoint import free_loopback_port
 from edgecloud.modelcard import served_name
+from edgecloud.protocol.parameters import AgentRequest, AgentResponse
 from edgecloud_tools.broker import INSTALL_HINT, mosquitto_path
 from edgecloud_tools.cli import positive_int
 from edgecloud_tools.demo_fleet import WATCH_S, DemoFleet, UpdateOutcome
@@ -102,8 +103,8 @@ def stream(client: KServeClient, model: str, images: np.ndarray, labels: np.ndar
         elapsed = time.perf_counter() - started
         p = reply.parameters
         prediction = int(np.argmax(reply.outputs["logits"][0]))
-        run.add(prediction == int(labels[i]), elapsed, bool(p.get("edgecloud.escalated_rows", 0)) or
-                bool(p.get("edgecloud.degraded")), bool(p.get("edgecloud.degraded", False)),
+        run.add(prediction == int(labels[i]), elapsed, bool(p.get(AgentResponse.ESCALATED_ROWS, 0)) or
+                bool(p.get(AgentResponse.DEGRADED)), bool(p.get(AgentResponse.DEGRADED, False)),
                 reply.model_version)
         if until is None and count % progress_every == 0:
             print(f"  {name}: {count}/{len(images)}", file=sys.stderr, flush=True)
@@ -235,7 +236,7 @@ def run_demo(args: argparse.Namespace) -> int:
         edge_client = stack.enter_context(KServeClient(f"127.0.0.1:{agent_port}"))
         cloud_client = stack.enter_context(KServeClient(f"127.0.0.1:{gw_port}"))
         model = served_name(args.edge_model)
-        edge = stream(edge_client, model, images, labels, "edge-only", {"edgecloud.escalate": "never"})
+        edge = stream(edge_client, model, images, labels, "edge-only", {AgentRequest.ESCALATE: "never"})
         cloud = stream(cloud_client, CLOUD_NAME, images, labels, "cloud-only")
         if fleet is None:
             cascade, during = stream(edge_client, model, images, labels, "cascade"), None

@@ -16,9 +16,9 @@ from pathlib import Path
 from edge_agent.disk_queue import DiskQueue
 from edgecloud.errors import InvalidInput
 from edgecloud.protocol.codec import InferRequest, request_from_bytes, request_to_bytes
+from edgecloud.protocol.parameters import CloudRequest
 
 log = logging.getLogger(__name__)
-DEFERRED = "edgecloud.deferred"
 SUFFIX = ".case"
 
 
@@ -74,7 +74,7 @@ class Spool:
                 log.error("event=spool_corrupt seq=%d error=%r", seq, e)
                 self._queue.set_aside(seq)
                 continue
-            return seq, replace(request, parameters={**request.parameters, DEFERRED: True})
+            return seq, replace(request, parameters={**request.parameters, CloudRequest.DEFERRED: True})
         return None
 
     def remove(self, seq: int) -> None:

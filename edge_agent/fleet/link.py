@@ -15,7 +15,7 @@ from typing import Any
 
 from edgecloud import __version__
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig, MqttError, Outgoing
-from edgecloud.mqtt.payloads import event_payload, status_payload
+from edgecloud.mqtt.payloads import Event, Status
 from edgecloud.mqtt.topics import FleetTopics, Topic, Wildcard
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,8 @@ class FleetLink:
 
     def _status(self, state: str) -> Outgoing:
         model, version = self._model_info()
-        payload = status_payload(self.device, state, agent_version=__version__, model=model,
-                                 active_version=version)
+        payload = Status(device=self.device, state=state, agent_version=__version__, model=model,
+                         active_version=version)
         return Outgoing(self.topics.status(self.device), payload, qos=1, retain=True)
 
     def on(self, topic: Topic | Wildcard, handler: Handler) -> None:
@@ -88,7 +88,7 @@ class FleetLink:
         """Publish an event; events are best effort (logged when the broker is away)."""
         try:
             self.publish(self.topics.events(self.device),
-                         event_payload(self.device, event_type, severity=severity, data=data))
+                         Event(device=self.device, type=event_type, severity=severity, data=data))
         except MqttError as e:
             log.warning("event=fleet_event_not_sent type=%s error=%r", event_type, str(e))
 

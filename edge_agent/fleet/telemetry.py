@@ -21,13 +21,12 @@ from edge_agent.disk_queue import DiskQueue
 from edge_agent.fleet.link import FleetLink, as_int_version
 from edge_agent.fleet.readings import AgentReadings
 from edge_agent.fleet.sysinfo import SystemMonitor
-from edgecloud.clock import now_text
 from edgecloud.files import atomic_write
+from edgecloud.mqtt import payloads
 from edgecloud.mqtt.client import ConnectionState, MqttError, MqttTimeout, NotConnected, encode_payload
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 #: how long one publish waits for the broker's PUBACK before the message is retried later
 PUBLISH_TIMEOUT_S = 5.0
 
@@ -131,16 +130,15 @@ class Telemetry:
         log.info("event=telemetry_stopped sent=%d buffered=%d dropped=%d", self.sent, self.buffer.depth(),
                  self.buffer.dropped)
 
-    def _message(self, seq: int) -> dict[str, Any]:
+    def _message(self, seq: int) -> payloads.Telemetry:
         """One telemetry message: counters since start, the rest over the interval since the last one."""
         agent = self._agent
-        figures = agent.interval()
         name, version = agent.served()
-        return {"schema": SCHEMA_VERSION, "device": self._fleet.device, "seq": seq,
-                "at": now_text(), "model": name,
-                "model_version": as_int_version(version), **figures,
-                "spool_depth": agent.spool.depth() if agent.spool else 0,
-                "circuit_state": agent.circuit_state(), "system": system_figures(self._system.sample())}
+        return payloads.Telemetry(
+            device=self._fleet.device, seq=seq, model=name, model_version=as_int_version(version),
+            **agent.interval(), spool_depth=agent.spool.depth() if agent.spool else 0,
+            circuit_state=agent.circuit_state(),
+            system=system_figures(self._system.sample()))
 
     def _produce(self) -> None:
         try:

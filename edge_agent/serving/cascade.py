@@ -3,7 +3,6 @@ call, and never let the cloud's absence become the client's error."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -25,15 +24,21 @@ from edgecloud import __version__
 from edgecloud.errors import InvalidInput, ModelNotFound
 from edgecloud.protocol.codec import InferRequest, InferResponse, ModelMetadata
 from edgecloud.protocol.outputs import select_outputs
+from edgecloud.protocol.parameters import (
+    AgentRequest,
+    AgentResponse,
+    CloudRequest,
+    EdgeSummary,
+    EscalationReason,
+)
 from edgecloud.protocol.servicer import PeerInfo
 from edgecloud.tensors import TensorSpec, check_inputs
 
 log = logging.getLogger(__name__)
 
-P = "edgecloud."
 ESCALATE_MODES = ("auto", "always", "never")
-CONFIDENCE_OUTPUT = TensorSpec(P + "confidence", "FP32", (-1,))
-SOURCE_OUTPUT = TensorSpec(P + "source", "BYTES", (-1,))
+CONFIDENCE_OUTPUT = TensorSpec(str(AgentResponse.CONFIDENCE), "FP32", (-1,))
+SOURCE_OUTPUT = TensorSpec(str(AgentResponse.SOURCE), "BYTES", (-1,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +50,13 @@ class CascadeOptions:
 
     @classmethod
     def parse(cls, params: Mapping[str, object], default_threshold: float) -> CascadeOptions:
-        mode = params.get(P + "escalate", "auto")
+        mode = params.get(AgentRequest.ESCALATE, "auto")
         if mode not in ESCALATE_MODES:
-            raise InvalidInput(f"parameter {P}escalate: {mode!r}, expected one of {list(ESCALATE_MODES)}")
-        threshold = params.get(P + "threshold", default_threshold)
-        number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
-        if not number or not math.isfinite(threshold):
-            raise InvalidInput(f"parameter {P}threshold: {threshold!r}, expected a finite number")
+            raise InvalidInput(f"parameter {AgentRequest.ESCALATE}: {mode!r}, expected one of "
+                               f"{list(ESCALATE_MODES)}")
+        threshold = params.get(AgentRequest.THRESHOLD, default_threshold)
+        if not AgentRequest.THRESHOLD.accepts(threshold) or not math.isfinite(threshold):
+            raise InvalidInput(f"parameter {AgentRequest.THRESHOLD}: {threshold!r}, expected a finite number")
         return cls(str(mode), float(threshold))
 
 
@@ -148,11 +153,12 @@ class Cascade:
             from_cloud[sent] = not degraded
         self._maybe_audit(call, wants)
 
-        self.stats.record(CallRecord(rows, int(sent.size), int(from_cloud.sum()),
-                                     int(sent.size) if degraded else 0, rate_limited,
-                                     time.perf_counter() - started, confidence))
+        self.stats.record(CallRecord(
+            rows=rows, escalated_rows=int(sent.size), cloud_rows=int(from_cloud.sum()),
+            degraded_rows=int(sent.size) if degraded else 0, rate_limited_rows=rate_limited,
+            latency_s=time.perf_counter() - started, confidences=confidence))
         params = self._parameters(call, from_cloud, degraded, rate_limited)
-        params[P + "escalated"] = bool(sent.size)
+        params[AgentResponse.ESCALATED] = bool(sent.size)
         return InferResponse(model_name=model.name, model_version=model.version, id=request.id,
                              outputs=self._select_outputs(call, from_cloud), parameters=params)
 
@@ -173,19 +179,20 @@ class Cascade:
         granted = self.bucket.take(int(rows.size))
         return rows[:granted], int(rows.size - granted)
 
-    def _upstream(self, call: _Call, rows: np.ndarray, reason: str) -> InferRequest:
+    def _upstream(self, call: _Call, rows: np.ndarray, reason: EscalationReason) -> InferRequest:
         model, confidence = call.model, call.confidence
         scores = call.outputs[model.settings.score_output]
-        summary = {"rows": rows.tolist(),
-                   "prediction": scores.reshape(scores.shape[0], -1)[rows].argmax(axis=1).tolist(),
-                   "confidence": [round(float(c), 6) for c in confidence[rows]], "reason": reason}
-        params = {P + "request_id": call.request_id, P + "device_id": self.device_id,
-                  P + "edge_model_version": model.version, P + "edge_summary": json.dumps(summary)}
+        summary = EdgeSummary(rows=rows.tolist(),
+                              prediction=scores.reshape(scores.shape[0], -1)[rows].argmax(axis=1).tolist(),
+                              confidence=[round(float(c), 6) for c in confidence[rows]], reason=reason)
+        params = {CloudRequest.REQUEST_ID: call.request_id, CloudRequest.DEVICE_ID: self.device_id,
+                  CloudRequest.EDGE_MODEL_VERSION: model.version,
+                  CloudRequest.EDGE_SUMMARY: summary.to_json()}
         return InferRequest(model_name=self.link.model_name(model), model_version=self.link.cfg.model_version,
                             id=call.request_id, inputs={k: v[rows] for k, v in call.request.inputs.items()},
                             parameters=params)
 
-    def _escalate(self, call: _Call, rows: np.ndarray, reason: str) -> bool:
+    def _escalate(self, call: _Call, rows: np.ndarray, reason: EscalationReason) -> bool:
         """Ask the cloud for ``rows`` and merge its answer into the call's outputs; False when degraded."""
         upstream = self._upstream(call, rows, reason)
         started = time.perf_counter()
@@ -255,15 +262,15 @@ class Cascade:
         model, confidence = call.model, call.confidence
         answered = int(from_cloud.sum())
         source = "cloud" if answered == from_cloud.size else "mixed" if answered else "edge"
-        params = {P + "source": source, P + "confidence": float(confidence.min()) if confidence.size else 1.0,
-                  P + "degraded": degraded,
-                  P + "model_version": model.version, P + "escalated_rows": answered,
-                  P + "rate_limited_rows": rate_limited}
+        params = {AgentResponse.SOURCE: source,
+                  AgentResponse.CONFIDENCE: float(confidence.min()) if confidence.size else 1.0,
+                  AgentResponse.DEGRADED: degraded, AgentResponse.MODEL_VERSION: model.version,
+                  AgentResponse.ESCALATED_ROWS: answered, AgentResponse.RATE_LIMITED_ROWS: rate_limited}
         scores = call.outputs[model.settings.score_output]
         if model.labels and scores.shape[0]:
             top = int(scores.reshape(scores.shape[0], -1)[0].argmax())
             if top < len(model.labels):
-                params[P + "label"] = model.labels[top]
+                params[AgentResponse.LABEL] = model.labels[top]
         return params
 
     def close(self) -> None:

@@ -12,9 +12,9 @@ import numpy as np
 CONFIDENCE_EDGES = tuple(i / 10 for i in range(11))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CallRecord:
-    """One answered call, as the cascade saw it."""
+    """One answered call, as the cascade saw it (by keyword: its counts are all ints, easy to swap)."""
 
     rows: int
     escalated_rows: int

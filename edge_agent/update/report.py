@@ -15,7 +15,7 @@ from typing import Any
 
 from edge_agent.fleet.link import FleetLink
 from edgecloud.mqtt.client import ConnectionState, MqttError
-from edgecloud.mqtt.payloads import reported_payload
+from edgecloud.mqtt.payloads import Reported
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Reporter:
         self.device = device
         self._active_version = active_version
         self._lock = threading.Lock()
-        self._unsent: dict[str, Any] | None = None  # the latest report, until the broker has it
+        self._unsent: Reported | None = None  # the latest report, until the broker has it
         self._connected = threading.Event()
         fleet.client.add_state_listener(self._connection)
 
@@ -84,8 +84,8 @@ class Reporter:
     def report(self, model: str, version: int, state: str, progress: float | None = None,
                reason: str | None = None) -> None:
         """The retained report alone (download progress is no state change)."""
-        payload = reported_payload(self.device, model, version, state, active_version=self._active_version(),
-                                   progress=progress, reason=reason)
+        payload = Reported(device=self.device, model=model, version=version, state=state,
+                           active_version=self._active_version(), progress=progress, reason=reason)
         with self._lock:
             self._unsent = payload
         self.flush()

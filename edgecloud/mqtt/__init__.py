@@ -1,2 +1,3 @@
-"""MQTT for the fleet: topic names (``topics``), payload builders (``payloads``) and a paho-mqtt
-client that tells the truth about its connection (``client``)."""
+"""MQTT for the fleet: topic names (``topics``), the payload models (``payloads``) and the JSON Schemas
+generated from them (``schemas``), and a paho-mqtt client that tells the truth about its connection
+(``client``)."""

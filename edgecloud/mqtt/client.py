@@ -32,11 +32,12 @@ from pydantic import Field, SecretStr, model_validator
 
 from edgecloud.config import Section, cert_key_pair
 from edgecloud.errors import EdgecloudError
+from edgecloud.mqtt.payloads import Body
 from edgecloud.mqtt.topics import Topic, Wildcard
 
 log = logging.getLogger(__name__)
 
-Payload = bytes | str | Mapping[str, Any]
+Payload = bytes | str | Mapping[str, Any] | Body
 
 
 class MqttError(EdgecloudError):
@@ -123,11 +124,13 @@ class Outgoing:
 
 
 def encode_payload(payload: Payload) -> bytes:
-    """Bytes as they are, text as UTF-8, a mapping as compact JSON."""
+    """Bytes as they are, text as UTF-8, a payload model or a mapping as compact JSON."""
     if isinstance(payload, bytes):
         return payload
     if isinstance(payload, str):
         return payload.encode("utf-8")
+    if isinstance(payload, Body):
+        payload = payload.to_dict()
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 

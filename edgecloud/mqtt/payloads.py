@@ -1,57 +1,181 @@
-"""The JSON bodies of the device topics (docs/design.md §8), built in one place so they match
-``protos/schemas/{status,reported,events}.schema.json`` (the tests check them against the schemas).
+"""The JSON bodies of the device topics as typed models (docs/design.md §8): the agent builds these and
+nothing else, and ``protos/schemas/{status,reported,events,telemetry}.schema.json`` are generated from them
+(``python -m edgecloud.mqtt.schemas``), so the schemas say what is really sent.
 
-Telemetry has its own schema (``telemetry.schema.json``) and is built by the agent's collector.
+A field marked ``Omitted`` is left out of the body when None; every other field is always there (null
+when it has no value).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import datetime
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args
 
-from edgecloud.clock import format_time, utc_now
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, model_validator
 
-UPDATE_STATES = ("downloading", "verifying", "staged", "active", "failed", "rolled_back")
-SEVERITIES = ("info", "warning", "error")
+from edgecloud.mqtt.topics import ID_PATTERN
+from edgecloud.release import Omitted, Time, format_time, utc_now
 
+UpdateState = Literal["downloading", "verifying", "staged", "active", "failed", "rolled_back"]
+UPDATE_STATES = get_args(UpdateState)
+Severity = Literal["info", "warning", "error"]
+SEVERITIES = get_args(Severity)
+CircuitState = Literal["closed", "open", "half_open", "disabled"]
 
-def _at(at: datetime | None) -> str:
-    return format_time(at or utc_now())
-
-
-def status_payload(device: str, state: Literal["online", "offline"], *, agent_version: str,
-                   model: str | None, active_version: int | None,
-                   at: datetime | None = None) -> dict[str, Any]:
-    """Body of ``…/devices/{device}/status``: the birth (online), the Will and the goodbye (offline)."""
-    if state not in ("online", "offline"):
-        raise ValueError(f"status state {state!r} is not online or offline")
-    return {"device": device, "state": state, "at": _at(at), "agent_version": agent_version,
-            "model": model, "active_version": active_version}
+DeviceId = Annotated[str, Field(pattern=ID_PATTERN.pattern)]
+#: a moment, published as format_time writes it
+At = Annotated[Time, PlainSerializer(format_time, return_type=str)]
+Count = Annotated[int, Field(ge=0)]
+Version = Annotated[int, Field(ge=0)]
 
 
-def reported_payload(device: str, model: str, version: int, state: str, *, active_version: int | None,
-                     progress: float | None = None, reason: str | None = None,
-                     at: datetime | None = None) -> dict[str, Any]:
-    """Body of ``…/devices/{device}/model/reported``: where the update of release ``version`` is.
+class Body(BaseModel):
+    """A device topic's JSON body, immutable once built."""
 
-    ``reason`` is a reason code (see :class:`edgecloud.release.Reason`), optionally followed by
-    ``": "`` and details; ``progress`` is the downloaded fraction, 0 to 1.
-    """
-    if state not in UPDATE_STATES:
-        raise ValueError(f"update state {state!r} is not one of {UPDATE_STATES}")
-    if state in ("failed", "rolled_back") and not reason:
-        raise ValueError(f"update state {state} needs a reason")
-    if progress is not None and not 0 <= progress <= 1:
-        raise ValueError(f"progress {progress} is not within [0, 1]")
-    return {"device": device, "model": model, "version": version, "state": state,
-            "progress": progress, "reason": reason, "active_version": active_version, "at": _at(at)}
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object as published."""
+        return self.model_dump(mode="json", by_alias=True)
 
 
-def event_payload(device: str, event_type: str, *, severity: str = "info",
-                  data: Mapping[str, Any] | None = None, at: datetime | None = None) -> dict[str, Any]:
-    """Body of ``…/devices/{device}/events``: ``event_type`` is dotted, e.g. ``circuit.changed``."""
-    if severity not in SEVERITIES:
-        raise ValueError(f"severity {severity!r} is not one of {SEVERITIES}")
-    return {"device": device, "at": _at(at), "type": event_type, "severity": severity,
-            "data": dict(data or {})}
+class Status(Body):
+    """Retained on edgecloud/{fleet}/devices/{device}/status: online as the birth message on every
+    connect; offline as the Last Will and on clean shutdown."""
+
+    model_config = ConfigDict(title="edgecloud device status")
+
+    device: DeviceId
+    state: Literal["online", "offline"]
+    at: At = Field(default_factory=utc_now)
+    agent_version: str
+    model: str | None = Field(description="served model name")
+    active_version: Version | None = Field(description="release version serving now")
+
+
+class Reported(Body):
+    """Retained on edgecloud/{fleet}/devices/{device}/model/reported. version is the release being
+    handled, active_version the one serving. States: downloading (progress) -> verifying -> staged ->
+    active, or failed (reason) / rolled_back (reason)."""
+
+    model_config = ConfigDict(title="edgecloud update state", json_schema_extra={"allOf": [
+        {"if": {"properties": {"state": {"enum": ["failed", "rolled_back"]}}},
+         "then": {"properties": {"reason": {"type": "string"}}}},
+        {"if": {"properties": {"state": {"const": "downloading"}}},
+         "then": {"properties": {"progress": {"type": "number"}}}}]})
+
+    device: DeviceId
+    model: str = Field(min_length=1)
+    version: Version
+    state: UpdateState
+    progress: float | None = Field(None, ge=0, le=1, description="fraction of the download done, 0 to 1")
+    reason: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]*(: .*)?$",
+                               description="reason code (e.g. bad_signature, expired, sha256_mismatch), "
+                                           "optionally followed by ': ' and details")
+    active_version: Version | None
+    at: At = Field(default_factory=utc_now)
+
+    @model_validator(mode="after")
+    def _failure_has_reason(self) -> Reported:
+        if self.state in ("failed", "rolled_back") and not self.reason:
+            raise ValueError(f"update state {self.state} needs a reason")
+        return self
+
+
+class Event(Body):
+    """Published (not retained) on edgecloud/{fleet}/devices/{device}/events: update steps, health
+    changes (circuit breaker, contract mismatch, watchdog)."""
+
+    model_config = ConfigDict(title="edgecloud device event")
+
+    device: DeviceId
+    at: At = Field(default_factory=utc_now)
+    type: str = Field(pattern=r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$",
+                      description="dotted event name, e.g. update.state, update.rolled_back, circuit.changed")
+    severity: Severity = "info"
+    data: dict[str, Any] = Field(default_factory=dict, description="event details")
+
+
+# -- telemetry --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Metric:
+    """The Prometheus counter a telemetry counter is also exposed as (see edgecloud.exposition)."""
+
+    name: str
+
+
+class Counters(Body):
+    """Totals since the agent started."""
+
+    requests: Annotated[Count, Metric("requests_total")] = Field(description="Inference calls answered")
+    rows: Annotated[Count, Metric("rows_total")] = Field(description="Rows answered")
+    escalated: Annotated[Count, Metric("escalated_rows_total")] = Field(description="Rows sent to the cloud")
+    cloud_answers: Annotated[Count, Metric("cloud_answers_total")] = Field(
+        description="Rows answered by the cloud")
+    degraded: Annotated[Count, Metric("degraded_rows_total")] = Field(
+        description="Rows that wanted the cloud and got the edge's answer")
+    rate_limited: Annotated[Count, Metric("rate_limited_rows_total")] = Field(
+        description="Rows over the escalation rate limit, answered by the edge")
+    errors: Annotated[Count, Metric("errors_total")] = Field(description="Calls the edge model failed")
+    audited: Annotated[Count, Metric("audits_total")] = Field(description="Audit calls the cloud answered")
+
+
+class Percentiles(Body):
+    """Milliseconds; null when there were no samples."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    p50: float | None = Field(ge=0)
+    p95: float | None = Field(ge=0)
+    p99: float | None = Field(ge=0)
+
+
+class Latency(Body):
+    """Call latency percentiles over the interval, of calls answered at the edge and of escalated ones."""
+
+    edge: Percentiles
+    escalated: Percentiles
+
+
+class Histogram(Body):
+    """counts[i] rows had edges[i] <= confidence < edges[i+1] (the last bin includes its upper edge);
+    len(edges) = len(counts) + 1."""
+
+    edges: list[float] = Field(min_length=2)
+    counts: list[Count] = Field(min_length=1)
+
+
+class System(Body):
+    """The device's own figures; null when unknown."""
+
+    cpu_percent: float | None = Field(ge=0)
+    memory_used_bytes: int | None = Field(ge=0)
+    memory_total_bytes: int | None = Field(ge=0)
+    temperatures_c: dict[str, float] = Field(description="thermal zone name to degrees Celsius")
+    gpu_load_percent: float | None = Field(ge=0, le=100,
+                                           description="Jetson GPU load from sysfs; null elsewhere")
+    power_mw: Annotated[dict[str, float] | None, Omitted] = Field(
+        None, description="Jetson power rails in milliwatts; absent elsewhere")
+
+
+class Telemetry(Body):
+    """Published (not retained, QoS 1) on edgecloud/{fleet}/devices/{device}/telemetry every interval_s.
+    seq increases per device and survives restarts, so a collector can count and deduplicate. Counters
+    are totals since the agent started; latencies and the histogram cover the last interval."""
+
+    model_config = ConfigDict(title="edgecloud device telemetry")
+
+    schema_version: Literal[1] = Field(1, alias="schema")
+    device: DeviceId
+    seq: int = Field(ge=0)
+    at: At = Field(default_factory=utc_now)
+    model: str | None
+    model_version: Version | None
+    counters: Counters
+    latency_ms: Latency
+    escalation_rate: float | None = Field(ge=0, le=1, description="escalated rows / rows over the interval; "
+                                                                  "null without rows")
+    confidence_histogram: Histogram
+    spool_depth: Count = Field(description="cases waiting in the spool for the cloud")
+    circuit_state: CircuitState
+    system: System

@@ -18,7 +18,7 @@ from cloud_gateway import cli
 from cloud_gateway.collector import FleetCollector
 from edgecloud.config import build
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
-from edgecloud.mqtt.payloads import status_payload
+from edgecloud.mqtt.payloads import Status
 from edgecloud.mqtt.topics import FleetTopics
 from tests.support.fleet import FLEET, ROOT, Scrape, fleet_sections
 from tests.support.net import free_port, wait_for
@@ -150,8 +150,9 @@ def test_collect_mode_serves_metrics_without_a_model_repository(broker: LocalBro
             assert proc.stdout is not None and "collecting fleet plant-1" in proc.stdout.readline()
             with MqttClient(broker.mqtt_config()) as device:
                 device.wait_connected(5)
-                device.publish(TOPICS.status("cam-7"), status_payload(
-                    "cam-7", "online", agent_version="0.1.0", model="clf", active_version=5), retain=True)
+                device.publish(TOPICS.status("cam-7"), Status(
+                    device="cam-7", state="online", agent_version="0.1.0", model="clf", active_version=5),
+                    retain=True)
 
             def online() -> bool:
                 return Scrape(port).value("edgecloud_device_online", fleet=FLEET, device="cam-7") == 1

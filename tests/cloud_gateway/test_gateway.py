@@ -19,6 +19,7 @@ from cloud_gateway.hard_examples import HardExampleStore
 from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud.client import KServeClient
 from edgecloud.protocol.codec import InferRequest, RequestedOutput, decode_response, encode_request
+from edgecloud.protocol.parameters import AgentRequest, AgentResponse, CloudRequest, EdgeSummary
 from tests.support.onnx_models import linear_classifier
 from tests.support.services import start_agent
 from tests.support.triton import run_triton
@@ -65,8 +66,8 @@ def x():
 
 
 def summary(rows, reason="low_confidence"):
-    return json.dumps({"rows": rows, "prediction": [r % 4 for r in rows],
-                       "confidence": [0.1 + r / 100 for r in rows], "reason": reason})
+    return EdgeSummary(rows=rows, prediction=[r % 4 for r in rows], confidence=[0.1 + r / 100 for r in rows],
+                       reason=reason).to_json()
 
 
 def test_latest_version_by_default_and_each_version_on_request(client, repo, x):
@@ -123,7 +124,7 @@ def test_bad_requests_are_refused_naming_the_problem_and_serving_goes_on(client,
                            "no output 'probs'"),
         "oversized": (("clf", {"x": np.zeros((4096, 8), np.float32)}), grpc.StatusCode.RESOURCE_EXHAUSTED,
                       "larger than max"),
-        "bad summary": (("clf", {"x": x}, "", (), {"edgecloud.edge_summary": summary([0, 1])}),
+        "bad summary": (("clf", {"x": x}, "", (), {CloudRequest.EDGE_SUMMARY: summary([0, 1])}),
                         grpc.StatusCode.INVALID_ARGUMENT, "names 2 rows, the request carries 5"),
     }
     for what, (args, code, message) in cases.items():
@@ -175,12 +176,12 @@ def test_concurrent_callers_share_batches_and_get_their_own_rows(gateway, client
 
 def test_escalated_rows_are_stored_once_and_exported(tmp_path, gateway, client, repo, x, caplog):
     caplog.set_level(logging.DEBUG, logger="cloud_gateway")
-    escalation = {"edgecloud.request_id": "req-1", "edgecloud.device_id": "line-4",
-                  "edgecloud.edge_model_version": "3", "edgecloud.edge_summary": summary([0, 2, 5, 6, 9])}
+    escalation = {CloudRequest.REQUEST_ID: "req-1", CloudRequest.DEVICE_ID: "line-4",
+                  CloudRequest.EDGE_MODEL_VERSION: "3", CloudRequest.EDGE_SUMMARY: summary([0, 2, 5, 6, 9])}
     client.infer("clf", {"x": x}, params=escalation)
-    client.infer("clf", {"x": x}, params={**escalation, "edgecloud.deferred": True})  # a spool replay
-    audit = {"edgecloud.request_id": "req-2", "edgecloud.device_id": "line-5",
-             "edgecloud.edge_summary": summary([4], "audit")}
+    client.infer("clf", {"x": x}, params={**escalation, CloudRequest.DEFERRED: True})  # a spool replay
+    audit = {CloudRequest.REQUEST_ID: "req-2", CloudRequest.DEVICE_ID: "line-5",
+             CloudRequest.EDGE_SUMMARY: summary([4], "audit")}
     client.infer("clf", {"x": x[:1]}, params=audit)
     client.infer("clf", {"x": x}, request_id="plain")  # an ordinary call: not a hard example
 
@@ -213,9 +214,9 @@ def test_an_edge_agent_escalating_to_the_gateway(tmp_path, gateway, repo, x):
     edge = linear_classifier(tmp_path / "edge.onnx", seed=5, card={"name": "clf", "version": 4})
     with start_agent(tmp_path / "agent", edge, gateway.port, agent={"device_id": "press-3"}) as agent, \
             KServeClient(f"127.0.0.1:{agent.port}") as c:
-        reply = c.infer("clf", {"x": x}, params={"edgecloud.escalate": "always"}, request_id="case-9")
+        reply = c.infer("clf", {"x": x}, params={AgentRequest.ESCALATE: "always"}, request_id="case-9")
     np.testing.assert_allclose(reply.outputs["logits"], ort_logits(repo[2], x), rtol=1e-4, atol=1e-5)
-    assert reply.parameters["edgecloud.source"] == "cloud"
+    assert reply.parameters[AgentResponse.SOURCE] == "cloud"
     stored = list(gateway.store.examples())
     assert [(e.request_id, e.row, e.device, e.edge_model_version, e.reason) for e in stored] == [
         ("case-9", r, "press-3", "4", "forced") for r in range(5)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 import grpc
@@ -15,12 +14,13 @@ from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud.client import KServeClient
 from edgecloud.errors import ConfigError
 from edgecloud.protocol.codec import InferRequest, encode_request
+from edgecloud.protocol.parameters import CloudRequest, EdgeSummary
 from edgecloud_tools.certs import issue, make_ca
 from tests.support.onnx_models import linear_classifier
 
 SERVER_NAME = "gateway.test"
-ESCALATION = {"edgecloud.request_id": "r-1", "edgecloud.device_id": "someone-else",
-              "edgecloud.edge_summary": json.dumps({"rows": [0], "reason": "low_confidence"})}
+ESCALATION = {CloudRequest.REQUEST_ID: "r-1", CloudRequest.DEVICE_ID: "someone-else",
+              CloudRequest.EDGE_SUMMARY: EdgeSummary(rows=(0,), reason="low_confidence").to_json()}
 
 
 @pytest.fixture

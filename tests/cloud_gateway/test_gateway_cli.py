@@ -10,6 +10,7 @@ import numpy as np
 
 from cloud_gateway.hard_examples import HardExampleStore
 from edgecloud.client import KServeClient
+from edgecloud.protocol.parameters import CloudRequest, EdgeSummary
 from edgecloud_tools.services import ServiceProcess
 from tests.support.net import free_port
 from tests.support.onnx_models import linear_classifier, reference_logits
@@ -47,8 +48,9 @@ def test_flags_override_the_file_and_sigterm_stops_cleanly(tmp_path):
     x = np.ones((2, 8), dtype=np.float32)
     with gateway, KServeClient(f"127.0.0.1:{port}") as client:
         assert client.serving()
-        reply = client.infer("clf", {"x": x}, params={
-            "edgecloud.request_id": "r", "edgecloud.edge_summary": '{"rows": [3, 4], "reason": "audit"}'})
+        summary = EdgeSummary(rows=(3, 4), reason="audit").to_json()
+        reply = client.infer("clf", {"x": x},
+                             params={CloudRequest.REQUEST_ID: "r", CloudRequest.EDGE_SUMMARY: summary})
         np.testing.assert_allclose(reply.outputs["logits"], reference_logits(model, x), rtol=1e-5)
         assert reply.model_version == "3"
     assert gateway.proc.returncode == 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import grpc
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import pytest
 from cloud_gateway import Gateway, gateway_config
 from edgecloud.client import KServeClient
 from edgecloud.errors import ConfigError, ModelLoadError
+from edgecloud.protocol.parameters import CloudRequest, EdgeSummary
 from tests.support.onnx_models import linear_classifier, reference_logits
 from tests.support.services import GatewayCloud
 
@@ -39,10 +38,10 @@ def test_front_gateway_forwards_and_keeps_its_own_store(tmp_path, backend_gatewa
     with Gateway(config) as front, KServeClient(f"127.0.0.1:{front.port}") as client:
         meta = client.metadata("inspection")
         assert meta.platform == "remote" and [i.name for i in meta.inputs] == ["x"]
-        summary = {"rows": [0, 1], "prediction": [0, 1], "confidence": [0.2, 0.3], "reason": "low_confidence"}
+        summary = EdgeSummary(rows=(0, 1), prediction=(0, 1), confidence=(0.2, 0.3), reason="low_confidence")
         reply = client.infer("inspection", {"x": x[:2]}, request_id="r-1",
-                             params={"edgecloud.request_id": "r-1", "edgecloud.device_id": "d1",
-                                     "edgecloud.edge_summary": json.dumps(summary)})
+                             params={CloudRequest.REQUEST_ID: "r-1", CloudRequest.DEVICE_ID: "d1",
+                                     CloudRequest.EDGE_SUMMARY: summary.to_json()})
         np.testing.assert_allclose(reply.outputs["logits"], reference_logits(model, x[:2]), rtol=1e-5,
                                    atol=1e-5)
         assert front.store.count() == 2  # the front stores hard examples; the back only computes

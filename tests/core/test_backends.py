@@ -61,10 +61,10 @@ def test_declarations_agree_with_the_registry() -> None:
 
 def test_the_committed_release_schema_lists_the_registry_formats() -> None:
     schema = json.loads((ROOT / "protos" / "schemas" / "release.schema.json").read_text())
-    artifact = schema["$defs"]["artifact"]
+    artifact = schema["properties"]["payload"]["properties"]["artifact"]
     assert artifact["properties"]["format"]["enum"] == list(release_backends())
     plans = [fmt for fmt, cls in release_backends().items() if cls.plan_target]
-    assert [artifact["if"]["properties"]["format"]["const"]] == plans
+    assert artifact["if"]["properties"]["format"]["enum"] == plans
 
 
 def test_each_section_is_validated_by_its_backends_model() -> None:

@@ -26,7 +26,7 @@ from edgecloud.mqtt.client import (
     NotConnected,
     Outgoing,
 )
-from edgecloud.mqtt.payloads import event_payload, reported_payload, status_payload
+from edgecloud.mqtt.payloads import Event, Reported, Status
 from edgecloud.mqtt.topics import FleetTopics, Topic, TopicKind, Wildcard
 from tests.support.fleet import ROOT, schema
 from tests.support.net import free_port, wait_for
@@ -39,8 +39,8 @@ TOPICS = FleetTopics("plant-1")
 
 
 def status(device: str, state: str) -> Outgoing:
-    return Outgoing(TOPICS.status(device), status_payload(device, state, agent_version="0.1.0",  # type: ignore[arg-type]
-                                                          model="inspection", active_version=3), retain=True)
+    return Outgoing(TOPICS.status(device), Status(device=device, state=state, agent_version="0.1.0",  # type: ignore[arg-type]
+                                                  model="inspection", active_version=3), retain=True)
 
 
 class Inbox:
@@ -110,22 +110,24 @@ def test_parse_maps_a_topic_back_to_its_kind() -> None:
 
 # -- payloads -------------------------------------------------------------------------------------------
 def test_payloads_match_their_schemas() -> None:
-    jsonschema.validate(status_payload("d1", "online", agent_version="0.1.0", model=None,
-                                       active_version=None), schema("status"))
+    jsonschema.validate(Status(device="d1", state="online", agent_version="0.1.0", model=None,
+                               active_version=None).to_dict(), schema("status"))
     for state, extra in [("downloading", {"progress": 0.25}), ("verifying", {}), ("staged", {}),
                          ("active", {}), ("failed", {"reason": "sha256_mismatch: file differs"}),
                          ("rolled_back", {"reason": "watch_regression: error rate 0.4"})]:
-        body = reported_payload("d1", "inspection", 4, state, active_version=3, **extra)
-        jsonschema.validate(body, schema("reported"))
-    jsonschema.validate(event_payload("d1", "circuit.changed", severity="warning",
-                                      data={"from": "closed", "to": "open"}), schema("events"))
+        body = Reported(device="d1", model="inspection", version=4, state=state, active_version=3, **extra)
+        jsonschema.validate(body.to_dict(), schema("reported"))
+    jsonschema.validate(Event(device="d1", type="circuit.changed", severity="warning",
+                              data={"from": "closed", "to": "open"}).to_dict(), schema("events"))
     with pytest.raises(ValueError):
-        reported_payload("d1", "m", 1, "failed", active_version=None)  # a failure needs its reason
+        Reported(device="d1", model="m", version=1, state="failed", active_version=None)  # needs its reason
     with pytest.raises(ValueError):
-        reported_payload("d1", "m", 1, "done", active_version=None)
-    with pytest.raises(jsonschema.ValidationError):  # the schema catches what the builder would not
-        jsonschema.validate(dict(reported_payload("d1", "m", 1, "active", active_version=1), reason="Bad!"),
-                            schema("reported"))
+        Reported(device="d1", model="m", version=1, state="done", active_version=None)
+    with pytest.raises(jsonschema.ValidationError):  # the schema refuses what the model refuses
+        jsonschema.validate(dict(Reported(device="d1", model="m", version=1, state="active",
+                                          active_version=1).to_dict(), reason="Bad!"), schema("reported"))
+    with pytest.raises(ValueError):
+        Reported(device="d1", model="m", version=1, state="failed", active_version=None, reason="Bad!")
 
 
 def test_telemetry_schema_takes_an_agent_report_and_refuses_drift() -> None:
@@ -133,8 +135,8 @@ def test_telemetry_schema_takes_an_agent_report_and_refuses_drift() -> None:
     telemetry = {
         "schema": 1, "device": "cam-1", "seq": 42, "at": "2025-06-01T12:00:00Z", "model": "inspection",
         "model_version": 4,
-        "counters": {"requests": 1000, "escalated": 80, "cloud_answers": 75, "degraded": 5, "errors": 0,
-                     "rate_limited": 3},
+        "counters": {"requests": 1000, "rows": 1200, "escalated": 80, "cloud_answers": 75, "degraded": 5,
+                     "errors": 0, "rate_limited": 3, "audited": 2},
         "latency_ms": {"edge": percentiles, "escalated": {"p50": 40.0, "p95": 95.0, "p99": 180.0}},
         "escalation_rate": 0.08, "confidence_histogram": {"edges": [0, 0.5, 1], "counts": [80, 920]},
         "spool_depth": 5, "circuit_state": "closed",
@@ -270,13 +272,13 @@ _KILLED_DEVICE = textwrap.dedent("""
     import sys, time
     from edgecloud.config import build
     from edgecloud.mqtt.client import MqttClient, MqttConfig, Outgoing
-    from edgecloud.mqtt.payloads import status_payload
+    from edgecloud.mqtt.payloads import Status
     from edgecloud.mqtt.topics import FleetTopics
 
     topic = FleetTopics("plant-1").status("d9")
     def status(state):
-        return Outgoing(topic, status_payload("d9", state, agent_version="0.1.0", model="inspection",
-                                              active_version=2), retain=True)
+        return Outgoing(topic, Status(device="d9", state=state, agent_version="0.1.0", model="inspection",
+                                      active_version=2), retain=True)
     client = MqttClient(build(MqttConfig, {"port": int(sys.argv[1]), "client_id": "d9"}),
                         birth=lambda: status("online"), will=lambda: status("offline"))
     client.start().wait_connected(5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgecloud.protocol.parameters import AgentResponse
 from tests.support.onnx_models import linear_classifier, reference_logits
 from tests.support.services import start_agent
 from tests.support.triton import run_triton
@@ -39,17 +40,19 @@ def test_tritonclient_health_metadata_and_infer(agent):
     meta = result["meta"]
     assert meta["name"] == "clf" and meta["versions"] == ["7"]
     assert [i["name"] for i in meta["inputs"]] == ["x"]
-    assert [o["name"] for o in meta["outputs"]] == ["logits", "edgecloud.confidence", "edgecloud.source"]
+    assert [o["name"] for o in meta["outputs"]] == ["logits", AgentResponse.CONFIDENCE, AgentResponse.SOURCE]
     np.testing.assert_allclose(result["logits"], reference_logits(model, x), rtol=1e-5, atol=1e-5)
     params = result["params"]
-    assert params["edgecloud.source"] == {"string_param": "edge"}
-    assert params["edgecloud.escalated"] == {"bool_param": False}
-    assert params["edgecloud.degraded"] == {"bool_param": False}
-    assert params["edgecloud.model_version"] == {"string_param": "7"}
-    assert int(params["edgecloud.escalated_rows"]["int64_param"]) == 0
+    assert {key: list(value) for key, value in params.items()} == {  # each travels as its declared type
+        key: [f"{key.choice}_param"] for key in AgentResponse}
+    assert params[AgentResponse.SOURCE] == {"string_param": "edge"}
+    assert params[AgentResponse.ESCALATED] == {"bool_param": False}
+    assert params[AgentResponse.DEGRADED] == {"bool_param": False}
+    assert params[AgentResponse.MODEL_VERSION] == {"string_param": "7"}
+    assert int(params[AgentResponse.ESCALATED_ROWS]["int64_param"]) == 0
     top = int(np.argmax(reference_logits(model, x)[0]))
-    assert params["edgecloud.label"] == {"string_param": LABELS[top]}
-    assert 0.0 < params["edgecloud.confidence"]["double_param"] <= 1.0
+    assert params[AgentResponse.LABEL] == {"string_param": LABELS[top]}
+    assert 0.0 < params[AgentResponse.CONFIDENCE]["double_param"] <= 1.0
     assert result["version"] == "7"
 
 

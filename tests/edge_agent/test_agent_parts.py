@@ -16,6 +16,7 @@ from edge_agent.serving.settings import CascadeSettings
 from edgecloud.confidence import calibrated_probabilities, make_policy
 from edgecloud.confidence.probability import entropy, margin, max_prob
 from edgecloud.protocol.codec import InferRequest, request_to_bytes
+from edgecloud.protocol.parameters import CloudRequest
 from edgecloud.tensors import TensorSpec
 
 
@@ -62,7 +63,7 @@ def test_circuit_opens_after_failures_and_half_opens_for_one_trial():
 
 def _case(i: int, rows: int = 2) -> InferRequest:
     return InferRequest("m", {"x": np.full((rows, 4), i, dtype=np.float32)}, id=f"req-{i}",
-                        parameters={"edgecloud.request_id": f"req-{i}"})
+                        parameters={CloudRequest.REQUEST_ID: f"req-{i}"})
 
 
 def test_spool_is_fifo_marks_deferred_and_survives_restart(tmp_path):
@@ -73,7 +74,7 @@ def test_spool_is_fifo_marks_deferred_and_survives_restart(tmp_path):
     reopened = Spool(tmp_path, max_bytes=1 << 20)  # a restart
     assert reopened.depth() == 3 and not list(tmp_path.glob(".*.tmp"))
     path, request = reopened.oldest()
-    assert request.id == "req-0" and request.parameters["edgecloud.deferred"] is True
+    assert request.id == "req-0" and request.parameters[CloudRequest.DEFERRED] is True
     np.testing.assert_array_equal(request.inputs["x"], np.zeros((2, 4), np.float32))
     reopened.remove(path)
     assert reopened.oldest()[1].id == "req-1"

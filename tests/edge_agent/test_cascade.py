@@ -12,6 +12,7 @@ from edgecloud.confidence import calibrated_probabilities
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ModelUnavailable
 from edgecloud.protocol.codec import ModelMetadata
+from edgecloud.protocol.parameters import AgentRequest, AgentResponse
 from edgecloud.protocol.server import start_server
 from tests.support.net import wait_for
 from tests.support.onnx_models import linear_classifier, reference_logits
@@ -57,18 +58,18 @@ def test_each_row_answered_as_offline_cascade_says(tmp_path, models, cloud, x):
     expected, wants, confidence, clear = offline_cascade(edge, cloud_model, x, THRESHOLD)
     assert 0 < wants.sum() < ROWS, "test data must mix confident and unsure rows"
     with start_agent(tmp_path / "edge", edge, cloud.port, **SETTINGS) as agent:
-        r = Client(agent.port).infer("clf", {"x": x}, outputs=("logits", "edgecloud.source",
-                                                               "edgecloud.confidence"),
+        r = Client(agent.port).infer("clf", {"x": x}, outputs=("logits", AgentResponse.SOURCE,
+                                                               AgentResponse.CONFIDENCE),
                                      request_id="line-7-frame-42")
-    source = r.outputs["edgecloud.source"]
+    source = r.outputs[AgentResponse.SOURCE]
     assert (source[clear] == np.where(wants, b"cloud", b"edge")[clear]).all()
     np.testing.assert_allclose(r.outputs["logits"][clear], expected[clear], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(r.outputs["edgecloud.confidence"], confidence, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(r.outputs[AgentResponse.CONFIDENCE], confidence, rtol=1e-4, atol=1e-5)
     p = r.parameters
-    assert p["edgecloud.source"] == "mixed" and p["edgecloud.escalated"] is True
-    assert p["edgecloud.degraded"] is False
-    assert p["edgecloud.escalated_rows"] == int((source == b"cloud").sum())
-    assert p["edgecloud.confidence"] == pytest.approx(float(confidence.min()), rel=1e-4)
+    assert p[AgentResponse.SOURCE] == "mixed" and p[AgentResponse.ESCALATED] is True
+    assert p[AgentResponse.DEGRADED] is False
+    assert p[AgentResponse.ESCALATED_ROWS] == int((source == b"cloud").sum())
+    assert p[AgentResponse.CONFIDENCE] == pytest.approx(float(confidence.min()), rel=1e-4)
     # the gateway stored exactly the escalated rows, under the client's request id
     stored = {e.row: e for e in cloud.stored()}
     assert set(stored) == set(np.flatnonzero(source == b"cloud").tolist())
@@ -87,9 +88,9 @@ def test_escalate_always_and_never(tmp_path, models, cloud, x, mode, source):
                      cloud={"max_per_s": 1.0, "burst": 1.0}) as agent:
         r = Client(agent.port).infer("clf", {"x": x}, escalate=mode)
     np.testing.assert_allclose(r.outputs["logits"], want, rtol=1e-4, atol=1e-4)
-    assert r.parameters["edgecloud.source"] == source
-    assert r.parameters["edgecloud.escalated"] is (mode == "always")
-    assert r.parameters["edgecloud.rate_limited_rows"] == 0  # always bypasses the rate limit
+    assert r.parameters[AgentResponse.SOURCE] == source
+    assert r.parameters[AgentResponse.ESCALATED] is (mode == "always")
+    assert r.parameters[AgentResponse.RATE_LIMITED_ROWS] == 0  # always bypasses the rate limit
 
 
 def test_threshold_override_per_request(tmp_path, models, cloud, x):
@@ -103,11 +104,11 @@ def test_threshold_override_per_request(tmp_path, models, cloud, x):
             client.infer("clf", {"x": x}, threshold="high")
         except grpc.RpcError as e:
             bad = e
-    assert low.parameters["edgecloud.source"] == "edge" and not low.parameters["edgecloud.escalated"]
-    assert high.parameters["edgecloud.source"] == "cloud"
+    assert low.parameters[AgentResponse.SOURCE] == "edge" and not low.parameters[AgentResponse.ESCALATED]
+    assert high.parameters[AgentResponse.SOURCE] == "cloud"
     np.testing.assert_allclose(high.outputs["logits"], reference_logits(cloud_model, x), rtol=1e-4, atol=1e-4)
     assert bad is not None and bad.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "edgecloud.threshold" in bad.details()
+    assert AgentRequest.THRESHOLD in bad.details()
 
 
 def test_rate_limit_keeps_excess_rows_at_the_edge(tmp_path, models, cloud, x):
@@ -115,11 +116,11 @@ def test_rate_limit_keeps_excess_rows_at_the_edge(tmp_path, models, cloud, x):
     _, wants, _, _ = offline_cascade(edge, cloud_model, x, THRESHOLD)
     with start_agent(tmp_path / "edge", edge, cloud.port, cascade={"threshold": THRESHOLD},
                      cloud={"max_per_s": 0.001, "burst": 3}) as agent:
-        r = Client(agent.port).infer("clf", {"x": x}, outputs=("edgecloud.source",))
-    assert r.parameters["edgecloud.escalated_rows"] == 3
-    assert r.parameters["edgecloud.rate_limited_rows"] == int(wants.sum()) - 3
-    assert r.parameters["edgecloud.degraded"] is False
-    assert int((r.outputs["edgecloud.source"] == b"cloud").sum()) == 3
+        r = Client(agent.port).infer("clf", {"x": x}, outputs=(AgentResponse.SOURCE,))
+    assert r.parameters[AgentResponse.ESCALATED_ROWS] == 3
+    assert r.parameters[AgentResponse.RATE_LIMITED_ROWS] == int(wants.sum()) - 3
+    assert r.parameters[AgentResponse.DEGRADED] is False
+    assert int((r.outputs[AgentResponse.SOURCE] == b"cloud").sum()) == 3
 
 
 def _assert_degraded_calls(agent, edge, x, deadline_s, calls=5):
@@ -128,8 +129,8 @@ def _assert_degraded_calls(agent, edge, x, deadline_s, calls=5):
         started = time.monotonic()
         r = client.infer("clf", {"x": x})
         elapsed = time.monotonic() - started
-        assert r.parameters["edgecloud.degraded"] is True
-        assert r.parameters["edgecloud.source"] == "edge"
+        assert r.parameters[AgentResponse.DEGRADED] is True
+        assert r.parameters[AgentResponse.SOURCE] == "edge"
         np.testing.assert_allclose(r.outputs["logits"], reference_logits(edge, x), rtol=1e-4, atol=1e-4)
         assert elapsed < deadline_s + 1.0, f"answer took {elapsed:.2f}s, deadline {deadline_s}s"
 
@@ -168,7 +169,7 @@ def test_audit_sends_confident_rows_in_the_background(tmp_path, models, cloud, x
     with start_agent(tmp_path / "edge", edge, cloud.port, cascade={"threshold": 0.0, "audit_rate": 1.0},
                      cloud={"max_per_s": 100000}) as agent:
         r = Client(agent.port).infer("clf", {"x": x}, request_id="audit-1")
-        assert r.parameters["edgecloud.source"] == "edge" and not r.parameters["edgecloud.escalated"]
+        assert r.parameters[AgentResponse.SOURCE] == "edge" and not r.parameters[AgentResponse.ESCALATED]
         np.testing.assert_allclose(r.outputs["logits"], reference_logits(edge, x), rtol=1e-4, atol=1e-4)
         assert wait_for(lambda: len(cloud.stored()) == ROWS, timeout=10)
     assert {e.reason for e in cloud.stored()} == {"audit"}
@@ -221,8 +222,8 @@ def test_incompatible_cloud_model_disables_escalation(tmp_path, models, x):
                 r = client.infer("clf", {"x": x})
                 np.testing.assert_allclose(r.outputs["logits"], reference_logits(edge, x), rtol=1e-4,
                                            atol=1e-4)
-                assert r.parameters["edgecloud.source"] == "edge"
-                assert r.parameters["edgecloud.degraded"] is True
+                assert r.parameters[AgentResponse.SOURCE] == "edge"
+                assert r.parameters[AgentResponse.DEGRADED] is True
             state = agent.link.state
             assert state.compatible is False
             assert "cloud output 'logits': per-row shape [5], expected [4]" in state.error

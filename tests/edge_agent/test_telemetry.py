@@ -12,9 +12,11 @@ import pytest
 
 from edge_agent.disk_queue import DiskQueue
 from edge_agent.fleet.telemetry import system_figures
+from edge_agent.serving.stats import CallRecord, Stats
 from edgecloud.mqtt.client import MqttClient
-from edgecloud.mqtt.payloads import event_payload
+from edgecloud.mqtt.payloads import Counters, Event
 from edgecloud.mqtt.topics import FleetTopics, TopicKind
+from edgecloud.protocol.parameters import AgentResponse
 from edgecloud_tools.services import ServiceProcess
 from tests.support.fleet import FLEET, Recorder, Scrape, fleet_sections, schema
 from tests.support.net import free_port, wait_for
@@ -110,7 +112,7 @@ def test_broker_restart_loses_no_telemetry_and_keeps_its_order(broker, model, tm
             assert wait_for(lambda: agent.telemetry.buffer.depth() == 0 and produced in recorder.seqs(topic))
             with MqttClient(broker.mqtt_config()) as operator:  # the agent subscribed again
                 operator.wait_connected(5)
-                operator.publish(events, event_payload("d1", "test.ping"))
+                operator.publish(events, Event(device="d1", type="test.ping"))
             assert wait_for(lambda: any(b["type"] == "test.ping" for b in commands.bodies(events)))
         last = next_seq(state) - 1
         assert wait_for(lambda: last in recorder.seqs(topic))
@@ -149,6 +151,18 @@ def test_system_figures_of_a_jetson_fit_the_schema() -> None:
     jsonschema.validate(system_figures({}), schema("telemetry")["properties"]["system"])  # a bare machine
 
 
+def test_a_call_counts_into_every_telemetry_counter() -> None:
+    stats = Stats()
+    stats.record(CallRecord(rows=4, escalated_rows=3, cloud_rows=2, degraded_rows=1, rate_limited_rows=1,
+                            latency_s=0.01, confidences=np.array([0.1, 0.2, 0.3, 0.9])))
+    stats.audit()
+    assert Counters(**stats.interval()["counters"]).to_dict() == {
+        "requests": 1, "rows": 4, "escalated": 3, "cloud_answers": 2, "degraded": 1, "rate_limited": 1,
+        "errors": 0, "audited": 1}
+    with pytest.raises(TypeError):  # by keyword only: a new count cannot slip into another's place
+        CallRecord(4, 3, 2, 1, 1, 0.01, np.zeros(4))  # type: ignore[misc]
+
+
 def test_circuit_changes_are_events_and_telemetry_says_open(broker, recorder, model, tmp_path) -> None:
     dead_cloud = {"cloud": {"target": f"127.0.0.1:{free_port()}", "failure_threshold": 1, "reset_s": 60,
                             "deadline_ms": 200}}
@@ -157,7 +171,7 @@ def test_circuit_changes_are_events_and_telemetry_says_open(broker, recorder, mo
         agent.fleet.client.wait_connected(5)
         with Client(agent.port) as client:
             reply = client.infer("clf", {"x": X}, escalate="always")
-        assert reply.parameters["edgecloud.degraded"] is True
+        assert reply.parameters[AgentResponse.DEGRADED] is True
         assert wait_for(lambda: recorder.bodies(TOPICS.events("d1")))
         assert wait_for(lambda: any(b["circuit_state"] == "open" and b["spool_depth"] == 1
                                     for b in recorder.bodies(TOPICS.telemetry("d1"))))

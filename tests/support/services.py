@@ -15,6 +15,7 @@ from edge_agent.config import AgentConfig
 from edgecloud.client import KServeClient
 from edgecloud.config import build, merge
 from edgecloud.protocol.codec import InferResponse
+from edgecloud.protocol.parameters import AgentRequest
 
 
 def agent_config(state_dir: Path, model_path: Path, cloud_port: int | None = None,
@@ -42,7 +43,7 @@ class Client(KServeClient):
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...] = (),
               timeout: float = 10.0, request_id: str = "", **params: Any) -> InferResponse:
-        return super().infer(model, inputs, outputs, {f"edgecloud.{k}": v for k, v in params.items()},
+        return super().infer(model, inputs, outputs, {AgentRequest[k.upper()]: v for k, v in params.items()},
                              request_id=request_id, timeout=timeout)
 
 

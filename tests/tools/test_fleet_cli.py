@@ -23,7 +23,7 @@ from edgecloud.artifacts import download
 from edgecloud.clock import utc_now
 from edgecloud.mqtt.client import Message, MqttClient
 from edgecloud.mqtt.fleet_view import FleetView
-from edgecloud.mqtt.payloads import reported_payload, status_payload
+from edgecloud.mqtt.payloads import Reported, Status
 from edgecloud.mqtt.topics import FleetTopics
 from edgecloud.release import Envelope, verify_envelope
 from edgecloud.signing import TrustStore, key_id, load_public_key
@@ -198,14 +198,14 @@ def test_status_table_from_retained_topics(broker, capsys) -> None:
     with MqttClient(broker.mqtt_config()) as device:
         device.wait_connected(5)
         for topic, body in [
-            (TOPICS.status("cam-1"), status_payload("cam-1", "online", agent_version="0.1.0",
-                                                    model="inspection", active_version=4)),
-            (TOPICS.reported("cam-1"), reported_payload("cam-1", "inspection", 4, "active",
-                                                        active_version=4)),
-            (TOPICS.status("cam-2"), status_payload("cam-2", "offline", agent_version="0.1.0",
-                                                    model="inspection", active_version=3)),
-            (TOPICS.reported("cam-2"), reported_payload("cam-2", "inspection", 5, "failed", active_version=3,
-                                                        reason="sha256_mismatch")),
+            (TOPICS.status("cam-1"), Status(device="cam-1", state="online", agent_version="0.1.0",
+                                            model="inspection", active_version=4)),
+            (TOPICS.reported("cam-1"), Reported(device="cam-1", model="inspection", version=4, state="active",
+                                                active_version=4)),
+            (TOPICS.status("cam-2"), Status(device="cam-2", state="offline", agent_version="0.1.0",
+                                            model="inspection", active_version=3)),
+            (TOPICS.reported("cam-2"), Reported(device="cam-2", model="inspection", version=5, state="failed",
+                                                active_version=3, reason="sha256_mismatch")),
         ]:
             device.publish(topic, body, retain=True)
     assert cli.main(["fleet", "status", *broker_args(broker), "--wait", "0.3"]) == 0
@@ -222,8 +222,9 @@ def test_fleet_view_folds_telemetry_and_ignores_junk() -> None:
         return Message(str(topic), body if isinstance(body, bytes) else json.dumps(body).encode(), 1, False)
 
     view.apply(message(TOPICS.telemetry("cam-1"), {"escalation_rate": 0.125, "at": "2025-06-01T12:00:00Z"}))
-    view.apply(message(TOPICS.reported("cam-1"), reported_payload("cam-1", "inspection", 5, "downloading",
-                                                                  active_version=4, progress=0.4)))
+    view.apply(message(TOPICS.reported("cam-1"), Reported(device="cam-1", model="inspection", version=5,
+                                                          state="downloading", active_version=4,
+                                                          progress=0.4).to_dict()))
     view.apply(message(TOPICS.status("cam-1"), b"not json"))
     view.apply(message(TOPICS.status("cam-9"), b""))  # a cleared retained message
     view.apply(message("edgecloud/other-fleet/devices/x/status", {"state": "online"}))

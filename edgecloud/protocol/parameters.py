@@ -1,0 +1,122 @@
+"""The ``edgecloud.*`` request and response parameters that carry the collaboration, and the edge
+summary's JSON: defined once, for the agent that writes them and the gateway that reads them.
+
+A parameter is its key (a plain string on the wire, usable wherever a key is) and the InferParameter
+choice its value travels as. A new parameter is one line in the class of its direction.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgecloud.errors import InvalidInput
+
+PREFIX = "edgecloud."
+
+#: Python type of a value → the InferParameter choice it travels as
+_CHOICES: dict[type, str] = {bool: "bool", int: "int64", float: "double", str: "string"}
+#: what a reader takes for each type, as the codec decodes it: ints for doubles and strings too
+_ACCEPTED: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str, int)}
+
+
+class Parameter(str, Enum):
+    """A parameter key with the type of its value; the keys of each direction are a subclass."""
+
+    kind: type
+
+    def __new__(cls, name: str, kind: type) -> Parameter:
+        member = str.__new__(cls, PREFIX + name)
+        member._value_ = PREFIX + name
+        member.kind = kind
+        return member
+
+    # the key itself when formatted, on every Python version (3.11 changed Enum.__format__)
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @property
+    def choice(self) -> str:
+        """The InferParameter choice of the value: ``bool``, ``int64``, ``double`` or ``string``."""
+        return _CHOICES[self.kind]
+
+    def accepts(self, value: object) -> bool:
+        """True when ``value`` (as decoded from the wire) can be read as this parameter: a bool only
+        for a bool, an int also for a double or a string."""
+        if isinstance(value, bool):
+            return self.kind is bool
+        return isinstance(value, _ACCEPTED[self.kind])
+
+
+class AgentRequest(Parameter):
+    """Set by a client on its request to the agent."""
+
+    ESCALATE = "escalate", str  # auto (default), always, never
+    THRESHOLD = "threshold", float  # per-request confidence threshold override
+
+
+class AgentResponse(Parameter):
+    """Set by the agent on its response; ``CONFIDENCE`` and ``SOURCE`` also name the per-row outputs."""
+
+    SOURCE = "source", str  # edge, cloud, or mixed for a batch
+    CONFIDENCE = "confidence", float  # the edge's confidence, the lowest row's for a batch
+    ESCALATED = "escalated", bool  # the cascade asked the cloud
+    DEGRADED = "degraded", bool  # the cloud was wanted but not reached in time
+    MODEL_VERSION = "model_version", str  # edge model version that answered
+    LABEL = "label", str  # top-1 label of row 0, when the model card names labels
+    ESCALATED_ROWS = "escalated_rows", int  # rows the cloud answered
+    RATE_LIMITED_ROWS = "rate_limited_rows", int  # rows over the rate limit, answered by the edge
+
+
+class CloudRequest(Parameter):
+    """Set by the agent on the request it sends the cloud for its unsure rows."""
+
+    REQUEST_ID = "request_id", str  # the client's request id, else one the agent made
+    DEVICE_ID = "device_id", str
+    EDGE_MODEL_VERSION = "edge_model_version", str
+    EDGE_SUMMARY = "edge_summary", str  # EdgeSummary.to_json()
+    DEFERRED = "deferred", bool  # replayed from the spool, no client waits for the answer
+
+
+EscalationReason = Literal["low_confidence", "audit", "forced"]
+
+
+class EdgeSummary(BaseModel):
+    """``edgecloud.edge_summary``: which rows of the client's batch these are, and what the edge said.
+
+    ``rows[i]`` is the index, in the client's original batch, of row ``i`` of this request. Unknown
+    keys are ignored so the agent can add some without breaking older gateways.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    rows: tuple[int, ...] = Field(description="row indices in the client's batch")
+    prediction: tuple[int, ...] | None = Field(None, description="the edge's top-1 class per row")
+    confidence: tuple[float, ...] | None = Field(None, description="the edge's confidence per row")
+    reason: EscalationReason = Field(description="why the rows were sent")
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump())
+
+    @classmethod
+    def parse(cls, text: str, rows: int) -> EdgeSummary:
+        """The summary of a request carrying ``rows`` rows; InvalidInput when it is malformed, since a
+        wrong row index would pair an input with another row's edge prediction in the store."""
+        key = CloudRequest.EDGE_SUMMARY
+        try:
+            summary = cls.model_validate(json.loads(text))
+        except (ValueError, ValidationError) as e:  # JSONDecodeError is a ValueError
+            raise InvalidInput(f"parameter '{key}' is not a valid summary: {e}") from None
+        for name, values in (("prediction", summary.prediction), ("confidence", summary.confidence)):
+            if values is not None and len(values) != len(summary.rows):
+                raise InvalidInput(f"parameter '{key}': {len(values)} {name} values for "
+                                   f"{len(summary.rows)} rows")
+        if len(summary.rows) != rows:
+            raise InvalidInput(f"parameter '{key}' names {len(summary.rows)} rows, the request "
+                               f"carries {rows}")
+        if len(set(summary.rows)) != len(summary.rows) or min(summary.rows, default=0) < 0:
+            raise InvalidInput(f"parameter '{key}': rows must be distinct non-negative indices")
+        return summary
