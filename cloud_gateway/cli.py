@@ -21,7 +21,7 @@ from cloud_gateway.metrics import GatewayMetrics
 from cloud_gateway.server import Gateway
 from edgecloud import __version__
 from edgecloud.config import build, file_and_flags, host_port, merge
-from edgecloud.errors import ConfigError, EdgecloudError
+from edgecloud.errors import EdgecloudError, exit_status
 from edgecloud.logs import setup_logging
 
 # flag dest → (section, key) in the TOML file
@@ -79,12 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             service = Gateway(config).start()
             print(f"cloud-gateway: serving {', '.join(service.repository.names)} on port {service.port}",
                   flush=True)
-    except ConfigError as e:
-        print(f"cloud-gateway: configuration error: {e}", file=sys.stderr)
-        return 2
     except EdgecloudError as e:
-        print(f"cloud-gateway: {e}", file=sys.stderr)
-        return 1
+        return exit_status("cloud-gateway", e)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

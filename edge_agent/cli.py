@@ -14,7 +14,7 @@ from edge_agent.app import EdgeAgent
 from edge_agent.config import AgentConfig
 from edgecloud import __version__
 from edgecloud.config import build, file_and_flags, host_port, merge
-from edgecloud.errors import ConfigError, EdgecloudError
+from edgecloud.errors import ConfigError, EdgecloudError, exit_status
 from edgecloud.logs import setup_logging
 
 log = logging.getLogger("edge_agent")
@@ -81,12 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args)
         agent = EdgeAgent(config).start()
-    except ConfigError as e:
-        print(f"edge-agent: configuration error: {e}", file=sys.stderr)
-        return 2
     except EdgecloudError as e:
-        print(f"edge-agent: {e}", file=sys.stderr)
-        return 1
+        return exit_status("edge-agent", e)
     return serve(agent, args)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class EdgecloudError(Exception):
     """Root of every error edgecloud raises on purpose."""
@@ -33,3 +35,13 @@ class ModelLoadError(EdgecloudError):
 
 class BackendUnavailable(ModelLoadError):
     """The backend's runtime library is not installed on this machine."""
+
+
+def exit_status(prog: str, error: EdgecloudError) -> int:
+    """Say ``error`` in one line on stderr and return the command's exit code (docs/design.md §9):
+    2 for bad configuration (the message names the key), 1 for any other failure."""
+    if isinstance(error, ConfigError):
+        print(f"{prog}: configuration error: {error}", file=sys.stderr)
+        return 2
+    print(f"{prog}: {error}", file=sys.stderr)
+    return 1

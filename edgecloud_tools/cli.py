@@ -8,7 +8,7 @@ import importlib
 import sys
 
 from edgecloud import __version__
-from edgecloud.errors import ConfigError, EdgecloudError
+from edgecloud.errors import EdgecloudError, exit_status
 
 #: modules that add sub-commands, in the order they appear in --help
 COMMAND_MODULES: tuple[str, ...] = (
@@ -45,12 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"edgecloud: configuration error: {e}", file=sys.stderr)
-        return 2
     except EdgecloudError as e:
-        print(f"edgecloud: {e}", file=sys.stderr)
-        return 1
+        return exit_status("edgecloud", e)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ from edgecloud.release import Envelope, PlanTarget, ReleasePayload, in_rollout, 
 from edgecloud.signing import load_private_key, write_keypair
 from edgecloud_tools.fleet.publish import Published, ReleaseRequest, build_release, publish_release
 from edgecloud_tools.services import ServiceProcess
-from tests.core.test_artifacts import CHUNK
-from tests.core.test_artifacts import Gateway as StallingGateway
+from tests.support.artifact_gateway import CHUNK
+from tests.support.artifact_gateway import Gateway as StallingGateway
 from tests.support.fleet import FLEET, schema
 from tests.support.net import free_port, wait_for
 from tests.support.onnx_models import linear_classifier, reference_logits
