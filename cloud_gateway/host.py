@@ -20,6 +20,7 @@ from cloud_gateway.hard_examples import HardExample, HardExampleStore
 from cloud_gateway.repository import ModelRepository, ServedModel
 from edgecloud import __version__
 from edgecloud.errors import ModelNotFound, ModelUnavailable
+from edgecloud.guards import InputContract
 from edgecloud.protocol.codec import InferRequest, InferResponse, ModelMetadata
 from edgecloud.protocol.outputs import check_requested, select_outputs
 from edgecloud.protocol.servicer import PeerInfo
@@ -61,6 +62,9 @@ class GatewayHost:
 
     def model_metadata(self, name: str, version: str) -> ModelMetadata:
         return self.repository.metadata(name, version)
+
+    def input_contract(self, name: str, version: str) -> InputContract:
+        return self.repository.get(name, version).contract
 
     def infer(self, request: InferRequest, peer: PeerInfo) -> InferResponse:
         if not self.accepting:

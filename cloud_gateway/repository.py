@@ -24,6 +24,8 @@ from edgecloud.backends import backend_class, backend_key_for, open_backend, rep
 from edgecloud.backends.base import Backend
 from edgecloud.config import build, merge, read_toml
 from edgecloud.errors import ConfigError, ModelLoadError, ModelNotFound
+from edgecloud.guards import InputContract
+from edgecloud.modelcard import input_guards, read_card
 from edgecloud.protocol.codec import ModelMetadata
 from edgecloud.tensors import TensorSpec
 
@@ -40,6 +42,8 @@ class ServedModel:
     version: int
     config: ModelConfig
     backend: Backend
+    #: what a request must satisfy: the model's inputs and the guards of its card
+    contract: InputContract
     batcher: Batcher | None = None
 
     @property
@@ -78,7 +82,13 @@ def load_model(name: str, version: int, path: Path, config: ModelConfig) -> Serv
     except Exception as e:
         backend.close()
         raise ModelLoadError(f"model {name!r} version {version}: warm-up failed: {e}") from e
-    served = ServedModel(name, version, config, backend)
+    try:
+        guards = input_guards(read_card(path), f"model card of {path}")
+        contract = InputContract.build(name, backend.inputs, guards)
+    except ModelLoadError:
+        backend.close()
+        raise
+    served = ServedModel(name, version, config, backend, contract)
     if config.max_batch_size > 0 and dynamic:
         served.batcher = Batcher(f"{name}:{version}", backend.infer, config.max_batch_size,
                                  config.max_queue_delay_us, config.max_queue_size)

@@ -21,6 +21,7 @@ from edge_agent.update.startup import load_startup
 from edge_agent.update.updater import Updater
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.exposition import MetricsServer
+from edgecloud.heap import return_large_blocks
 from edgecloud.protocol.server import RunningServer, start_server
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class EdgeAgent:
     def _start(self) -> None:
         cfg = self.config
         listen = parse_endpoint(cfg.agent.listen)
+        return_large_blocks()  # memory comes back after a large batch (edgecloud/heap.py)
         startup = load_startup(cfg)  # the last good model of the update state, else the configured one
         self.slot = ModelSlot(startup.model, cfg.cascade)
         bucket = None

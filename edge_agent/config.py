@@ -46,6 +46,10 @@ class ModelSection(Section):
     backend: str | None = Field(None, description="backend key; default: chosen by file suffix")
     warmup_rows: int = Field(1, ge=1, description="batch size of the warm-up run")
     budget_bytes: int = Field(1_000_000_000, gt=0, description="largest model file accepted")
+    max_batch_rows: int | None = Field(None, ge=1, description="rows one request may carry; default: sized "
+                                       "to the model (its fixed batch size, else 4 MiB of input)")
+    allow_nonfinite: bool | None = Field(None, description="accept NaN and ±Inf in floating-point inputs; "
+                                         "default: as the model card says, else refused")
 
 
 class CascadeSection(Section):

@@ -37,6 +37,13 @@ class BackendUnavailable(ModelLoadError):
     """The backend's runtime library is not installed on this machine."""
 
 
+def excerpt(value: object, limit: int = 64) -> str:
+    """``repr(value)`` cut to about ``limit`` characters: a client's name or value quoted in an error
+    message, so that a megabyte of garbage never travels back in a status message or a log line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}…({len(text)} characters)"
+
+
 def exit_status(prog: str, error: EdgecloudError) -> int:
     """Say ``error`` in one line on stderr and return the command's exit code (docs/design.md §9):
     2 for bad configuration (the message names the key), 1 for any other failure."""

@@ -20,6 +20,7 @@ from edgecloud.clock import now_text
 from edgecloud.confidence.probability import SCORE_KINDS
 from edgecloud.errors import ModelLoadError
 from edgecloud.files import atomic_write, file_sha256
+from edgecloud.guards import InputGuard
 from edgecloud.tensors import TensorSpec
 
 CARD_SUFFIX = ".card.json"
@@ -115,6 +116,30 @@ def _specs(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec, .
     return tuple(specs)
 
 
+def input_guards(card: Mapping[str, Any], where: str = "model card") -> tuple[InputGuard, ...]:
+    """The guards a card's ``inputs`` entries declare (``allow_nonfinite``, ``range``): one per input
+    that declares either; ModelCardError naming the key when one is malformed."""
+    guards = []
+    items = card.get("inputs") or ()
+    for i, item in enumerate(items if isinstance(items, list) else ()):
+        if not isinstance(item, Mapping) or not ({"allow_nonfinite", "range"} & set(item)):
+            continue
+        at = f"{where}: inputs[{i}]"
+        allow = item.get("allow_nonfinite", False)
+        if not isinstance(allow, bool):
+            raise ModelCardError(f"{at}: 'allow_nonfinite' must be true or false")
+        bounds = item.get("range")
+        if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in bounds)):
+            raise ModelCardError(f"{at}: 'range' must be [min, max], two numbers")
+        try:
+            guards.append(InputGuard(_need(item, "name", str, at), allow,
+                                     None if bounds is None else (bounds[0], bounds[1])))
+        except ValueError as e:
+            raise ModelCardError(f"{at}: {e}") from None
+    return tuple(guards)
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """A model card; ``load``/``save`` address it by the model's path, not the card's."""
@@ -133,6 +158,8 @@ class ModelCard:
     source: Mapping[str, Any]
     #: the labelled set, cloud model and target the calibration was chosen with (None: not recorded)
     calibrated_on: Mapping[str, Any] | None = field(default=None)
+    #: what the inputs' values may be (written into their ``inputs`` entries)
+    guards: tuple[InputGuard, ...] = ()
 
     @classmethod
     def describe(cls, model_path: Path, **fields: Any) -> ModelCard:
@@ -180,12 +207,15 @@ class ModelCard:
             metrics=dict(_need(data, "metrics", Mapping, where)), size=_need(data, "size", int, where),
             sha256=sha256, created_at=_need(data, "created_at", str, where),
             source=dict(_need(data, "source", Mapping, where)),
-            calibrated_on=None if calibrated_on is None else dict(calibrated_on))
+            calibrated_on=None if calibrated_on is None else dict(calibrated_on),
+            guards=input_guards(data, where))
 
     def to_dict(self) -> dict[str, Any]:
+        guards = {g.name: g for g in self.guards}
         out: dict[str, Any] = {
             "name": self.name, "version": self.version, "task": self.task,
-            "inputs": [_spec_dict(s) for s in self.inputs], "outputs": [_spec_dict(s) for s in self.outputs],
+            "inputs": [_spec_dict(s, guards.get(s.name)) for s in self.inputs],
+            "outputs": [_spec_dict(s) for s in self.outputs],
             "labels": list(self.labels), "calibration": self.calibration.to_dict(),
         }
         if self.calibrated_on is not None:
@@ -216,5 +246,10 @@ class ModelCard:
         return replace(self, calibration=calibration, calibrated_on=calibrated_on)
 
 
-def _spec_dict(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+def _spec_dict(spec: TensorSpec, guard: InputGuard | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(spec.shape)}
+    if guard is not None and guard.allow_nonfinite:
+        out["allow_nonfinite"] = True
+    if guard is not None and guard.range is not None:
+        out["range"] = list(guard.range)
+    return out

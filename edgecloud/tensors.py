@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgecloud.errors import InvalidInput
+from edgecloud.errors import InvalidInput, excerpt
 from edgecloud.protocol.datatypes import DATATYPES, kserve_datatype
 
 
@@ -35,35 +35,61 @@ class TensorSpec:
             want < 0 or want == got for want, got in zip(self.shape, shape)
         )
 
-    def check(self, array: np.ndarray, model: str = "") -> None:
-        """Raise InvalidInput naming the tensor when ``array`` does not fit this spec."""
+    def check_header(self, datatype: str, shape: Sequence[int], model: str = "") -> None:
+        """Raise InvalidInput naming the tensor when a tensor of ``datatype`` and ``shape`` does not fit
+        this spec; it reads the header only, so a request is judged before any of its data is parsed."""
         where = f"model {model!r} input {self.name!r}" if model else f"input {self.name!r}"
-        got = kserve_datatype(array.dtype)
-        if got != self.datatype and not (self.datatype == "BF16" and got == "FP32"):
-            raise InvalidInput(f"{where}: datatype {got}, expected {self.datatype}")
-        if not self.shape_matches(array.shape):
-            raise InvalidInput(f"{where}: shape {list(array.shape)}, expected {list(self.shape)} "
+        if datatype not in DATATYPES:
+            raise InvalidInput(f"{where}: unknown datatype {excerpt(datatype)}, expected {self.datatype}")
+        if datatype != self.datatype and not (self.datatype == "BF16" and datatype == "FP32"):
+            raise InvalidInput(f"{where}: datatype {datatype}, expected {self.datatype}")
+        if len(shape) != len(self.shape):
+            raise InvalidInput(f"{where}: {len(shape)} dimensions, expected {len(self.shape)} "
+                               f"({list(self.shape)}, -1 = any size)")
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"{where}: shape {list(shape)} has a negative dimension")
+        if not self.shape_matches(shape):
+            raise InvalidInput(f"{where}: shape {list(shape)}, expected {list(self.shape)} "
                                "(-1 = any size)")
 
+    def check(self, array: np.ndarray, model: str = "") -> None:
+        """Raise InvalidInput naming the tensor when ``array`` does not fit this spec."""
+        self.check_header(kserve_datatype(array.dtype), array.shape, model)
 
-def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray], model: str = "") -> int:
-    """Validate a full input set against ``specs`` and return the batch size (rows of dim 0)."""
+
+#: a tensor's header: its KServe datatype and shape
+Header = tuple[str, Sequence[int]]
+
+
+def check_headers(specs: Sequence[TensorSpec], headers: Mapping[str, Header], model: str = "") -> int:
+    """Validate the headers of a full input set against ``specs`` and return the batch size (rows of
+    dim 0); a request without rows is refused, since nothing can answer it."""
     names = {s.name for s in specs}
-    unknown = sorted(set(inputs) - names)
+    unknown = sorted(set(headers) - names)
     if unknown:
-        raise InvalidInput(f"model {model!r}: unknown input {unknown[0]!r}; inputs are {sorted(names)}")
-    missing = sorted(names - set(inputs))
+        raise InvalidInput(f"model {model!r}: unknown input {excerpt(unknown[0])}; inputs are "
+                           f"{sorted(names)}")
+    missing = sorted(names - set(headers))
     if missing:
         raise InvalidInput(f"model {model!r}: missing input {missing[0]!r}")
     rows = set()
     for spec in specs:
-        array = inputs[spec.name]
-        spec.check(array, model)
-        if array.ndim:
-            rows.add(array.shape[0])
+        datatype, shape = headers[spec.name]
+        spec.check_header(datatype, shape, model)
+        if len(shape):
+            rows.add(shape[0])
     if len(rows) > 1:
         raise InvalidInput(f"model {model!r}: inputs disagree on the batch size: {sorted(rows)}")
-    return rows.pop() if rows else 1
+    batch = rows.pop() if rows else 1
+    if batch == 0:
+        raise InvalidInput(f"model {model!r}: the request holds no rows (dim 0 is 0)")
+    return batch
+
+
+def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray], model: str = "") -> int:
+    """Validate a full input set against ``specs`` and return the batch size (rows of dim 0)."""
+    return check_headers(specs, {name: (kserve_datatype(a.dtype), a.shape) for name, a in inputs.items()},
+                         model)
 
 
 def contract_differences(expected: Sequence[TensorSpec], actual: Sequence[TensorSpec],

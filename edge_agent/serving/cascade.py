@@ -22,6 +22,7 @@ from edge_agent.serving.slot import EdgeModel, ModelSlot
 from edge_agent.serving.stats import CallRecord, Stats
 from edgecloud import __version__
 from edgecloud.errors import InvalidInput, ModelNotFound
+from edgecloud.guards import InputContract
 from edgecloud.protocol.codec import InferRequest, InferResponse, ModelMetadata
 from edgecloud.protocol.outputs import select_outputs
 from edgecloud.protocol.parameters import (
@@ -121,6 +122,9 @@ class Cascade:
         return ModelMetadata(name=model.name, versions=(model.version,), platform=model.backend.platform,
                              inputs=model.inputs, outputs=(*model.outputs, CONFIDENCE_OUTPUT, SOURCE_OUTPUT))
 
+    def input_contract(self, name: str, version: str) -> InputContract:
+        return self._model_for(name, version).contract
+
     def infer(self, request: InferRequest, peer: PeerInfo | None = None) -> InferResponse:
         """Answer one request; failures of the model itself (not of the request) are counted."""
         try:
@@ -141,6 +145,7 @@ class Cascade:
         if confidence.shape[0] != rows:
             raise InvalidInput(f"confidence policy {model.settings.policy_name!r} gave "
                                f"{confidence.shape[0]} values for {rows} rows")
+        confidence = model.contract.guard_confidence(request.inputs, confidence)
         call = _Call(model, request, request.id or uuid.uuid4().hex, outputs, confidence)
 
         wants = self._wants_cloud(confidence, options)

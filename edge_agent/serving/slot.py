@@ -15,7 +15,8 @@ from edge_agent.serving.settings import CascadeSettings, Identity, calibration
 from edgecloud.backends import backend_key_for, open_backend
 from edgecloud.backends.base import Backend
 from edgecloud.errors import ModelLoadError
-from edgecloud.modelcard import read_card
+from edgecloud.guards import InputContract
+from edgecloud.modelcard import input_guards, read_card
 from edgecloud.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ class EdgeModel:
     path: Path
     backend: Backend = field(repr=False)
     settings: CascadeSettings
+    #: what a request must satisfy (inputs, guards from the card and ``[model]``, the row cap)
+    contract: InputContract = field(repr=False)
     labels: tuple[str, ...] = ()
     #: calibration from the release and the model card, kept so a reload can re-resolve settings
     release_calibration: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -72,13 +75,17 @@ def load_edge_model(config: AgentConfig, path: Path | None = None, version: str 
         release_cal, card_cal = calibration(release), calibration(card)
         settings = CascadeSettings.resolve(config.cascade if flags is None else flags, release_cal, card_cal,
                                            backend.outputs)
+        served = Identity.resolve(path, config.model.name, version, release, card)
+        guards = input_guards(card, f"model card of {path}")
+        contract = InputContract.build(served.name, backend.inputs, guards, config.model.allow_nonfinite,
+                                       config.model.max_batch_rows)
         backend.warmup(config.model.warmup_rows)
     except Exception:
         backend.close()
         raise
-    served = Identity.resolve(path, config.model.name, version, release, card)
     model = EdgeModel(name=served.name, version=served.version, path=path, backend=backend, settings=settings,
-                      labels=served.labels, release_calibration=release_cal, card_calibration=card_cal)
+                      contract=contract, labels=served.labels, release_calibration=release_cal,
+                      card_calibration=card_cal)
     log.info("event=model_loaded name=%s version=%s path=%s policy=%s threshold=%.4f temperature=%.4f",
              model.name, model.version, path, settings.policy_name, settings.threshold,
              settings.temperature)

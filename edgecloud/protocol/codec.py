@@ -7,20 +7,25 @@ specification requires, but outputs are always raw: tritonclient reads nothing e
 
 from __future__ import annotations
 
+import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
 import numpy as np
 
 from edgecloud._generated.inference import grpc_service_pb2 as pb
-from edgecloud.errors import InvalidInput
+from edgecloud.errors import InvalidInput, excerpt
+from edgecloud.guards import InputContract
 from edgecloud.protocol.datatypes import NUMPY_OF, kserve_datatype, wire_itemsize
 from edgecloud.tensors import TensorSpec
 
 ParamValue = Union[bool, int, float, str]
 _INT64_MAX = 2**63 - 1
+#: the most dimensions a tensor may have (numpy's limit on every supported version)
+MAX_RANK = 32
+_LENGTH_PREFIX = struct.Struct("<I")
 # Which InferTensorContents field carries a datatype when a client sends typed contents.
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
@@ -131,22 +136,44 @@ def _serialize_bytes(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _deserialize_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
-    items, offset = [], 0
-    view = memoryview(raw)
-    while offset < len(raw):
-        if offset + 4 > len(raw):
-            raise InvalidInput(f"input {name!r}: BYTES element {len(items)} has a truncated length prefix")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + length > len(raw):
-            raise InvalidInput(f"input {name!r}: BYTES element {len(items)} declares {length} bytes, "
-                               f"only {len(raw) - offset} remain")
-        items.append(bytes(view[offset:offset + length]))
-        offset += length
-    if len(items) != count:
-        raise InvalidInput(f"input {name!r}: {len(items)} BYTES elements, shape needs {count}")
-    return np.array(items, dtype=np.object_)
+def _bytes_elements(raw: bytes, count: int, name: str) -> np.ndarray:
+    """Split ``raw`` into exactly ``count`` length-prefixed BYTES elements.
+
+    ``count`` comes from the declared shape, already checked against the model, so the walk over the
+    4-byte prefixes is bounded by it; it stops at the first prefix that the remaining bytes, or the
+    elements still to come, cannot hold.
+    """
+    size = len(raw)
+    if size < 4 * count:
+        raise InvalidInput(f"input {excerpt(name)}: {size} bytes cannot hold {count} BYTES elements "
+                           "(each has a 4-byte length prefix)")
+    items = np.empty(count, dtype=np.object_)
+    view, offset, unpack = memoryview(raw), 0, _LENGTH_PREFIX.unpack_from
+    for i in range(count):
+        (length,) = unpack(raw, offset)
+        start, offset = offset + 4, offset + 4 + length
+        if offset + 4 * (count - i - 1) > size:
+            raise InvalidInput(f"input {excerpt(name)}: BYTES element {i} declares {length} bytes; "
+                               f"{size - start} remain for it and {count - i - 1} more elements")
+        items[i] = view[start:offset].tobytes()
+    if offset != size:
+        raise InvalidInput(f"input {excerpt(name)}: {size - offset} bytes follow the {count} BYTES "
+                           "element(s) the shape holds")
+    return items
+
+
+def element_count(datatype: str, shape: Sequence[int], name: str) -> int:
+    """The elements of a tensor of ``shape``, in Python integers (no overflow); InvalidInput for an
+    unknown datatype, a negative dimension, or a shape no array could have."""
+    if datatype not in NUMPY_OF:
+        raise InvalidInput(f"input {excerpt(name)}: unknown datatype {excerpt(datatype)}")
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"input {excerpt(name)}: {len(shape)} dimensions, at most {MAX_RANK}")
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input {excerpt(name)}: negative dimension in shape {list(shape)}")
+    if math.prod(d for d in shape if d) * NUMPY_OF[datatype].itemsize > _INT64_MAX:
+        raise InvalidInput(f"input {excerpt(name)}: shape {list(shape)} is larger than any array can be")
+    return math.prod(shape)
 
 
 def tensor_to_raw(array: np.ndarray, datatype: str | None = None) -> tuple[str, bytes]:
@@ -161,18 +188,15 @@ def tensor_to_raw(array: np.ndarray, datatype: str | None = None) -> tuple[str, 
     return datatype, np.ascontiguousarray(array, dtype=NUMPY_OF[datatype].newbyteorder("<")).tobytes()
 
 
-def tensor_from_raw(raw: bytes, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """Decode ``raw`` bytes into an array of ``shape``, checking the byte size first."""
-    if datatype not in NUMPY_OF:
-        raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r}")
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"input {name!r}: negative dimension in shape {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64))
+def tensor_from_raw(raw: bytes, datatype: str, shape: Sequence[int], name: str) -> np.ndarray:
+    """Decode ``raw`` bytes into an array of ``shape``, checking the byte size first (zero-copy for
+    fixed-size datatypes: the array is a read-only view of ``raw``)."""
+    count = element_count(datatype, shape, name)
     if datatype == "BYTES":
-        return _deserialize_bytes(raw, count, name).reshape(shape)
+        return _bytes_elements(raw, count, name).reshape(shape)
     expected = count * wire_itemsize(datatype)
     if len(raw) != expected:
-        raise InvalidInput(f"input {name!r}: {len(raw)} bytes of raw data, shape {list(shape)} of "
+        raise InvalidInput(f"input {excerpt(name)}: {len(raw)} bytes of raw data, shape {list(shape)} of "
                            f"{datatype} needs {expected}")
     if datatype == "BF16":
         words = np.frombuffer(raw, dtype="<u2").astype("<u4") << 16
@@ -181,35 +205,55 @@ def tensor_from_raw(raw: bytes, datatype: str, shape: tuple[int, ...], name: str
         NUMPY_OF[datatype], copy=False).reshape(shape)
 
 
-def _tensor_from_contents(tensor, shape: tuple[int, ...]) -> np.ndarray:
+def _tensor_from_contents(tensor, shape: Sequence[int]) -> np.ndarray:
+    count = element_count(tensor.datatype, shape, tensor.name)
     field_name = _CONTENTS_FIELD.get(tensor.datatype)
     if field_name is None:
-        raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} cannot travel in typed "
+        raise InvalidInput(f"input {excerpt(tensor.name)}: {tensor.datatype} cannot travel in typed "
                            "contents; send it in raw_input_contents")
-    values = list(getattr(tensor.contents, field_name))
-    count = int(np.prod(shape, dtype=np.int64))
+    values = getattr(tensor.contents, field_name)
     if len(values) != count:
-        raise InvalidInput(f"input {tensor.name!r}: {len(values)} values in contents.{field_name}, "
+        raise InvalidInput(f"input {excerpt(tensor.name)}: {len(values)} values in contents.{field_name}, "
                            f"shape {list(shape)} needs {count}")
-    return np.array(values, dtype=NUMPY_OF[tensor.datatype]).reshape(shape)
+    dtype = NUMPY_OF[tensor.datatype]
+    if dtype.kind not in "iu":
+        return np.array(values, dtype=dtype).reshape(shape)
+    # int_contents and uint_contents carry 32-bit values for every narrower integer type too
+    wide = np.array(values, dtype=np.int64 if dtype.kind == "i" else np.uint64)
+    info = np.iinfo(dtype)
+    if wide.size and (wide.min() < info.min or wide.max() > info.max):
+        raise InvalidInput(f"input {excerpt(tensor.name)}: contents.{field_name} holds values outside "
+                           f"the range of {tensor.datatype} [{info.min}, {info.max}]")
+    return wide.astype(dtype).reshape(shape)
 
 
 # --- requests and responses -------------------------------------------------------------------
 
-def decode_request(msg: pb.ModelInferRequest) -> InferRequest:
-    """ModelInferRequest → InferRequest, checking byte sizes and element counts."""
+def decode_request(msg: pb.ModelInferRequest, contract: InputContract | None = None) -> InferRequest:
+    """ModelInferRequest → InferRequest, checking byte sizes and element counts.
+
+    With the ``contract`` of the model it is for, every tensor's header (name, datatype, shape, the row
+    cap) is checked before any of its data is read, and the decoded values against the input guards.
+    """
     raw = msg.raw_input_contents
     if raw and len(raw) != len(msg.inputs):
         raise InvalidInput(f"{len(msg.inputs)} inputs but {len(raw)} raw_input_contents entries")
+    headers: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for tensor in msg.inputs:
+        if tensor.name in headers:
+            raise InvalidInput(f"input {excerpt(tensor.name)} appears twice")
+        headers[tensor.name] = (tensor.datatype, tuple(tensor.shape))
+    if contract is not None:
+        contract.check_headers(headers)
     inputs: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(msg.inputs):
-        if tensor.name in inputs:
-            raise InvalidInput(f"input {tensor.name!r} appears twice")
-        shape = tuple(tensor.shape)
+        datatype, shape = headers[tensor.name]
         if raw:
-            inputs[tensor.name] = tensor_from_raw(raw[i], tensor.datatype, shape, tensor.name)
+            inputs[tensor.name] = tensor_from_raw(raw[i], datatype, shape, tensor.name)
         else:
             inputs[tensor.name] = _tensor_from_contents(tensor, shape)
+    if contract is not None:
+        contract.check_values(inputs)
     outputs = tuple(RequestedOutput(o.name, params_from_pb(o.parameters)) for o in msg.outputs)
     return InferRequest(model_name=msg.model_name, model_version=msg.model_version, id=msg.id,
                         inputs=inputs, parameters=params_from_pb(msg.parameters), outputs=outputs)

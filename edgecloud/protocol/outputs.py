@@ -8,9 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from edgecloud.errors import InvalidInput
-from edgecloud.protocol.classification import PARAMETER as CLASSIFICATION
-from edgecloud.protocol.classification import top_k_strings
+from edgecloud.errors import InvalidInput, excerpt
+from edgecloud.protocol.classification import class_count, top_k_strings
 from edgecloud.protocol.codec import RequestedOutput
 
 #: an output made only when a client names it (the agent's per-row ``edgecloud.*`` outputs)
@@ -18,10 +17,13 @@ Extra = Callable[[], np.ndarray]
 
 
 def check_requested(model: str, requested: Sequence[RequestedOutput], names: Sequence[str]) -> None:
-    """InvalidInput naming the model and its outputs when a client names one it does not have."""
+    """InvalidInput naming the model and its outputs when a client names one it does not have, or
+    asks for a class count that is no whole number."""
     for out in requested:
         if out.name not in names:
-            raise InvalidInput(f"model {model!r} has no output {out.name!r}; outputs are {list(names)}")
+            raise InvalidInput(f"model {model!r} has no output {excerpt(out.name)}; outputs are "
+                               f"{list(names)}")
+        class_count(out.name, out.parameters)
 
 
 def select_outputs(model: str, requested: Sequence[RequestedOutput], outputs: Mapping[str, np.ndarray],
@@ -36,6 +38,6 @@ def select_outputs(model: str, requested: Sequence[RequestedOutput], outputs: Ma
     selected = {}
     for out in requested:
         value = outputs[out.name] if out.name in outputs else extras[out.name]()
-        k = out.parameters.get(CLASSIFICATION)
-        selected[out.name] = top_k_strings(value, int(k), labels) if k else value
+        k = class_count(out.name, out.parameters)
+        selected[out.name] = top_k_strings(value, k, labels, out.name) if k else value
     return selected

@@ -15,6 +15,7 @@ import grpc
 from edgecloud import errors
 from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from edgecloud.guards import InputContract
 from edgecloud.protocol.codec import (
     InferRequest,
     InferResponse,
@@ -46,6 +47,7 @@ class InferenceHost(Protocol):
     def is_ready(self) -> bool: ...
     def model_ready(self, name: str, version: str) -> bool: ...
     def model_metadata(self, name: str, version: str) -> ModelMetadata: ...
+    def input_contract(self, name: str, version: str) -> InputContract: ...
     def infer(self, request: InferRequest, peer: PeerInfo) -> InferResponse: ...
 
 
@@ -77,8 +79,13 @@ def bearer_token(metadata) -> str:
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    """Answer with the status STATUS_OF gives ``exc``, logged in one line: at INFO for a client's
+    mistake or a passing condition, at ERROR for INTERNAL. Anything unmapped is our own bug: logged
+    with its traceback, and INTERNAL."""
     for cls, code in STATUS_OF:
         if isinstance(exc, cls):
+            level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.INFO
+            log.log(level, "event=call_refused code=%s error=%r", code.name, str(exc))
             context.abort(code, str(exc))
     log.exception("event=internal_error error=%r", exc)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
@@ -117,7 +124,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelInfer(self, request, context):  # noqa: N802
         try:
-            response = self.host.infer(decode_request(request), _peer_info(context))
+            contract = self.host.input_contract(request.model_name, request.model_version)
+            response = self.host.infer(decode_request(request, contract), _peer_info(context))
             return encode_response(response)
         except Exception as e:
             _abort(context, e)

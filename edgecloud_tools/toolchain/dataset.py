@@ -18,6 +18,8 @@ import numpy as np
 
 LABELS: tuple[str, ...] = ("ok", "scratch", "spot", "crack")
 SIZE = 32
+#: the values a patch holds; the cards of models made for it declare it as their input's range
+PIXEL_RANGE = (0.0, 1.0)
 #: one fixed seed per split, so splits never overlap and every run sees the same samples
 SEEDS: dict[str, int] = {"train": 20_240_101, "val": 20_240_202, "test": 20_240_303}
 
@@ -106,7 +108,7 @@ def render(rng: np.random.Generator, label: int) -> np.ndarray:
         sign = -1.0 if label == 3 or rng.random() < 0.5 else 1.0  # cracks are dark
         image = image + sign * contrast * _DEFECTS[label](rng)
     image = image + rng.normal(0.0, rng.uniform(0.01, 0.04), (SIZE, SIZE))
-    return np.clip(image, 0.0, 1.0).astype(np.float32)
+    return np.clip(image, *PIXEL_RANGE).astype(np.float32)
 
 
 def make_split(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:

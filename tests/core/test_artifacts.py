@@ -218,6 +218,9 @@ class _NoModels:
     def model_metadata(self, name: str, version: str):
         raise ModelNotFound(name)
 
+    def input_contract(self, name: str, version: str):
+        raise ModelNotFound(name)
+
     def infer(self, request, peer):
         raise ModelNotFound(request.model_name)
 

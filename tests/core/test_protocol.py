@@ -135,8 +135,11 @@ def test_raw_byte_size_mismatch_names_tensor(raw, shape, message):
 def test_bytes_truncated_and_count_mismatch():
     with pytest.raises(InvalidInput, match="declares 9 bytes"):
         tensor_from_raw(b"\x09\x00\x00\x00abc", "BYTES", (1,), "s")
-    with pytest.raises(InvalidInput, match="2 BYTES elements, shape needs 3"):
-        tensor_from_raw(b"\x01\x00\x00\x00a\x01\x00\x00\x00b", "BYTES", (3,), "s")
+    two = b"\x01\x00\x00\x00a\x01\x00\x00\x00b"
+    with pytest.raises(InvalidInput, match="10 bytes cannot hold 3 BYTES elements"):
+        tensor_from_raw(two, "BYTES", (3,), "s")
+    with pytest.raises(InvalidInput, match="5 bytes follow the 1 BYTES element"):
+        tensor_from_raw(two, "BYTES", (1,), "s")
 
 
 def test_raw_count_must_match_inputs():

@@ -11,6 +11,7 @@ import pytest
 from edgecloud.confidence import calibrated_probabilities
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ModelUnavailable
+from edgecloud.guards import InputContract
 from edgecloud.protocol.codec import ModelMetadata
 from edgecloud.protocol.parameters import AgentRequest, AgentResponse
 from edgecloud.protocol.server import start_server
@@ -195,6 +196,9 @@ class _FailingHost:
 
     def model_metadata(self, name, version):
         return ModelMetadata(name, ("1",), "x", self.backend.inputs, self.backend.outputs)
+
+    def input_contract(self, name, version):
+        return InputContract(name, self.backend.inputs)
 
     def infer(self, request, peer):
         raise ModelUnavailable("cloud model is overloaded")
