@@ -45,3 +45,19 @@ def test_an_unknown_output_names_the_model_and_its_outputs() -> None:
                                            r"\['logits', 'embedding', 'edgecloud.source'\]"):
         select_outputs("m", (RequestedOutput("prob"),), OUTPUTS,
                        extras={"edgecloud.source": lambda: np.array([])})
+
+
+@pytest.mark.parametrize("k", ["2", -1, True, 2.0])
+def test_a_class_count_that_is_no_whole_number_is_refused(k) -> None:
+    with pytest.raises(InvalidInput, match="'logits': parameter 'classification' must be a whole number"):
+        select_outputs("m", (RequestedOutput("logits", {"classification": k}),), OUTPUTS)
+
+
+def test_only_numeric_outputs_can_be_classified() -> None:
+    extras = {"edgecloud.source": lambda: np.array([b"edge", b"cloud"], dtype=np.object_)}
+    with pytest.raises(InvalidInput, match=r"'edgecloud\.source' holds no numeric scores"):
+        select_outputs("m", (RequestedOutput("edgecloud.source", {"classification": 1}),), OUTPUTS,
+                       extras=extras)
+    unsigned = {"votes": np.array([[1, 7, 3]], dtype=np.uint8)}
+    top = select_outputs("m", (RequestedOutput("votes", {"classification": 1}),), unsigned)["votes"]
+    assert top.tolist() == [[b"7.000000:1"]]

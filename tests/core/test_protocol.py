@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import pytest
 
 from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud.errors import InvalidInput
-from edgecloud.protocol import codegen
+from edgecloud.guards import InputContract
+from edgecloud.protocol import codec, codegen
 from edgecloud.protocol.codec import (
     InferRequest,
     decode_request,
@@ -21,6 +23,7 @@ from edgecloud.protocol.codec import (
     tensor_from_raw,
     tensor_to_raw,
 )
+from edgecloud.tensors import TensorSpec
 
 MESSAGES = ("ServerLiveRequest", "ServerLiveResponse", "ServerReadyResponse", "ModelReadyRequest",
             "ModelReadyResponse", "ServerMetadataResponse", "ModelMetadataRequest", "ModelMetadataResponse",
@@ -156,3 +159,98 @@ def test_parameters_all_five_choices():
     assert {k: msg.parameters[k].WhichOneof("parameter_choice") for k in values} == {
         "b": "bool_param", "i": "int64_param", "s": "string_param", "d": "double_param", "u": "uint64_param"}
     assert params_from_pb(msg.parameters) == values
+
+
+# -- bounded decoding: the header first, then a bounded pass over the data ---------------------------------
+IMAGE = TensorSpec("image", "FP32", (-1, 1, 32, 32))
+
+
+def _bytes_request(model: str, count: int, element: bytes = b"ab", shape=None) -> pb.ModelInferRequest:
+    """A request whose one BYTES input holds ``count`` elements of ``element``, all in one raw entry."""
+    msg = pb.ModelInferRequest(model_name=model)
+    msg.inputs.add(name="image", datatype="BYTES", shape=[count] if shape is None else shape)
+    msg.raw_input_contents.append((len(element).to_bytes(4, "little") + element) * count)
+    return msg
+
+
+class _CountingPrefix:
+    """Stands in for the codec's length-prefix reader, counting the prefixes the BYTES walk reads."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def unpack_from(self, buffer, offset=0):
+        self.reads += 1
+        return struct.unpack_from("<I", buffer, offset)
+
+
+@pytest.fixture
+def prefixes(monkeypatch) -> _CountingPrefix:
+    counter = _CountingPrefix()
+    monkeypatch.setattr(codec, "_LENGTH_PREFIX", counter)
+    return counter
+
+
+def test_headers_are_judged_before_any_data_is_read(prefixes) -> None:
+    contract = InputContract.build("m", (IMAGE,))
+    with pytest.raises(InvalidInput, match="datatype BYTES, expected FP32"):
+        decode_request(_bytes_request("m", 100_000), contract)
+    assert prefixes.reads == 0
+
+
+def test_bytes_walk_is_bounded_by_the_declared_shape(prefixes) -> None:
+    msg = _bytes_request("m", 100_000, shape=[3])
+    with pytest.raises(InvalidInput, match="follow the 3 BYTES element"):
+        decode_request(msg)
+    assert prefixes.reads == 3
+    prefixes.reads = 0
+    oversized = _bytes_request("m", 3, element=b"x" * 1000, shape=[1000])  # 3 elements cannot be 1000
+    with pytest.raises(InvalidInput, match="cannot hold 1000 BYTES elements"):
+        decode_request(oversized)
+    assert prefixes.reads == 0
+    liar = pb.ModelInferRequest(model_name="m")
+    liar.inputs.add(name="s", datatype="BYTES", shape=[3])
+    liar.raw_input_contents.append(b"\xff\xff\xff\x7f" + b"\x00" * 20)  # claims 2 GiB
+    with pytest.raises(InvalidInput, match="BYTES element 0 declares 2147483647 bytes"):
+        decode_request(liar)
+    assert prefixes.reads == 1
+
+
+@pytest.mark.parametrize(("shape", "message"), [
+    ([2**30, 2**30], "shape \\[1073741824, 1073741824\\] of FP32 needs 4611686018427387904"),  # no int64 wrap
+    ([2**32, 2**32], "larger than any array can be"),
+    ([0, 2**62], "larger than any array can be"),
+    ([2, -3], "negative dimension"),
+    ([1] * 40, "40 dimensions, at most 32"),
+])
+def test_element_counts_never_overflow(shape, message) -> None:
+    msg = pb.ModelInferRequest(model_name="m")
+    msg.inputs.add(name="x", datatype="FP32", shape=shape)
+    msg.raw_input_contents.append(b"")
+    with pytest.raises(InvalidInput, match=message):
+        decode_request(msg)
+
+
+@pytest.mark.parametrize(("datatype", "field", "values", "message"), [
+    ("INT8", "int_contents", [1, 1000], "outside the range of INT8 \\[-128, 127\\]"),
+    ("INT16", "int_contents", [-40000], "outside the range of INT16"),
+    ("UINT8", "uint_contents", [256], "outside the range of UINT8"),
+])
+def test_typed_contents_out_of_range_are_refused(datatype, field, values, message) -> None:
+    msg = pb.ModelInferRequest(model_name="m")
+    tensor = msg.inputs.add(name="x", datatype=datatype, shape=[len(values)])
+    getattr(tensor.contents, field).extend(values)
+    with pytest.raises(InvalidInput, match=message):
+        decode_request(msg)
+
+
+def test_a_contract_refuses_zero_rows_and_non_finite_values_after_decoding() -> None:
+    contract = InputContract.build("m", (IMAGE,))
+    empty = encode_request(InferRequest("m", {"image": np.zeros((0, 1, 32, 32), np.float32)}))
+    with pytest.raises(InvalidInput, match="holds no rows"):
+        decode_request(empty, contract)
+    frames = np.zeros((2, 1, 32, 32), np.float32)
+    frames[1, 0, 5, 5] = np.nan
+    with pytest.raises(InvalidInput, match="model 'm' input 'image': row 1 holds nan at \\[1, 0, 5, 5\\]"):
+        decode_request(encode_request(InferRequest("m", {"image": frames})), contract)
+    assert decode_request(encode_request(InferRequest("m", {"image": frames})))  # no contract, no guard

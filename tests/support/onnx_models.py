@@ -12,19 +12,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 def linear_classifier(path: Path, features: int = 8, classes: int = 4, seed: int = 0, scale: float = 1.0,
                       input_name: str = "x", output_name: str = "logits",
-                      card: dict | None = None) -> Path:
-    """logits = (x @ W + b) * scale for FP32 x [N, features]; dynamic batch, opset 17, IR 8.
+                      card: dict | None = None, input_type: int = TensorProto.FLOAT) -> Path:
+    """logits = (x @ W + b) * scale for x [N, features]; dynamic batch, opset 17, IR 8.
 
+    ``input_type`` is the ONNX element type of x (cast to float first when it is another);
     ``card`` (if given) is written beside the model as ``<file>.card.json``.
     """
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((features, classes)) * scale).astype(np.float32)
     b = (rng.standard_normal(classes) * 0.1 * scale).astype(np.float32)
+    cast = [] if input_type == TensorProto.FLOAT else [
+        helper.make_node("Cast", [input_name], ["x_float"], to=TensorProto.FLOAT)]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", [input_name, "W"], ["xw"]),
+        [*cast, helper.make_node("MatMul", ["x_float" if cast else input_name, "W"], ["xw"]),
          helper.make_node("Add", ["xw", "B"], [output_name])],
         "linear",
-        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info(input_name, input_type, ["N", features])],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", classes])],
         initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
