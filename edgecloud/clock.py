@@ -38,4 +38,7 @@ def parse_time(text: str) -> datetime:
     else:
         sign = -1 if zone[0] == "-" else 1
         tz = timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
-    return datetime(year, month, day, hour, minute, second, micros, tzinfo=tz).astimezone(timezone.utc)
+    try:
+        return datetime(year, month, day, hour, minute, second, micros, tzinfo=tz).astimezone(timezone.utc)
+    except OverflowError:  # a valid local time that falls outside years 1-9999 in UTC
+        raise ValueError(f"{text!r} is out of the range of years 1-9999 in UTC") from None

@@ -310,7 +310,7 @@ class Envelope:
         means "no release" and is the caller's to handle before this)."""
         try:
             obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise _malformed(f"release is not JSON: {e}") from None
         if not isinstance(obj, dict):
             raise _malformed("release is not a JSON object")
@@ -348,7 +348,7 @@ def verify_envelope(envelope: Envelope, trust: TrustStore, now: datetime | None 
     reference, basis = now, "device clock"
     if now < CLOCK_SET_AFTER and newest_trusted_issued_at is not None:
         reference, basis = newest_trusted_issued_at, "newest trusted issued_at (device clock unset)"
-    if reference > payload.expires_at + timedelta(seconds=clock_skew_s):
+    if reference - timedelta(seconds=clock_skew_s) > payload.expires_at:  # no overflow at year 9999
         raise ReleaseRejected(Reason.EXPIRED, f"expired at {format_time(payload.expires_at)}; "
                               f"{basis} is {format_time(reference)}")
     return payload
