@@ -55,7 +55,8 @@ OUTPUTS = {"logits": np.zeros((1, 4), np.float32)}
 @given(st.sampled_from(sorted(CONTRACTS)), st.data())
 def test_decoding_against_a_contract_refuses_or_gives_what_the_model_takes(model, data):
     contract = CONTRACTS[model]
-    msg = data.draw(infer_requests(tuple(CONTRACTS), ("image", "count"), ("logits", "edgecloud.source")))
+    msg = data.draw(infer_requests(model, ("image", "count"), ("logits", "edgecloud.source"),
+                                   tuple(CONTRACTS)))
     try:
         request = decode_request(msg, contract)
     except InvalidInput:
@@ -79,7 +80,7 @@ def test_decoding_against_a_contract_refuses_or_gives_what_the_model_takes(model
 @given(st.data())
 def test_decoding_without_a_contract_refuses_or_decodes(data):
     """The spool's stored requests and the cloud's answers are decoded without a model's contract."""
-    msg = data.draw(infer_requests(("m",), ("image",), ("logits",)))
+    msg = data.draw(infer_requests("m", ("image",), ("logits",)))
     try:
         request = decode_request(msg)
     except InvalidInput:

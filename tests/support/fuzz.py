@@ -19,7 +19,7 @@ from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud.protocol.datatypes import DATATYPES
 
 #: derandomized, no example database, no per-example deadline (a loaded CI machine is slow)
-FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=False,
+FUZZ = settings(max_examples=200, derandomize=True, database=None, deadline=None, print_blob=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 DIMS = st.one_of(st.sampled_from([-1, 0, 1, 2, 3, 32]), st.integers(-2**63, 2**63 - 1),
@@ -70,43 +70,50 @@ def bytes_payload(draw, count: int) -> bytes:
     return raw
 
 
+def often(likely, *others):
+    """``likely`` about three times in four, else one of ``others`` (a plain ``one_of`` would give
+    each branch the same share, whatever their number)."""
+    return st.integers(0, 99).flatmap(lambda n: likely if n < 75 else st.one_of(*others))
+
+
 @st.composite
 def raw_payload(draw, datatype: str, shape: list[int]) -> bytes:
-    """Raw contents for a tensor: often of the size the shape needs (with NaN and ±Inf in floats), else
-    any few bytes."""
-    count = int(np.prod(shape, dtype=object)) if all(0 <= d <= 64 for d in shape) else -1
+    """Raw contents for a tensor: mostly of the size the shape needs (floats in [0, 1) with a few NaN,
+    ±Inf or out-of-range values dropped in), else any few bytes."""
+    count = int(np.prod(shape, dtype=object)) if all(0 <= d <= 4096 for d in shape) else -1
     if datatype == "BYTES":
         return draw(bytes_payload(count))
-    if datatype in ("FP32", "FP64", "FP16") and 0 <= count <= 4096 and draw(st.booleans()):
+    exact = draw(often(st.just(True), st.just(False)))
+    if datatype in ("FP32", "FP64", "FP16") and 0 <= count <= 4096 and exact:
+        values = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).random(count)
+        for index in draw(st.lists(st.integers(0, max(count - 1, 0)), max_size=3)) if count else ():
+            values[index] = draw(SPECIAL_FLOATS)
         dtype = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2"}[datatype]
-        values = draw(st.lists(SPECIAL_FLOATS, min_size=count, max_size=count)) if count <= 64 else (
-            [draw(SPECIAL_FLOATS)] * count)
         with np.errstate(over="ignore"):
-            return np.asarray(values, dtype=np.float64).astype(dtype).tobytes()
+            return values.astype(dtype).tobytes()
     return draw(st.binary(max_size=64))
 
 
 @st.composite
 def frame_shapes(draw) -> list[int]:
-    """Mostly shapes the demo model takes ([N, 1, 32, 32]), sometimes anything."""
-    if draw(st.booleans()):
-        return [draw(st.sampled_from([0, 1, 2, 3, 1025, 2**62])), 1, 32, 32]
-    return draw(st.lists(DIMS, max_size=5))
+    """Mostly shapes the demo model takes ([N, 1, 32, 32]), else zero or too many rows, or anything."""
+    rows = draw(often(st.integers(1, 3), st.sampled_from([0, 1025, 2**62])))
+    return draw(often(st.just([rows, 1, 32, 32]), st.lists(DIMS, max_size=5)))
 
 
 @st.composite
-def infer_requests(draw, models: tuple[str, ...], inputs: tuple[str, ...],
-                   outputs: tuple[str, ...]) -> pb.ModelInferRequest:
-    """A ModelInferRequest as a buggy or hostile client might send it, near enough to the served
-    ``models`` (their ``inputs`` and ``outputs``) to reach past the first checks."""
-    msg = pb.ModelInferRequest(model_name=draw(st.one_of(st.sampled_from(models), TEXT)),
-                               model_version=draw(st.sampled_from(["", "", "1", "7", "x"])),
+def infer_requests(draw, model: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
+                   others: tuple[str, ...] = ()) -> pb.ModelInferRequest:
+    """A ModelInferRequest as a buggy or hostile client might send it to ``model`` (its ``inputs`` and
+    ``outputs``), near enough to what it takes to reach past the first checks most of the time."""
+    name = draw(often(st.just(model), st.sampled_from((model, *others)), TEXT))
+    msg = pb.ModelInferRequest(model_name=name,
+                               model_version=draw(often(st.just(""), st.sampled_from(["1", "7", "x"]))),
                                id=draw(st.sampled_from(["", "fuzz"])))
-    typed = draw(st.booleans())
-    tensors = draw(st.integers(0, 3))
-    for _ in range(tensors):
-        name = draw(st.one_of(st.sampled_from(inputs), TEXT))
-        datatype = draw(st.one_of(st.sampled_from(("FP32", "FP32", *DATATYPES)), TEXT))
+    typed = draw(st.integers(0, 4)) == 0
+    for _ in range(draw(often(st.just(1), st.integers(0, 3)))):
+        name = draw(often(st.sampled_from(inputs), TEXT))
+        datatype = draw(often(st.just("FP32"), st.sampled_from(DATATYPES), TEXT))
         shape = draw(frame_shapes())
         tensor = msg.inputs.add(name=name, datatype=datatype, shape=shape)
         if typed:
@@ -121,7 +128,7 @@ def infer_requests(draw, models: tuple[str, ...], inputs: tuple[str, ...],
         _set_param(msg.parameters, key, draw(st.one_of(PARAM_VALUES, st.sampled_from(
             ["auto", "always", "never", "{}", '{"rows": [0], "reason": "forced"}']))))
     for _ in range(draw(st.integers(0, 2))):
-        out = msg.outputs.add(name=draw(st.one_of(st.sampled_from(outputs), TEXT)))
+        out = msg.outputs.add(name=draw(often(st.sampled_from(outputs), TEXT)))
         if draw(st.booleans()):
             _set_param(out.parameters, "classification", draw(PARAM_VALUES))
     return msg
@@ -129,7 +136,8 @@ def infer_requests(draw, models: tuple[str, ...], inputs: tuple[str, ...],
 
 #: JSON values of every kind, nested a little
 JSON_VALUES = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False), TEXT),
+    st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+              st.floats(allow_nan=False, allow_infinity=False), TEXT),
     lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(TEXT, children, max_size=3)),
     max_leaves=8)
 #: times at the edges of the calendar and of RFC 3339, and some that are none
