@@ -73,6 +73,7 @@ def batchable(specs: tuple[TensorSpec, ...]) -> bool:
 
 def load_model(name: str, version: int, path: Path, config: ModelConfig) -> ServedModel:
     """Open, warm up and (when the model allows it) give a batcher to one model version."""
+    guards = input_guards(read_card(path), f"model card of {path}")
     key = backend_key_for(path, config.platform)
     backend = open_backend(path, key, getattr(config.backend, key, None))
     dynamic = batchable(backend.inputs + backend.outputs)
@@ -83,7 +84,6 @@ def load_model(name: str, version: int, path: Path, config: ModelConfig) -> Serv
         backend.close()
         raise ModelLoadError(f"model {name!r} version {version}: warm-up failed: {e}") from e
     try:
-        guards = input_guards(read_card(path), f"model card of {path}")
         contract = InputContract.build(name, backend.inputs, guards)
     except ModelLoadError:
         backend.close()
