@@ -93,7 +93,8 @@ class GatewayHost:
 
     def _keep(self, model: ServedModel, collab: Collaboration, device: str,
               inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
-        """Store each escalated row (once per request id and row) and log the escalation."""
+        """Store each escalated row (once per device, request id, row and input: see hard_examples.py)
+        and log the escalation."""
         summary = collab.summary
         stored = 0
         if self.store is not None:
