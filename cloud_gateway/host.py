@@ -84,9 +84,10 @@ class GatewayHost:
                                                     model.config.labels))
 
     def _device(self, peer: PeerInfo, claimed: str) -> str:
-        proven = peer.common_name
+        proven = peer.common_name  # the auth interceptor refused a token naming another device
         if not proven and self.tokens is not None:
-            proven = self.tokens.device_for(peer.bearer_token) or ""
+            credential = self.tokens.lookup(peer.bearer_token)
+            proven = credential.name if credential else ""
         if proven and claimed and claimed != proven:
             log.warning("event=device_id_mismatch device=%s claimed=%s peer=%s", proven, claimed, peer.peer)
         return proven or claimed
