@@ -227,7 +227,7 @@ class Applier:
         else:
             self.slot.swap(replaced)
             self._save(active=before.active, previous=before.previous, pending=None,
-                       rolled_back=self.state.with_rolled_back(release).rolled_back)
+                       rolled_back=self.state.with_rolled_back(release, slot.issued_at).rolled_back)
             self._retired.append(candidate)
             self.reporter.enter(release.model, release.version, "rolled_back", reason=reason)
         self.store.prune(self.state)
@@ -238,9 +238,9 @@ class Applier:
         if self._stopping.wait(update.watch_s):
             raise Stopping
         before, after = figures(previous), figures(new)
-        log.info("event=update_watch_done device=%s version=%s calls=%d errors=%d p50_ms=%s "
-                 "previous_calls=%d previous_errors=%d previous_p50_ms=%s", self.device, new.version,
-                 after.calls, after.errors, after.p50_ms, before.calls, before.errors, before.p50_ms)
+        log.info("event=update_watch_done device=%s version=%s calls=%d errors=%d latency=%s "
+                 "previous_calls=%d previous_errors=%d previous_latency=%s", self.device, new.version,
+                 after.calls, after.errors, after.summary(), before.calls, before.errors, before.summary())
         return regression(before, after, update.max_error_rate, update.max_latency_factor)
 
     # -- state ---------------------------------------------------------------------------------------------
