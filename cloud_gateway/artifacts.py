@@ -5,6 +5,11 @@ fleet resumes cut downloads; uploads from ``edgecloud fleet publish`` are verifi
 sha256 they announce and land atomically (temp file, fsync, rename). A published version is
 immutable: the same file again is accepted, a different one refused. Names and versions that could
 escape the directory are refused before any path is built.
+
+Each release records the fleets it was published for (``fleets`` beside the file, one id a line;
+publishing the same file for another fleet adds it). With client authentication a device downloads
+only its own fleet's releases and only an operator uploads (``auth.py``); without it, as on a
+loopback demo, anyone may do both.
 """
 
 from __future__ import annotations
@@ -20,16 +25,20 @@ from pathlib import Path
 
 import grpc
 
+from cloud_gateway.auth import Authenticator, AuthRefused, may_download
 from edgecloud._generated.edgecloud.v1 import artifacts_pb2 as pb
 from edgecloud._generated.edgecloud.v1 import artifacts_pb2_grpc as pb_grpc
 from edgecloud.artifacts import CHUNK_BYTES, check_name
 from edgecloud.backends import release_backends
-from edgecloud.files import atomic_open, file_sha256
+from edgecloud.files import atomic_open, atomic_write, file_sha256
+from edgecloud.mqtt.topics import check_id
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ArtifactService"].full_name
 RELEASES_DIR = ".releases"
+#: beside a release's file: the fleets it was published for
+FLEETS_FILE = "fleets"
 DEFAULT_MAX_UPLOAD_BYTES = 2_000_000_000
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -81,9 +90,24 @@ class ReleaseStore:
                 self._hashes[key] = cached
         return cached
 
+    def fleets(self, name: str, version: int) -> frozenset[str]:
+        """The fleets a release was published for (none for a file placed by hand)."""
+        path = self.version_dir(name, version) / FLEETS_FILE
+        try:
+            return frozenset(path.read_text().split())
+        except FileNotFoundError:
+            return frozenset()
+
+    def _publish_for(self, name: str, version: int, fleet: str) -> None:
+        fleets = self.fleets(name, version)
+        if fleet and fleet not in fleets:
+            text = "".join(f"{f}\n" for f in sorted(fleets | {fleet}))
+            atomic_write(self.version_dir(name, version) / FLEETS_FILE, text.encode())
+
     def add(self, name: str, version: int, artifact_format: str, size: int, sha256: str,
-            blocks: Iterable[bytes], max_bytes: int) -> tuple[Path, bool]:
-        """Store the file streamed as ``blocks``; returns its path and whether it already existed."""
+            blocks: Iterable[bytes], max_bytes: int, fleet: str = "") -> tuple[Path, bool]:
+        """Store the file streamed as ``blocks`` for ``fleet`` ("" = none); returns its path and whether
+        it already existed."""
         file_names = release_files()
         if artifact_format not in file_names:
             raise UploadRefused(grpc.StatusCode.INVALID_ARGUMENT,
@@ -93,9 +117,13 @@ class ReleaseStore:
         if size > max_bytes:
             raise UploadRefused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{size} bytes is over the upload limit of {max_bytes}")
+        if fleet:
+            check_id("fleet", fleet)  # ValueError: refused before any path is built
         existing = self.find(name, version)
         if existing is not None:
             if existing.stat().st_size == size and self.sha256(existing) == sha256:
+                with self._lock:
+                    self._publish_for(name, version, fleet)
                 return existing, True
             raise UploadRefused(grpc.StatusCode.ALREADY_EXISTS,
                                 f"{name} version {version} is already published with another file; "
@@ -118,18 +146,23 @@ class ReleaseStore:
             if digest.hexdigest() != sha256:
                 raise UploadRefused(grpc.StatusCode.DATA_LOSS,
                                     f"received data has sha256 {digest.hexdigest()}, {sha256} was announced")
+        with self._lock:
+            self._publish_for(name, version, fleet)
         return final, False
 
 
 class ArtifactServicer(pb_grpc.ArtifactServiceServicer):
-    """Thin gRPC layer over :class:`ReleaseStore`."""
+    """Thin gRPC layer over :class:`ReleaseStore`; with an ``authenticator``, a device downloads only
+    its own fleet's releases (the auth interceptor already keeps uploads to operators)."""
 
     def __init__(self, store: ReleaseStore, chunk_bytes: int = CHUNK_BYTES, allow_upload: bool = True,
-                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+                 authenticator: Authenticator | None = None) -> None:
         self.store = store
         self.chunk_bytes = chunk_bytes
         self.allow_upload = allow_upload
         self.max_upload_bytes = max_upload_bytes
+        self.authenticator = authenticator
 
     def Download(self, request: pb.DownloadRequest,  # noqa: N802 - gRPC method names
                  context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
@@ -137,6 +170,15 @@ class ArtifactServicer(pb_grpc.ArtifactServiceServicer):
             path = self.store.find(request.name, request.version)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.authenticator is not None:  # before NOT_FOUND: other fleets' versions stay unseen
+            try:
+                identity = self.authenticator.of_context(context)
+                may_download(identity, request.name, request.version,
+                             self.store.fleets(request.name, request.version))
+            except AuthRefused as e:
+                log.warning("event=artifact_download_refused name=%s version=%d code=%s reason=%r peer=%s",
+                            request.name, request.version, e.code.name, str(e), context.peer())
+                context.abort(e.code, str(e))
         if path is None:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"no release file for {request.name} version {request.version}")
@@ -171,15 +213,15 @@ class ArtifactServicer(pb_grpc.ArtifactServiceServicer):
         blocks = itertools.chain([header.data], (chunk.data for chunk in request_iterator))
         try:
             path, existed = self.store.add(header.name, header.version, header.format, header.total_size,
-                                           header.sha256, blocks, self.max_upload_bytes)
+                                           header.sha256, blocks, self.max_upload_bytes, header.fleet)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except UploadRefused as e:
             log.warning("event=artifact_upload_refused name=%s version=%d code=%s reason=%r", header.name,
                         header.version, e.code.name, str(e))
             context.abort(e.code, str(e))
-        log.info("event=artifact_uploaded name=%s version=%d size=%d existed=%s path=%s", header.name,
-                 header.version, header.total_size, existed, path)
+        log.info("event=artifact_uploaded name=%s version=%d size=%d existed=%s fleet=%s path=%s",
+                 header.name, header.version, header.total_size, existed, header.fleet or "none", path)
         return pb.UploadResult(name=header.name, version=header.version, size=header.total_size,
                                sha256=header.sha256, existed=existed)
 
@@ -196,7 +238,9 @@ class ArtifactService:
 
 
 def add_artifact_service(repo_root: Path, *, chunk_bytes: int = CHUNK_BYTES, allow_upload: bool = True,
-                         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> ArtifactService:
+                         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+                         authenticator: Authenticator | None = None) -> ArtifactService:
     """The artifact service over ``repo_root``'s release directory, ready to pass to start_server."""
     store = ReleaseStore(repo_root)
-    return ArtifactService(ArtifactServicer(store, chunk_bytes, allow_upload, max_upload_bytes))
+    return ArtifactService(ArtifactServicer(store, chunk_bytes, allow_upload, max_upload_bytes,
+                                            authenticator))

@@ -85,9 +85,17 @@ class TLSSection(Section):
 
 
 class AuthSection(Section):
-    """``[auth]``: bearer tokens; when set, every call but health checks needs a known token."""
+    """``[auth]``: bearer tokens (when set, every call but health checks needs a known token) and the
+    identities that are operators (see ``auth.py``)."""
 
-    tokens_file: Path | None = Field(None, description="lines of '<sha256 hex of token> <device id>'")
+    tokens_file: Path | None = Field(None, description="lines of '<sha256 hex of token> <name> [<fleet>]'")
+    operators: tuple[str, ...] = Field((), description="identities (certificate CN or a token's name) that "
+                                       "may upload releases and download every fleet's")
+
+    @field_validator("operators")
+    @classmethod
+    def _names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_id("operator", name) for name in value)
 
 
 class CollectorSection(Section):
@@ -112,6 +120,13 @@ class GatewayConfig(Section):
     model_defaults: ModelConfig = Field(default_factory=ModelConfig)
     collector: CollectorSection = Field(default_factory=CollectorSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
+
+    @model_validator(mode="after")
+    def _operators_are_authenticated(self) -> GatewayConfig:
+        if self.auth.operators and self.tls.client_ca is None and self.auth.tokens_file is None:
+            raise ValueError("auth.operators needs client authentication: tls.client_ca and/or "
+                             "auth.tokens_file")
+        return self
 
     @model_validator(mode="after")
     def _collector_is_scraped(self) -> GatewayConfig:

@@ -1,15 +1,22 @@
 """The hard-example store: every row the cloud answered for an edge device, kept for the next training
 round, and its export as a training set (``edgecloud examples export``).
 
-SQLite in WAL mode, keyed by (request_id, row) so a case the agent replays from its spool is stored
-once. Commits are synchronous (``synchronous=FULL``): once the gateway has answered, the agent drops the
-case from its spool, so the store must already hold it on disk. The store is bounded by a row count
-and an age; both are enforced as rows are added, oldest first. One connection behind a lock serves
-every thread (the gateway's gRPC workers); exports from another process read a consistent snapshot.
+SQLite in WAL mode. A row's key is (device, request_id, row, input_digest): the device is who the
+gateway authenticated (else who the caller said it is), so two devices that number their requests
+alike keep both their rows; the digest (:func:`input_digest`) is the sha256 of the row's input, so a
+case the agent replays from its spool (the same input again) is stored once, while a client that
+reuses one request id for different inputs has each of them stored, counted in
+``reused_request_ids`` and logged as a warning. Commits are synchronous (``synchronous=FULL``): once
+the gateway has answered, the agent drops the case from its spool, so the store must already hold it
+on disk. The store is bounded by a row count and an age; both are enforced as rows are added, oldest
+first. One connection behind a lock serves every thread (the gateway's gRPC workers); exports from
+another process read a consistent snapshot. A store file written before the key held the device
+and the digest is migrated when it is opened (``SCHEMA_VERSION``, SQLite's ``user_version``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import sqlite3
@@ -26,8 +33,10 @@ from edgecloud.files import atomic_open
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS examples (
+#: SQLite ``user_version`` of the current layout; 0 is a store keyed by (request_id, row) alone
+SCHEMA_VERSION = 2
+TABLE = """
+CREATE TABLE {name} (
     request_id TEXT NOT NULL,
     row INTEGER NOT NULL,
     device TEXT NOT NULL,
@@ -41,13 +50,16 @@ CREATE TABLE IF NOT EXISTS examples (
     inputs BLOB NOT NULL,
     cloud_outputs BLOB NOT NULL,
     created_at REAL NOT NULL,
-    PRIMARY KEY (request_id, row)
-);
-CREATE INDEX IF NOT EXISTS examples_created_at ON examples (created_at);
-"""
+    input_digest TEXT NOT NULL,
+    PRIMARY KEY (device, request_id, row, input_digest)
+)"""
+INDEX = "CREATE INDEX IF NOT EXISTS examples_created_at ON examples (created_at)"
 COLUMNS = ("request_id", "row", "device", "edge_model_version", "cloud_model", "cloud_model_version",
            "reason", "deferred", "edge_prediction", "edge_confidence", "inputs", "cloud_outputs",
            "created_at")
+#: a stored row whose (device, request_id, row) another input already holds
+REUSED = ("SELECT 1 FROM examples WHERE device = ? AND request_id = ? AND row = ? AND input_digest <> ? "
+          "LIMIT 1")
 #: export keys that are not tensors; an input named like one of them cannot be exported
 META_KEYS = ("request_id", "row", "device", "reason", "deferred", "edge_model_version", "cloud_model",
              "cloud_model_version", "edge_prediction", "edge_confidence", "cloud_prediction", "created_at")
@@ -75,11 +87,33 @@ class HardExample:
     cloud_outputs: Mapping[str, np.ndarray]
     created_at: float = field(default_factory=time.time)
 
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        """What makes a row unique in a store and across stores: (device, request_id, row, digest)."""
+        return self.device, self.request_id, int(self.row), input_digest(self.inputs)
+
+
+def _storable(array: np.ndarray) -> np.ndarray:
+    """BYTES tensors (object arrays) as fixed-width ``S`` arrays, the form they are stored in."""
+    array = np.asarray(array)
+    return array.astype(np.bytes_) if array.dtype == object else array
+
+
+def input_digest(inputs: Mapping[str, np.ndarray]) -> str:
+    """sha256 of a row's inputs as stored (names, datatypes, shapes and bytes, by name), hex: the same
+    for a replay of a case, different for another input sent under the same request id and row."""
+    digest = hashlib.sha256()
+    for name in sorted(inputs):
+        array = np.ascontiguousarray(_storable(inputs[name]))
+        digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
 
 def tensors_to_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     """Named arrays as ``.npz`` bytes, pickle-free (BYTES tensors become fixed-width ``S`` arrays)."""
     buffer = io.BytesIO()
-    np.savez(buffer, **{name: a.astype(np.bytes_) if a.dtype == object else a for name, a in arrays.items()})
+    np.savez(buffer, **{name: _storable(a) for name, a in arrays.items()})
     return buffer.getvalue()
 
 
@@ -103,31 +137,78 @@ class HardExampleStore:
                                      isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(SCHEMA)
+        self._open_schema()
         self._count = self._conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
         self._next_retention = 0.0
+        self._reused = 0
+
+    def _open_schema(self) -> None:
+        """Create the table, or migrate one keyed by (request_id, row) alone: its rows keep their
+        device and get the digest of their stored input."""
+        conn = self._conn
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            existing = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'examples'")
+            if existing.fetchone() is None:
+                conn.execute(TABLE.format(name="examples"))
+            else:
+                conn.create_function("stored_input_digest", 1,
+                                     lambda blob: input_digest(tensors_from_bytes(blob)))
+                conn.execute(TABLE.format(name="examples_migrated"))
+                columns = ", ".join(COLUMNS)
+                migrated = conn.execute(
+                    f"INSERT INTO examples_migrated ({columns}, input_digest) "
+                    f"SELECT {columns}, stored_input_digest(inputs) FROM examples").rowcount
+                conn.execute("DROP TABLE examples")
+                conn.execute("ALTER TABLE examples_migrated RENAME TO examples")
+                log.info("event=hard_examples_migrated path=%s rows=%d schema=%d", self.path, migrated,
+                         SCHEMA_VERSION)
+            conn.execute(INDEX)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def add(self, examples: Iterable[HardExample]) -> int:
-        """Store ``examples`` in one transaction; rows already stored are skipped. Returns how many
-        were new."""
-        rows = [(e.request_id, int(e.row), e.device, e.edge_model_version, e.cloud_model,
-                 e.cloud_model_version, e.reason, int(e.deferred), e.edge_prediction, e.edge_confidence,
-                 tensors_to_bytes(e.inputs), tensors_to_bytes(e.cloud_outputs), e.created_at)
+        """Store ``examples`` in one transaction; rows already stored (same key) are skipped. Returns
+        how many were new; a new one whose request id and row another input already holds is counted
+        in :attr:`reused_request_ids` and logged."""
+        rows = [((e.request_id, int(e.row), e.device, e.edge_model_version, e.cloud_model,
+                  e.cloud_model_version, e.reason, int(e.deferred), e.edge_prediction, e.edge_confidence,
+                  tensors_to_bytes(e.inputs), tensors_to_bytes(e.cloud_outputs), e.created_at), e.key)
                 for e in examples]
-        placeholders = ", ".join("?" * len(COLUMNS))
+        insert = (f"INSERT OR IGNORE INTO examples ({', '.join(COLUMNS)}, input_digest) "
+                  f"VALUES ({', '.join('?' * (len(COLUMNS) + 1))})")
+        added, reused = 0, []
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                added = self._conn.executemany(
-                    f"INSERT OR IGNORE INTO examples ({', '.join(COLUMNS)}) VALUES ({placeholders})",
-                    rows).rowcount
+                for values, key in rows:
+                    if self._conn.execute(insert, (*values, key[3])).rowcount:
+                        added += 1
+                        if self._conn.execute(REUSED, key).fetchone() is not None:
+                            reused.append(key)
                 self._count += added
                 self._prune_locked()
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+            self._reused += len(reused)
+        if reused:
+            device, request_id = reused[0][0], reused[0][1]
+            log.warning("event=request_id_reused device=%s request_id=%s rows=%d hint='each input is kept; "
+                        "give every request its own id'", device, request_id, len(reused))
         return added
+
+    @property
+    def reused_request_ids(self) -> int:
+        """Rows stored since this store was opened under a (device, request_id, row) that already held
+        another input: a client reusing request ids."""
+        return self._reused
 
     def _prune_locked(self) -> None:
         pruned = 0

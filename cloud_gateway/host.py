@@ -88,16 +88,18 @@ class GatewayHost:
                                                     model.config.labels))
 
     def _device(self, peer: PeerInfo, claimed: str) -> str:
-        proven = peer.common_name
+        proven = peer.common_name  # the auth interceptor refused a token naming another device
         if not proven and self.tokens is not None:
-            proven = self.tokens.device_for(peer.bearer_token) or ""
+            credential = self.tokens.lookup(peer.bearer_token)
+            proven = credential.name if credential else ""
         if proven and claimed and claimed != proven:
             log.warning("event=device_id_mismatch device=%s claimed=%s peer=%s", proven, claimed, peer.peer)
         return proven or claimed
 
     def _keep(self, model: ServedModel, collab: Collaboration, device: str,
               inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
-        """Store each escalated row (once per request id and row) and log the escalation."""
+        """Store each escalated row (once per device, request id, row and input: see hard_examples.py)
+        and log the escalation."""
         summary = collab.summary
         stored = 0
         if self.store is not None:

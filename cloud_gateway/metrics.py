@@ -53,6 +53,9 @@ class ServingCollector(Collector):
         if store is not None:
             yield GaugeMetricFamily(GATEWAY + "hard_examples", "Rows kept in the hard-example store",
                                     value=store.rows)
+            yield CounterMetricFamily(GATEWAY + "reused_request_ids_total", "Rows stored under a device, "
+                                      "request id and row that already held another input (a client "
+                                      "reusing request ids)", value=store.reused_request_ids)
 
 
 class GatewayMetrics:

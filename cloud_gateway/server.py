@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from cloud_gateway.artifacts import add_artifact_service
-from cloud_gateway.auth import TokenAuthInterceptor, TokenTable
+from cloud_gateway.auth import Authenticator, AuthInterceptor, TokenTable
 from cloud_gateway.config import GatewayConfig, TLSSection
 from cloud_gateway.hard_examples import HardExampleStore
 from cloud_gateway.host import GatewayHost
@@ -74,12 +74,14 @@ class Gateway:
         try:
             self.store = self._open_store()
             self.host = GatewayHost(self.repository, self.store, tokens, cfg.gateway.added_latency_ms / 1000)
-            interceptors = (TokenAuthInterceptor(tokens),) if tokens else ()
+            mutual_tls = tls is not None and tls.client_ca is not None
+            auth = Authenticator(tokens, mutual_tls, cfg.auth.operators) if tokens or mutual_tls else None
+            interceptors = (AuthInterceptor(auth),) if auth else ()
             upload = cfg.gateway.allow_upload
-            if upload is None:  # only callers that are local or authenticated may upload releases
-                authenticated = tokens is not None or (tls is not None and tls.client_ca is not None)
-                upload = listen.is_loopback or authenticated
-            artifacts = add_artifact_service(cfg.gateway.model_repository, allow_upload=upload)
+            if upload is None:  # without client authentication, only local callers may upload releases
+                upload = listen.is_loopback or auth is not None
+            artifacts = add_artifact_service(cfg.gateway.model_repository, allow_upload=upload,
+                                             authenticator=auth)
             self.server = start_server(self.host, listen, tls=tls,
                                        max_message_bytes=cfg.gateway.max_message_bytes,
                                        workers=cfg.gateway.workers,

@@ -311,12 +311,14 @@ class Uploaded:
 
 
 def upload(gateway: Endpoint, path: Path, *, name: str, version: int, artifact_format: str = "onnx",
-           sha256: str | None = None, tls: TransportTLS | None = None, token: str | None = None,
-           timeout_s: float = 600.0) -> Uploaded:
-    """Stream ``path`` into the gateway's release repository as ``name``/``version``.
+           fleet: str = "", sha256: str | None = None, tls: TransportTLS | None = None,
+           token: str | None = None, timeout_s: float = 600.0) -> Uploaded:
+    """Stream ``path`` into the gateway's release repository as ``name``/``version`` for ``fleet``
+    (whose devices may then download it).
 
     The gateway checks size and sha256 and stores the file atomically; raises RpcError as gRPC does
-    (callers turn it into their own message).
+    (callers turn it into their own message). A gateway with client authentication takes uploads
+    from an operator identity only: ``tls`` with the operator's certificate, or its ``token``.
     """
     check_name(name)
     path = Path(path)
@@ -325,7 +327,7 @@ def upload(gateway: Endpoint, path: Path, *, name: str, version: int, artifact_f
 
     def chunks() -> Iterator[pb.UploadChunk]:
         header = pb.UploadChunk(name=name, version=version, format=artifact_format,
-                                total_size=size, sha256=sha256)
+                                total_size=size, sha256=sha256, fleet=fleet)
         with open(path, "rb") as f:
             block = f.read(CHUNK_BYTES)
             header.data = block

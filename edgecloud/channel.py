@@ -1,5 +1,6 @@
 """Client-side gRPC channels to KServe v2 servers: TLS with an optional device certificate (mutual TLS),
-plaintext only to loopback, gRPC's own retry policy for calls that never reached the server."""
+plaintext only to loopback, gRPC's own retry policy for calls that never reached the server, and a
+reconnect backoff capped at a second (``RECONNECT_OPTIONS``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ SERVICE_CONFIG = json.dumps({"methodConfig": [{
 }]})
 
 
+#: While a server is away, gRPC retries the connection after a backoff that starts at 1 s and grows
+#: x1.6 up to 120 s: after a 100 s outage the next try can be half a minute off, and a cloud that is
+#: back goes unreached that long. These keep tries at most about a second apart (±20 % jitter),
+#: starting at 250 ms; a try that hangs (a silent network) is given up after 5 s (gRPC's "min
+#: reconnect backoff" is the connect timeout), enough for a TLS handshake over a slow uplink.
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 1000),
+                     ("grpc.min_reconnect_backoff_ms", 5000))
+
+
 class ClientTLS(Section):
     """TLS to a server: its CA, and this client's certificate and key (its identity, for mutual TLS)."""
 
@@ -38,7 +48,7 @@ def open_channel(target: str, tls: ClientTLS | None = None, *, what: str = "targ
     endpoint = parse_endpoint(target)
     options = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1),
                ("grpc.keepalive_time_ms", 30000), ("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes)]
+               ("grpc.max_send_message_length", max_message_bytes), *RECONNECT_OPTIONS]
     if tls is None:
         if not endpoint.is_loopback:
             raise ConfigError(f"{what} {target}: plaintext is only allowed on loopback; configure TLS")

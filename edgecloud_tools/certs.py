@@ -4,7 +4,10 @@
 - ``certs server``: a server certificate (gateway or broker) for the host names and addresses clients
   dial, extended key usage serverAuth;
 - ``certs device``: a device's client certificate, CN = its device id (the gateway takes the device id
-  from it under mutual TLS), extended key usage clientAuth.
+  from it under mutual TLS) and, with ``--fleet``, OU = its fleet (whose releases it may download),
+  extended key usage clientAuth;
+- ``certs operator``: an operator's client certificate (CN = the name the gateway's ``auth.operators``
+  lists: the identity that may upload releases), extended key usage clientAuth.
 
 Keys are ECDSA P-256, written mode 0600. For a plant with its own PKI, use that instead: the services
 only need PEM files.
@@ -41,8 +44,11 @@ class Issued:
     key: Path
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+def _name(common_name: str, org_unit: str | None = None) -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if org_unit:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, org_unit))
+    return x509.Name(attributes)
 
 
 def _key_usage(ca: bool) -> x509.KeyUsage:
@@ -101,14 +107,16 @@ def _subject_alt_names(hosts: Iterable[str]) -> list[x509.GeneralName]:
 
 
 def issue(ca_dir: Path, prefix: Path, common_name: str, *, hosts: Iterable[str] = (), client: bool = False,
-          days: int = 825, overwrite: bool = False) -> Issued:
+          org_unit: str | None = None, days: int = 825, overwrite: bool = False) -> Issued:
     """A certificate signed by the CA in ``ca_dir``, written as ``PREFIX.pem`` and ``PREFIX.key``:
-    a server's for ``hosts`` (DNS names or IP addresses), or with ``client`` a device's."""
+    a server's for ``hosts`` (DNS names or IP addresses), or with ``client`` a device's or an
+    operator's (``org_unit``: a device's fleet)."""
     ca_cert, ca_key = _load_ca(ca_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     now = utc_now()
     usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-    builder = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject)
+    builder = (x509.CertificateBuilder().subject_name(_name(common_name, org_unit))
+               .issuer_name(ca_cert.subject)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - dt.timedelta(minutes=5))
                .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
@@ -137,12 +145,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a DNS name or IP address clients dial (repeatable; default: --name)")
     device = actions.add_parser("device", help="a device certificate: DIR/devices/ID.pem, DIR/devices/ID.key")
     device.add_argument("--device-id", required=True, help="the agent's device_id (becomes the CN)")
-    for action in (server, device):
+    device.add_argument("--fleet", help="the device's fleet (becomes the OU): it may download that fleet's "
+                        "releases from a gateway with client authentication")
+    operator = actions.add_parser("operator", help="an operator certificate: DIR/operators/NAME.pem, "
+                                  "DIR/operators/NAME.key")
+    operator.add_argument("--name", required=True, help="the name auth.operators lists (becomes the CN)")
+    for action in (server, device, operator):
         action.add_argument("--days", type=int, default=825, help="validity (default 825)")
-    for action in (ca, server, device):
+    for action in (ca, server, device, operator):
         action.add_argument("--dir", type=Path, required=True, help="where the CA lives and files go")
         action.add_argument("--force", action="store_true", help="overwrite existing files")
         action.set_defaults(func=run)
+
+
+def _check_id(flag: str, kind: str, value: str) -> None:
+    try:
+        check_id(kind, value)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,13 +171,16 @@ def run(args: argparse.Namespace) -> int:
     elif args.certs_action == "server":
         issued = issue(args.dir, args.dir / args.name, args.name, hosts=args.host or [args.name],
                        days=args.days, overwrite=args.force)
+    elif args.certs_action == "operator":
+        _check_id("--name", "operator", args.name)
+        issued = issue(args.dir, args.dir / "operators" / args.name, args.name, client=True, days=args.days,
+                       overwrite=args.force)
     else:
-        try:
-            check_id("device", args.device_id)
-        except ValueError as e:
-            raise ConfigError(f"--device-id: {e}") from None
+        _check_id("--device-id", "device", args.device_id)
+        if args.fleet:
+            _check_id("--fleet", "fleet", args.fleet)
         issued = issue(args.dir, args.dir / "devices" / args.device_id, args.device_id, client=True,
-                       days=args.days, overwrite=args.force)
+                       org_unit=args.fleet, days=args.days, overwrite=args.force)
     print(f"certificate: {issued.cert}")
     print(f"private key: {issued.key} (mode 0600)")
     return 0

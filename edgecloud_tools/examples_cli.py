@@ -44,12 +44,12 @@ def run_export(args: argparse.Namespace) -> int:
         if not store.is_file():
             raise ConfigError(f"--store {store}: no such store (the gateway's [store] path)")
     since = parse_since(args.since) if args.since else None
-    examples: dict[tuple[str, int], HardExample] = {}
+    examples: dict[tuple[str, str, int, str], HardExample] = {}
     try:
-        for path in args.store:  # one store per gateway replica; a row stored twice counts once
+        for path in args.store:  # one store per gateway replica; a row stored twice (same key) counts once
             with HardExampleStore(path) as store:
                 for example in store.examples(since, args.reason, args.model):
-                    examples.setdefault((example.request_id, example.row), example)
+                    examples.setdefault(example.key, example)
         rows = sorted(examples.values(), key=lambda e: e.created_at)
         count = write_training_set(rows, args.out)
     except (OSError, sqlite3.Error) as e:

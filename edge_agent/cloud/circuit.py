@@ -1,7 +1,8 @@
 """Circuit breaker for the cloud link: after repeated failures, stop waiting on a dead cloud.
 
-closed → (``failure_threshold`` consecutive failures) → open → (``reset_s``) → half_open, where one
-trial call decides: success closes, failure opens again.
+closed → (``failure_threshold`` consecutive failures) → open → (``reset_s``, or at once when the
+link reconnects: :meth:`CircuitBreaker.probe`) → half_open, where one trial call decides: success
+closes, failure opens again.
 """
 
 from __future__ import annotations
@@ -60,6 +61,14 @@ class CircuitBreaker:
                 self._trial_in_flight = True
                 return True
             return False
+
+    def probe(self) -> None:
+        """The link is up again (its channel reconnected): an open circuit lets the next call through
+        as its trial now, instead of after the rest of ``reset_s``."""
+        with self._lock:
+            if self._state == OPEN:
+                self._opened_at = self._clock() - self.reset_s
+                log.info("event=circuit_probe reason=reconnected")
 
     def success(self) -> None:
         with self._lock:

@@ -1,5 +1,11 @@
 """The link to the cloud: one gRPC channel to any KServe v2 server, its circuit breaker, and the
-one-time check that the cloud model speaks the edge model's contract."""
+one-time check that the cloud model speaks the edge model's contract.
+
+Recovery: while the cloud is away the channel retries its connection at most about a second apart
+(``edgecloud.channel.RECONNECT_OPTIONS``), and the moment it is connected again an open circuit is
+probed (the next escalation is its trial), so the first cloud answer follows the cloud's return
+within about a second, not after gRPC's grown backoff or the rest of ``reset_s``.
+"""
 
 from __future__ import annotations
 
@@ -47,9 +53,10 @@ class CloudLink:
     def __init__(self, cfg: CloudSection, on_circuit_change: Callable[[str, str], None] | None = None):
         self.cfg = cfg
         target = cfg.target or ""
-        self._client = KServeClient(target, open_channel(target, cfg.tls, what="cloud.target"),
-                                    bearer_metadata(cfg.token_file))
+        self._channel = open_channel(target, cfg.tls, what="cloud.target")
+        self._client = KServeClient(target, self._channel, bearer_metadata(cfg.token_file))
         self.circuit = CircuitBreaker(cfg.failure_threshold, cfg.reset_s, on_change=on_circuit_change)
+        self._channel.subscribe(self._connectivity, try_to_connect=True)
         self._checked_for: tuple[str, str] | None = None  # (edge name, edge version) checked
         self._incompatible = ""
         self._last_error = ""
@@ -108,5 +115,10 @@ class CloudLink:
         self._last_error = ""
         return response
 
+    def _connectivity(self, state: grpc.ChannelConnectivity) -> None:  # gRPC's thread: no blocking
+        if state is grpc.ChannelConnectivity.READY:
+            self.circuit.probe()
+
     def close(self) -> None:
+        self._channel.unsubscribe(self._connectivity)
         self._client.close()

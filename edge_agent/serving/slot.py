@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,12 +53,13 @@ class EdgeModel:
 
 
 def load_edge_model(config: AgentConfig, path: Path | None = None, version: str | None = None,
-                    release: Mapping[str, Any] | None = None,
-                    flags: CascadeSection | None = None) -> EdgeModel:
+                    release: Mapping[str, Any] | None = None, flags: CascadeSection | None = None,
+                    check: Callable[[Backend], None] | None = None) -> EdgeModel:
     """Load, check the budget, resolve settings and warm up the model at ``path`` (default: config).
 
     ``version`` and ``release``: the release it came with (its version and verified payload);
     ``flags``: the ``[cascade]`` values in force (default: the config's). See ``settings.py``.
+    ``check`` sees the opened backend first (the updater's contract check); what it raises is raised.
     """
     path = Path(path or config.model.path or "")
     if not path.is_file():
@@ -72,6 +73,8 @@ def load_edge_model(config: AgentConfig, path: Path | None = None, version: str 
     key = backend_key_for(path, config.model.backend)
     backend = open_backend(path, key, getattr(config.backend, key, None))
     try:
+        if check is not None:
+            check(backend)
         release_cal, card_cal = calibration(release), calibration(card)
         settings = CascadeSettings.resolve(config.cascade if flags is None else flags, release_cal, card_cal,
                                            backend.outputs)

@@ -14,9 +14,10 @@ step is persisted before it is reported (``state.py``, so a restart knows where 
 - Checks that need no file run before any byte is downloaded. A cut download (``download_failed``)
   keeps its partial file, and the next try resumes from it.
 - The new model must have the serving contract: the same model name and identical inputs and outputs
-  (``contract_mismatch``), and give finite outputs of the right shapes on ``self_test_rows`` rows of
-  zeros and of random data (``unloadable``); see ``staging.py``, which also builds the TensorRT engine
-  of an ONNX release on a Jetson.
+  (``contract_mismatch``, checked as soon as it is opened, before its calibration is applied: a
+  renamed output is a changed contract even when the calibration names the old one), and give finite
+  outputs of the right shapes on ``self_test_rows`` rows of zeros and of random data (``unloadable``);
+  see ``staging.py``, which also builds the TensorRT engine of an ONNX release on a Jetson.
 - The swap is one reference change in the ModelSlot: calls in flight finish on the model they began
   with, and the replaced model is closed only when the next update starts (or at stop), long after
   the watch window. The window judges the new model against the previous one (see ``watch.py``).
@@ -38,7 +39,7 @@ from edge_agent.fleet.link import as_int_version
 from edge_agent.serving.slot import EdgeModel, ModelSlot, load_edge_model
 from edge_agent.update.faults import FaultPoints
 from edge_agent.update.report import Reporter, one_line
-from edge_agent.update.staging import Runtime, self_test
+from edge_agent.update.staging import Runtime, check_contract, self_test
 from edge_agent.update.state import Pending, Release, Slot, StateStore, UpdateState
 from edge_agent.update.watch import figures, metered, regression
 from edgecloud.artifacts import TransportTLS, check_name, download, parse_uri
@@ -194,7 +195,10 @@ class Applier:
         since start included) and self-tested against the serving model."""
         try:
             candidate = load_edge_model(self.config, servable, str(release.version), payload,
-                                        flags=self.slot.flags)
+                                        flags=self.slot.flags,
+                                        check=lambda backend: check_contract(self.slot.model, backend))
+        except ReleaseRejected:  # contract_mismatch
+            raise
         except Exception as e:  # ModelLoadError, or a runtime's own error during warm-up
             raise ReleaseRejected(Reason.UNLOADABLE, f"{servable.name}: {e}") from None
         try:
@@ -227,7 +231,7 @@ class Applier:
         else:
             self.slot.swap(replaced)
             self._save(active=before.active, previous=before.previous, pending=None,
-                       rolled_back=self.state.with_rolled_back(release).rolled_back)
+                       rolled_back=self.state.with_rolled_back(release, slot.issued_at).rolled_back)
             self._retired.append(candidate)
             self.reporter.enter(release.model, release.version, "rolled_back", reason=reason)
         self.store.prune(self.state)
@@ -238,9 +242,9 @@ class Applier:
         if self._stopping.wait(update.watch_s):
             raise Stopping
         before, after = figures(previous), figures(new)
-        log.info("event=update_watch_done device=%s version=%s calls=%d errors=%d p50_ms=%s "
-                 "previous_calls=%d previous_errors=%d previous_p50_ms=%s", self.device, new.version,
-                 after.calls, after.errors, after.p50_ms, before.calls, before.errors, before.p50_ms)
+        log.info("event=update_watch_done device=%s version=%s calls=%d errors=%d latency=%s "
+                 "previous_calls=%d previous_errors=%d previous_latency=%s", self.device, new.version,
+                 after.calls, after.errors, after.summary(), before.calls, before.errors, before.summary())
         return regression(before, after, update.max_error_rate, update.max_latency_factor)
 
     # -- state ---------------------------------------------------------------------------------------------

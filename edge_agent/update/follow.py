@@ -6,8 +6,9 @@
 - MQTT handlers only record the newest desired message per topic, and one thread does updates, so a
   burst of releases coalesces into the latest one.
 - A device outside a release's rollout share stays put and logs it; that is not a failure. A release
-  for the active version is skipped quietly. A release once rolled back is never retried: publish a
-  new version.
+  for the active version is skipped quietly. A release once rolled back is not retried, unless the
+  operator publishes it again: the same model, version and file in a new envelope signed later
+  (``issued_at`` after the rolled-back copy's, as ``fleet publish`` run again makes).
 - A desired message is handled once; one that failed for a passing reason (a cut download, an
   internal error) is tried again with exponential backoff, until another message replaces it.
 
@@ -144,8 +145,10 @@ class Follower:
             log.info("event=update_not_in_rollout %s percent=%g salt=%s", where, payload.rollout.percent,
                      payload.rollout.salt)
             return False
-        if Release(payload.model, payload.version, payload.artifact.sha256) in self.applier.state.rolled_back:
-            log.info("event=update_skipped %s reason=rolled_back_before", where)
+        release = Release(payload.model, payload.version, payload.artifact.sha256)
+        if self.applier.state.rolled_back_before(release, payload.issued_at):
+            log.info("event=update_skipped %s reason=rolled_back_before hint='publish it again to retry'",
+                     where)
             return False
         if payload.version == as_int_version(self.slot.model.version):
             log.info("event=update_skipped %s reason=active_version", where)

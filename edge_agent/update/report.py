@@ -1,5 +1,7 @@
 """What the fleet hears about updates (docs/design.md §7, §9): the retained ``model/reported`` state of the
-release being handled, and an ``update.*`` event and a log line for each change.
+release being handled, and an ``update.*`` event and a log line for each change. A desired message
+too broken to name its release (not JSON, no model or version) is reported ``failed`` under the served
+model's name with ``version`` null, so it shows on ``model/reported`` as well as in the events.
 
 The report is retained, so the latest one is what matters: while the broker is away it is kept (only
 the latest) and sent by :meth:`Reporter.flush`, which the update thread calls whenever it wakes, a
@@ -10,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from edge_agent.fleet.link import FleetLink
+from edge_agent.fleet.link import FleetLink, as_int_version
+from edge_agent.serving.slot import ModelSlot
 from edgecloud.mqtt.client import ConnectionState, MqttError
 from edgecloud.mqtt.payloads import Reported
 
@@ -36,12 +39,12 @@ def identity(payload: Mapping[str, Any]) -> tuple[str, int] | None:
 
 
 class Reporter:
-    """Reports and events of one device's updates; ``active_version`` reads the version serving now."""
+    """Reports and events of one device's updates; ``slot`` holds the model serving now."""
 
-    def __init__(self, fleet: FleetLink, device: str, active_version: Callable[[], int | None]) -> None:
+    def __init__(self, fleet: FleetLink, device: str, slot: ModelSlot) -> None:
         self.fleet = fleet
         self.device = device
-        self._active_version = active_version
+        self._slot = slot
         self._lock = threading.Lock()
         self._unsent: Reported | None = None  # the latest report, until the broker has it
         self._connected = threading.Event()
@@ -57,12 +60,15 @@ class Reporter:
         """True once the broker is connected, False after ``timeout`` seconds without it."""
         return self._connected.wait(timeout)
 
-    def enter(self, model: str, version: int, state: str, progress: float | None = None,
+    def _active_version(self) -> int | None:
+        return as_int_version(self._slot.model.version)
+
+    def enter(self, model: str, version: int | None, state: str, progress: float | None = None,
               reason: str | None = None) -> None:
         """A state change: one log line, one event, one retained report."""
         bad = state in ("failed", "rolled_back")
         log.log(logging.WARNING if bad else logging.INFO,
-                "event=update_state device=%s model=%s version=%d state=%s progress=%s reason=%r",
+                "event=update_state device=%s model=%s version=%s state=%s progress=%s reason=%r",
                 self.device, model, version, state, progress, reason)
         self.fleet.event("update.state", "warning" if bad else "info", model=model, version=version,
                          state=state, progress=progress, reason=reason, active_version=self._active_version())
@@ -71,17 +77,15 @@ class Reporter:
             self.fleet.announce()
 
     def failed(self, ident: tuple[str, int] | None, reason: str) -> None:
-        """A release refused: reported under its name, or only as an event when it names nothing."""
-        if ident is None:
-            log.warning("event=update_rejected device=%s reason=%r", self.device, reason)
-            self.fleet.event("update.rejected", "warning", reason=reason)
-        else:
-            self.enter(*ident, "failed", reason=reason)
+        """A release refused: reported under its name and version, or, when it names neither, under
+        the served model's name with no version."""
+        model, version = ident if ident is not None else (self._slot.model.name, None)
+        self.enter(model, version, "failed", reason=reason)
 
     def event(self, event_type: str, severity: str = "info", **data: Any) -> None:
         self.fleet.event(event_type, severity, **data)
 
-    def report(self, model: str, version: int, state: str, progress: float | None = None,
+    def report(self, model: str, version: int | None, state: str, progress: float | None = None,
                reason: str | None = None) -> None:
         """The retained report alone (download progress is no state change)."""
         payload = Reported(device=self.device, model=model, version=version, state=state,

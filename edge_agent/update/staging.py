@@ -18,7 +18,7 @@ import numpy as np
 from edge_agent.config import AgentConfig
 from edge_agent.serving.slot import EdgeModel
 from edgecloud.backends import backend_key_for
-from edgecloud.backends.base import zeros_for
+from edgecloud.backends.base import Backend, zeros_for
 from edgecloud.engine.builder import installed_tensorrt_version
 from edgecloud.engine.cache import EngineCache
 from edgecloud.engine.sidecar import check_plan_target, device_model
@@ -62,7 +62,7 @@ class Runtime:
 
 
 # -- self-test --------------------------------------------------------------------------------------------
-def contract_problems(serving: EdgeModel, candidate: EdgeModel) -> list[str]:
+def contract_problems(serving: EdgeModel, candidate: EdgeModel | Backend) -> list[str]:
     """How the candidate's inputs and outputs differ from the serving contract, both ways."""
     problems: list[str] = []
     for kind, served, offered in (("input", serving.inputs, candidate.inputs),
@@ -70,6 +70,15 @@ def contract_problems(serving: EdgeModel, candidate: EdgeModel) -> list[str]:
         problems += contract_differences(served, offered, f"release {kind}")
         problems += contract_differences(offered, served, f"served {kind}")
     return problems
+
+
+def check_contract(serving: EdgeModel, candidate: EdgeModel | Backend) -> None:
+    """Refuse (``contract_mismatch``) a candidate whose inputs or outputs differ from the serving
+    model's. Staging runs it on the opened backend, before the cascade settings are resolved: a
+    renamed output is a changed contract, not a model that does not load."""
+    problems = contract_problems(serving, candidate)
+    if problems:
+        raise ReleaseRejected(Reason.CONTRACT_MISMATCH, "; ".join(problems))
 
 
 def _random_batch(model: EdgeModel, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -104,9 +113,7 @@ def _output_problems(model: EdgeModel, outputs: Mapping[str, Any], rows: int) ->
 
 def self_test(candidate: EdgeModel, serving: EdgeModel, rows: int) -> None:
     """Refuse a candidate that breaks the serving contract or does not run cleanly."""
-    problems = contract_problems(serving, candidate)
-    if problems:
-        raise ReleaseRejected(Reason.CONTRACT_MISMATCH, "; ".join(problems))
+    check_contract(serving, candidate)
     for label, batch in (("zeros", zeros_for(candidate.inputs, rows)),
                          ("random", _random_batch(candidate, rows, np.random.default_rng(0)))):
         try:

@@ -2,7 +2,8 @@
 any step restarts on the last good model).
 
 The last good model is the state's active slot; after a restart inside a watch window (a crash loop)
-the previous slot instead, and that release is marked rolled back for good. A slot file that does
+the previous slot instead, and that release is marked rolled back (until it is published again, see
+``state.py``). A slot file that does
 not load gives way to the next, and with none left the configured model serves. A release that was
 in progress is dropped from the state: its retained desired message starts it again, and a download
 resumes from its partial file.
@@ -55,7 +56,9 @@ def load_startup(config: AgentConfig) -> Startup:
     state, crashed = loaded, None
     if state.pending and state.pending.step == "watching":
         crashed = state.pending.release
-        state = replace(state.with_rolled_back(crashed), active=state.previous, previous=None, pending=None)
+        issued_at = state.active.issued_at if state.active else None  # the slot being watched
+        state = replace(state.with_rolled_back(crashed, issued_at), active=state.previous, previous=None,
+                        pending=None)
         log.error("event=update_crash_loop model=%s version=%d action=roll_back", crashed.model,
                   crashed.version)
     elif state.pending:  # the retained desired release starts it again (a download resumes)

@@ -1,7 +1,9 @@
 """The updater's memory across restarts: ``<state_dir>/update/state.json``.
 
 It names the model to serve after a restart (the active slot), the one to fall back to (the previous
-slot), the release in progress with its step, releases rolled back (never retried), and the newest
+slot), the release in progress with its step, releases rolled back (with the ``issued_at`` of the
+signed copy that was: only a copy signed later retries it, see :meth:`UpdateState.rolled_back_before`),
+and the newest
 ``issued_at`` trusted so far (the reference for expiry while the device clock is unset, docs/design.md §6).
 Every write is atomic (temp file, fsync, rename), so a power cut leaves the old state or the new one.
 Slot files live under ``<state_dir>/models/<name>/<version>/`` and are recorded relative to the state
@@ -17,9 +19,11 @@ import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from edgecloud.clock import parse_time
 from edgecloud.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,12 @@ class Slot:
     def sha256(self) -> str:
         return str((self.release.get("artifact") or {}).get("sha256", ""))
 
+    @property
+    def issued_at(self) -> str | None:
+        """When the release this slot came from was signed (None for the configured model)."""
+        value = self.release.get("issued_at")
+        return value if isinstance(value, str) else None
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "path": self.path, "release": dict(self.release)}
 
@@ -86,6 +96,25 @@ class Release:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Release:
         return cls(_field(data, "model", str), _field(data, "version", int), _field(data, "sha256", str))
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    """A release rolled back, and the ``issued_at`` of the signed copy that was (None: not recorded,
+    as in a state written before it was)."""
+
+    release: Release
+    issued_at: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.release.to_dict(), "issued_at": self.issued_at}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RolledBack:
+        issued_at = _field(data, "issued_at", str, optional=True)
+        if issued_at is not None:
+            parse_time(issued_at)  # ValueError for a time that does not parse
+        return cls(Release.from_dict(data), issued_at)
 
 
 @dataclass(frozen=True)
@@ -117,11 +146,19 @@ class UpdateState:
     previous: Slot | None = None
     pending: Pending | None = None
     newest_issued_at: str | None = None
-    rolled_back: tuple[Release, ...] = ()
+    rolled_back: tuple[RolledBack, ...] = ()
 
-    def with_rolled_back(self, release: Release) -> UpdateState:
-        kept = tuple(r for r in self.rolled_back if r != release)[-(ROLLED_BACK_KEPT - 1):]
-        return replace(self, rolled_back=(*kept, release))
+    def with_rolled_back(self, release: Release, issued_at: str | None) -> UpdateState:
+        """Remember ``release`` (signed at ``issued_at``) as rolled back; the oldest records go first."""
+        kept = tuple(r for r in self.rolled_back if r.release != release)[-(ROLLED_BACK_KEPT - 1):]
+        return replace(self, rolled_back=(*kept, RolledBack(release, issued_at)))
+
+    def rolled_back_before(self, release: Release, issued_at: datetime) -> bool:
+        """Was this release rolled back, in a copy signed at or after ``issued_at``? Publishing the
+        same release again (same model, version and file) signed later is how an operator retries it;
+        the retained copy that was rolled back, delivered again, is not retried."""
+        return any(r.release == release and (r.issued_at is None or parse_time(r.issued_at) >= issued_at)
+                   for r in self.rolled_back)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA,
@@ -138,7 +175,7 @@ class UpdateState:
             raise ValueError(f"not an update state of schema {SCHEMA}")
         return cls(Slot.from_dict(data.get("active")), Slot.from_dict(data.get("previous")),
                    Pending.from_dict(data.get("pending")), _field(data, "newest_issued_at", str, True),
-                   tuple(Release.from_dict(r) for r in _field(data, "rolled_back", list)))
+                   tuple(RolledBack.from_dict(r) for r in _field(data, "rolled_back", list)))
 
 
 class StateStore:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from edge_agent.config import AgentConfig
-from edge_agent.fleet.link import FleetLink, as_int_version
+from edge_agent.fleet.link import FleetLink
 from edge_agent.serving.slot import ModelSlot
 from edge_agent.update.apply import Applier
 from edge_agent.update.faults import FaultPoints
@@ -49,7 +49,7 @@ class Updater:
         self.device = config.agent.device_id
         self._startup = startup
         self._stopping = threading.Event()
-        self.reporter = Reporter(fleet, self.device, lambda: as_int_version(slot.model.version))
+        self.reporter = Reporter(fleet, self.device, slot)
         self.applier = Applier(config, slot, startup.store, startup.state, self.reporter,
                                FaultPoints(self.device), self._stopping, clock)
         self.follower = Follower(fleet, self.device, config.fleet.group, slot, self.applier, self.reporter,

@@ -1,10 +1,14 @@
 """The watch window's measurements (docs/design.md §7): is the new model worse than the one it replaced?
 
 Every model the updater serves runs behind a :class:`MeteredBackend`, which counts the model's own
-calls and failures and keeps the run times of its last calls. Figures therefore belong to one loaded
-model (not to a version string, which a downgrade can reuse) and measure the model itself: gRPC,
-request decoding and the cloud are left out, so the old and the new model compare like for like, and
-the cascade and its telemetry stats stay untouched. :func:`regression` is the verdict.
+calls and failures and keeps the run times of its last calls by batch size. Figures therefore belong
+to one loaded model (not to a version string, which a downgrade can reuse) and measure the model
+itself: gRPC, request decoding and the cloud are left out, and the cascade and its telemetry stats
+stay untouched. Run times are compared like for like: a batch of 64 rows costs more than a batch of
+one, so each model's median is kept per batch class (1, 2-3, 4-7, … rows: :func:`batch_class`) and
+only classes both models served often enough are compared. A burst of larger batches after the swap
+is then no regression, while a model slower on the same batches still is. :func:`regression` is the
+verdict, and names the figures that decided it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -23,25 +27,49 @@ from edgecloud.errors import InvalidInput
 from edgecloud.release import RollbackReason
 from edgecloud.tensors import TensorSpec
 
-#: run times kept per model for its p50
-WINDOW = 1024
-#: fewer calls than this on either side say nothing about a regression
+#: run times kept per model and batch class for its p50
+WINDOW = 256
+#: fewer calls than this on either side (of a batch class, for latency) say nothing about a regression
 MIN_CALLS = 10
 #: a p50 slower by less than this is scheduling noise, whatever the ratio (tiny models run in µs)
 LATENCY_FLOOR_MS = 1.0
 
 
+def batch_class(rows: int) -> int:
+    """Batches whose run times compare: 1 row, 2-3, 4-7, 8-15, … (the bit length of ``rows``)."""
+    return max(int(rows), 1).bit_length()
+
+
+def class_rows(batch: int) -> str:
+    """The rows a batch class holds, for a reason or a log line: ``1``, ``2-3``, ``64-127``."""
+    low = 1 << (batch - 1)
+    return str(low) if low == 1 else f"{low}-{2 * low - 1}"
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """One batch class of a model: how many run times are kept, and their median (ms)."""
+
+    calls: int
+    p50_ms: float
+
+
 @dataclass(frozen=True, slots=True)
 class Figures:
-    """What a model did: calls, failed calls, median run time of the kept calls (ms)."""
+    """What a model did: calls, failed calls, and its run times per batch class."""
 
     calls: int
     errors: int
-    p50_ms: float | None
+    latency: Mapping[int, Latency] = field(default_factory=dict)
 
     @property
     def error_rate(self) -> float:
         return self.errors / self.calls if self.calls else 0.0
+
+    def summary(self) -> str:
+        """``1:p50=0.320ms/800,64-127:p50=9.216ms/120`` (rows: median run time / calls kept)."""
+        return ",".join(f"{class_rows(b)}:p50={lat.p50_ms:.3f}ms/{lat.calls}"
+                        for b, lat in sorted(self.latency.items())) or "none"
 
 
 class MeteredBackend(Backend):
@@ -54,7 +82,8 @@ class MeteredBackend(Backend):
         self._lock = threading.Lock()
         self._calls = 0
         self._errors = 0
-        self._run_s: deque[float] = deque(maxlen=window)
+        self._window = window
+        self._run_s: dict[int, deque[float]] = {}
 
     @property
     def platform(self) -> str:  # type: ignore[override]
@@ -83,9 +112,11 @@ class MeteredBackend(Backend):
                 self._errors += 1
             raise
         elapsed = time.perf_counter() - started
+        first = next(iter(inputs.values()), None)
+        batch = batch_class(first.shape[0] if first is not None and first.ndim else 1)
         with self._lock:
             self._calls += 1
-            self._run_s.append(elapsed)
+            self._run_s.setdefault(batch, deque(maxlen=self._window)).append(elapsed)
         return outputs
 
     def warmup(self, rows: int = 1) -> dict[str, np.ndarray]:
@@ -96,10 +127,10 @@ class MeteredBackend(Backend):
 
     def figures(self) -> Figures:
         with self._lock:
-            samples = list(self._run_s)
+            samples = {batch: list(times) for batch, times in self._run_s.items()}
             calls, errors = self._calls, self._errors
-        p50 = float(np.percentile(samples, 50)) * 1000.0 if samples else None
-        return Figures(calls, errors, p50)
+        return Figures(calls, errors, {batch: Latency(len(times), float(np.percentile(times, 50)) * 1000.0)
+                                       for batch, times in samples.items()})
 
 
 def metered(model: EdgeModel) -> EdgeModel:
@@ -112,30 +143,40 @@ def metered(model: EdgeModel) -> EdgeModel:
 def figures(model: EdgeModel) -> Figures:
     """The figures of a metered model (empty for one that is not)."""
     backend = model.backend
-    return backend.figures() if isinstance(backend, MeteredBackend) else Figures(0, 0, None)
+    return backend.figures() if isinstance(backend, MeteredBackend) else Figures(0, 0)
 
 
 def regression(previous: Figures, new: Figures, max_error_rate: float, max_latency_factor: float,
                min_calls: int = MIN_CALLS) -> str | None:
-    """Why the new model is worse (``error_rate: …`` / ``latency: …``), or None.
+    """Why the new model is worse (``error_rate: …`` / ``latency: …``, with the figures), or None.
 
     Errors: the new model's failure rate may exceed neither ``max_error_rate`` nor the previous model's
-    own rate, whichever is higher. Latency: its p50 may not exceed ``max_latency_factor`` times the
-    previous model's, unless it is slower by less than ``LATENCY_FLOOR_MS``. Each side needs
-    ``min_calls`` calls to count; with fewer there is no verdict.
+    own rate, whichever is higher; the new model needs ``min_calls`` calls for a verdict, the previous
+    one as many for its rate to count. Latency, per batch class both models served ``min_calls``
+    times: the new p50 may not exceed ``max_latency_factor`` times the previous model's, unless it is
+    slower by less than ``LATENCY_FLOOR_MS``; the class slower by the largest factor is named.
     """
     if new.calls < min_calls:
         return None
-    baseline = previous.error_rate if previous.calls >= min_calls else 0.0
-    allowed = max(max_error_rate, baseline)
+    counted = previous.calls >= min_calls
+    allowed = max(max_error_rate, previous.error_rate if counted else 0.0)
     if new.error_rate > allowed:
+        before = f"{previous.errors} of {previous.calls}" if counted else "too few calls to count"
         return (f"{RollbackReason.ERROR_RATE.value}: {new.errors} of {new.calls} calls failed "
-                f"({new.error_rate:.1%}); "
-                f"allowed {allowed:.1%}")
-    if (previous.calls >= min_calls and previous.p50_ms and new.p50_ms is not None
-            and new.p50_ms > max_latency_factor * previous.p50_ms
-            and new.p50_ms - previous.p50_ms >= LATENCY_FLOOR_MS):
-        return (f"{RollbackReason.LATENCY.value}: p50 {new.p50_ms:.3f} ms vs {previous.p50_ms:.3f} ms "
-                f"of the previous model "
-                f"(x{new.p50_ms / previous.p50_ms:.1f}, allowed x{max_latency_factor:g})")
-    return None
+                f"({new.error_rate:.1%}); allowed {allowed:.1%} (previous model: {before})")
+    worst: tuple[float, int, Latency, Latency] | None = None
+    for batch, after in sorted(new.latency.items()):
+        before_lat = previous.latency.get(batch)
+        if before_lat is None or min(before_lat.calls, after.calls) < min_calls:
+            continue
+        if (after.p50_ms > max_latency_factor * before_lat.p50_ms
+                and after.p50_ms - before_lat.p50_ms >= LATENCY_FLOOR_MS):
+            factor = after.p50_ms / before_lat.p50_ms if before_lat.p50_ms > 0 else float("inf")
+            if worst is None or factor > worst[0]:
+                worst = (factor, batch, before_lat, after)
+    if worst is None:
+        return None
+    factor, batch, before_lat, after = worst
+    return (f"{RollbackReason.LATENCY.value}: p50 {after.p50_ms:.3f} ms vs {before_lat.p50_ms:.3f} ms of "
+            f"the previous model on batches of {class_rows(batch)} rows, over {after.calls} and "
+            f"{before_lat.calls} calls (x{factor:.1f}, allowed x{max_latency_factor:g})")

@@ -46,7 +46,9 @@ class DeviceRow:
     def update(self) -> str:
         if self.update_state is None:
             return "-"
-        text = f"{self.update_state} v{self.update_version}"
+        text = self.update_state
+        if self.update_version is not None:
+            text += f" v{self.update_version}"
         if self.update_state == "downloading" and self.update_progress is not None:
             text += f" {self.update_progress:.0%}"
         if self.update_reason:

@@ -66,7 +66,8 @@ class Reported(Body):
 
     device: DeviceId
     model: str = Field(min_length=1)
-    version: Version
+    version: Version | None = Field(description="the release being handled; null, with state failed, for a "
+                                                "desired message that names none (e.g. not JSON: malformed)")
     state: UpdateState
     progress: float | None = Field(None, ge=0, le=1, description="fraction of the download done, 0 to 1")
     reason: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]*(: .*)?$",

@@ -130,8 +130,8 @@ def _artifact_uri(request: ReleaseRequest, sha256: str, artifact_format: str) ->
     try:
         endpoint = parse_endpoint(request.gateway or "")
         upload(endpoint, request.model, name=request.name, version=request.version,
-               artifact_format=artifact_format, sha256=sha256, tls=request.gateway_tls,
-               token=request.gateway_token)
+               artifact_format=artifact_format, fleet=request.fleet, sha256=sha256,
+               tls=request.gateway_tls, token=request.gateway_token)
     except ValueError as e:
         raise ConfigError(f"--gateway/--name: {e}") from None
     except grpc.RpcError as e:

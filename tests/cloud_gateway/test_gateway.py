@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -20,6 +21,7 @@ from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud.client import KServeClient
 from edgecloud.protocol.codec import InferRequest, RequestedOutput, decode_response, encode_request
 from edgecloud.protocol.parameters import AgentRequest, AgentResponse, CloudRequest, EdgeSummary
+from tests.support.fleet import Scrape
 from tests.support.onnx_models import linear_classifier
 from tests.support.services import start_agent
 from tests.support.triton import run_triton
@@ -222,6 +224,35 @@ def test_an_edge_agent_escalating_to_the_gateway(tmp_path, gateway, repo, x):
         ("case-9", r, "press-3", "4", "forced") for r in range(5)]
     np.testing.assert_array_equal(np.stack([e.edge_prediction for e in stored]),
                                   ort_logits(edge, x).argmax(axis=1))
+
+
+def test_devices_numbering_alike_and_a_reused_request_id_keep_every_row(tmp_path):
+    """Two devices whose apps both number their frames frame-0..49, then an app that sends 50 images
+    under one id: 100 rows and 50 rows stored, the reuse counted on /metrics."""
+    linear_classifier(tmp_path / "cloud" / "clf" / "1" / "model.onnx", seed=1)
+    config = gateway_config(tmp_path / "cloud", listen="127.0.0.1:0", store=tmp_path / "hard.db",
+                            metrics={"listen": "127.0.0.1:0"})
+    edge = linear_classifier(tmp_path / "edge.onnx", seed=5, card={"name": "clf", "version": 4})
+    images = np.random.default_rng(7).standard_normal((3, 50, 1, 8)).astype(np.float32)
+    always = {AgentRequest.ESCALATE: "always"}
+    with Gateway(config) as gw:
+        for index, device in enumerate(("press-1", "press-2")):
+            with start_agent(tmp_path / device, edge, gw.port, agent={"device_id": device},
+                             cloud={"deadline_ms": 5000}) as agent, \
+                    KServeClient(f"127.0.0.1:{agent.port}") as c:
+                for i in range(50):
+                    assert c.infer("clf", {"x": images[index, i]}, params=always,
+                                   request_id=f"frame-{i}").parameters[AgentResponse.SOURCE] == "cloud"
+                if device == "press-2":
+                    for image in images[2]:
+                        c.infer("clf", {"x": image}, params=always, request_id="frame")
+        stored = list(gw.store.examples())
+        reused = Scrape(gw.metrics.port).value("edgecloud_gateway_reused_request_ids_total")
+    by_device = Counter((e.device, e.request_id == "frame") for e in stored)
+    assert by_device == {("press-1", False): 50, ("press-2", False): 50, ("press-2", True): 50}
+    assert reused == 49
+    frames = [e.inputs["x"] for e in stored if e.request_id == "frame"]
+    np.testing.assert_array_equal(np.stack(frames), images[2][:, 0])
 
 
 def test_added_latency_delays_answers(tmp_path, repo, x):

@@ -1,16 +1,20 @@
-"""The hard-example store on its own: one row per (request_id, row), bounds, threads, and the export
-as a training set through ``edgecloud examples export``."""
+"""The hard-example store on its own: one row per (device, request_id, row, input), a reused request id
+counted, an old store migrated, bounds, threads, and the export as a training set through
+``edgecloud examples export``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import sqlite3
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from cloud_gateway.hard_examples import DAY_S, HardExample, HardExampleStore
+from cloud_gateway.hard_examples import DAY_S, HardExample, HardExampleStore, tensors_to_bytes
 from edgecloud.errors import ConfigError, EdgecloudError
 from edgecloud_tools import examples_cli
 
@@ -153,3 +157,77 @@ def test_export_merges_the_stores_of_several_gateway_replicas(tmp_path):
         store.add([example("b", 1, created_at=now - 20), example("a", 0, created_at=now - 5)])
     assert run_cli("examples", "export", "--store", str(one), "--store", str(two), "--out", str(out)) == 0
     assert list(zip(np.load(out)["request_id"], np.load(out)["row"])) == [("a", 0), ("b", 1), ("c", 0)]
+
+
+def test_two_devices_numbering_their_requests_alike_keep_every_row(tmp_path):
+    with HardExampleStore(tmp_path / "hard.db") as store:
+        for device in ("press-1", "press-2"):
+            assert store.add([example(f"frame-{i}", 0, device=device) for i in range(5)]) == 5
+        assert store.count() == 10 and store.reused_request_ids == 0
+        assert store.add([example("frame-3", 0, device="press-2")]) == 0  # a replay: still idempotent
+
+
+def reused(request_id: str, row: int, seed: int, device: str = "line-1") -> HardExample:
+    """``example(request_id, row)`` carrying another input: an app that reuses its request ids."""
+    e = example(request_id, row, device=device)
+    x = np.random.default_rng(10_000 + seed).standard_normal(8).astype(np.float32)
+    return dataclasses.replace(e, inputs={**e.inputs, "x": x})
+
+
+def test_a_reused_request_id_keeps_each_input_and_is_counted(tmp_path, caplog):
+    with HardExampleStore(tmp_path / "hard.db") as store:
+        assert store.add([reused("frame", 0, seed) for seed in range(3)]) == 3
+        assert store.add([reused("frame", 0, 1)]) == 0  # the same input again is a replay
+        assert store.count() == 3 and store.reused_request_ids == 2
+        assert {e.inputs["x"].tobytes() for e in store.examples()} == {
+            reused("frame", 0, seed).inputs["x"].tobytes() for seed in range(3)}
+    assert "event=request_id_reused device=line-1 request_id=frame rows=2" in caplog.text
+
+
+OLD_SCHEMA = """
+CREATE TABLE examples (
+    request_id TEXT NOT NULL, row INTEGER NOT NULL, device TEXT NOT NULL,
+    edge_model_version TEXT NOT NULL, cloud_model TEXT NOT NULL, cloud_model_version TEXT NOT NULL,
+    reason TEXT NOT NULL, deferred INTEGER NOT NULL, edge_prediction INTEGER, edge_confidence REAL,
+    inputs BLOB NOT NULL, cloud_outputs BLOB NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (request_id, row)
+);
+CREATE INDEX examples_created_at ON examples (created_at);
+"""
+
+
+def test_a_store_keyed_by_request_id_and_row_is_migrated_on_open(tmp_path, caplog):
+    db = tmp_path / "hard.db"
+    old = [example("a", 0), example("a", 1), example("b", 0, device="line-2")]
+    with sqlite3.connect(db) as conn:  # a store as the gateway wrote it before the key held the device
+        conn.executescript(OLD_SCHEMA)
+        conn.executemany(f"INSERT INTO examples VALUES ({', '.join('?' * 13)})", [
+            (e.request_id, e.row, e.device, e.edge_model_version, e.cloud_model, e.cloud_model_version,
+             e.reason, int(e.deferred), e.edge_prediction, e.edge_confidence, tensors_to_bytes(e.inputs),
+             tensors_to_bytes(e.cloud_outputs), e.created_at) for e in old])
+    conn.close()
+    caplog.set_level(logging.INFO, logger="cloud_gateway")
+    with HardExampleStore(db) as store:
+        assert "event=hard_examples_migrated" in caplog.text and "rows=3" in caplog.text
+        assert [e.key for e in store.examples()] == [e.key for e in old]
+        assert store.add(old) == 0  # their replays are recognised by the migrated digests
+        assert store.add([example("a", 0, device="line-9")]) == 1  # another device, same numbering
+        assert store.count() == 4
+    caplog.clear()
+    with HardExampleStore(db) as store:  # migrated once
+        assert store.count() == 4 and "hard_examples_migrated" not in caplog.text
+    assert run_cli("examples", "export", "--store", str(db), "--out", str(tmp_path / "train.npz")) == 0
+    assert np.load(tmp_path / "train.npz")["device"].tolist() == ["line-1", "line-1", "line-2", "line-9"]
+
+
+def test_export_merges_replicas_by_device_request_id_row_and_input(tmp_path):
+    one, two, out = tmp_path / "replica-0.db", tmp_path / "replica-1.db", tmp_path / "train.npz"
+    with HardExampleStore(one) as store:
+        store.add([example("frame-0", 0, device="press-1"), reused("frame-1", 0, 1)])
+    with HardExampleStore(two) as store:  # a replay of press-1's case, press-2's own, another input
+        store.add([example("frame-0", 0, device="press-1"), example("frame-0", 0, device="press-2"),
+                   reused("frame-1", 0, 2)])
+    assert run_cli("examples", "export", "--store", str(one), "--store", str(two), "--out", str(out)) == 0
+    data = np.load(out)
+    assert sorted(zip(data["device"], data["request_id"])) == [
+        ("line-1", "frame-1"), ("line-1", "frame-1"), ("press-1", "frame-0"), ("press-2", "frame-0")]

@@ -37,3 +37,12 @@ def test_metrics_defaults_empty_and_unix_socket() -> None:
     assert build(AgentConfig, {"metrics": {"listen": ""}}).metrics.listen is None
     with pytest.raises(ConfigError, match=r"metrics.listen: .*not a unix socket"):
         build(GatewayConfig, {"metrics": {"listen": "unix:/tmp/m.sock"}})
+
+
+def test_gateway_operators_need_client_authentication_and_valid_names() -> None:
+    with pytest.raises(ConfigError, match=r"auth.operators needs client authentication"):
+        build(GatewayConfig, {"auth": {"operators": ["ops"]}})
+    with pytest.raises(ConfigError, match=r"auth.operators"):
+        build(GatewayConfig, {"auth": {"operators": ["../ops"], "tokens_file": "tokens"}})
+    config = build(GatewayConfig, {"auth": {"operators": ["ops"], "tokens_file": "tokens"}})
+    assert config.auth.operators == ("ops",)

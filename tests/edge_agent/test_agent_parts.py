@@ -61,6 +61,20 @@ def test_circuit_opens_after_failures_and_half_opens_for_one_trial():
     assert changes[:2] == [(CLOSED, OPEN), (OPEN, HALF_OPEN)]
 
 
+def test_a_reconnect_probes_an_open_circuit_at_once():
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=1, reset_s=120, clock=clock)
+    breaker.probe()  # closed: nothing to do
+    assert breaker.state == CLOSED
+    breaker.failure()
+    assert breaker.state == OPEN and not breaker.allow()
+    breaker.probe()  # the channel is connected again: no need to wait out reset_s
+    assert breaker.state == HALF_OPEN
+    assert breaker.allow() and not breaker.allow()  # still one trial at a time
+    breaker.success()
+    assert breaker.state == CLOSED
+
+
 def _case(i: int, rows: int = 2) -> InferRequest:
     return InferRequest("m", {"x": np.full((rows, 4), i, dtype=np.float32)}, id=f"req-{i}",
                         parameters={CloudRequest.REQUEST_ID: f"req-{i}"})

@@ -38,7 +38,7 @@ from tests.support.artifact_gateway import CHUNK
 from tests.support.artifact_gateway import Gateway as StallingGateway
 from tests.support.fleet import FLEET, schema
 from tests.support.net import free_port, wait_for
-from tests.support.onnx_models import linear_classifier, reference_logits
+from tests.support.onnx_models import linear_classifier, reference_logits, spread_classifier
 from tests.support.services import Client, GatewayCloud, start_agent
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ class Watcher:
         states = [r["state"] for r in self.reports(device) if r["version"] == version]
         return [s for i, s in enumerate(states) if i == 0 or states[i - 1] != s]
 
-    def wait_report(self, device: str, state: str, version: int, timeout: float = 20.0,
+    def wait_report(self, device: str, state: str, version: int | None, timeout: float = 20.0,
                     after: int = 0) -> dict:
         """The first report (from index ``after`` on) of ``state`` for ``version``."""
         def found() -> dict | None:
@@ -190,8 +190,9 @@ class Fleet:
                 "mqtt": self.broker.mqtt_section(),
                 "update": {"watch_s": 0.3, **(update or {})}, **sections}
 
-    def agent(self, device: str = "edge-1", **kwargs: Any) -> EdgeAgent:
-        agent = start_agent(self.state_dir(device), self.base, **self.sections(device, **kwargs))
+    def agent(self, device: str = "edge-1", serving: Path | None = None, **kwargs: Any) -> EdgeAgent:
+        """An agent serving ``serving`` (default: the base model) as version 1."""
+        agent = start_agent(self.state_dir(device), serving or self.base, **self.sections(device, **kwargs))
         self.agents.append(agent)
         assert agent.fleet is not None
         agent.fleet.client.wait_connected(5)
@@ -396,6 +397,16 @@ def _contract_mismatch(fleet: Fleet) -> int:
     return 2
 
 
+def _renamed_output(fleet: Fleet) -> int:
+    fleet.publish(fleet.model(2, output_name="scores"), 2)
+    return 2
+
+
+def _renamed_output_with_its_calibration(fleet: Fleet) -> int:
+    fleet.publish(fleet.model(2, output_name="scores"), 2, calibration={"score_output": "logits"})
+    return 2
+
+
 def _plan_for_another_target(fleet: Fleet) -> int:
     plan = fleet.root / "plans" / "inspection.plan"
     plan.parent.mkdir()
@@ -428,6 +439,8 @@ REJECTIONS: dict[str, tuple[Callable[[Fleet], int], str, dict[str, Any]]] = {
     "sha256_mismatch": (_sha256_mismatch, "sha256_mismatch", {"fleet": {"allowed_file_roots": ["MEDIA"]}}),
     "unloadable": (_unloadable, "unloadable", {}),
     "contract_mismatch": (_contract_mismatch, "contract_mismatch", {}),
+    "renamed_output": (_renamed_output, "contract_mismatch", {}),
+    "renamed_output_with_its_calibration": (_renamed_output_with_its_calibration, "contract_mismatch", {}),
     "plan_for_another_target": (_plan_for_another_target, "wrong_target", {}),
     "uri_escaping": (_uri_escaping, "bad_uri", {}),
     "name_escaping": (_name_escaping, "bad_name", {}),
@@ -450,6 +463,17 @@ def test_rejected_release_is_reported_and_the_old_model_serves(fleet: Fleet, cas
     assert not models.exists() or not any(models.rglob("*.onnx")), "a refused file was kept"
     state = fleet.state_dir("edge-1") / "update" / "state.json"
     assert not state.exists() or state_file(fleet, "edge-1")["active"] is None
+
+
+def test_an_unreadable_release_is_reported_failed_on_model_reported(fleet: Fleet) -> None:
+    agent = fleet.agent("edge-1")
+    fleet.send(TOPICS.group_desired(GROUP), b"{not json")
+    report = fleet.watcher.wait_report("edge-1", "failed", None)  # it names no version
+    assert report["model"] == NAME and report["active_version"] == 1
+    assert report["reason"].startswith("malformed: "), report
+    events = [e for e in fleet.watcher.of(TopicKind.EVENTS, "edge-1") if e["data"].get("state") == "failed"]
+    assert [(e["severity"], e["data"]["reason"]) for e in events] == [("warning", report["reason"])]
+    assert served_version(agent.port) == "1"
 
 
 def test_key_rotation_new_key_accepted_revoked_key_refused(fleet: Fleet) -> None:
@@ -522,6 +546,51 @@ def test_release_failing_the_watch_window_is_rolled_back(fleet: Fleet) -> None:
     assert state["active"] is None and state["pending"] is None  # the configured model is back
     assert [r["version"] for r in state["rolled_back"]] == [2]
     assert fleet.watcher.states("edge-1", 2)[-2:] == ["active", "rolled_back"]
+
+
+def test_a_burst_of_bigger_batches_after_the_swap_is_no_regression(fleet: Fleet, caplog) -> None:
+    """The very same model re-released while the traffic moves from batches of 1 to batches of 64:
+    each batch costs more, no batch costs more than it did on the previous model."""
+    caplog.set_level(logging.INFO, logger="edge_agent.update")
+    model = spread_classifier(fleet.root / "models" / "spread" / "inspection.onnx", spread=64,
+                              card={"name": NAME, "version": 1})
+    agent = fleet.agent("edge-1", serving=model, update={"watch_s": 2.0})
+    with Load(agent.port) as load:
+        load.wait("1", 30)
+        fleet.publish(model, 2)
+        fleet.watcher.wait_report("edge-1", "active", 2)
+        load.x = np.repeat(X, 64, axis=0)
+        fleet.watcher.wait_event("edge-1", "update.watch_passed")
+    assert load.failures == [] and served_version(agent.port) == "2"
+    assert fleet.watcher.states("edge-1", 2) == ["downloading", "verifying", "staged", "active"]
+    done = next(r.getMessage() for r in caplog.records if "event=update_watch_done" in r.getMessage())
+    assert re.search(r" latency=(1:p50=\S+,)?64-127:p50=", done), done  # the new model's big batches
+    assert re.search(r" previous_latency=1:p50=[0-9.]+ms/\d+$", done), done  # against none of its own
+
+
+def test_a_slower_model_is_rolled_back_with_its_figures_and_retried_when_published_again(
+        fleet: Fleet, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="edge_agent.update")
+    agent = fleet.agent("edge-1", update={"watch_s": 1.0})
+    slow = spread_classifier(fleet.root / "models" / "slow" / "inspection.onnx", spread=2048)
+    with Load(agent.port) as load:
+        load.wait("1")
+        fleet.publish(slow, 2)
+        report = fleet.watcher.wait_report("edge-1", "rolled_back", 2)
+        figures = (r"latency: p50 [0-9.]+ ms vs [0-9.]+ ms of the previous model on batches of 1 rows, "
+                   r"over \d+ and \d+ calls \(x[0-9.]+, allowed x3\)")
+        assert re.fullmatch(figures, report["reason"]), report
+        assert load.failures == [] and served_version(agent.port) == "1"
+        seen = len(fleet.watcher.reports("edge-1"))
+        fleet.publish(slow, 2)  # the same release again, signed later: the operator retries it
+        fleet.watcher.wait_report("edge-1", "active", 2, after=seen)
+        fleet.watcher.wait_report("edge-1", "rolled_back", 2, after=seen)  # still slower
+    assert [r["version"] for r in state_file(fleet, "edge-1")["rolled_back"]] == [2]
+    agent.stop()
+    fleet.agents.remove(agent)
+    restarted = fleet.agent("edge-1")  # the retained copy arrives again: it was rolled back, no retry
+    assert wait_for(lambda: "reason=rolled_back_before" in caplog.text)
+    assert served_version(restarted.port) == "1"
 
 
 def test_clean_stop_inside_the_watch_window_is_no_verdict(fleet: Fleet) -> None:

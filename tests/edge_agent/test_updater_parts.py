@@ -3,7 +3,9 @@ TensorRT decisions (no GPU: a stand-in builder), the self-test, and what an agen
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,27 @@ from edge_agent.config import AgentConfig
 from edge_agent.serving.slot import EdgeModel, load_edge_model
 from edge_agent.update.staging import Runtime, self_test
 from edge_agent.update.startup import load_startup
-from edge_agent.update.state import ROLLED_BACK_KEPT, Pending, Release, Slot, StateStore, UpdateState
-from edge_agent.update.watch import Figures, MeteredBackend, figures, metered, regression
+from edge_agent.update.state import (
+    ROLLED_BACK_KEPT,
+    Pending,
+    Release,
+    RolledBack,
+    Slot,
+    StateStore,
+    UpdateState,
+)
+from edge_agent.update.watch import (
+    Figures,
+    Latency,
+    MeteredBackend,
+    batch_class,
+    class_rows,
+    figures,
+    metered,
+    regression,
+)
 from edgecloud.backends.base import Backend
+from edgecloud.clock import parse_time
 from edgecloud.engine.cache import EngineCache
 from edgecloud.engine.sidecar import EngineSidecar, write_sidecar
 from edgecloud.errors import InvalidInput
@@ -30,6 +50,7 @@ ORIN = "NVIDIA Jetson AGX Orin Developer Kit"
 SHA = "ab" * 32
 RELEASE = {"model": "inspection", "version": 2, "artifact": {"sha256": SHA},
            "calibration": {"threshold": 0.7}}
+ISSUED = "2025-03-01T12:00:00Z"
 
 
 # -- persisted state ----------------------------------------------------------------------------------------
@@ -58,11 +79,29 @@ def test_state_round_trips_atomically_and_parses_strictly(tmp_path: Path) -> Non
 def test_rolled_back_releases_are_remembered_bounded(tmp_path: Path) -> None:
     state = UpdateState()
     for version in range(ROLLED_BACK_KEPT + 4):
-        state = state.with_rolled_back(Release("inspection", version, SHA))
-    state = state.with_rolled_back(Release("inspection", 5, SHA))  # again: moves to the end, once
-    versions = [r.version for r in state.rolled_back]
+        state = state.with_rolled_back(Release("inspection", version, SHA), ISSUED)
+    state = state.with_rolled_back(Release("inspection", 5, SHA), ISSUED)  # again: moves to the end, once
+    versions = [r.release.version for r in state.rolled_back]
     assert len(versions) == ROLLED_BACK_KEPT and versions[-1] == 5 and versions.count(5) == 1
-    assert Release("inspection", 0, SHA) not in state.rolled_back  # the oldest went first
+    assert not state.rolled_back_before(Release("inspection", 0, SHA), parse_time(ISSUED))  # the oldest went
+
+
+def test_a_rolled_back_release_is_retried_only_when_signed_again_later(tmp_path: Path) -> None:
+    release = Release("inspection", 2, SHA)
+    state = UpdateState().with_rolled_back(release, ISSUED)
+    signed = parse_time(ISSUED)
+    assert state.rolled_back_before(release, signed)  # the retained copy, delivered again
+    assert state.rolled_back_before(release, signed - timedelta(hours=1))
+    assert not state.rolled_back_before(release, signed + timedelta(seconds=1))  # published again
+    assert not state.rolled_back_before(Release("inspection", 2, "cd" * 32), signed)  # another file
+    store = StateStore(tmp_path)
+    store.save(state)
+    assert store.load() == (state, None)
+    # a state written before issued_at was recorded: that release stays rolled back
+    store.path.write_text(json.dumps({"schema": 1, "active": None, "previous": None, "pending": None,
+                                      "newest_issued_at": None, "rolled_back": [release.to_dict()]}))
+    loaded, why = store.load()
+    assert why is None and loaded.rolled_back_before(release, signed + timedelta(days=1))
 
 
 def test_prune_keeps_the_slots_and_the_release_in_progress(tmp_path: Path) -> None:
@@ -80,21 +119,53 @@ def test_prune_keeps_the_slots_and_the_release_in_progress(tmp_path: Path) -> No
 
 
 # -- the watch window -------------------------------------------------------------------------------------
+def fig(calls: int, errors: int = 0, **p50_by_rows: float) -> Figures:
+    """Figures whose kept run times are ``calls - errors`` per batch class named ``rows_<n>``."""
+    return Figures(calls, errors, {batch_class(int(key.split("_")[1])): Latency(calls - errors, p50)
+                                   for key, p50 in p50_by_rows.items()})
+
+
 @pytest.mark.parametrize(("previous", "new", "verdict"), [
-    (Figures(500, 0, 0.10), Figures(100, 0, 0.12), None),
-    (Figures(500, 0, 0.10), Figures(100, 6, 0.10), "error_rate"),  # 6 % > 5 %
-    (Figures(500, 0, 0.10), Figures(100, 5, 0.10), None),  # 5 % is allowed
-    (Figures(500, 50, 0.10), Figures(100, 10, 0.10), None),  # no worse than before
-    (Figures(500, 50, 0.10), Figures(100, 20, 0.10), "error_rate"),
-    (Figures(500, 0, 2.0), Figures(100, 0, 6.2), "latency"),  # x3.1 > x3
-    (Figures(500, 0, 0.10), Figures(100, 0, 0.90), None),  # x9, but under a millisecond: noise
-    (Figures(5, 0, 0.10), Figures(100, 0, 5.0), None),  # too few previous calls to compare
-    (Figures(500, 0, 0.10), Figures(9, 9, None), None),  # too few new calls to judge
-    (Figures(0, 0, None), Figures(100, 100, None), "error_rate"),
+    (fig(500, rows_1=0.10), fig(100, rows_1=0.12), None),
+    (fig(500, rows_1=0.10), fig(100, 6, rows_1=0.10), "error_rate"),  # 6 % > 5 %
+    (fig(500, rows_1=0.10), fig(100, 5, rows_1=0.10), None),  # 5 % is allowed
+    (fig(500, 50, rows_1=0.10), fig(100, 10, rows_1=0.10), None),  # no worse than before
+    (fig(500, 50, rows_1=0.10), fig(100, 20, rows_1=0.10), "error_rate"),
+    (fig(500, rows_1=2.0), fig(100, rows_1=6.2), "latency"),  # x3.1 > x3
+    (fig(500, rows_1=0.10), fig(100, rows_1=0.90), None),  # x9, but under a millisecond: noise
+    (fig(5, rows_1=0.10), fig(100, rows_1=5.0), None),  # too few previous calls to compare
+    (fig(500, rows_1=0.10), Figures(9, 9), None),  # too few new calls to judge
+    (Figures(0, 0), Figures(100, 100), "error_rate"),
+    # like with like: a burst of bigger batches after the swap is no regression ...
+    (fig(500, rows_1=0.32), fig(100, rows_64=9.2), None),
+    (fig(500, rows_1=0.32), fig(100, rows_1=0.35, rows_64=9.2), None),
+    # ... a model slower on the batches both served still is
+    (fig(500, rows_1=0.32, rows_64=3.0), fig(100, rows_1=0.35, rows_64=9.2), "latency"),
+    (fig(500, rows_2=0.5), fig(100, rows_3=2.5), "latency"),  # 2 and 3 rows are one class
 ])
 def test_regression_verdict(previous: Figures, new: Figures, verdict: str | None) -> None:
     reason = regression(previous, new, max_error_rate=0.05, max_latency_factor=3.0)
     assert (reason.split(":")[0] if reason else None) == verdict
+
+
+def test_a_rollback_names_the_figures_that_caused_it() -> None:
+    reason = regression(fig(800, rows_1=0.32, rows_64=3.0), fig(120, rows_1=0.35, rows_64=9.216), 0.05, 3.0)
+    assert reason == ("latency: p50 9.216 ms vs 3.000 ms of the previous model on batches of 64-127 rows, "
+                      "over 120 and 800 calls (x3.1, allowed x3)")
+    reason = regression(fig(800, 8, rows_1=0.3), fig(40, 12, rows_1=0.3), 0.05, 3.0)
+    assert reason == ("error_rate: 12 of 40 calls failed (30.0%); allowed 5.0% "
+                      "(previous model: 8 of 800)")
+
+
+def test_the_meter_keeps_run_times_by_batch_class() -> None:
+    meter = MeteredBackend(_Scripted())
+    for rows in (1, 1, 2, 3, 64, 100, 128):
+        meter.infer({"x": np.zeros((rows, 2), np.float32)})
+    seen = meter.figures()
+    assert seen.calls == 7
+    assert {class_rows(b): lat.calls for b, lat in seen.latency.items()} == {"1": 2, "2-3": 2, "64-127": 2,
+                                                                             "128-255": 1}
+    assert seen.summary().startswith("1:p50=") and "64-127:p50=" in seen.summary()
 
 
 class _Scripted(Backend):
@@ -137,10 +208,10 @@ def test_metered_backend_counts_the_models_own_failures(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         meter.infer(x)
     seen = meter.figures()
-    assert (seen.calls, seen.errors) == (2, 1) and seen.p50_ms is not None and seen.p50_ms >= 0
+    assert (seen.calls, seen.errors) == (2, 1) and seen.latency[1].calls == 1 and seen.latency[1].p50_ms >= 0
     model = load_edge_model(agent_config(tmp_path, linear_classifier(tmp_path / "m.onnx")))
     watched = metered(model)
-    assert metered(watched) is watched and figures(model) == Figures(0, 0, None)
+    assert metered(watched) is watched and figures(model) == Figures(0, 0)
 
 
 # -- TensorRT decisions without a GPU ---------------------------------------------------------------------
@@ -215,7 +286,7 @@ def _config(tmp_path: Path, **sections: Any) -> AgentConfig:
 
 def _slot(store: StateStore, version: int) -> Slot:
     path = linear_classifier(store.slot_file("inspection", version, ".onnx"), seed=version)
-    return Slot(version, store.relative(path), {**RELEASE, "version": version})
+    return Slot(version, store.relative(path), {**RELEASE, "version": version, "issued_at": ISSUED})
 
 
 def test_startup_serves_the_active_slot_with_its_release_calibration(tmp_path: Path) -> None:
@@ -244,7 +315,7 @@ def test_startup_inside_a_watch_window_rolls_back(tmp_path: Path) -> None:
     assert startup.model.version == "2" and startup.rolled_back == Release("inspection", 3, SHA)
     state = store.load()[0]
     assert state.active is not None and state.active.version == 2 and state.pending is None
-    assert state.rolled_back == (Release("inspection", 3, SHA),)
+    assert state.rolled_back == (RolledBack(Release("inspection", 3, SHA), ISSUED),)  # the watched copy
 
 
 def test_startup_falls_back_when_the_slot_file_is_gone(tmp_path: Path) -> None:

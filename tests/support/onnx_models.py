@@ -41,6 +41,37 @@ def linear_classifier(path: Path, features: int = 8, classes: int = 4, seed: int
     return path
 
 
+def spread_classifier(path: Path, hidden: int = 256, spread: int = 16, card: dict | None = None) -> Path:
+    """A classifier with the contract of :func:`linear_classifier` (x [N, 8] → logits [N, 4]) whose work
+    per row is ``spread`` rows of a ``hidden``-wide MLP, averaged: its run time grows with the batch
+    size like a real model's, and ``spread`` makes it as slow per row as a test needs."""
+    rng = np.random.default_rng(hidden + spread)
+    weights = {"W0": rng.standard_normal((8, hidden)) * 0.3, "W1": rng.standard_normal((hidden, hidden)) / 16,
+               "W2": rng.standard_normal((hidden, 4)) * 0.1}
+    graph = helper.make_graph(
+        [helper.make_node("Unsqueeze", ["x", "axis1"], ["x1"]),
+         helper.make_node("Expand", ["x1", "spread"], ["rows"]),
+         helper.make_node("MatMul", ["rows", "W0"], ["h0"]), helper.make_node("Relu", ["h0"], ["r0"]),
+         helper.make_node("MatMul", ["r0", "W1"], ["h1"]),
+         helper.make_node("ReduceMean", ["h1"], ["mean"], axes=[1], keepdims=0),
+         helper.make_node("MatMul", ["mean", "W2"], ["logits"])],
+        "spread",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        initializer=[numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+                     numpy_helper.from_array(np.array([1, spread, 1], np.int64), "spread"),
+                     *(numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    if card is not None:
+        path.with_name(path.name + ".card.json").write_text(json.dumps(card))
+    return path
+
+
 def reference_logits(path: Path, x: np.ndarray) -> np.ndarray:
     """The model's own answer, computed straight from its weights (no server involved)."""
     model = onnx.load(str(path))

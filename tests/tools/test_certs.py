@@ -1,5 +1,6 @@
-"""``edgecloud certs``: the CA, server and device certificates it writes are valid, chain to the CA, say
-what they are for, and keep their keys private. (The gateway and broker TLS tests run on them too.)"""
+"""``edgecloud certs``: the CA, server, device and operator certificates it writes are valid, chain to
+the CA, say what they are for (a device's fleet too), and keep their keys private. (The gateway and
+broker TLS tests run on them too.)"""
 
 from __future__ import annotations
 
@@ -57,3 +58,20 @@ def test_refuses_to_overwrite_and_needs_a_ca(tmp_path: Path, capsys) -> None:
     assert "refusing to overwrite" in capsys.readouterr().err and (pki / "ca.pem").read_bytes() == first
     assert cli.main(["certs", "device", "--dir", str(pki), "--device-id", "../escape"]) == 2
     assert not list(tmp_path.rglob("escape*"))
+
+
+def test_a_device_certificate_names_its_fleet_and_an_operator_has_its_own(tmp_path: Path, capsys) -> None:
+    pki = tmp_path / "pki"
+    assert cli.main(["certs", "ca", "--dir", str(pki)]) == 0
+    assert cli.main(["certs", "device", "--dir", str(pki), "--device-id", "press-7",
+                     "--fleet", "plant-a"]) == 0
+    assert cli.main(["certs", "operator", "--dir", str(pki), "--name", "ops-alice"]) == 0
+    device, operator = load(pki / "devices" / "press-7.pem"), load(pki / "operators" / "ops-alice.pem")
+    assert device.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == "plant-a"
+    assert common_name(operator) == "ops-alice" and usages(operator) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert operator.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME) == []
+    operator.verify_directly_issued_by(load(pki / "ca.pem"))
+    assert stat.S_IMODE((pki / "operators" / "ops-alice.key").stat().st_mode) == 0o600
+    capsys.readouterr()
+    assert cli.main(["certs", "device", "--dir", str(pki), "--device-id", "press-8", "--fleet", "a/b"]) == 2
+    assert "--fleet" in capsys.readouterr().err

@@ -28,20 +28,22 @@ class Chunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
-    __slots__ = ("name", "version", "format", "total_size", "sha256", "data")
+    __slots__ = ("name", "version", "format", "total_size", "sha256", "data", "fleet")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    FLEET_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     format: str
     total_size: int
     sha256: str
     data: bytes
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[str] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    fleet: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[str] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ..., data: _Optional[bytes] = ..., fleet: _Optional[str] = ...) -> None: ...
 
 class UploadResult(_message.Message):
     __slots__ = ("name", "version", "size", "sha256", "existed")
