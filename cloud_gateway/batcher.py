@@ -1,11 +1,18 @@
 """Dynamic batching for one model: requests from many devices are concatenated along dim 0, run once,
 and split back, so the cloud model sees batches even when every agent sends a row at a time.
 
-One worker thread per model takes the first waiting request, then gathers more for up to
+A dispatcher thread per model takes the first waiting request, then gathers more for up to
 ``max_queue_delay_us`` or until ``max_batch_size`` rows. A request that does not fit (too many rows,
 or other non-batch dimensions) starts the next batch. A request larger than ``max_batch_size`` is cut
-into chunks of at most that size, which may merge with other requests. The queue is bounded: when it
-is full, callers get ResourceExhausted at once instead of waiting behind a backlog.
+into chunks of at most that size, which may merge with other requests. Up to ``concurrent_runs``
+batches run at once, so the next batch is gathered and run while one is in flight (a ``remote``
+backend's calls overlap); while every run is busy, requests wait in the queue and the next batch is
+fuller. The queue is bounded: when it is full, callers get ResourceExhausted at once instead of
+waiting behind a backlog.
+
+``submit`` answers with a future. A future cancelled before its batch is gathered is never run: the
+gateway cancels it when the caller's gRPC deadline passes or the caller gives up, so the model spends
+no time on answers nobody waits for.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,11 +37,13 @@ RunFn = Callable[[Tensors], dict[str, np.ndarray]]
 
 @dataclass(frozen=True, slots=True)
 class BatchStats:
-    """What the batcher did so far: model runs, requests (chunks) served, and rows."""
+    """What the batcher did so far: model runs, requests (chunks) served, rows, and requests dropped
+    unrun because their caller had gone."""
 
     batches: int = 0
     requests: int = 0
     rows: int = 0
+    cancelled: int = 0
 
 
 @dataclass(eq=False)
@@ -53,10 +62,11 @@ _STOP = object()
 
 
 class Batcher:
-    """Merges concurrent ``submit`` calls into batches of at most ``max_batch_size`` rows for ``run``."""
+    """Merges concurrent ``submit`` calls into batches of at most ``max_batch_size`` rows for ``run``,
+    with up to ``concurrent_runs`` batches in flight."""
 
     def __init__(self, name: str, run: RunFn, max_batch_size: int, max_queue_delay_us: int,
-                 max_queue_size: int) -> None:
+                 max_queue_size: int, concurrent_runs: int = 1) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.name = name
@@ -68,6 +78,8 @@ class Batcher:
         self._lock = threading.Lock()  # guards the stats
         self._gate = threading.Lock()  # orders submissions before the stop marker
         self._closed = False
+        self._slots = threading.Semaphore(concurrent_runs)
+        self._runs = ThreadPoolExecutor(concurrent_runs, thread_name_prefix=f"batch-{name}")
         self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -75,18 +87,20 @@ class Batcher:
         with self._lock:
             return self._stats
 
-    def submit(self, inputs: Tensors) -> dict[str, np.ndarray]:
-        """Run ``inputs`` (all with the same dim 0) as part of a batch; blocks until answered."""
+    def submit(self, inputs: Tensors) -> Future:
+        """Queue ``inputs`` (all with the same dim 0) for a batch; the future holds their outputs."""
         rows = next(iter(inputs.values())).shape[0]
         starts = range(0, max(rows, 1), self.max_batch_size)
         chunks = [_Pending({k: v[s:s + self.max_batch_size] for k, v in inputs.items()},
                            min(self.max_batch_size, rows - s)) for s in starts]
-        for chunk in chunks:
-            self._enqueue(chunk)
-        parts = [chunk.future.result() for chunk in chunks]
-        if len(parts) == 1:
-            return parts[0]
-        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        for n, chunk in enumerate(chunks):
+            try:
+                self._enqueue(chunk)
+            except EdgecloudError:
+                for queued in chunks[:n]:
+                    queued.future.cancel()
+                raise
+        return chunks[0].future if len(chunks) == 1 else _joined(chunks)
 
     def _enqueue(self, pending: _Pending) -> None:
         with self._gate:
@@ -99,16 +113,27 @@ class Batcher:
                                         "requests waiting); retry later") from None
 
     def _work(self) -> None:
-        carry: _Pending | None = None
+        carry: object | None = None
         while True:
-            first = carry if carry is not None else self._queue.get()
-            if first is _STOP:
+            self._slots.acquire()  # a free run first: while all are busy, requests keep queueing
+            batch, carry = self._gather(carry)
+            if batch is None:
                 break
-            batch, carry = self._gather(first)
-            self._run_batch(batch)
+            self._runs.submit(self._run_batch, batch).add_done_callback(lambda _: self._slots.release())
+        self._runs.shutdown()
 
-    def _gather(self, first: _Pending) -> tuple[list[_Pending], object | None]:
-        """``first`` plus whatever joins it within the delay; returns the batch and a carried item."""
+    def _gather(self, carry: object | None) -> tuple[list[_Pending] | None, object | None]:
+        """The first live request (``carry`` or the next queued) and whatever joins it within the
+        delay; returns the batch (None once stopped) and a request carried to the next batch."""
+        first = carry
+        while True:
+            if first is None:
+                first = self._queue.get()
+            if first is _STOP:
+                return None, None
+            if self._claim(first):
+                break
+            first = None
         batch, rows, key = [first], first.rows, first.shape_key
         deadline = time.monotonic() + self.delay_s
         while rows < self.max_batch_size:
@@ -118,9 +143,19 @@ class Batcher:
                 break
             if item is _STOP or rows + item.rows > self.max_batch_size or item.shape_key != key:
                 return batch, item
-            batch.append(item)
-            rows += item.rows
+            if self._claim(item):
+                batch.append(item)
+                rows += item.rows
         return batch, None
+
+    def _claim(self, pending: _Pending) -> bool:
+        """Take ``pending`` into a batch unless its caller cancelled it; from now on it runs."""
+        if pending.future.set_running_or_notify_cancel():
+            return True
+        with self._lock:
+            s = self._stats
+            self._stats = BatchStats(s.batches, s.requests, s.rows, s.cancelled + 1)
+        return False
 
     def _run_batch(self, batch: list[_Pending]) -> None:
         rows = sum(p.rows for p in batch)
@@ -138,17 +173,49 @@ class Batcher:
             return
         with self._lock:  # before any caller is answered, so its stats are never behind
             s = self._stats
-            self._stats = BatchStats(s.batches + 1, s.requests + len(batch), s.rows + rows)
+            self._stats = BatchStats(s.batches + 1, s.requests + len(batch), s.rows + rows, s.cancelled)
         offset = 0
         for p in batch:
             p.future.set_result({name: a[offset:offset + p.rows] for name, a in outputs.items()})
             offset += p.rows
 
     def close(self) -> None:
-        """Refuse new requests, answer those already queued, stop the thread; safe to call twice."""
+        """Refuse new requests, answer those already queued, stop the threads; safe to call twice."""
         with self._gate:
             if self._closed:
                 return
             self._closed = True
         self._queue.put(_STOP)  # after every accepted request: the queue is FIFO
         self._thread.join()
+
+
+def _joined(chunks: list[_Pending]) -> Future:
+    """One future for a request cut into chunks: their outputs concatenated, or the first error;
+    cancelling it cancels the chunks not yet taken into a batch."""
+    joined: Future = Future()
+    left = [len(chunks)]
+    lock = threading.Lock()
+
+    def cancel_chunks(done: Future) -> None:
+        if done.cancelled():
+            for chunk in chunks:
+                chunk.future.cancel()
+
+    def chunk_done(_done: Future) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        if not joined.set_running_or_notify_cancel():
+            return
+        errors = [c.future.exception() for c in chunks if c.future.exception() is not None]
+        if errors:
+            joined.set_exception(errors[0])
+            return
+        parts = [c.future.result() for c in chunks]
+        joined.set_result({name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
+
+    joined.add_done_callback(cancel_chunks)
+    for chunk in chunks:
+        chunk.future.add_done_callback(chunk_done)
+    return joined

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +35,15 @@ CONFIG_FILE = "config.toml"
 
 @dataclass
 class ServedModel:
-    """One loaded version of a model, with its batcher (None when it runs each request alone)."""
+    """One loaded version of a model, with its batcher, or, when it runs each request alone, the
+    ``concurrent_runs`` threads it runs them on."""
 
     name: str
     version: int
     config: ModelConfig
     backend: Backend
     batcher: Batcher | None = None
+    runs: ThreadPoolExecutor | None = None
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -50,15 +53,18 @@ class ServedModel:
     def outputs(self) -> tuple[TensorSpec, ...]:
         return self.backend.outputs
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs for validated ``inputs``, merged with other callers' when batching is on."""
+    def submit(self, inputs: Mapping[str, np.ndarray]) -> Future:
+        """The future outputs of validated ``inputs``, merged with other callers' when batching is on;
+        cancelled before it runs, it never does."""
         if self.batcher is not None:
             return self.batcher.submit(inputs)
-        return self.backend.infer(inputs)
+        return self.runs.submit(self.backend.infer, inputs)
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
+        if self.runs is not None:
+            self.runs.shutdown()
         self.backend.close()
 
 
@@ -81,9 +87,11 @@ def load_model(name: str, version: int, path: Path, config: ModelConfig) -> Serv
     served = ServedModel(name, version, config, backend)
     if config.max_batch_size > 0 and dynamic:
         served.batcher = Batcher(f"{name}:{version}", backend.infer, config.max_batch_size,
-                                 config.max_queue_delay_us, config.max_queue_size)
-    elif config.max_batch_size > 0:
-        log.warning("event=batching_off model=%s version=%d reason=fixed_batch_dimension", name, version)
+                                 config.max_queue_delay_us, config.max_queue_size, config.concurrent_runs)
+    else:
+        if config.max_batch_size > 0:
+            log.warning("event=batching_off model=%s version=%d reason=fixed_batch_dimension", name, version)
+        served.runs = ThreadPoolExecutor(config.concurrent_runs, thread_name_prefix=f"run-{name}:{version}")
     log.info("event=model_loaded model=%s version=%d path=%s platform=%s max_batch_size=%d batching=%s",
              name, version, path, backend.platform, config.max_batch_size, served.batcher is not None)
     return served

@@ -41,7 +41,7 @@ def test_concurrent_callers_are_merged_and_get_their_own_rows():
     def call(caller: int):
         x = request(caller, 1 + caller % 3)
         start.wait()
-        return x, batcher.submit(x)
+        return x, batcher.submit(x).result(10)
 
     try:
         with ThreadPoolExecutor(callers) as pool:
@@ -62,7 +62,8 @@ def test_batches_never_exceed_max_batch_size_and_big_requests_are_chunked():
     batcher = Batcher("m", model, max_batch_size=4, max_queue_delay_us=50_000, max_queue_size=64)
     try:
         with ThreadPoolExecutor(6) as pool:
-            results = list(pool.map(lambda c: (c, batcher.submit(request(c, 3 if c else 11))), range(6)))
+            results = list(pool.map(lambda c: (c, batcher.submit(request(c, 3 if c else 11)).result(10)),
+                                    range(6)))
     finally:
         batcher.close()
     for caller, out in results:
@@ -76,8 +77,8 @@ def test_requests_with_other_inner_shapes_are_not_merged():
     batcher = Batcher("m", model, max_batch_size=16, max_queue_delay_us=100_000, max_queue_size=8)
     wide = {"x": np.ones((2, 5), dtype=np.float32)}
     try:
-        with ThreadPoolExecutor(2) as pool:
-            narrow_out, wide_out = pool.map(batcher.submit, [request(1, 2), wide])
+        narrow, other = batcher.submit(request(1, 2)), batcher.submit(wide)
+        narrow_out, wide_out = narrow.result(10), other.result(10)
     finally:
         batcher.close()
     assert wide_out["y"].shape == (2, 5) and narrow_out["y"].shape == (2, 2)
@@ -88,11 +89,10 @@ def test_full_queue_is_refused_and_model_errors_reach_every_caller():
     model = CountingModel()
     model.gate.clear()  # the first run blocks, so requests pile up
     batcher = Batcher("m", model, max_batch_size=1, max_queue_delay_us=0, max_queue_size=2)
-    pool = ThreadPoolExecutor(3)
     try:
-        running = pool.submit(batcher.submit, request(0, 1))
+        running = batcher.submit(request(0, 1))
         assert wait_for(batcher._queue.empty)  # taken by the worker, blocked in the model
-        queued = [pool.submit(batcher.submit, request(c, 1)) for c in (1, 2)]
+        queued = [batcher.submit(request(c, 1)) for c in (1, 2)]
         assert wait_for(batcher._queue.full)
         with pytest.raises(ResourceExhausted, match="queue full"):
             batcher.submit(request(3, 1))
@@ -101,7 +101,6 @@ def test_full_queue_is_refused_and_model_errors_reach_every_caller():
         assert [f.result(5)["y"][0, 0] for f in queued] == [4.0, 7.0]
     finally:
         model.gate.set()
-        pool.shutdown()
         batcher.close()
 
     def broken(inputs):
@@ -109,11 +108,10 @@ def test_full_queue_is_refused_and_model_errors_reach_every_caller():
 
     failing = Batcher("b", broken, max_batch_size=8, max_queue_delay_us=50_000, max_queue_size=8)
     try:
-        with ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(failing.submit, request(c, 1)) for c in range(3)]
-            for f in futures:
-                with pytest.raises(RuntimeError, match="exploded"):
-                    f.result(5)
+        futures = [failing.submit(request(c, 1)) for c in range(3)]
+        for f in futures:
+            with pytest.raises(RuntimeError, match="exploded"):
+                f.result(5)
     finally:
         failing.close()
     with pytest.raises(ModelUnavailable):
