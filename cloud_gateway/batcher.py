@@ -100,6 +100,8 @@ class Batcher:
                 for queued in chunks[:n]:
                     queued.future.cancel()
                 raise
+        for chunk in chunks:
+            chunk.future.add_done_callback(self._count_cancelled)
         return chunks[0].future if len(chunks) == 1 else _joined(chunks)
 
     def _enqueue(self, pending: _Pending) -> None:
@@ -148,14 +150,16 @@ class Batcher:
                 rows += item.rows
         return batch, None
 
-    def _claim(self, pending: _Pending) -> bool:
+    @staticmethod
+    def _claim(pending: _Pending) -> bool:
         """Take ``pending`` into a batch unless its caller cancelled it; from now on it runs."""
-        if pending.future.set_running_or_notify_cancel():
-            return True
-        with self._lock:
-            s = self._stats
-            self._stats = BatchStats(s.batches, s.requests, s.rows, s.cancelled + 1)
-        return False
+        return pending.future.set_running_or_notify_cancel()
+
+    def _count_cancelled(self, future: Future) -> None:
+        if future.cancelled():
+            with self._lock:
+                s = self._stats
+                self._stats = BatchStats(s.batches, s.requests, s.rows, s.cancelled + 1)
 
     def _run_batch(self, batch: list[_Pending]) -> None:
         rows = sum(p.rows for p in batch)

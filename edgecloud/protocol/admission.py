@@ -39,7 +39,8 @@ class Admission:
 
     def __init__(self, service: str, limits: AdmissionSection) -> None:
         self.limits = limits
-        self.busy_message = (f"{service} busy: {limits.max_in_flight} calls in flight and "
+        calls = "call" if limits.max_in_flight == 1 else "calls"
+        self.busy_message = (f"{service} busy: {limits.max_in_flight} {calls} in flight and "
                              f"{limits.max_queue} queued (limits in [admission]); retry later")
         self._lock = threading.Lock()
         self._in_flight = 0

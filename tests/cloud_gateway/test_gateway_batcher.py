@@ -1,5 +1,6 @@
 """The dynamic batcher without gRPC: concurrent requests merge into one model run and every caller
-gets its own rows back; oversized requests are chunked; the queue is bounded."""
+gets its own rows back; oversized requests are chunked; the queue is bounded; batches overlap up to
+``concurrent_runs``; a cancelled request is never run."""
 
 from __future__ import annotations
 
@@ -15,16 +16,24 @@ from tests.support.net import wait_for
 
 
 class CountingModel:
-    """y = 3x + 1 per row, recording the batch size of every run; ``gate`` can hold a run back."""
+    """y = 3x + 1 per row, recording the batch size and the first column of every run; ``gate`` can
+    hold runs back, ``entered`` counts the runs started."""
 
     def __init__(self) -> None:
         self.batch_sizes: list[int] = []
+        self.seen: list[float] = []
+        self.entered = 0
+        self._lock = threading.Lock()
         self.gate = threading.Event()
         self.gate.set()
 
     def __call__(self, inputs):
+        with self._lock:
+            self.entered += 1
         self.gate.wait(10)
-        self.batch_sizes.append(inputs["x"].shape[0])
+        with self._lock:
+            self.batch_sizes.append(inputs["x"].shape[0])
+            self.seen.extend(inputs["x"][:, 0].tolist())
         return {"y": inputs["x"] * 3 + 1, "rowsum": inputs["x"].sum(axis=1)}
 
 
@@ -116,3 +125,38 @@ def test_full_queue_is_refused_and_model_errors_reach_every_caller():
         failing.close()
     with pytest.raises(ModelUnavailable):
         failing.submit(request(0, 1))
+
+
+def test_batches_overlap_up_to_concurrent_runs():
+    model = CountingModel()
+    model.gate.clear()
+    batcher = Batcher("m", model, max_batch_size=1, max_queue_delay_us=0, max_queue_size=8, concurrent_runs=2)
+    try:
+        futures = [batcher.submit(request(c, 1)) for c in range(3)]
+        assert wait_for(lambda: model.entered == 2)  # the second batch runs while the first is in flight
+        assert batcher._queue.qsize() == 1  # the third waits for a free run
+        model.gate.set()
+        assert [f.result(5)["y"][0, 0] for f in futures] == [1.0, 4.0, 7.0]
+    finally:
+        model.gate.set()
+        batcher.close()
+
+
+def test_a_request_cancelled_before_its_batch_is_never_run():
+    model = CountingModel()
+    model.gate.clear()
+    batcher = Batcher("m", model, max_batch_size=1, max_queue_delay_us=0, max_queue_size=8)
+    try:
+        running = batcher.submit(request(10, 1))
+        assert wait_for(lambda: model.entered == 1)
+        gone, kept, chunked = batcher.submit(request(20, 1)), batcher.submit(request(30, 1)), \
+            batcher.submit(request(40, 3))
+        assert gone.cancel() and chunked.cancel()
+        assert batcher.stats().cancelled == 1 + 3  # the three chunks of the big request too
+        model.gate.set()
+        assert running.result(5)["y"][0, 0] == 31.0 and kept.result(5)["y"][0, 0] == 91.0
+    finally:
+        model.gate.set()
+        batcher.close()
+    assert model.seen == [10.0, 30.0]
+    assert batcher.stats().requests == 2
