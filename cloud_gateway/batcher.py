@@ -1,5 +1,6 @@
-"""Dynamic batching for one model: requests from many devices are concatenated along dim 0, run once,
-and split back, so the cloud model sees batches even when every agent sends a row at a time.
+"""Dynamic batching for one model (docs/design.md §5): requests from many devices are concatenated
+along dim 0, run once, and split back, so the cloud model sees batches even when every agent sends a
+row at a time.
 
 A dispatcher thread per model takes the first waiting request, then gathers more for up to
 ``max_queue_delay_us`` or until ``max_batch_size`` rows. A request that does not fit (too many rows,
