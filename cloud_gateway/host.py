@@ -2,8 +2,8 @@
 an edge device escalated in the hard-example store, and answer.
 
 ``infer`` is a coroutine on the server's event loop (``start_async_server``): a call waiting for its
-batch holds no thread, and when the caller's deadline passes gRPC cancels it, which takes its request
-out of the batch queue unrun. Rows are stored before the answer leaves: an agent forgets a case once
+batch holds no thread, and when the caller's deadline passes gRPC cancels it, which drops its request
+in the batch queue unrun. Rows are stored before the answer leaves: an agent forgets a case once
 the cloud has answered it, so a store that cannot write fails the call (UNAVAILABLE) and the agent
 keeps the case in its spool.
 """
@@ -73,7 +73,7 @@ class GatewayHost:
         check_requested(model.name, request.outputs, [o.name for o in model.outputs])
         collab = read_collaboration(request, rows)
         device = self._device(peer, collab.device_id)
-        outputs = await asyncio.wrap_future(model.submit(request.inputs))
+        outputs = await model.run(request.inputs)
         if collab.summary is not None:  # SQLite writes: on a thread, off the event loop
             await asyncio.to_thread(self._keep, model, collab, device, request.inputs, outputs)
         else:

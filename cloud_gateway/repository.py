@@ -11,9 +11,10 @@ answer NOT_FOUND to every device that escalates to it).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,12 +54,12 @@ class ServedModel:
     def outputs(self) -> tuple[TensorSpec, ...]:
         return self.backend.outputs
 
-    def submit(self, inputs: Mapping[str, np.ndarray]) -> Future:
-        """The future outputs of validated ``inputs``, merged with other callers' when batching is on;
-        cancelled before it runs, it never does."""
+    async def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs for validated ``inputs``, merged with other callers' when batching is on; a call
+        cancelled before its run starts is never run."""
         if self.batcher is not None:
-            return self.batcher.submit(inputs)
-        return self.runs.submit(self.backend.infer, inputs)
+            return await self.batcher.run(inputs)
+        return await asyncio.get_running_loop().run_in_executor(self.runs, self.backend.infer, inputs)
 
     def close(self) -> None:
         if self.batcher is not None:
