@@ -2,10 +2,10 @@
 an edge device escalated in the hard-example store, and answer.
 
 ``infer`` is a coroutine on the server's event loop (``start_async_server``): a call waiting for its
-batch holds no thread, and when the caller's deadline passes gRPC cancels it, which drops its request
-in the batch queue unrun. Rows are stored before the answer leaves: an agent forgets a case once
-the cloud has answered it, so a store that cannot write fails the call (UNAVAILABLE) and the agent
-keeps the case in its spool.
+batch holds no thread, and when the caller's deadline passes gRPC cancels it, so its request leaves
+the batch queue unrun. Rows are stored before the answer leaves: an agent forgets a case once the
+cloud has answered it, so a store that cannot write fails the call (UNAVAILABLE) and the agent keeps
+the case in its spool.
 """
 
 from __future__ import annotations
