@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import logging
 import re
 from collections.abc import Callable, Collection
@@ -195,12 +196,27 @@ def _guarded(handler: grpc.RpcMethodHandler,
         if behaviour is None:
             continue
 
-        def guarded(request, context: grpc.ServicerContext, behaviour=behaviour):
-            try:
-                admit(context)
-            except AuthRefused as e:
-                context.abort(e.code, str(e))
-            return behaviour(request, context)
+        if inspect.iscoroutinefunction(behaviour):  # grpc.aio's own handlers (the gateway's ModelInfer)
+            async def guarded(request, context, behaviour=behaviour):
+                try:
+                    admit(context)
+                except AuthRefused as e:
+                    await context.abort(e.code, str(e))
+                return await behaviour(request, context)
+        elif attribute.endswith("_stream"):  # a generator, as grpc.aio runs a sync stream's handler
+            def guarded(request, context: grpc.ServicerContext, behaviour=behaviour):
+                try:
+                    admit(context)
+                except AuthRefused as e:
+                    context.abort(e.code, str(e))
+                yield from behaviour(request, context)
+        else:
+            def guarded(request, context: grpc.ServicerContext, behaviour=behaviour):
+                try:
+                    admit(context)
+                except AuthRefused as e:
+                    context.abort(e.code, str(e))
+                return behaviour(request, context)
 
         return make(guarded, request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer)

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from edgecloud.backends.options import BackendOptions, required_keys, section_name
-from edgecloud.config import MetricsSection, Section, build, cert_key_pair, merge
+from edgecloud.config import AdmissionSection, MetricsSection, Section, build, cert_key_pair, merge
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.mqtt.client import MqttConfig
 from edgecloud.mqtt.topics import check_id
@@ -28,6 +28,8 @@ class ModelConfig(Section):
     max_batch_size: int = Field(32, ge=0, description="rows per merged batch; 0 = each request runs alone")
     max_queue_delay_us: int = Field(1000, ge=0, description="how long a batch waits for more requests")
     max_queue_size: int = Field(256, gt=0, description="requests waiting per model before RESOURCE_EXHAUSTED")
+    concurrent_runs: int = Field(2, ge=1, description="model runs (batches) in flight at once: the next "
+                                 "batch runs while one is in flight; more for a remote backend")
     warmup_rows: int = Field(1, ge=1, description="batch size of the warm-up run at load")
     labels: tuple[str, ...] = Field((), description="class labels for the classification extension")
     backend: BackendOptions
@@ -48,7 +50,8 @@ class GatewaySection(Section):
     model_repository: Path | None = Field(None, description="Triton layout: <name>/<version>/model.onnx")
     listen: str = Field(DEFAULT_LISTEN, description="HOST:PORT or unix:/path")
     max_message_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest accepted request")
-    workers: int = Field(16, gt=0, description="gRPC worker threads")
+    workers: int = Field(16, gt=0, description="threads for calls other than inference (health, metadata, "
+                         "artifact transfers); inference calls wait for their batch without one")
     added_latency_ms: float = Field(0.0, ge=0, description="sleep before answering (emulates a WAN link)")
     allow_upload: bool | None = Field(None, description="accept release uploads (fleet publish); "
                                       "default: only on loopback or with client authentication")
@@ -58,6 +61,14 @@ class GatewaySection(Section):
     def _endpoint(cls, value: str) -> str:
         parse_endpoint(value)  # raises ValueError with the reason
         return value
+
+
+class GatewayAdmissionSection(AdmissionSection):
+    """``[admission]``: a waiting call costs the gateway no thread, only its request's memory, so the
+    bounds are wide enough for 256 devices sending one row at a time, twice over."""
+
+    max_in_flight: int = Field(256, gt=0, description="ModelInfer calls in flight at once")
+    max_queue: int = Field(256, ge=0, description="calls waiting for a turn beyond those")
 
 
 class StoreSection(Section):
@@ -114,6 +125,7 @@ class GatewayConfig(Section):
     """The whole gateway configuration."""
 
     gateway: GatewaySection = Field(default_factory=GatewaySection)
+    admission: GatewayAdmissionSection = Field(default_factory=GatewayAdmissionSection)
     store: StoreSection = Field(default_factory=StoreSection)
     tls: TLSSection = Field(default_factory=TLSSection)
     auth: AuthSection = Field(default_factory=AuthSection)

@@ -1,15 +1,18 @@
-"""The gateway's InferenceHost: validate a request, run it through the model's batcher, keep the rows
+"""The gateway's inference host: validate a request, run it through the model's batcher, keep the rows
 an edge device escalated in the hard-example store, and answer.
 
-Rows are stored before the answer leaves: an agent forgets a case once the cloud has answered it, so
-a store that cannot write fails the call (UNAVAILABLE) and the agent keeps the case in its spool.
+``infer`` is a coroutine on the server's event loop (``start_async_server``): a call waiting for its
+batch holds no thread, and when the caller's deadline passes gRPC cancels it, so its request leaves
+the batch queue unrun. Rows are stored before the answer leaves: an agent forgets a case once the
+cloud has answered it, so a store that cannot write fails the call (UNAVAILABLE) and the agent keeps
+the case in its spool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
-import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class GatewayHost:
-    """Serves every model of a repository; the KServe v2 servicer is its front.
+    """Serves every model of a repository; the asyncio KServe v2 servicer is its front.
 
     Device identity: the mutual-TLS client certificate's CN, else the device its bearer token belongs
     to, else what the caller claims in ``edgecloud.device_id``.
@@ -66,7 +69,7 @@ class GatewayHost:
     def input_contract(self, name: str, version: str) -> InputContract:
         return self.repository.get(name, version).contract
 
-    def infer(self, request: InferRequest, peer: PeerInfo) -> InferResponse:
+    async def infer(self, request: InferRequest, peer: PeerInfo) -> InferResponse:
         if not self.accepting:
             raise ModelUnavailable("the gateway is shutting down")
         model = self.repository.get(request.model_name, request.model_version)
@@ -74,14 +77,14 @@ class GatewayHost:
         check_requested(model.name, request.outputs, [o.name for o in model.outputs])
         collab = read_collaboration(request, rows)
         device = self._device(peer, collab.device_id)
-        outputs = model.run(request.inputs)
-        if collab.summary is not None:
-            self._keep(model, collab, device, request.inputs, outputs)
+        outputs = await model.run(request.inputs)
+        if collab.summary is not None:  # SQLite writes: on a thread, off the event loop
+            await asyncio.to_thread(self._keep, model, collab, device, request.inputs, outputs)
         else:
             log.debug("event=infer request_id=%s device=%s model=%s version=%d rows=%d", collab.request_id,
                       device, model.name, model.version, rows)
         if self.added_latency_s:
-            time.sleep(self.added_latency_s)
+            await asyncio.sleep(self.added_latency_s)
         return InferResponse(model_name=model.name, model_version=str(model.version), id=request.id,
                              outputs=select_outputs(model.name, request.outputs,
                                                     {o.name: outputs[o.name] for o in model.outputs},

@@ -1,5 +1,6 @@
 """The gateway's Prometheus ``/metrics``: what it serves (batches, requests and rows per model version,
-hard examples kept) and, with ``[collector]``, the fleet's per-device series.
+requests dropped unrun, hard examples kept, admission) and, with ``[collector]``, the fleet's
+per-device series.
 
 ``cloud-gateway collect`` runs the collector alone, without a model repository: one collector per
 fleet is enough, while serving gateways scale out (each replica would otherwise repeat every device).
@@ -18,17 +19,21 @@ from cloud_gateway.config import GatewayConfig
 from cloud_gateway.hard_examples import HardExampleStore
 from cloud_gateway.repository import ModelRepository
 from edgecloud.errors import ConfigError
-from edgecloud.exposition import PREFIX, MetricsServer
+from edgecloud.exposition import PREFIX, MetricsServer, admission_metrics
+from edgecloud.protocol.admission import Admission
 
 GATEWAY = PREFIX + "gateway_"
 
 
 class ServingCollector(Collector):
-    """The gateway's own figures, read at each scrape: its models' batchers and its store."""
+    """The gateway's own figures, read at each scrape: its models' batchers, its store and its
+    admission gate."""
 
-    def __init__(self, repository: ModelRepository, store: HardExampleStore | None) -> None:
+    def __init__(self, repository: ModelRepository, store: HardExampleStore | None,
+                 admission: Admission) -> None:
         self._repository = repository
         self._store = store
+        self._admission = admission
 
     def collect(self) -> Iterator[Metric]:
         labels = ("model", "version")
@@ -38,6 +43,9 @@ class ServingCollector(Collector):
                                        "dynamic batcher", labels=labels)
         rows = CounterMetricFamily(GATEWAY + "batched_rows_total", "Rows served through the dynamic batcher "
                                    "(rows / batches = mean batch size)", labels=labels)
+        cancelled = CounterMetricFamily(GATEWAY + "cancelled_requests_total", "Requests dropped before "
+                                        "their batch ran: the caller's deadline passed or it gave up",
+                                        labels=labels)
         repository = self._repository
         for name in repository.names:
             for version in repository.versions(name):
@@ -48,7 +56,9 @@ class ServingCollector(Collector):
                 batches.add_metric(key, stats.batches)
                 requests.add_metric(key, stats.requests)
                 rows.add_metric(key, stats.rows)
-        yield from (batches, requests, rows)
+                cancelled.add_metric(key, stats.cancelled)
+        yield from (batches, requests, rows, cancelled)
+        yield from admission_metrics(self._admission.figures())
         store = self._store
         if store is not None:
             yield GaugeMetricFamily(GATEWAY + "hard_examples", "Rows kept in the hard-example store",
@@ -59,14 +69,12 @@ class ServingCollector(Collector):
 
 
 class GatewayMetrics:
-    """Starts what ``[collector]`` and ``[metrics]`` ask for; ``repository`` (the models served, and
-    ``store`` beside them) is None in collect mode."""
+    """Starts what ``[collector]`` and ``[metrics]`` ask for; ``serving`` (the figures of the models
+    served) is None in collect mode."""
 
-    def __init__(self, config: GatewayConfig, repository: ModelRepository | None = None,
-                 store: HardExampleStore | None = None) -> None:
+    def __init__(self, config: GatewayConfig, serving: ServingCollector | None = None) -> None:
         self.config = config
-        self.repository = repository
-        self.store = store
+        self.serving = serving
         self.collector: FleetCollector | None = None
         self.server: MetricsServer | None = None
 
@@ -76,14 +84,14 @@ class GatewayMetrics:
 
     def start(self) -> GatewayMetrics:
         cfg = self.config
-        if self.repository is None and not cfg.collector.fleet:
+        if self.serving is None and not cfg.collector.fleet:
             raise ConfigError("collector.fleet: collect mode needs a fleet "
                               "(--collect-fleet or [collector] fleet)")
         if not cfg.metrics.listen:
             return self
         registry = CollectorRegistry(auto_describe=False)
-        if self.repository is not None:
-            registry.register(ServingCollector(self.repository, self.store))
+        if self.serving is not None:
+            registry.register(self.serving)
         try:
             if cfg.collector.fleet:
                 self.collector = FleetCollector(cfg.collector.mqtt, cfg.collector.fleet).start()

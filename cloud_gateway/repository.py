@@ -11,8 +11,10 @@ answer NOT_FOUND to every device that escalates to it).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,8 @@ CONFIG_FILE = "config.toml"
 
 @dataclass
 class ServedModel:
-    """One loaded version of a model, with its batcher (None when it runs each request alone)."""
+    """One loaded version of a model, with its batcher, or, when it runs each request alone, the
+    ``concurrent_runs`` threads it runs them on."""
 
     name: str
     version: int
@@ -45,6 +48,7 @@ class ServedModel:
     #: what a request must satisfy: the model's inputs and the guards of its card
     contract: InputContract
     batcher: Batcher | None = None
+    runs: ThreadPoolExecutor | None = None
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -54,15 +58,18 @@ class ServedModel:
     def outputs(self) -> tuple[TensorSpec, ...]:
         return self.backend.outputs
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Outputs for validated ``inputs``, merged with other callers' when batching is on."""
+    async def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs for validated ``inputs``, merged with other callers' when batching is on; a call
+        cancelled before its run starts is never run."""
         if self.batcher is not None:
-            return self.batcher.submit(inputs)
-        return self.backend.infer(inputs)
+            return await self.batcher.run(inputs)
+        return await asyncio.get_running_loop().run_in_executor(self.runs, self.backend.infer, inputs)
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
+        if self.runs is not None:
+            self.runs.shutdown()
         self.backend.close()
 
 
@@ -91,9 +98,11 @@ def load_model(name: str, version: int, path: Path, config: ModelConfig) -> Serv
     served = ServedModel(name, version, config, backend, contract)
     if config.max_batch_size > 0 and dynamic:
         served.batcher = Batcher(f"{name}:{version}", backend.infer, config.max_batch_size,
-                                 config.max_queue_delay_us, config.max_queue_size)
-    elif config.max_batch_size > 0:
-        log.warning("event=batching_off model=%s version=%d reason=fixed_batch_dimension", name, version)
+                                 config.max_queue_delay_us, config.max_queue_size, config.concurrent_runs)
+    else:
+        if config.max_batch_size > 0:
+            log.warning("event=batching_off model=%s version=%d reason=fixed_batch_dimension", name, version)
+        served.runs = ThreadPoolExecutor(config.concurrent_runs, thread_name_prefix=f"run-{name}:{version}")
     log.info("event=model_loaded model=%s version=%d path=%s platform=%s max_batch_size=%d batching=%s",
              name, version, path, backend.platform, config.max_batch_size, served.batcher is not None)
     return served

@@ -19,11 +19,12 @@ from cloud_gateway.auth import Authenticator, AuthInterceptor, TokenTable
 from cloud_gateway.config import GatewayConfig, TLSSection
 from cloud_gateway.hard_examples import HardExampleStore
 from cloud_gateway.host import GatewayHost
-from cloud_gateway.metrics import GatewayMetrics
+from cloud_gateway.metrics import GatewayMetrics, ServingCollector
 from cloud_gateway.repository import ModelRepository
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError
-from edgecloud.protocol.server import RunningServer, ServerTLS, start_server
+from edgecloud.protocol.admission import Admission
+from edgecloud.protocol.server import RunningServer, ServerTLS, start_async_server
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class Gateway:
     """One running gateway. ``start()`` returns once every model is loaded, warmed up and served.
 
     ``extra_services`` are ``add(server)`` callables registering more gRPC services on the same port
-    (see :func:`edgecloud.protocol.server.start_server`).
+    (see :func:`edgecloud.protocol.server.start_async_server`).
     """
 
     def __init__(self, config: GatewayConfig,
@@ -82,12 +83,13 @@ class Gateway:
                 upload = listen.is_loopback or auth is not None
             artifacts = add_artifact_service(cfg.gateway.model_repository, allow_upload=upload,
                                              authenticator=auth)
-            self.server = start_server(self.host, listen, tls=tls,
-                                       max_message_bytes=cfg.gateway.max_message_bytes,
-                                       workers=cfg.gateway.workers,
-                                       extra_services=(artifacts, *self.extra_services),
-                                       interceptors=interceptors)
-            self.metrics = GatewayMetrics(cfg, self.repository, self.store).start()
+            self.server = start_async_server(self.host, listen, admission=Admission("gateway", cfg.admission),
+                                             tls=tls, max_message_bytes=cfg.gateway.max_message_bytes,
+                                             workers=cfg.gateway.workers,
+                                             extra_services=(artifacts, *self.extra_services),
+                                             interceptors=interceptors)
+            serving = ServingCollector(self.repository, self.store, self.server.admission)
+            self.metrics = GatewayMetrics(cfg, serving).start()
         except BaseException:
             self.stop(grace=0)
             raise

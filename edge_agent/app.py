@@ -22,6 +22,7 @@ from edge_agent.update.updater import Updater
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.exposition import MetricsServer
 from edgecloud.heap import return_large_blocks
+from edgecloud.protocol.admission import Admission
 from edgecloud.protocol.server import RunningServer, start_server
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ class EdgeAgent:
             self.replayer = Replayer(self.spool, self.link, self.slot, cfg.spool.replay_interval_s)
         self.cascade = Cascade(self.slot, cfg.agent.device_id, self.link, self.spool, bucket,
                                cfg.cloud.deadline_ms / 1000.0, cfg.cascade.audit_rate)
-        self.server = start_server(self.cascade, listen, max_message_bytes=cfg.agent.max_message_bytes,
-                                   workers=cfg.agent.workers)
+        self.server = start_server(self.cascade, listen, admission=Admission("agent", cfg.admission),
+                                   max_message_bytes=cfg.agent.max_message_bytes, workers=cfg.agent.workers)
         if self.replayer:
             self.replayer.start()
         if cfg.fleet.name:
@@ -91,7 +92,8 @@ class EdgeAgent:
         """What telemetry and ``/metrics`` read of this agent, live."""
         stats, fleet = self.cascade.stats, self.fleet
         return AgentReadings(snapshot=stats.snapshot, interval=stats.interval, served=self._served,
-                             circuit_state=lambda: circuit_state(self.link), spool=self.spool,
+                             circuit_state=lambda: circuit_state(self.link),
+                             admission=self.server.admission.figures, spool=self.spool,
                              mqtt_connected=(lambda: fleet.client.is_connected) if fleet else None)
 
     def _served(self) -> tuple[str, str]:

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from edgecloud.backends.options import BackendOptions
 from edgecloud.channel import ClientTLS
-from edgecloud.config import MetricsSection, Section
+from edgecloud.config import AdmissionSection, MetricsSection, Section
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.mqtt.client import MqttConfig
 
@@ -33,7 +33,8 @@ class AgentSection(Section):
     listen: str = Field(DEFAULT_LISTEN, description="HOST:PORT or unix:/path of the local API")
     state_dir: Path = Field(Path("/var/lib/edge-agent"), description="spool, slots, update state")
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="largest accepted request")
-    workers: int = Field(8, gt=0, description="gRPC worker threads")
+    workers: int = Field(8, gt=0, description="gRPC threads for calls other than inference (health, "
+                         "metadata, refusals); each call [admission] lets in has its own")
 
     _listen = field_validator("listen")(_endpoint)
 
@@ -125,6 +126,7 @@ class AgentConfig(Section):
     """The whole agent configuration."""
 
     agent: AgentSection = Field(default_factory=AgentSection)
+    admission: AdmissionSection = Field(default_factory=AdmissionSection)
     model: ModelSection = Field(default_factory=ModelSection)
     backend: BackendOptions
     cascade: CascadeSection = Field(default_factory=CascadeSection)

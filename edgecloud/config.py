@@ -2,7 +2,8 @@
 
 Each service defines its config as :class:`Section` models; validation does no I/O (paths are
 resolved, files read and hashed later, by the code that uses them). The pieces both services share
-live here: the ``[metrics]`` section and the check that a TLS section's certificate and key pair up.
+live here: the ``[metrics]`` and ``[admission]`` sections and the check that a TLS section's certificate
+and key pair up.
 """
 
 from __future__ import annotations
@@ -63,6 +64,19 @@ class MetricsSection(Section):
         if parse_endpoint(value).unix_path:
             raise ValueError("/metrics needs HOST:PORT, not a unix socket")
         return value
+
+
+class AdmissionSection(Section):
+    """``[admission]``: how many inference calls run at once and how many more may wait for a turn;
+    a call beyond both gets RESOURCE_EXHAUSTED at once instead of a wait (docs/design.md §2).
+
+    The defaults suit an edge device of 2 to 8 cores: 16 calls at once keep every core busy while some
+    of them wait for the cloud, and 16 waiting are a few tens of milliseconds of work at the agent's
+    rate, so a caller is either answered soon or told at once to retry.
+    """
+
+    max_in_flight: int = Field(16, gt=0, description="ModelInfer calls running at once")
+    max_queue: int = Field(16, ge=0, description="calls waiting for a turn beyond those")
 
 
 def read_toml(path: Path) -> dict[str, Any]:

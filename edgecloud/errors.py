@@ -25,6 +25,10 @@ class ResourceExhausted(EdgecloudError):
     """A size or rate limit was hit."""
 
 
+class DeadlineExceeded(EdgecloudError):
+    """The caller's deadline passed before its call could run."""
+
+
 class ConfigError(EdgecloudError):
     """Configuration is invalid; the message names the key. Services exit with code 2."""
 

@@ -1,19 +1,23 @@
 """Prometheus exposition shared by the agent's and the gateway's ``/metrics``: the HTTP endpoint of a
-service's own registry, and the metric names of the cascade's counters, so a device's figures carry
-the same names whether scraped from the agent or from the gateway's fleet collector.
+service's own registry, the metric names of the cascade's counters, so a device's figures carry
+the same names whether scraped from the agent or from the gateway's fleet collector, and the
+admission figures both services expose under the same names.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, core, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import EdgecloudError
 from edgecloud.mqtt.payloads import Counters, Metric
+from edgecloud.protocol.admission import AdmissionFigures
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,19 @@ COUNTERS = {key: (next(m.name for m in field.metadata if isinstance(m, Metric)),
 
 #: percentile key of the agent's latency figures → Prometheus summary quantile
 QUANTILES = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
+
+
+def admission_metrics(figures: AdmissionFigures) -> Iterator[core.Metric]:
+    """``edgecloud_admission_*``: ModelInfer calls running and waiting now, those refused so far, and
+    the limits they are held to."""
+    admission = PREFIX + "admission_"
+    yield GaugeMetricFamily(admission + "in_flight", "Inference calls running now", value=figures.in_flight)
+    yield GaugeMetricFamily(admission + "queued", "Inference calls waiting for a turn", value=figures.queued)
+    yield CounterMetricFamily(admission + "shed_total", "Inference calls refused with RESOURCE_EXHAUSTED "
+                              "(in flight and queue full)", value=figures.shed)
+    yield GaugeMetricFamily(admission + "max_in_flight", "[admission] max_in_flight",
+                            value=figures.max_in_flight)
+    yield GaugeMetricFamily(admission + "max_queue", "[admission] max_queue", value=figures.max_queue)
 
 
 class MetricsUnavailable(EdgecloudError):

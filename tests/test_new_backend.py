@@ -5,6 +5,7 @@ section is validated by its own config model in the agent's and the gateway's co
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def test_files_are_found_by_suffix_and_in_the_repository(tmp_path: Path) -> None
     try:
         model = repo.get("doubled")
         assert isinstance(model.backend, ScaleBackend) and repo.metadata("doubled").platform == "scale_numpy"
-        np.testing.assert_allclose(model.run({"x": np.ones((2, 3), np.float32)})["y"], 2.0)
+        np.testing.assert_allclose(asyncio.run(model.run({"x": np.ones((2, 3), np.float32)}))["y"], 2.0)
     finally:
         repo.close()
     (tmp_path / "doubled" / "config.toml").write_text("[backend.scale]\nfactr = 2.0\n")

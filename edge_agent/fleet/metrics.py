@@ -1,9 +1,10 @@
 """The agent's own Prometheus ``/metrics``, for a local Prometheus or node agent.
 
 A custom collector reads the live figures at scrape time (cascade counters and latencies, spool,
-circuit, model, telemetry buffer), so the hot path only updates the stats it already keeps. Served on
-``[metrics] listen`` (loopback by default); an empty value turns it off. A port that cannot be bound is
-logged and the agent serves without ``/metrics``: answering the line matters more than being watched.
+circuit, model, admission, telemetry buffer), so the hot path only updates the stats it already keeps.
+Served on ``[metrics] listen`` (loopback by default); an empty value turns it off. A port that cannot
+be bound is logged and the agent serves without ``/metrics``: answering the line matters more than
+being watched.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from edge_agent.cloud.circuit import CLOSED, HALF_OPEN, OPEN
 from edge_agent.fleet.readings import DISABLED, AgentReadings
 from edge_agent.fleet.telemetry import Telemetry
 from edge_agent.serving.stats import PATHS
-from edgecloud.exposition import COUNTERS, PREFIX, QUANTILES, MetricsServer, MetricsUnavailable
+from edgecloud.exposition import (
+    COUNTERS,
+    PREFIX,
+    QUANTILES,
+    MetricsServer,
+    MetricsUnavailable,
+    admission_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,7 @@ class AgentCollector(Collector):
         yield states
         yield GaugeMetricFamily(PREFIX + "circuit_open", "1 while escalations fail fast (circuit open)",
                                 value=int(state == "open"))
+        yield from admission_metrics(agent.admission())
         if agent.spool is not None:
             yield GaugeMetricFamily(PREFIX + "spool_depth", "Cases waiting in the spool for the cloud",
                                     value=agent.spool.depth())

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from edge_agent.cloud.link import CloudLink
+    from edgecloud.protocol.admission import AdmissionFigures
 
 #: circuit state reported when there is no usable cloud (none configured, or its contract differs)
 DISABLED = "disabled"
@@ -44,6 +45,8 @@ class AgentReadings:
     served: Callable[[], tuple[str, str]]
     #: ``closed``, ``open``, ``half_open`` or ``disabled``
     circuit_state: Callable[[], str]
+    #: calls in flight and queued at the local API, and those refused
+    admission: Callable[[], AdmissionFigures]
     #: cases waiting for the cloud; None without a cloud
     spool: Backlog | None = None
     #: whether the fleet's broker is connected; None outside a fleet

@@ -1,11 +1,20 @@
-"""Builds a gRPC server for an InferenceHost: KServe v2, health checking, reflection, TLS."""
+"""Builds a gRPC server for an inference host: KServe v2, health checking, reflection, TLS, admission.
+
+Two ways to run the same services: :func:`start_server` on a thread pool, for a host whose ``infer``
+blocks (the edge agent), and :func:`start_async_server` on grpc.aio, for a host whose ``infer`` is a
+coroutine (the gateway: hundreds of calls wait on a batch at once, and none holds a thread).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,12 +22,17 @@ from grpc_reflection.v1alpha import reflection
 
 from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from edgecloud.config import AdmissionSection
 from edgecloud.endpoint import Endpoint
 from edgecloud.errors import ConfigError
-from edgecloud.protocol.servicer import InferenceHost, KServeServicer
+from edgecloud.protocol.admission import Admission
+from edgecloud.protocol.servicer import AsyncInferenceHost, AsyncKServeServicer, InferenceHost, KServeServicer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+T = TypeVar("T")
+#: ``add(server)`` callables registering more services (e.g. downloads)
+ExtraServices = Sequence[Callable[[Any], None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +51,13 @@ class ServerTLS:
 
 @dataclass
 class RunningServer:
-    """A started server: its bound port, its health servicer, and how to stop it."""
+    """A started server: its bound port, its health servicer, its admission gate, and how to stop it."""
 
-    server: grpc.Server
     port: int
     health: health.HealthServicer
+    admission: Admission
+    #: stops the gRPC server itself, letting in-flight calls finish within the grace given
+    shutdown: Callable[[float | None], None]
 
     def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -52,27 +68,85 @@ class RunningServer:
     def stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting calls, let in-flight ones finish within ``grace`` seconds."""
         self.set_serving(False)
-        self.server.stop(grace).wait()
+        self.shutdown(grace)
 
 
-def start_server(host: InferenceHost, listen: Endpoint, *, tls: ServerTLS | None = None,
-                 max_message_bytes: int = 64 * 1024 * 1024, workers: int = 16,
-                 extra_services=(), interceptors=()) -> RunningServer:
-    """Start serving ``host`` on ``listen``. Plaintext is refused off loopback (secure by default).
+def start_server(host: InferenceHost, listen: Endpoint, *, admission: Admission | None = None,
+                 tls: ServerTLS | None = None, max_message_bytes: int = 64 * 1024 * 1024,
+                 workers: int = 16, extra_services: ExtraServices = (), interceptors=()) -> RunningServer:
+    """Start serving ``host`` on ``listen`` on a thread pool. Plaintext is refused off loopback (secure by
+    default).
 
-    ``extra_services`` are callables ``add(server)`` that register more servicers (e.g. downloads);
-    ``interceptors`` are ``grpc.ServerInterceptor``s run before every call of every service (e.g. the
-    gateway's bearer-token check).
+    ``admission`` gates ModelInfer (default: ``[admission]``'s defaults). Each admitted call, running or
+    waiting for its turn, holds a thread, so the pool has ``workers`` threads for everything else
+    (health, metadata, ``extra_services``, refusals) on top of the admission bounds: a health check
+    never waits behind inference. ``extra_services`` are callables ``add(server)`` that register more
+    servicers (e.g. downloads); ``interceptors`` are ``grpc.ServerInterceptor``s run before every call
+    of every service (e.g. the gateway's bearer-token check).
     """
+    _check_plaintext(listen, tls)
+    admission = admission or Admission(host.server_name, AdmissionSection())
+    threads = workers + admission.limits.max_in_flight + admission.limits.max_queue
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=_options(max_message_bytes),
+                         interceptors=tuple(interceptors))
+    health_servicer = _add_services(server, KServeServicer(host, admission), extra_services)
+    port = _bind(server, listen, tls)
+    server.start()
+    return _started(RunningServer(port, health_servicer, admission, lambda grace: server.stop(grace).wait()),
+                    listen, tls)
+
+
+def start_async_server(host: AsyncInferenceHost, listen: Endpoint, *, admission: Admission | None = None,
+                       tls: ServerTLS | None = None, max_message_bytes: int = 64 * 1024 * 1024,
+                       workers: int = 16, extra_services: ExtraServices = (),
+                       interceptors: Sequence[grpc.ServerInterceptor] = ()) -> RunningServer:
+    """:func:`start_server` on grpc.aio, in a thread of its own with its own event loop: ModelInfer
+    runs there as a coroutine, so a call waiting for its batch costs no thread and the admission queue
+    is a line of coroutines. The other methods, ``extra_services`` and ``interceptors`` are synchronous
+    and run as they are, on ``workers`` threads.
+    """
+    _check_plaintext(listen, tls)
+    admission = admission or Admission(host.server_name, AdmissionSection())
+    loop = _LoopThread(f"grpc-aio-{listen}")
+    pool = futures.ThreadPoolExecutor(max_workers=workers)
+
+    async def start() -> tuple[grpc.aio.Server, health.HealthServicer, int]:
+        server = grpc.aio.server(migration_thread_pool=pool, options=_options(max_message_bytes),
+                                 interceptors=[_SyncInterceptor(i) for i in interceptors])
+        health_servicer = _add_services(server, AsyncKServeServicer(host, admission), extra_services)
+        port = _bind(server, listen, tls)
+        await server.start()
+        return server, health_servicer, port
+
+    def shutdown(grace: float | None) -> None:
+        loop.run(server.stop(grace))
+        loop.close()
+        pool.shutdown()
+
+    try:
+        server, health_servicer, port = loop.run(start())
+    except BaseException:
+        loop.close()
+        pool.shutdown()
+        raise
+    return _started(RunningServer(port, health_servicer, admission, shutdown), listen, tls)
+
+
+def _check_plaintext(listen: Endpoint, tls: ServerTLS | None) -> None:
     if tls is None and not listen.is_loopback:
         raise ConfigError(f"listen {listen}: plaintext gRPC is only allowed on loopback or a unix "
                           "socket; configure tls.cert and tls.key")
-    options = [("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes),
-               ("grpc.so_reuseport", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options,
-                         interceptors=tuple(interceptors))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(host), server)
+
+
+def _options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0)]
+
+
+def _add_services(server, kserve: KServeServicer, extra_services: ExtraServices) -> health.HealthServicer:
+    """KServe v2, health checking, ``extra_services`` and reflection of them all."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for add in extra_services:
@@ -80,13 +154,52 @@ def start_server(host: InferenceHost, listen: Endpoint, *, tls: ServerTLS | None
     names = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
     names += [getattr(add, "service_name", "") for add in extra_services if getattr(add, "service_name", "")]
     reflection.enable_server_reflection(names, server)
+    return health_servicer
+
+
+def _bind(server, listen: Endpoint, tls: ServerTLS | None) -> int:
     target = listen.grpc_target
     port = (server.add_secure_port(target, tls.credentials()) if tls
             else server.add_insecure_port(target))
     if not listen.unix_path and port == 0:
         raise ConfigError(f"listen {listen}: cannot bind (address in use or not permitted)")
-    server.start()
-    running = RunningServer(server, port, health_servicer)
+    return port
+
+
+def _started(running: RunningServer, listen: Endpoint, tls: ServerTLS | None) -> RunningServer:
     running.set_serving(True)
-    log.info("event=server_started listen=%s port=%s tls=%s", target, port, tls is not None)
+    limits = running.admission.limits
+    log.info("event=server_started listen=%s port=%s tls=%s max_in_flight=%d max_queue=%d",
+             listen.grpc_target, running.port, tls is not None, limits.max_in_flight, limits.max_queue)
     return running
+
+
+class _SyncInterceptor(grpc.aio.ServerInterceptor):
+    """A ``grpc.ServerInterceptor`` on grpc.aio: it picks the handler of a call (the service's, or one
+    of its own such as a refusal) from the one it is given."""
+
+    def __init__(self, inner: grpc.ServerInterceptor) -> None:
+        self.inner = inner
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        return self.inner.intercept_service(lambda _details: handler, handler_call_details)
+
+
+class _LoopThread:
+    """An asyncio event loop running in a daemon thread; ``run`` waits for a coroutine on it."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        """Wait for the loop's worker threads (``asyncio.to_thread``), then stop and close the loop."""
+        self.run(self.loop.shutdown_default_executor())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()

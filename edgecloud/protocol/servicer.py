@@ -1,7 +1,8 @@
-"""The KServe v2 gRPC servicer both services use: decode, call the host, encode, map errors.
+"""The KServe v2 gRPC servicer both services use: admit, decode, call the host, encode, map errors.
 
 The host (the edge agent's cascade or the gateway's repository) never sees protobuf; this module and
-the codec are the only places that do.
+the codec are the only places that do. :class:`AsyncKServeServicer` is the same front for a host whose
+``infer`` is a coroutine, served by grpc.aio, so a call waiting on a batch holds no thread.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from edgecloud import errors
 from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud._generated.inference import grpc_service_pb2_grpc as pb_grpc
 from edgecloud.guards import InputContract
+from edgecloud.protocol.admission import Admission
 from edgecloud.protocol.codec import (
     InferRequest,
     InferResponse,
@@ -33,12 +35,13 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.ModelUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.EdgecloudError, grpc.StatusCode.INTERNAL),
 )
 
 
-class InferenceHost(Protocol):
-    """What a service implements to be served over KServe v2."""
+class ServedHost(Protocol):
+    """What a service answers besides inference."""
 
     server_name: str
     server_version: str
@@ -47,8 +50,20 @@ class InferenceHost(Protocol):
     def is_ready(self) -> bool: ...
     def model_ready(self, name: str, version: str) -> bool: ...
     def model_metadata(self, name: str, version: str) -> ModelMetadata: ...
+
     def input_contract(self, name: str, version: str) -> InputContract: ...
+
+
+class InferenceHost(ServedHost, Protocol):
+    """What a service implements to be served over KServe v2."""
+
     def infer(self, request: InferRequest, peer: PeerInfo) -> InferResponse: ...
+
+
+class AsyncInferenceHost(ServedHost, Protocol):
+    """The same, with ``infer`` a coroutine (served by :class:`AsyncKServeServicer`)."""
+
+    async def infer(self, request: InferRequest, peer: PeerInfo) -> InferResponse: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,17 +93,21 @@ def bearer_token(metadata) -> str:
     return ""
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
-    """Answer with the status STATUS_OF gives ``exc``, logged in one line: at INFO for a client's
-    mistake or a passing condition, at ERROR for INTERNAL. Anything unmapped is our own bug: logged
-    with its traceback, and INTERNAL."""
+def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status STATUS_OF gives ``exc``, logged in one line: at INFO for a client's mistake or a
+    passing condition, at ERROR for INTERNAL. Anything unmapped is our own bug: logged with its
+    traceback, and INTERNAL."""
     for cls, code in STATUS_OF:
         if isinstance(exc, cls):
             level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.INFO
             log.log(level, "event=call_refused code=%s error=%r", code.name, str(exc))
-            context.abort(code, str(exc))
+            return code, str(exc)
     log.exception("event=internal_error error=%r", exc)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    context.abort(*_status(exc))
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -96,8 +115,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     EXTENSIONS = ("classification", "model_configuration")
 
-    def __init__(self, host: InferenceHost) -> None:
+    def __init__(self, host: InferenceHost, admission: Admission) -> None:
         self.host = host
+        self.admission = admission
 
     def ServerLive(self, request, context):  # noqa: N802 - gRPC method names
         return pb.ServerLiveResponse(live=self.host.is_live())
@@ -124,8 +144,25 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelInfer(self, request, context):  # noqa: N802
         try:
-            contract = self.host.input_contract(request.model_name, request.model_version)
-            response = self.host.infer(decode_request(request, contract), _peer_info(context))
-            return encode_response(response)
+            with self.admission.admitted(context.time_remaining()):
+                contract = self.host.input_contract(request.model_name, request.model_version)
+                response = self.host.infer(decode_request(request, contract), _peer_info(context))
+                return encode_response(response)
         except Exception as e:
             _abort(context, e)
+
+
+class AsyncKServeServicer(KServeServicer):
+    """The servicer for grpc.aio: ModelInfer awaits the host; the other methods are quick and run as
+    they are, on the server's thread pool."""
+
+    host: AsyncInferenceHost
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        try:
+            async with self.admission.admitted_async():
+                contract = self.host.input_contract(request.model_name, request.model_version)
+                response = await self.host.infer(decode_request(request, contract), _peer_info(context))
+                return encode_response(response)
+        except Exception as e:
+            await context.abort(*_status(e))

@@ -3,6 +3,8 @@ the file and key."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import onnx
 import pytest
@@ -62,8 +64,8 @@ def test_model_config_overrides_the_defaults(tmp_path):
         assert solo.backend.config.intra_op_threads == 1 and solo.backend.config.inter_op_threads == 2
         assert (batched.batcher.max_batch_size, batched.config.max_queue_delay_us) == (4, 7)
         x = np.ones((1, 8), dtype=np.float32)
-        assert fixed.run({"x": x})["logits"].shape == (1, 4)
-        assert solo.run({"x": np.ones((6, 8), dtype=np.float32)})["logits"].shape == (6, 4)
+        assert asyncio.run(fixed.run({"x": x}))["logits"].shape == (1, 4)
+        assert asyncio.run(solo.run({"x": np.ones((6, 8), dtype=np.float32)}))["logits"].shape == (6, 4)
     finally:
         repo.close()
 

@@ -1,5 +1,6 @@
 """The config pieces both services share: a TLS certificate and key come as a pair, ``[metrics]``
-listens on HOST:PORT or is off; errors name the key."""
+listens on HOST:PORT or is off, ``[admission]`` bounds with each service's defaults; errors name the
+key."""
 
 from __future__ import annotations
 
@@ -46,3 +47,16 @@ def test_gateway_operators_need_client_authentication_and_valid_names() -> None:
         build(GatewayConfig, {"auth": {"operators": ["../ops"], "tokens_file": "tokens"}})
     config = build(GatewayConfig, {"auth": {"operators": ["ops"], "tokens_file": "tokens"}})
     assert config.auth.operators == ("ops",)
+
+
+def test_admission_defaults_per_service_and_bad_bounds_name_the_key() -> None:
+    agent, gateway = build(AgentConfig, {}).admission, build(GatewayConfig, {}).admission
+    assert (agent.max_in_flight, agent.max_queue) == (16, 16)
+    assert (gateway.max_in_flight, gateway.max_queue) == (256, 256)
+    assert build(AgentConfig, {"admission": {"max_queue": 0}}).admission.max_queue == 0
+    with pytest.raises(ConfigError, match=r"admission.max_in_flight: .*greater than 0"):
+        build(AgentConfig, {"admission": {"max_in_flight": 0}})
+    with pytest.raises(ConfigError, match=r"admission.max_queue: .*greater than or equal to 0"):
+        build(GatewayConfig, {"admission": {"max_queue": -1}})
+    with pytest.raises(ConfigError, match=r"admission.queue: unknown key"):
+        build(GatewayConfig, {"admission": {"queue": 4}})

@@ -4,6 +4,10 @@
 call, from the file named by $EDGECLOUD_TEST_DELAY_FILE, so a test can make a running agent's inference
 hang (watchdog) or take a while (drain on SIGTERM).
 
+``GatedOrtBackend``: every run passes :data:`GATE`, which a test closes to hold runs back (services
+started in the test's own process) and which records the first input of every run, so a test can
+tell which requests the model saw.
+
 ``ScaleBackend``: registered by nothing; a test puts it in the registry to show that a backend is one
 module plus one registry line.
 """
@@ -11,6 +15,7 @@ module plus one registry line.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +34,46 @@ class SlowOrtBackend(OrtBackend):
         path = Path(os.environ.get("EDGECLOUD_TEST_DELAY_FILE", "/nonexistent"))
         if path.exists():
             time.sleep(float(path.read_text() or 0))
+        return super().infer(inputs)
+
+
+class RunGate:
+    """Open until ``close()``; then every run waits at it until ``open()``. ``runs`` holds the first
+    input of every run that passed, ``waiting`` counts the runs held now."""
+
+    def __init__(self) -> None:
+        self._open = threading.Event()
+        self._lock = threading.Lock()
+        self.runs: list[np.ndarray] = []
+        self.waiting = 0
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.runs.clear()
+        self._open.set()
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def pass_through(self, first: np.ndarray) -> None:
+        with self._lock:
+            self.waiting += 1
+        self._open.wait(30)
+        with self._lock:
+            self.waiting -= 1
+            self.runs.append(np.array(first))
+
+
+GATE = RunGate()
+
+
+class GatedOrtBackend(OrtBackend):
+    def infer(self, inputs):
+        GATE.pass_through(next(iter(inputs.values())))
         return super().infer(inputs)
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from cloud_gateway import Gateway, gateway_config
@@ -14,7 +16,7 @@ from edge_agent.app import EdgeAgent
 from edge_agent.config import AgentConfig
 from edgecloud.client import KServeClient
 from edgecloud.config import build, merge
-from edgecloud.protocol.codec import InferResponse
+from edgecloud.protocol.codec import InferRequest, InferResponse, encode_request
 from edgecloud.protocol.parameters import AgentRequest
 
 
@@ -77,3 +79,16 @@ class GatewayCloud:
         if self.gateway:
             self.gateway.stop(grace=0)
             self.gateway = None
+
+
+def fire(port: int, model: str, inputs: dict[str, np.ndarray], calls: int,
+         timeout: float = 30.0) -> list[grpc.Future]:
+    """``calls`` ModelInfer calls sent at once, none waiting for another (open loop): their futures."""
+    client = KServeClient(f"127.0.0.1:{port}")
+    request = encode_request(InferRequest(model, inputs))
+    return [client.stub.ModelInfer.future(request, timeout=timeout) for _ in range(calls)]
+
+
+def codes(calls: list[grpc.Future]) -> Counter:
+    """How many of ``calls`` ended with each status code (OK for an answer)."""
+    return Counter(grpc.StatusCode.OK if f.exception() is None else f.code() for f in calls)
