@@ -64,13 +64,17 @@ class EdgeAgent:
         bucket = None
         if cfg.cloud.target:
             self.link = CloudLink(cfg.cloud, on_circuit_change=self._circuit_changed)
-            self.spool = Spool(Path(cfg.agent.state_dir) / "spool", cfg.spool.max_bytes)
+            self.spool = Spool(Path(cfg.agent.state_dir) / "spool", cfg.spool.max_bytes,
+                               cfg.spool.max_pending)
             bucket = TokenBucket(cfg.cloud.max_per_s, cfg.cloud.burst)
             self.replayer = Replayer(self.spool, self.link, self.slot, cfg.spool.replay_interval_s)
         self.cascade = Cascade(self.slot, cfg.agent.device_id, self.link, self.spool, bucket,
-                               cfg.cloud.deadline_ms / 1000.0, cfg.cascade.audit_rate)
+                               cfg.cloud.deadline_ms / 1000.0, cfg.cascade.audit_rate,
+                               max_in_flight=cfg.cloud.max_in_flight)
+        # escalations wait on threads of their own: edge answers always find agent.workers free ones
+        escalation_threads = cfg.cloud.max_in_flight if self.link else 0
         self.server = start_server(self.cascade, listen, max_message_bytes=cfg.agent.max_message_bytes,
-                                   workers=cfg.agent.workers)
+                                   workers=cfg.agent.workers + escalation_threads)
         if self.replayer:
             self.replayer.start()
         if cfg.fleet.name:
@@ -128,13 +132,19 @@ class EdgeAgent:
             self.fleet.stop()
         if self.metrics:
             self.metrics.stop()
+        self._release()
+        log.info("event=agent_stopped device=%s", self.config.agent.device_id)
+
+    def _release(self) -> None:
+        """Close the cascade, then the spool (what its audits kept is written too), the link, the model."""
         if self.cascade:
             self.cascade.close()
+        if self.spool:
+            self.spool.close()
         if self.link:
             self.link.close()
         if self.slot:
             self.slot.model.backend.close()
-        log.info("event=agent_stopped device=%s", self.config.agent.device_id)
 
     def __enter__(self) -> EdgeAgent:
         return self if self.server else self.start()  # ``with start_agent(…)`` must not start twice

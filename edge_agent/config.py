@@ -33,7 +33,8 @@ class AgentSection(Section):
     listen: str = Field(DEFAULT_LISTEN, description="HOST:PORT or unix:/path of the local API")
     state_dir: Path = Field(Path("/var/lib/edge-agent"), description="spool, slots, update state")
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="largest accepted request")
-    workers: int = Field(8, gt=0, description="gRPC worker threads")
+    workers: int = Field(8, gt=0, description="gRPC worker threads for calls answered at the edge; the "
+                         "server runs cloud.max_in_flight more for escalations")
 
     _listen = field_validator("listen")(_endpoint)
 
@@ -66,6 +67,8 @@ class CloudSection(Section):
     model: str | None = Field(None, description="cloud model name; default: the edge model's name")
     model_version: str = ""
     deadline_ms: int = Field(300, gt=0, description="per-call deadline for an escalation")
+    max_in_flight: int = Field(16, gt=0, description="escalations waiting on the cloud at once; a call "
+                               "beyond them is answered by the edge at once (degraded) and spooled")
     max_per_s: float = Field(50.0, gt=0, description="escalation rate limit (rows per second)")
     burst: float | None = Field(None, gt=0, description="token bucket size; default: max_per_s")
     failure_threshold: int = Field(3, ge=1, description="consecutive failures that open the circuit")
@@ -81,6 +84,8 @@ class SpoolSection(Section):
 
     max_bytes: int = Field(256 * 1024 * 1024, gt=0)
     replay_interval_s: float = Field(2.0, gt=0)
+    max_pending: int = Field(64, gt=0, description="cases waiting in memory for the spool's writer; more "
+                             "are dropped (counted), so a slow disk never holds a call")
 
 
 class FleetSection(Section):
