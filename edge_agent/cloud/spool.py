@@ -136,15 +136,15 @@ class Spool:
     def _write(self) -> None:
         commits = 0
         while True:
+            if self._stall_after is not None and commits >= self._stall_after:
+                log.critical("event=fault_injected step=spool_stall commits=%d", commits)
+                threading.Event().wait()
             with self._changed:
                 while not self._pending and not self._closing:
                     self._changed.wait()
                 if not self._pending:
                     return
                 batch = list(self._pending)
-            if self._stall_after is not None and commits >= self._stall_after:
-                log.critical("event=fault_injected step=spool_stall commits=%d", commits)
-                threading.Event().wait()
             self._commit(batch)
             commits += 1
 

@@ -12,7 +12,7 @@ import pytest
 
 from edge_agent.disk_queue import DiskQueue
 from edge_agent.fleet.telemetry import system_figures
-from edge_agent.serving.stats import CallRecord, Stats
+from edge_agent.serving.stats import CONFIDENCE_EDGES, CallRecord, Stats
 from edgecloud.mqtt.client import MqttClient
 from edgecloud.mqtt.payloads import Counters, Event
 from edgecloud.mqtt.topics import FleetTopics, TopicKind
@@ -165,6 +165,17 @@ def test_a_call_counts_into_every_telemetry_counter() -> None:
     assert interval["confidence_histogram"]["counts"] == [0, 1, 1, 1, 0, 0, 0, 0, 0, 2]
     with pytest.raises(TypeError):  # by keyword only: a new count cannot slip into another's place
         CallRecord(5, 4, 2, 2, 1, 1, 0.01, [0.5] * 5)  # type: ignore[misc]
+
+
+def test_the_confidence_histogram_bins_rows_as_numpy_does() -> None:
+    values = np.concatenate([np.random.default_rng(6).random(500), np.arange(11) / 10, [-0.5, 1.5, np.nan]])
+    stats = Stats()
+    for chunk in np.array_split(values.astype(np.float32), 7):
+        stats.record(CallRecord(rows=len(chunk), escalated_rows=0, cloud_rows=0, degraded_rows=0,
+                                rate_limited_rows=0, in_flight_limited_rows=0, latency_s=0.001,
+                                confidences=chunk.tolist()))
+    counts, _ = np.histogram(np.clip(values.astype(np.float32), 0, 1), bins=CONFIDENCE_EDGES)
+    assert stats.snapshot()["confidence_histogram"]["counts"] == counts.tolist()
 
 
 def test_circuit_changes_are_events_and_telemetry_says_open(broker, recorder, model, tmp_path) -> None:
