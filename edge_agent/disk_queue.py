@@ -43,6 +43,7 @@ class DiskQueue:
                 self._sizes[int(path.stem)] = path.stat().st_size
                 self._items[int(path.stem)] = count_items(path) if count_items else 1
         self._bytes = sum(self._sizes.values())
+        self._item_count = sum(self._items.values())
         self._trim()
 
     def _path(self, seq: int) -> Path:
@@ -56,7 +57,7 @@ class DiskQueue:
     def items(self) -> int:
         """Items in the queue's records, not yet consumed."""
         with self._lock:
-            return sum(self._items.values())
+            return self._item_count
 
     def highest(self) -> int | None:
         with self._lock:
@@ -79,6 +80,7 @@ class DiskQueue:
             self._sizes[seq] = size
             self._items[seq] = items
             self._bytes += size
+            self._item_count += items
         self._trim()
 
     def _trim(self) -> None:
@@ -93,7 +95,9 @@ class DiskQueue:
         """Delete a record; returns how many of its items were not yet consumed."""
         self._bytes -= self._sizes.pop(seq)
         self._path(seq).unlink(missing_ok=True)
-        return self._items.pop(seq)
+        items = self._items.pop(seq)
+        self._item_count -= items
+        return items
 
     def oldest(self) -> tuple[int, bytes] | None:
         """The oldest readable record (an unreadable one is dropped, counted and logged)."""
@@ -121,6 +125,7 @@ class DiskQueue:
             if seq not in self._items:
                 return
             self._items[seq] -= 1
+            self._item_count -= 1
             if self._items[seq] <= 0:
                 self._forget(seq)
 
@@ -131,4 +136,6 @@ class DiskQueue:
                 self._bytes -= self._sizes.pop(seq)
                 path = self._path(seq)
                 path.rename(path.with_suffix(CORRUPT_SUFFIX))
-                self.dropped += self._items.pop(seq)
+                items = self._items.pop(seq)
+                self._item_count -= items
+                self.dropped += items

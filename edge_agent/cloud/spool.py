@@ -69,12 +69,18 @@ def decode_batch(data: bytes) -> list[bytes]:
 
 
 def _case_count(path: Path) -> int:
-    """How many cases a batch file holds, from its header (a file of an earlier version holds one)."""
-    with open(path, "rb") as f:
-        head = f.read(len(MAGIC) + _COUNT.size)
-    if head.startswith(MAGIC) and len(head) == len(MAGIC) + _COUNT.size:
-        return _COUNT.unpack_from(head, len(MAGIC))[0]
-    return 1
+    """How many cases a batch file holds, from its header; one for a file of an earlier version, or one
+    whose header cannot be right (it is set aside when its turn comes)."""
+    header = len(MAGIC) + _COUNT.size
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(header), os.fstat(f.fileno()).st_size
+    except OSError:
+        return 1
+    if not head.startswith(MAGIC) or len(head) < header:
+        return 1
+    (count,) = _COUNT.unpack_from(head, len(MAGIC))
+    return count if count * _COUNT.size <= size - header else 1
 
 
 def _adopt_named_cases(directory: Path) -> None:

@@ -5,11 +5,11 @@ An escalation waits for the cloud on its request's gRPC thread, so escalations i
 (``cloud.max_in_flight`` slots) and the server runs that many threads beyond ``agent.workers``: calls
 answered at the edge always find a thread, however slow a live cloud is. A call that finds every slot
 taken is answered by the edge at once (``degraded``), its rows counted as ``in_flight_limited`` and its
-case spooled. Measured on 2 cores, a 250 ms cloud and 16 escalating clients took an ``escalate=never``
-caller's p50 from 0.8 ms to 290 ms with escalations on the request threads and no bound, and left it at
-0.9-1.5 ms with the slots; a grpc.aio server did no better (0.8-1.1 ms) and would have turned the shared
-servicer asynchronous, and an escalation executor the request thread waits on still held the thread
-(276 ms).
+case spooled. Chosen by measurement (2 cores, a 250 ms cloud, 16 escalating clients): an
+``escalate=never`` caller's p50 was 96-290 ms with escalations on 8 request threads, 38-276 ms with an
+escalation executor the request thread waits on (it still holds the thread), 0.86-1.5 ms with the
+slots and 0.8-1.1 ms with a grpc.aio prototype, which would have turned the shared servicer
+asynchronous and run every edge model call on one event loop.
 """
 
 from __future__ import annotations

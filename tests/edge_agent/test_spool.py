@@ -8,8 +8,8 @@ import threading
 import numpy as np
 
 from edge_agent import disk_queue
-from edge_agent.cloud.spool import FAULT_ENV, Spool
-from edgecloud.protocol.codec import InferRequest
+from edge_agent.cloud.spool import FAULT_ENV, Spool, encode_batch
+from edgecloud.protocol.codec import InferRequest, request_to_bytes
 from edgecloud.protocol.parameters import AgentResponse
 from edgecloud_tools.services import ServiceProcess
 from tests.support.fleet import Scrape
@@ -22,6 +22,14 @@ X = np.random.default_rng(3).standard_normal((1, 8)).astype(np.float32)
 
 def _case(i: int) -> InferRequest:
     return InferRequest("m", {"x": np.full((1, 4), i, dtype=np.float32)}, id=f"req-{i}")
+
+
+def _replay_ids(spool: Spool, limit: int = 100) -> list[str]:
+    ids = []
+    while len(ids) < limit and (item := spool.oldest()) is not None:
+        ids.append(item[1].id)
+        spool.remove(item[0])
+    return ids
 
 
 def test_cases_that_wait_for_the_disk_are_committed_as_one_batch(tmp_path, monkeypatch):
@@ -47,13 +55,24 @@ def test_cases_that_wait_for_the_disk_are_committed_as_one_batch(tmp_path, monke
     spool.close()
     assert len(files) == 2  # two files, one fsync each: the first case, then the five that waited
     reopened = Spool(tmp_path, max_bytes=1 << 20)
-    ids = []
-    while (item := reopened.oldest()) is not None:
-        ids.append(item[1].id)
-        reopened.remove(item[0])
+    assert _replay_ids(reopened) == [f"req-{i}" for i in range(6)] and reopened.depth() == 0
     reopened.close()
-    assert ids == [f"req-{i}" for i in range(6)] and reopened.depth() == 0
     assert not list(tmp_path.glob("*.case"))  # a batch file goes with its last case
+
+
+def test_a_batch_is_replayed_case_by_case_and_a_broken_one_is_set_aside(tmp_path):
+    batch = encode_batch([request_to_bytes(_case(i)) for i in range(3)])
+    (tmp_path / f"{1:020d}.case").write_bytes(batch)
+    (tmp_path / f"{2:020d}.case").write_bytes(batch[:40])  # cut short: its header still says 3 cases
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    assert spool.depth() == 6
+    assert _replay_ids(spool, limit=1) == ["req-0"] and spool.depth() == 5
+    spool.close()
+    restarted = Spool(tmp_path, max_bytes=1 << 20)  # a replay cut short: the batch is replayed whole
+    assert _replay_ids(restarted) == ["req-0", "req-1", "req-2"]
+    assert restarted.depth() == 0 and restarted.dropped == 3
+    assert len(list(tmp_path.glob("*.bad"))) == 1 and not list(tmp_path.glob("*.case"))
+    restarted.close()
 
 
 def test_kill_9_loses_at_most_the_cases_waiting_in_memory(tmp_path):
