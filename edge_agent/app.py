@@ -67,11 +67,15 @@ class EdgeAgent:
         bucket = None
         if cfg.cloud.target:
             self.link = CloudLink(cfg.cloud, on_circuit_change=self._circuit_changed)
-            self.spool = Spool(Path(cfg.agent.state_dir) / "spool", cfg.spool.max_bytes)
+            self.spool = Spool(Path(cfg.agent.state_dir) / "spool", cfg.spool.max_bytes,
+                               cfg.spool.max_pending)
             bucket = TokenBucket(cfg.cloud.max_per_s, cfg.cloud.burst)
             self.replayer = Replayer(self.spool, self.link, self.slot, cfg.spool.replay_interval_s)
         self.cascade = Cascade(self.slot, cfg.agent.device_id, self.link, self.spool, bucket,
-                               cfg.cloud.deadline_ms / 1000.0, cfg.cascade.audit_rate)
+                               cfg.cloud.deadline_ms / 1000.0, cfg.cascade.audit_rate,
+                               max_in_flight=cfg.cloud.max_in_flight)
+        # each call [admission] lets in has a thread of its own, and escalations hold fewer admission
+        # slots (cloud.max_in_flight) than there are: edge answers always find one
         self.server = start_server(self.cascade, listen, admission=Admission("agent", cfg.admission),
                                    max_message_bytes=cfg.agent.max_message_bytes, workers=cfg.agent.workers)
         if self.replayer:
@@ -132,13 +136,19 @@ class EdgeAgent:
             self.fleet.stop()
         if self.metrics:
             self.metrics.stop()
+        self._release()
+        log.info("event=agent_stopped device=%s", self.config.agent.device_id)
+
+    def _release(self) -> None:
+        """Close the cascade, then the spool (what its audits kept is written too), the link, the model."""
         if self.cascade:
             self.cascade.close()
+        if self.spool:
+            self.spool.close()
         if self.link:
             self.link.close()
         if self.slot:
             self.slot.model.backend.close()
-        log.info("event=agent_stopped device=%s", self.config.agent.device_id)
 
     def __enter__(self) -> EdgeAgent:
         return self if self.server else self.start()  # ``with start_agent(…)`` must not start twice

@@ -71,6 +71,9 @@ class CloudSection(Section):
     model: str | None = Field(None, description="cloud model name; default: the edge model's name")
     model_version: str = ""
     deadline_ms: int = Field(300, gt=0, description="per-call deadline for an escalation")
+    max_in_flight: int = Field(8, gt=0, description="escalations waiting on the cloud at once, below "
+                               "admission.max_in_flight so edge answers always find a slot; a call beyond "
+                               "them is answered by the edge at once (degraded) and spooled")
     max_per_s: float = Field(50.0, gt=0, description="escalation rate limit (rows per second)")
     burst: float | None = Field(None, gt=0, description="token bucket size; default: max_per_s")
     failure_threshold: int = Field(3, ge=1, description="consecutive failures that open the circuit")
@@ -86,6 +89,8 @@ class SpoolSection(Section):
 
     max_bytes: int = Field(256 * 1024 * 1024, gt=0)
     replay_interval_s: float = Field(2.0, gt=0)
+    max_pending: int = Field(64, gt=0, description="cases waiting in memory for the spool's writer; more "
+                             "are dropped (counted), so a slow disk never holds a call")
 
 
 class FleetSection(Section):

@@ -33,13 +33,13 @@ class Replayer:
             item = self.spool.oldest()
             if item is None:
                 break
-            seq, request = item
+            key, request = item
             try:
                 self.link.ask(self.slot.model, request, self.timeout_s)
             except CloudError as e:
                 log.debug("event=replay_paused error=%r depth=%d", str(e), self.spool.depth())
                 break
-            self.spool.remove(seq)
+            self.spool.remove(key)
             sent += 1
             log.info("event=replayed request_id=%s rows=%d", request.id,
                      next(iter(request.inputs.values())).shape[0])

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import threading
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from math import isnan
 
 import numpy as np
 
 CONFIDENCE_EDGES = tuple(i / 10 for i in range(11))
+_LAST_BIN = len(CONFIDENCE_EDGES) - 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -21,8 +24,9 @@ class CallRecord:
     cloud_rows: int
     degraded_rows: int
     rate_limited_rows: int
+    in_flight_limited_rows: int
     latency_s: float
-    confidences: np.ndarray
+    confidences: Sequence[float]
 
 
 PATHS = ("edge", "escalated")
@@ -43,16 +47,20 @@ class Stats:
         self.cloud_answers = 0
         self.degraded = 0
         self.rate_limited = 0
+        self.in_flight_limited = 0
         self.errors = 0
         self.audited = 0
-        self.histogram = np.zeros(len(CONFIDENCE_EDGES) - 1, dtype=np.int64)
+        self.histogram = [0] * (_LAST_BIN + 1)
         self._latency: dict[str, deque[float]] = {path: deque(maxlen=window) for path in PATHS}
         self._latency_count = dict.fromkeys(PATHS, 0)
         self._latency_sum = dict.fromkeys(PATHS, 0.0)
         self._mark = self._interval_mark()
 
     def record(self, call: CallRecord) -> None:
-        counts, _ = np.histogram(np.clip(call.confidences, 0.0, 1.0), bins=CONFIDENCE_EDGES)
+        """Count one call: integer counters and a bisect per row, no numpy on the hot path (a NaN
+        confidence falls in no bin; one below 0 or above 1 in the first or last)."""
+        bins = [min(max(bisect_right(CONFIDENCE_EDGES, c) - 1, 0), _LAST_BIN)
+                for c in call.confidences if not isnan(c)]
         with self._lock:
             self.requests += 1
             self.rows += call.rows
@@ -60,7 +68,9 @@ class Stats:
             self.cloud_answers += call.cloud_rows
             self.degraded += call.degraded_rows
             self.rate_limited += call.rate_limited_rows
-            self.histogram += counts
+            self.in_flight_limited += call.in_flight_limited_rows
+            for b in bins:
+                self.histogram[b] += 1
             path = "escalated" if call.escalated_rows else "edge"
             self._latency[path].append(call.latency_s)
             self._latency_count[path] += 1
@@ -84,10 +94,11 @@ class Stats:
     def _counters(self) -> dict[str, int]:
         return {"requests": self.requests, "rows": self.rows, "escalated": self.escalated,
                 "cloud_answers": self.cloud_answers, "degraded": self.degraded,
-                "rate_limited": self.rate_limited, "errors": self.errors, "audited": self.audited}
+                "rate_limited": self.rate_limited, "in_flight_limited": self.in_flight_limited,
+                "errors": self.errors, "audited": self.audited}
 
-    def _interval_mark(self) -> tuple[dict[str, int], int, int, np.ndarray]:
-        return dict(self._latency_count), self.rows, self.escalated, self.histogram.copy()
+    def _interval_mark(self) -> tuple[dict[str, int], int, int, list[int]]:
+        return dict(self._latency_count), self.rows, self.escalated, list(self.histogram)
 
     def snapshot(self) -> dict:
         """A consistent copy of every figure (latency percentiles in milliseconds over the window;
@@ -100,7 +111,7 @@ class Stats:
                                           "sum_s": self._latency_sum[path]} for path in PATHS},
                 "escalation_rate": self.escalated / self.rows if self.rows else 0.0,
                 "confidence_histogram": {"edges": list(CONFIDENCE_EDGES),
-                                         "counts": self.histogram.tolist()},
+                                         "counts": list(self.histogram)},
             }
 
     def interval(self) -> dict:
@@ -119,5 +130,6 @@ class Stats:
                 "latency_ms": latency,
                 "escalation_rate": (self.escalated - escalated) / new_rows if new_rows else None,
                 "confidence_histogram": {"edges": list(CONFIDENCE_EDGES),
-                                         "counts": (self.histogram - histogram).tolist()},
+                                         "counts": [now - then for now, then in
+                                                    zip(self.histogram, histogram)]},
             }

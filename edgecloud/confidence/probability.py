@@ -10,16 +10,18 @@ import numpy as np
 SCORE_KINDS = ("logits", "probabilities")
 
 
-def log_calibrated_probabilities(scores: np.ndarray, kind: str, temperature: float = 1.0) -> np.ndarray:
-    """log softmax(z/T) along the last axis, z being the logits or log(max(p, 1e-12)) of probabilities.
-
-    The one definition of calibrated scores: serving reads confidences from it and calibration fits
-    the temperature on it, so the two cannot drift apart.
-    """
+def _check(kind: str, temperature: float) -> None:
     if kind not in SCORE_KINDS:
         raise ValueError(f"scores must be one of {SCORE_KINDS}, not {kind!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, not {temperature}")
+
+
+def log_calibrated_probabilities(scores: np.ndarray, kind: str, temperature: float = 1.0) -> np.ndarray:
+    """log softmax(z/T) along the last axis, z being the logits or log(max(p, 1e-12)) of probabilities,
+    in float64: calibration fits the temperature on it, where tiny probabilities must keep their logs.
+    """
+    _check(kind, temperature)
     z = np.asarray(scores, dtype=np.float64)
     if kind == "probabilities":
         z = np.log(np.maximum(z, 1e-12))
@@ -29,8 +31,25 @@ def log_calibrated_probabilities(scores: np.ndarray, kind: str, temperature: flo
 
 
 def calibrated_probabilities(scores: np.ndarray, kind: str, temperature: float = 1.0) -> np.ndarray:
-    """softmax(z/T) for logits, softmax(log(max(p, 1e-12))/T) for probabilities, along the last axis."""
-    return np.exp(log_calibrated_probabilities(scores, kind, temperature))
+    """softmax(z/T) for logits, softmax(log(max(p, 1e-12))/T) for probabilities, along the last axis:
+    the exponential of :func:`log_calibrated_probabilities`, which serving reads confidences from.
+
+    Computed the direct way, on the serving path: in float32 unless the scores are float64, with no
+    log/exp round trip (probabilities are only clipped and renormalized, raised to 1/T when T != 1).
+    """
+    _check(kind, temperature)
+    p = np.asarray(scores)
+    p = p.astype(np.float64 if p.dtype == np.float64 else np.float32, copy=False)
+    if kind == "probabilities":
+        p = np.maximum(p, 1e-12)
+        if temperature != 1.0:
+            p = p ** (1.0 / temperature)
+    else:
+        p = p - p.max(axis=-1, keepdims=True)
+        if temperature != 1.0:
+            p /= temperature
+        p = np.exp(p, out=p)
+    return p / p.sum(axis=-1, keepdims=True)
 
 
 def max_prob(p: np.ndarray) -> np.ndarray:

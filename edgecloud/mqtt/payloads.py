@@ -117,6 +117,9 @@ class Counters(Body):
         description="Rows that wanted the cloud and got the edge's answer")
     rate_limited: Annotated[Count, Metric("rate_limited_rows_total")] = Field(
         description="Rows over the escalation rate limit, answered by the edge")
+    in_flight_limited: Annotated[Count, Metric("in_flight_limited_rows_total")] = Field(
+        description="Rows that wanted the cloud while cloud.max_in_flight escalations were waiting; "
+                    "answered by the edge at once (degraded) and spooled")
     errors: Annotated[Count, Metric("errors_total")] = Field(description="Calls the edge model failed")
     audited: Annotated[Count, Metric("audits_total")] = Field(description="Audit calls the cloud answered")
 

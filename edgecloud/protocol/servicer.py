@@ -8,7 +8,6 @@ the codec are the only places that do. :class:`AsyncKServeServicer` is the same 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
@@ -66,23 +65,31 @@ class AsyncInferenceHost(ServedHost, Protocol):
     async def infer(self, request: InferRequest, peer: PeerInfo) -> InferResponse: ...
 
 
-@dataclass(frozen=True, slots=True)
 class PeerInfo:
-    """Who is calling: the gRPC peer and, with mutual TLS, the client certificate's common name."""
+    """Who is calling: the gRPC peer and, with mutual TLS, the client certificate's common name.
 
-    peer: str = ""
-    common_name: str = ""
-    bearer_token: str = ""
+    Read from the call's context only when a host asks (the gateway, to prove a device id): the
+    agent never does, so its calls pay for no auth context or metadata walk.
+    """
 
+    __slots__ = ("_context",)
 
-def _peer_info(context: grpc.ServicerContext) -> PeerInfo:
-    cn = ""
-    auth = context.auth_context() or {}
-    names = auth.get("x509_common_name") or []
-    if names:
-        cn = names[0].decode("utf-8", "replace")
-    return PeerInfo(peer=context.peer() or "", common_name=cn,
-                    bearer_token=bearer_token(context.invocation_metadata()))
+    def __init__(self, context: grpc.ServicerContext | None = None) -> None:
+        self._context = context
+
+    @property
+    def peer(self) -> str:
+        return (self._context.peer() or "") if self._context else ""
+
+    @property
+    def common_name(self) -> str:
+        auth = (self._context.auth_context() or {}) if self._context else {}
+        names = auth.get("x509_common_name") or []
+        return names[0].decode("utf-8", "replace") if names else ""
+
+    @property
+    def bearer_token(self) -> str:
+        return bearer_token(self._context.invocation_metadata()) if self._context else ""
 
 
 def bearer_token(metadata) -> str:
@@ -146,7 +153,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             with self.admission.admitted(context.time_remaining()):
                 contract = self.host.input_contract(request.model_name, request.model_version)
-                response = self.host.infer(decode_request(request, contract), _peer_info(context))
+                response = self.host.infer(decode_request(request, contract), PeerInfo(context))
                 return encode_response(response)
         except Exception as e:
             _abort(context, e)
@@ -162,7 +169,7 @@ class AsyncKServeServicer(KServeServicer):
         try:
             async with self.admission.admitted_async():
                 contract = self.host.input_contract(request.model_name, request.model_version)
-                response = await self.host.infer(decode_request(request, contract), _peer_info(context))
+                response = await self.host.infer(decode_request(request, contract), PeerInfo(context))
                 return encode_response(response)
         except Exception as e:
             await context.abort(*_status(e))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgecloud.backends import backend_key_for, open_backend, registered, release_backends, repository_files
@@ -103,3 +104,28 @@ def test_a_dotted_backend_gets_its_section_validated_by_its_own_model(tmp_path: 
     with pytest.raises(ConfigError, match=r"backend: Value error, backend 'tests\.plugins\.nope:X' cannot be "
                                           r"imported"):
         build(Config, {"backend": {"tests.plugins.nope:X": {}}})
+
+
+def test_onnxruntime_defaults_suit_small_models_and_answer_as_its_own_choice() -> None:
+    """One intra-op thread and no spinning by default (configurable); the answers are those of a session
+    whose threads ONNX Runtime chooses: identical argmax, values within float rounding."""
+    path = ROOT / "models" / "edge" / "inspection-edge-int8.onnx"
+    lean = open_backend(path, "onnxruntime", OrtConfig())
+    chosen = open_backend(path, "onnxruntime", OrtConfig(intra_op_threads=0, inter_op_threads=0,
+                                                         allow_spinning=True))
+    try:
+        options = lean._session.get_session_options()
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert chosen._session.get_session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning") == "1"
+        rows = np.random.default_rng(4).random((64, 1, 32, 32), dtype=np.float32)
+        name = lean.inputs[0].name
+        for batch in (rows[:1], rows):
+            got, want = lean.infer({name: batch}), chosen.infer({name: batch})
+            for output, values in want.items():
+                np.testing.assert_array_equal(got[output].argmax(-1), values.argmax(-1))
+                np.testing.assert_allclose(got[output], values, rtol=1e-4, atol=1e-4)
+    finally:
+        lean.close()
+        chosen.close()

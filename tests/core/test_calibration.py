@@ -14,6 +14,7 @@ from edgecloud.calibration import (
     nll,
 )
 from edgecloud.confidence import calibrated_probabilities, make_policy
+from edgecloud.confidence.probability import log_calibrated_probabilities
 
 
 def _sample_labels(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
@@ -124,3 +125,25 @@ def test_unreachable_target_and_bad_arguments() -> None:
         choose_threshold(conf, edge_ok, cloud_ok)
     with pytest.raises(ValueError, match="exactly one"):
         choose_threshold(conf, edge_ok, cloud_ok, target_accuracy=0.9, target_escalation=0.1)
+
+
+@pytest.mark.parametrize("kind", ["logits", "probabilities"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_served_probabilities_are_the_calibrated_ones(kind: str, temperature: float, dtype: type) -> None:
+    """The serving path (direct softmax, in float32 for float32 scores) gives the probabilities of the
+    float64 log form that calibration fits on: identical argmax, values within float32 rounding."""
+    rng = np.random.default_rng(11)
+    scores = rng.normal(0, 4, (300, 5))
+    if kind == "probabilities":
+        scores = np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
+    scores = scores.astype(dtype)
+    served = calibrated_probabilities(scores, kind, temperature)
+    reference = np.exp(log_calibrated_probabilities(scores, kind, temperature))
+    assert served.dtype == dtype
+    np.testing.assert_array_equal(served.argmax(1), reference.argmax(1))
+    np.testing.assert_allclose(served, reference, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-7)
+    for policy in ("max_prob", "margin", "entropy"):
+        agent = make_policy(policy, "s", kind, temperature)({"s": scores})
+        np.testing.assert_allclose(agent, confidence(scores.astype(np.float64), policy, temperature, kind),
+                                   rtol=1e-5, atol=1e-6)

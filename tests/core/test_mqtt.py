@@ -136,7 +136,7 @@ def test_telemetry_schema_takes_an_agent_report_and_refuses_drift() -> None:
         "schema": 1, "device": "cam-1", "seq": 42, "at": "2025-06-01T12:00:00Z", "model": "inspection",
         "model_version": 4,
         "counters": {"requests": 1000, "rows": 1200, "escalated": 80, "cloud_answers": 75, "degraded": 5,
-                     "errors": 0, "rate_limited": 3, "audited": 2},
+                     "errors": 0, "rate_limited": 3, "in_flight_limited": 1, "audited": 2},
         "latency_ms": {"edge": percentiles, "escalated": {"p50": 40.0, "p95": 95.0, "p99": 180.0}},
         "escalation_rate": 0.08, "confidence_histogram": {"edges": [0, 0.5, 1], "counts": [80, 920]},
         "spool_depth": 5, "circuit_state": "closed",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -12,9 +14,10 @@ from edgecloud.confidence import calibrated_probabilities
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ModelUnavailable
 from edgecloud.guards import InputContract
-from edgecloud.protocol.codec import ModelMetadata
+from edgecloud.protocol.codec import InferResponse, ModelMetadata
 from edgecloud.protocol.parameters import AgentRequest, AgentResponse
 from edgecloud.protocol.server import start_server
+from tests.support.fleet import Scrape
 from tests.support.net import wait_for
 from tests.support.onnx_models import linear_classifier, reference_logits
 from tests.support.services import Client, GatewayCloud, start_agent
@@ -234,3 +237,74 @@ def test_incompatible_cloud_model_disables_escalation(tmp_path, models, x):
             assert agent.spool.depth() == 0  # an incompatible cloud cannot use the cases
     finally:
         cloud.stop()
+
+
+class _HeldCloud:
+    """A KServe v2 cloud that holds every answer until the test lets go: escalations stay in flight for
+    as long as the test needs, with no clock involved."""
+
+    server_name, server_version = "held", "1"
+
+    def __init__(self, model_path):
+        from edgecloud.backends import open_backend
+        self.backend = open_backend(model_path)
+        self.arrived = threading.Semaphore(0)  # one release per call that reached the model
+        self.let_go = threading.Event()
+
+    def is_live(self):
+        return True
+
+    def is_ready(self):
+        return True
+
+    def model_ready(self, name, version):
+        return True
+
+    def model_metadata(self, name, version):
+        return ModelMetadata(name, ("1",), "x", self.backend.inputs, self.backend.outputs)
+
+    def infer(self, request, peer):
+        self.arrived.release()
+        self.let_go.wait(60)
+        return InferResponse(request.model_name, self.backend.infer(request.inputs), id=request.id)
+
+
+def test_escalations_held_by_a_slow_cloud_leave_edge_answers_free(tmp_path, models, x):
+    """With two edge threads and two escalation slots, both escalations wait at the cloud while an
+    ``escalate=never`` call is answered; one more escalation finds the slots taken and is answered by the
+    edge at once, degraded, counted and spooled. (With escalations on the request threads, the two held
+    calls took both threads and the edge-only call waited for the cloud.)"""
+    edge, cloud_model = models
+    cloud = _HeldCloud(cloud_model)
+    server = start_server(cloud, parse_endpoint("127.0.0.1:0"))
+    settings = {"agent": {"workers": 2}, "spool": {"replay_interval_s": 3600},
+                "cloud": {"max_per_s": 100000, "deadline_ms": 60000, "max_in_flight": 2}}
+    try:
+        with start_agent(tmp_path / "edge", edge, server.port, **settings) as agent, \
+                ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(Client(agent.port).infer, "clf", {"x": x[:1]}, escalate="always", timeout=60)
+                    for _ in range(2)]
+            for _ in held:
+                assert cloud.arrived.acquire(timeout=20), "the escalation never reached the cloud"
+            edge_only = Client(agent.port).infer("clf", {"x": x}, escalate="never", timeout=20)
+            over = Client(agent.port).infer("clf", {"x": x[:1]}, escalate="always", timeout=20,
+                                            request_id="over-the-bound")
+            assert not any(f.done() for f in held), "the escalations are still waiting at the cloud"
+            assert agent.spool.depth() == 1
+            metrics = Scrape(agent.metrics.port)
+            cloud.let_go.set()
+            answers = [f.result(timeout=30) for f in held]
+    finally:
+        cloud.let_go.set()
+        server.stop(0)
+    assert edge_only.parameters[AgentResponse.SOURCE] == "edge"
+    np.testing.assert_allclose(edge_only.outputs["logits"], reference_logits(edge, x), rtol=1e-4, atol=1e-4)
+    assert over.parameters[AgentResponse.DEGRADED] is True and over.parameters[AgentResponse.SOURCE] == "edge"
+    np.testing.assert_allclose(over.outputs["logits"], reference_logits(edge, x[:1]), rtol=1e-4, atol=1e-4)
+    for answer in answers:
+        assert answer.parameters[AgentResponse.SOURCE] == "cloud"
+        np.testing.assert_allclose(answer.outputs["logits"], reference_logits(cloud_model, x[:1]), rtol=1e-4,
+                                   atol=1e-4)
+    assert metrics.value("edgecloud_in_flight_limited_rows_total") == 1
+    assert metrics.value("edgecloud_degraded_rows_total") == 1
+    assert metrics.value("edgecloud_spool_depth") == 1

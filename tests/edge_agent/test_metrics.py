@@ -47,6 +47,7 @@ def test_counters_move_with_real_calls(tmp_path, model) -> None:
     assert after.value("edgecloud_cloud_answers_total") == 4
     assert after.value("edgecloud_degraded_rows_total") == 0
     assert after.value("edgecloud_rate_limited_rows_total") == 0
+    assert after.value("edgecloud_in_flight_limited_rows_total") == 0
     assert after.value("edgecloud_errors_total") == 0
     latency = "edgecloud_request_latency_seconds"
     assert after.value(latency + "_count", path="edge") == 3

@@ -12,7 +12,7 @@ import pytest
 
 from edge_agent.disk_queue import DiskQueue
 from edge_agent.fleet.telemetry import system_figures
-from edge_agent.serving.stats import CallRecord, Stats
+from edge_agent.serving.stats import CONFIDENCE_EDGES, CallRecord, Stats
 from edgecloud.mqtt.client import MqttClient
 from edgecloud.mqtt.payloads import Counters, Event
 from edgecloud.mqtt.topics import FleetTopics, TopicKind
@@ -78,7 +78,8 @@ def test_payloads_follow_the_schema_and_seq_survives_a_restart(broker, recorder,
     first, (started, stopped) = bodies[:first_life], bodies[first_life:]
     assert started["counters"]["requests"] == 0  # counters restart with the agent
     assert stopped["counters"] == {"requests": 2, "rows": 8, "escalated": 0, "cloud_answers": 0,
-                                   "degraded": 0, "rate_limited": 0, "errors": 0, "audited": 0}
+                                   "degraded": 0, "rate_limited": 0, "in_flight_limited": 0, "errors": 0,
+                                   "audited": 0}
     assert (stopped["model"], stopped["model_version"], stopped["circuit_state"]) == ("clf", 3, "disabled")
     assert {"cpu_percent", "memory_total_bytes", "temperatures_c"} <= stopped["system"].keys()
     # histograms and latencies cover one interval each: together they count every row exactly once
@@ -153,14 +154,28 @@ def test_system_figures_of_a_jetson_fit_the_schema() -> None:
 
 def test_a_call_counts_into_every_telemetry_counter() -> None:
     stats = Stats()
-    stats.record(CallRecord(rows=4, escalated_rows=3, cloud_rows=2, degraded_rows=1, rate_limited_rows=1,
-                            latency_s=0.01, confidences=np.array([0.1, 0.2, 0.3, 0.9])))
+    stats.record(CallRecord(rows=5, escalated_rows=4, cloud_rows=2, degraded_rows=2, rate_limited_rows=1,
+                            in_flight_limited_rows=1, latency_s=0.01,
+                            confidences=np.array([0.1, 0.2, 0.3, 0.9, 1.0]).tolist()))
     stats.audit()
-    assert Counters(**stats.interval()["counters"]).to_dict() == {
-        "requests": 1, "rows": 4, "escalated": 3, "cloud_answers": 2, "degraded": 1, "rate_limited": 1,
-        "errors": 0, "audited": 1}
+    interval = stats.interval()
+    assert Counters(**interval["counters"]).to_dict() == {
+        "requests": 1, "rows": 5, "escalated": 4, "cloud_answers": 2, "degraded": 2, "rate_limited": 1,
+        "in_flight_limited": 1, "errors": 0, "audited": 1}
+    assert interval["confidence_histogram"]["counts"] == [0, 1, 1, 1, 0, 0, 0, 0, 0, 2]
     with pytest.raises(TypeError):  # by keyword only: a new count cannot slip into another's place
-        CallRecord(4, 3, 2, 1, 1, 0.01, np.zeros(4))  # type: ignore[misc]
+        CallRecord(5, 4, 2, 2, 1, 1, 0.01, [0.5] * 5)  # type: ignore[misc]
+
+
+def test_the_confidence_histogram_bins_rows_as_numpy_does() -> None:
+    values = np.concatenate([np.random.default_rng(6).random(500), np.arange(11) / 10, [-0.5, 1.5, np.nan]])
+    stats = Stats()
+    for chunk in np.array_split(values.astype(np.float32), 7):
+        stats.record(CallRecord(rows=len(chunk), escalated_rows=0, cloud_rows=0, degraded_rows=0,
+                                rate_limited_rows=0, in_flight_limited_rows=0, latency_s=0.001,
+                                confidences=chunk.tolist()))
+    counts, _ = np.histogram(np.clip(values.astype(np.float32), 0, 1), bins=CONFIDENCE_EDGES)
+    assert stats.snapshot()["confidence_histogram"]["counts"] == counts.tolist()
 
 
 def test_circuit_changes_are_events_and_telemetry_says_open(broker, recorder, model, tmp_path) -> None:
