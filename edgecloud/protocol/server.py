@@ -120,8 +120,8 @@ def start_async_server(host: AsyncInferenceHost, listen: Endpoint, *, admission:
 
     def shutdown(grace: float | None) -> None:
         loop.run(server.stop(grace))
+        pool.shutdown(cancel_futures=True)  # while the loop runs: a sync handler may be waiting on it
         loop.close()
-        pool.shutdown()
 
     try:
         server, health_servicer, port = loop.run(start())

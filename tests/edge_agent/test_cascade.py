@@ -263,6 +263,9 @@ class _HeldCloud:
     def model_metadata(self, name, version):
         return ModelMetadata(name, ("1",), "x", self.backend.inputs, self.backend.outputs)
 
+    def input_contract(self, name, version):
+        return InputContract(name, self.backend.inputs)
+
     def infer(self, request, peer):
         self.arrived.release()
         self.let_go.wait(60)
