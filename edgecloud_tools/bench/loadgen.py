@@ -287,8 +287,8 @@ async def run(spec: dict, lines: asyncio.Queue) -> dict:
     images = _images(spec["data"])
     call, close = await CLIENTS[spec["client"]](spec, images)
     try:
-        for conn in range(spec["connections"]):  # connect and warm every connection, untimed
-            await _one(call, conn, conn % len(images))
+        # connect and warm every connection, untimed
+        await asyncio.gather(*(_one(call, c, c % len(images)) for c in range(spec["connections"])))
         _say({"ready": True})
         if await lines.get() != "go":
             return {"error": "expected go"}

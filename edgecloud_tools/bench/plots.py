@@ -7,16 +7,24 @@ from pathlib import Path
 
 from edgecloud_tools.bench.targets import get
 
+#: one colour per system in every plot
+COLORS = {"in-process backend": "#7f7f7f", "bare gRPC echo": "#17becf", "KServe v2 echo": "#1f77b4",
+          "edge agent": "#d62728", "FastAPI + uvicorn": "#ff7f0e", "MLServer": "#9467bd",
+          "gateway, batching on": "#d62728", "gateway, batching off": "#2ca02c",
+          "MLServer, adaptive batching": "#9467bd"}
+
 
 def _cdf(ax, points: list | None, label: str, **style) -> None:
     if points:
+        style.setdefault("color", COLORS.get(label))
         ax.plot([p[1] for p in points], [p[0] for p in points], label=label, **style)
 
 
 def _series(ax, closed: dict | None, label: str, **style) -> None:
     if closed:
         xs = sorted(int(k) for k in closed)
-        ax.plot(xs, [closed[str(x)]["per_s"] for x in xs], marker="o", label=label, **style)
+        ax.plot(xs, [closed[str(x)]["per_s"] for x in xs], marker="o", label=label, color=COLORS.get(label),
+                **style)
 
 
 def _axes(ax, title: str, xlabel: str, ylabel: str, log2: bool = False) -> None:
