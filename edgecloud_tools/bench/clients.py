@@ -129,12 +129,16 @@ class ClientPool:
     def _start(self, specs: dict[int, dict], window_s: float, run_timeout_s: float) -> Run:
         for i, spec in specs.items():
             self._send(i, json.dumps(spec))
-        for i in specs:
-            reply = self._receive(i, 60.0)
-            if not reply.get("ready"):
-                raise RuntimeError(f"client process {i} could not start the run: {reply.get('error')}")
-        for i in specs:
-            self._send(i, "go")
+        replies = {i: self._receive(i, 60.0) for i in specs}
+        failed = {i: r.get("error") for i, r in replies.items() if not r.get("ready")}
+        ready = [i for i in specs if i not in failed]
+        for i in ready:
+            self._send(i, "abort" if failed else "go")
+        if failed:
+            for i in ready:
+                self._receive(i, 60.0)  # each answers the abort
+            i, error = next(iter(failed.items()))
+            raise RuntimeError(f"client process {i} could not start the run: {error}")
         return Run(self, list(specs), window_s, run_timeout_s + 30.0)
 
     def _send(self, i: int, line: str) -> None:

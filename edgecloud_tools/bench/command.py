@@ -66,8 +66,8 @@ def machine(client_procs: int) -> dict:
         total_kib = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
     gpu = "a GPU (not used)" if Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") else "no GPU"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {"cores": os.cpu_count(), "memory_gib": round(total_kib / 2**20, 1), "gpu": gpu,

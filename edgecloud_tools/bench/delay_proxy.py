@@ -25,7 +25,7 @@ class DelayProxy:
         self.upstream_bytes = 0
         self.downstream_bytes = 0
         self._loop = asyncio.new_event_loop()
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.AbstractServer | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, name="delay-proxy", daemon=True)
 
     def start(self) -> DelayProxy:

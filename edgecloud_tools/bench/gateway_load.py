@@ -35,5 +35,5 @@ def gateway_load(bench: Bench) -> dict:
         target = bench.target("triton", ports[1], CLOUD_NAME)
         out["mlserver_adaptive"].update({"max_batch_size": batch, "max_batch_time_s": delay_s,
                                          **measure(bench, service, target, bench.plan.streams,
-                                                   "MLServer adaptive batching, streams")})
+                                                   "MLServer adaptive batching, streams", peer=True)})
     return out

@@ -258,7 +258,11 @@ async def open_loop(call: Call, spec: dict, n_images: int) -> Tally:
         tasks.append(asyncio.ensure_future(one(i)))
         tally.issued += 1
     tally.issued_s = time.perf_counter() - start
-    await asyncio.wait(tasks, timeout=spec["timeout_s"] + 5.0)
+    _, unanswered = await asyncio.wait(tasks, timeout=spec["timeout_s"] + 5.0)
+    for task in unanswered:  # past the client's own timeout: counted, not waited for
+        task.cancel()
+    if unanswered:
+        tally.errors["NO_ANSWER"] += len(unanswered)
     return tally
 
 
@@ -291,7 +295,7 @@ async def run(spec: dict, lines: asyncio.Queue) -> dict:
         await asyncio.gather(*(_one(call, c, c % len(images)) for c in range(spec["connections"])))
         _say({"ready": True})
         if await lines.get() != "go":
-            return {"error": "expected go"}
+            return {"error": "run aborted before it started"}
         tally = await PATTERNS[spec["pattern"]](call, spec, len(images))
     finally:
         await close()

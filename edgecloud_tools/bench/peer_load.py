@@ -20,11 +20,18 @@ def ensure_peer(bench: Bench, peer: Peer):
     return peer_python(peer, bench.peers_root, make=bench.plan.make_peers)
 
 
-def measure(bench: Bench, service: ServiceProcess, target, counts, label: str) -> dict:
-    """Start ``service``, run the closed loop at each of ``counts``, stop it (and its workers)."""
+def measure(bench: Bench, service: ServiceProcess, target, counts, label: str, peer: bool = False) -> dict:
+    """Start ``service``, run the closed loop at each of ``counts``, stop it (and its workers). A ``peer``
+    that does not start is reported so, with its log, rather than failing the stage."""
     out: dict = {"closed": {}}
     try:
-        service.start(timeout=120.0)
+        try:
+            service.start(timeout=120.0)
+        except RuntimeError as e:
+            if not peer:
+                raise
+            progress(f"{label}: did not start")
+            return {"status": f"did not start ({str(e).splitlines()[0]})"}
         out["startup_s"] = round(service.startup_s or 0.0, 3)
         for n in counts:
             progress(f"{label}, {n} concurrent")
@@ -52,5 +59,6 @@ def peer_load(bench: Bench) -> dict:
             ports = (free_loopback_port(), free_loopback_port(), free_loopback_port())
             service = mlserver_server(python, edge, name, ports, bench.workdir / "mlserver-edge")
             target = bench.target("triton", ports[1], name)
-        out[peer.key].update(measure(bench, service, target, bench.plan.concurrency, peer.title))
+        out[peer.key].update(measure(bench, service, target, bench.plan.concurrency, peer.title, peer=True))
     return out
+

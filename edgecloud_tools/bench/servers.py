@@ -72,7 +72,6 @@ class RssSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.after = rss_bytes(self.pid)
 
 
 def stop(service: ServiceProcess) -> None:
