@@ -11,7 +11,7 @@ Clients (``spec["client"]``):
 
 Patterns (``spec["pattern"]``):
 - ``closed``: ``streams`` calls in flight, each sent when the previous one answered, for ``warmup_s``
-  untimed and then ``duration_s`` timed;
+  untimed and then ``duration_s`` timed (the calls that end in that window are counted);
 - ``open``: calls sent at a fixed ``rate`` per second for ``duration_s`` whatever the answers, each with
   a ``timeout_s``: shows queueing and shedding that a closed loop hides;
 - ``sequence``: the ``data`` images one at a time in order, with each answer's top-1 class and flags
@@ -233,7 +233,7 @@ async def closed_loop(call: Call, spec: dict, n_images: int) -> Tally:
             budget[0] -= 1
             began = time.perf_counter()
             reply, error = await _one(call, k % spec["connections"], (spec["offset"] + i) % n_images)
-            tally.add(began, reply, error, timed=began >= timed_from and time.perf_counter() <= stop_at)
+            tally.add(began, reply, error, timed=timed_from <= time.perf_counter() <= stop_at)
             i += spec["streams"]
 
     await asyncio.gather(*(stream(k) for k in range(spec["streams"])))
