@@ -41,8 +41,9 @@ def _failed(r: dict, *stages: str) -> list[str]:
 def machine_line(r: dict) -> str:
     m = r["machine"]
     load = ", ".join(f"{x:g}" for x in m["load_average_at_start"])
-    return (f"{m['cores']} cores, {m['memory_gib']:.1f} GiB RAM, {m['gpu']}, Python {m['python']}, "
-            f"onnxruntime {m['onnxruntime']}, commit {m['commit']}; {'quick' if r['quick'] else 'full'} run, "
+    run = "quick" if r["quick"] else "full"
+    return (f"{m['cores']} cores ({m['cpu']}), {m['memory_gib']:.1f} GiB RAM, {m['gpu']}, "
+            f"Python {m['python']}, onnxruntime {m['onnxruntime']}, commit {m['commit']}; {run} run, "
             f"{m['client_procs']} client processes, load average at start {load}")
 
 
