@@ -61,8 +61,7 @@ Call = Callable[[int, int], Awaitable[Reply]]  # (connection index, image index)
 
 
 def _loopback(target: str) -> str:
-    host = target.rpartition(":")[0]
-    if host not in ("127.0.0.1", "localhost"):
+    if target.rpartition(":")[0] != "127.0.0.1":
         raise SystemExit(f"loadgen: refusing target {target!r}: only 127.0.0.1 is allowed")
     return target
 
