@@ -12,7 +12,7 @@ from edgecloud.errors import EdgecloudError, exit_status
 
 #: modules that add sub-commands, in the order they appear in --help
 COMMAND_MODULES: tuple[str, ...] = (
-    "edgecloud_tools.benchmark",
+    "edgecloud_tools.bench.command",
     "edgecloud_tools.certs",
     "edgecloud_tools.demo",
     "edgecloud_tools.examples_cli",

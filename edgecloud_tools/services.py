@@ -1,4 +1,5 @@
-"""Runs edgecloud's services as child processes, as they run in production: for the demo and tests."""
+"""Runs edgecloud's services as child processes, as they run in production: for the demo, the bench and
+tests."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from edgecloud.client import KServeClient
@@ -14,29 +17,44 @@ from edgecloud.client import KServeClient
 MODULES = {"edge-agent": "edge_agent.cli", "cloud-gateway": "cloud_gateway.cli"}
 
 
+def grpc_serving(port: int) -> bool:
+    """True when the gRPC health check on 127.0.0.1:``port`` says SERVING."""
+    with KServeClient(f"127.0.0.1:{port}") as client:
+        return client.serving(timeout=1.0)
+
+
 class ServiceProcess:
-    """One service in a child process, logging to a file; ``stop()`` sends SIGTERM and waits."""
+    """One service in a child process, logging to a file; ``stop()`` sends SIGTERM and waits.
+
+    ``command`` replaces ``python -m <the service's module> args`` (for servers that are not edgecloud's,
+    e.g. the bench's peers) and ``ready`` the gRPC health check that ``start()`` waits for.
+    """
 
     def __init__(self, name: str, args: list[str], port: int, log_path: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, *, command: list[str] | None = None,
+                 ready: Callable[[], bool] | None = None) -> None:
         self.name, self.args, self.port, self.log_path = name, args, port, Path(log_path)
         self.env = {**os.environ, **(env or {})}
+        self.command = command or [sys.executable, "-m", MODULES[name], *args]
+        self.ready = ready or (lambda: grpc_serving(port))
         self.proc: subprocess.Popen | None = None
+        #: seconds from the start of the process until ``ready`` first held
+        self.startup_s: float | None = None
 
     def start(self, timeout: float = 60.0) -> ServiceProcess:
-        """Start and wait until the gRPC health check says SERVING (or the process dies)."""
+        """Start and wait until ``ready`` holds (or the process dies, or ``timeout`` passes)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-        self.proc = subprocess.Popen([sys.executable, "-m", MODULES[self.name], *self.args],
-                                     stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        started = time.monotonic()
+        self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         log.close()
-        with KServeClient(f"127.0.0.1:{self.port}") as client:
-            while not client.wait_serving(timeout=1.0):
-                timeout -= 1.0
-                if self.proc.poll() is not None or timeout <= 0:
-                    self.stop()
-                    raise RuntimeError(f"{self.name} did not start; its log {self.log_path} ends:\n"
-                                       + self.log_tail())
+        while not self.ready():
+            if self.proc.poll() is not None or time.monotonic() - started > timeout:
+                self.stop()
+                raise RuntimeError(f"{self.name} did not start; its log {self.log_path} ends:\n"
+                                   + self.log_tail())
+            time.sleep(0.05)
+        self.startup_s = time.monotonic() - started
         return self
 
     def log_tail(self, lines: int = 20) -> str:

@@ -1,0 +1,105 @@
+"""The bench's PNG plots (matplotlib, the ``bench`` extra): latency CDFs, throughput against concurrency,
+and the slow-cloud comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgecloud_tools.bench.targets import get
+
+#: one colour per system in every plot
+COLORS = {"in-process backend": "#7f7f7f", "bare gRPC echo": "#17becf", "KServe v2 echo": "#1f77b4",
+          "edge agent": "#d62728", "FastAPI + uvicorn": "#ff7f0e", "MLServer": "#9467bd",
+          "gateway, batching on": "#d62728", "gateway, batching off": "#2ca02c",
+          "MLServer, adaptive batching": "#9467bd"}
+
+
+def _cdf(ax, points: list | None, label: str, **style) -> None:
+    if points:
+        style.setdefault("color", COLORS.get(label))
+        ax.plot([p[1] for p in points], [p[0] for p in points], label=label, **style)
+
+
+def _series(ax, closed: dict | None, label: str, **style) -> None:
+    if closed:
+        xs = sorted(int(k) for k in closed)
+        ax.plot(xs, [closed[str(x)]["per_s"] for x in xs], marker="o", label=label, color=COLORS.get(label),
+                **style)
+
+
+def _axes(ax, title: str, xlabel: str, ylabel: str, log2: bool = False) -> None:
+    ax.set_xscale("log", base=2 if log2 else 10)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def latency_cdf(plt, r: dict, path: Path) -> None:
+    floors, agent, peers = (r.get(k) or {} for k in ("floors", "agent", "peers"))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    _cdf(left, get(floors, "in_process", "edge INT8", "batch1", "cdf"), "in-process backend")
+    _cdf(left, get(floors, "echo", "bare", "1", "cdf"), "bare gRPC echo")
+    _cdf(left, get(floors, "echo", "kserve", "1", "cdf"), "KServe v2 echo")
+    _cdf(left, get(agent, "closed", "1", "cdf"), "edge agent", linewidth=2.5)
+    _cdf(left, get(peers, "fastapi", "closed", "1", "cdf"), "FastAPI + uvicorn")
+    _cdf(left, get(peers, "mlserver", "closed", "1", "cdf"), "MLServer")
+    _axes(left, "batch 1, one client: latency CDF", "ms", "% of calls")
+    _cdf(right, get(agent, "closed", "1", "cdf"), "closed loop, 1 client")
+    for factor, o in (agent.get("open") or {}).items():
+        _cdf(right, o.get("cdf"), f"open loop {factor}x capacity (answered)")
+    _axes(right, "edge agent under an open loop", "ms", "% of calls")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def throughput(plt, r: dict, path: Path) -> None:
+    floors, agent, peers, gateway = (r.get(k) or {} for k in ("floors", "agent", "peers", "gateway"))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    _series(left, get(floors, "echo", "bare"), "bare gRPC echo", linestyle="--")
+    _series(left, get(floors, "echo", "kserve"), "KServe v2 echo", linestyle="--")
+    _series(left, agent.get("closed"), "edge agent", linewidth=2.5)
+    _series(left, get(peers, "fastapi", "closed"), "FastAPI + uvicorn")
+    _series(left, get(peers, "mlserver", "closed"), "MLServer")
+    _axes(left, "edge model, batch 1: calls/s vs clients", "concurrent clients", "calls/s", log2=True)
+    _series(right, get(gateway, "batching", "closed"), "gateway, batching on", linewidth=2.5)
+    _series(right, get(gateway, "no_batching", "closed"), "gateway, batching off")
+    _series(right, get(gateway, "mlserver_adaptive", "closed"), "MLServer, adaptive batching")
+    _series(right, get(floors, "echo", "kserve"), "KServe v2 echo", linestyle="--")
+    _axes(right, "cloud model, single-row streams: calls/s", "concurrent streams", "calls/s", log2=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def slow_cloud(plt, r: dict, path: Path) -> None:
+    slow = r.get("slow_cloud") or {}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _cdf(ax, get(slow, "edge_only_alone", "cdf"), "edge-only client alone")
+    _cdf(ax, get(slow, "edge_only_beside_escalations", "cdf"),
+         f"beside {slow.get('escalating_clients', '')} escalating clients", linewidth=2.5)
+    _cdf(ax, get(slow, "escalations", "cdf"), "the escalating clients", linestyle=":")
+    _axes(ax, f"edge-only latency, cloud {slow.get('cloud_rtt_ms', 250):g} ms away", "ms", "% of calls")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+#: file name → what draws it
+PLOTS = {"latency_cdf.png": latency_cdf, "throughput.png": throughput, "slow_cloud.png": slow_cloud}
+
+
+def plot(r: dict, out: Path) -> list[Path] | None:
+    """Write the plots into ``out``; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    for name, draw in PLOTS.items():
+        draw(plt, r, out / name)
+    return [out / name for name in PLOTS]

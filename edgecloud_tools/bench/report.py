@@ -1,0 +1,213 @@
+"""The bench's table: every figure beside its baseline or peer from the same run, with the ratio, and the
+targets as rows that are met or not. A stage that did not run, or a peer that is not installed, shows
+its reason instead of figures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from edgecloud_tools.bench.targets import Goal, get, goals
+
+
+def _n(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+
+
+def _mb(v: float | None) -> str:
+    return "-" if v is None else f"{v / 1e6:.1f}"
+
+
+def _x(value: float | None, baseline: float | None) -> str:
+    return "-" if value is None or not baseline else f"{value / baseline:.2f}x"
+
+
+def _rows(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    """Columns padded to their widest cell; the first left-aligned, the others right-aligned."""
+    rows = [header, *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in rows]
+
+
+def _failed(r: dict, *stages: str) -> list[str]:
+    return [f"  {stage} not run: {r[stage]['error']}" for stage in stages
+            if isinstance(r.get(stage), dict) and "error" in r[stage]]
+
+
+def machine_line(r: dict) -> str:
+    m = r["machine"]
+    load = ", ".join(f"{x:g}" for x in m["load_average_at_start"])
+    run = "quick" if r["quick"] else "full"
+    return (f"{m['cores']} cores ({m['cpu']}), {m['memory_gib']:.1f} GiB RAM, {m['gpu']}, "
+            f"Python {m['python']}, onnxruntime {m['onnxruntime']}, commit {m['commit']}; {run} run, "
+            f"{m['client_procs']} client processes, load average at start {load}")
+
+
+def models_section(r: dict) -> list[str]:
+    ip = get(r, "floors", "in_process") or {}
+    if not ip:
+        return _failed(r, "floors")
+    batch = next(iter(ip.values()))["batch"]
+    head = ["in process (ONNX Runtime, CPU)", "size KB", "p50 ms", "p99 ms", f"rows/s @{batch}"]
+    return _rows(head, [[k, f"{v['size_bytes'] / 1e3:.0f}", _ms(v["batch1"]["p50_ms"]),
+                         _ms(v["batch1"]["p99_ms"]), _n(v["rows_per_s"])] for k, v in ip.items()])
+
+
+def _peer(r: dict, section: str, key: str) -> tuple[str, dict | None, str | None]:
+    """A peer's title, its closed-loop points and, when it did not run, why."""
+    peer = get(r, section, key) or {}
+    return peer.get("title", key), peer.get("closed"), None if peer.get("closed") else peer.get("status")
+
+
+def _absent(title: str, status: str | None, width: int, notes: list[str]) -> list[str]:
+    """The row of a system that did not run (a peer not installed), its reason added to ``notes``."""
+    if status:
+        notes.append(f"  {title}: {status}")
+    return [title, status.split(" (")[0] if status else "not run", *["-"] * (width - 2)]
+
+
+def batch1_section(r: dict) -> list[str]:
+    """Latency at 1 client and calls/s at each concurrency: the floors, the agent, the peers."""
+    counts = r["plan"]["concurrency"]
+    agent = get(r, "agent", "closed") or {}
+    systems = [("bare gRPC echo", get(r, "floors", "echo", "bare"), None),
+               ("KServe v2 echo (our stubs)", get(r, "floors", "echo", "kserve"), None),
+               ("edge agent", agent, None), _peer(r, "peers", "fastapi"), _peer(r, "peers", "mlserver")]
+    head = ["batch 1, closed loop", "p50 ms @1", "p99 ms @1", *[f"calls/s @{n}" for n in counts],
+            "agent/this @16"]
+    rows, notes = [], []
+    ip = get(r, "floors", "in_process", "edge INT8", "batch1")
+    if ip:
+        rows.append(["in-process backend (edge INT8)", _ms(ip["p50_ms"]), _ms(ip["p99_ms"]),
+                     *["-"] * (len(counts) + 1)])
+    for title, closed, status in systems:
+        if not closed:
+            rows.append(_absent(title, status, len(head), notes))
+            continue
+        rows.append([title, _ms(get(closed, "1", "p50_ms")), _ms(get(closed, "1", "p99_ms")),
+                     *[_n(get(closed, str(n), "per_s")) for n in counts],
+                     "" if closed is agent else _x(get(agent, "16", "per_s"), get(closed, "16", "per_s"))])
+    lines = _rows(head, rows) + notes
+    echo1 = get(r, "floors", "echo", "kserve", "1", "p50_ms")
+    if ip and echo1 is not None and get(agent, "1", "p50_ms") is not None:
+        floor = ip["p50_ms"] + echo1
+        lines.append(f"  agent p50 at 1 client {_ms(agent['1']['p50_ms'])} ms vs in-process "
+                     f"{_ms(ip['p50_ms'])} + KServe v2 echo {_ms(echo1)} = {_ms(floor)} ms: "
+                     f"{_x(agent['1']['p50_ms'], floor)}")
+    return lines + _failed(r, "floors", "agent", "peers")
+
+
+def open_loop_section(r: dict) -> list[str]:
+    agent = r.get("agent") or {}
+    if not agent.get("open"):
+        return []
+    unloaded = get(agent, "closed", "1", "p99_ms")
+    head = ["open loop on the agent", "rate/s", "sent/s", "answered", "shed", "other errors", "p50 ms",
+            "p99 ms", "p99/unloaded", "RSS MB before/peak"]
+    rows = [[f"{o['factor']:g}x capacity", _n(o["rate_per_s"]), _n(o["offered_per_s"]), str(o["answered"]),
+             str(o["shed"]), str(o["other_errors"]), _ms(o["p50_ms"]), _ms(o["p99_ms"]),
+             _x(o["p99_ms"], unloaded), f"{_mb(o['rss_before_bytes'])}/{_mb(o['rss_peak_bytes'])}"]
+            for o in agent["open"].values()]
+    return [f"  capacity (best closed loop): {_n(agent['capacity_per_s'])} calls/s; unloaded p99 "
+            f"{_ms(unloaded)} ms; shed = RESOURCE_EXHAUSTED", *_rows(head, rows)]
+
+
+def gateway_section(r: dict) -> list[str]:
+    streams = r["plan"]["streams"]
+    on = get(r, "gateway", "batching", "closed") or {}
+    systems = [("gateway, dynamic batching on", on, None),
+               ("gateway, dynamic batching off", get(r, "gateway", "no_batching", "closed"), None),
+               _peer(r, "gateway", "mlserver_adaptive"),
+               ("KServe v2 echo (floor)", get(r, "floors", "echo", "kserve"), None)]
+    head = ["cloud model, single-row streams", *[f"calls/s @{n}" for n in streams], "p99 ms @64",
+            "on/this @64"]
+    rows, notes = [], []
+    for title, closed, status in systems:
+        if not closed:
+            rows.append(_absent(title, status, len(head), notes))
+            continue
+        ratio = "" if closed is on else _x(get(on, "64", "per_s"), get(closed, "64", "per_s"))
+        rows.append([title, *[_n(get(closed, str(n), "per_s")) for n in streams],
+                     _ms(get(closed, "64", "p99_ms")), ratio])
+    lines = _rows(head, rows) + notes
+    cloud = get(r, "floors", "in_process", "cloud FP32")
+    if cloud:
+        lines.append(f"  cloud model in process at batch {cloud['batch']}: {_n(cloud['rows_per_s'])} rows/s")
+    return lines + _failed(r, "gateway")
+
+
+def slow_cloud_section(r: dict) -> list[str]:
+    s = r.get("slow_cloud") or {}
+    if "edge_only_alone" not in s:
+        return _failed(r, "slow_cloud")
+    a, b, e = s["edge_only_alone"], s["edge_only_beside_escalations"], s["escalations"]
+    head = [f"edge-only client, cloud {s['cloud_rtt_ms']:g} ms away", "p50 ms", "p99 ms", "calls/s"]
+    lines = _rows(head, [
+        ["alone", _ms(a["p50_ms"]), _ms(a["p99_ms"]), _n(a["per_s"])],
+        [f"beside {s['escalating_clients']} escalating clients", _ms(b["p50_ms"]), _ms(b["p99_ms"]),
+         _n(b["per_s"])],
+        ["beside / alone", _x(b["p50_ms"], a["p50_ms"]), _x(b["p99_ms"], a["p99_ms"]), ""]])
+    errors = ", ".join(f"{k} {v}" for k, v in e["errors"].items()) or "none"
+    lines.append(f"  the escalating clients: {e['ok']} answered ({_n(e['per_s'])}/s), p50 "
+                 f"{_ms(e['p50_ms'])} ms, {e['degraded']} degraded, errors: {errors}")
+    return lines
+
+
+def cascade_section(r: dict) -> list[str]:
+    c = r.get("cascade") or {}
+    if not c.get("modes"):
+        return _failed(r, "cascade")
+    cloud = get(c, "modes", "cloud only", "mean_ms")
+    head = [f"{c['images']} images, {c['wan_ms']:g} ms WAN", "accuracy", "to cloud", "mean ms", "p99 ms",
+            "mean/cloud-only", "bytes upstream"]
+    return _rows(head, [[mode, f"{m['accuracy']:.2%}", f"{m['to_cloud']:.1%}", _ms(m["mean_ms"]),
+                         _ms(m["p99_ms"]), _x(m["mean_ms"], cloud), f"{m['upstream_bytes']:,}"]
+                        for mode, m in c["modes"].items()])
+
+
+def start_section(r: dict) -> list[str]:
+    c = r.get("cold_start") or {}
+    rows = []
+    if "ready_s" in c:
+        rows.append([f"edge agent, to READY=1 (median of {len(c['starts'])})", f"{c['ready_s']:.2f}",
+                     _mb(c["rss_bytes"])])
+    for title, data in [("KServe v2 echo, to SERVING", get(r, "floors", "echo")),
+                        ("FastAPI + uvicorn, to /health", get(r, "peers", "fastapi")),
+                        ("MLServer, to model ready", get(r, "peers", "mlserver"))]:
+        if data and data.get("startup_s") is not None:
+            rows.append([title, f"{data['startup_s']:.2f}", _mb(data.get("rss_bytes"))])
+    head = ["start-up (RSS: the agent's at READY, the others' after their load)", "seconds", "RSS MB"]
+    return _rows(head, rows) + _failed(r, "cold_start")
+
+
+def _figure(g: Goal, v: float | None) -> str:
+    if v is None:
+        return "-"
+    return {"ms": f"{_ms(v)} ms", "/s": f"{_n(v)}/s", "bytes": f"{_mb(v)} MB"}.get(g.unit, f"{v:g}")
+
+
+def targets_section(r: dict) -> list[str]:
+    rows = []
+    for g in goals(r):
+        value = "-" if g.value is None else (f"{g.value:.2f}x" if g.relative else f"{g.value:g}")
+        limit = f"{g.op} {g.limit:g}{'x' if g.relative else ''}"
+        rows.append([g.name, _figure(g, g.figure), _figure(g, g.baseline), value, limit,
+                     {True: "met", False: "NOT MET", None: "n/a"}[g.met]])
+    return _rows(["target (issue 9)", "figure", "baseline", "ratio", "target", ""], rows)
+
+
+def format_table(r: dict) -> str:
+    sections = [("", [f"  {machine_line(r)}"]), ("models", models_section(r)),
+                ("agent, floors and peers", batch1_section(r)), ("admission", open_loop_section(r)),
+                ("gateway", gateway_section(r)), ("slow cloud", slow_cloud_section(r)),
+                ("cascade", cascade_section(r)), ("start-up", start_section(r)),
+                ("targets", targets_section(r))]
+    out = []
+    for title, lines in sections:
+        if lines:
+            out += ([f"{title}:"] if title else []) + lines + [""]
+    return "\n".join(out).rstrip() + "\n"
