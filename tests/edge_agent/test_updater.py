@@ -662,10 +662,11 @@ def test_corrupt_state_is_set_aside_and_reported(fleet: Fleet) -> None:
 
 
 # -- crash safety -----------------------------------------------------------------------------------------
-def first_ready_version(log: str) -> str:
-    match = re.search(r"event=agent_ready device=\S+ model=\S+ version=(\S+)", log)
-    assert match, log
-    return match.group(1)
+def first_ready_version(log_path: Path) -> str:
+    """The version of the first ``agent_ready`` line; the line may land just after health says SERVING."""
+    pattern = re.compile(r"event=agent_ready device=\S+ model=\S+ version=(\S+)")
+    assert wait_for(lambda: pattern.search(log_path.read_text())), log_path.read_text()
+    return pattern.search(log_path.read_text()).group(1)
 
 
 @pytest.mark.parametrize("step", FAULT_STEPS)
@@ -684,7 +685,7 @@ def test_sigkill_at_each_step_restarts_on_the_last_good_model(fleet: Fleet, step
     seen = len(fleet.watcher.reports("edge-1"))
 
     restarted = fleet.process_agent("edge-1")
-    assert first_ready_version(restarted.log_path.read_text()) == "1"  # the last good model first
+    assert first_ready_version(restarted.log_path) == "1"  # the last good model first
     if step == "swapped":  # a restart inside the watch window is a crash loop: roll back, stay back
         report = fleet.watcher.wait_report("edge-1", "rolled_back", 2, after=seen)
         assert report["reason"].startswith("crash_loop: ") and report["active_version"] == 1
