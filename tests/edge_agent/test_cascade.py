@@ -179,10 +179,10 @@ def test_audit_sends_confident_rows_in_the_background(tmp_path, models, cloud, x
     assert {e.reason for e in cloud.stored()} == {"audit"}
 
 
-class _FailingHost:
-    """A KServe v2 server whose model always errors."""
+class _OneModelHost:
+    """A KServe v2 server with one model from a file; subclasses decide how ``infer`` answers."""
 
-    server_name, server_version = "failing", "1"
+    server_name, server_version = "one-model", "1"
 
     def __init__(self, model_path):
         from edgecloud.backends import open_backend
@@ -202,6 +202,10 @@ class _FailingHost:
 
     def input_contract(self, name, version):
         return InputContract(name, self.backend.inputs)
+
+
+class _FailingHost(_OneModelHost):
+    """A KServe v2 server whose model always errors."""
 
     def infer(self, request, peer):
         raise ModelUnavailable("cloud model is overloaded")
@@ -239,32 +243,14 @@ def test_incompatible_cloud_model_disables_escalation(tmp_path, models, x):
         cloud.stop()
 
 
-class _HeldCloud:
+class _HeldCloud(_OneModelHost):
     """A KServe v2 cloud that holds every answer until the test lets go: escalations stay in flight for
     as long as the test needs, with no clock involved."""
 
-    server_name, server_version = "held", "1"
-
     def __init__(self, model_path):
-        from edgecloud.backends import open_backend
-        self.backend = open_backend(model_path)
+        super().__init__(model_path)
         self.arrived = threading.Semaphore(0)  # one release per call that reached the model
         self.let_go = threading.Event()
-
-    def is_live(self):
-        return True
-
-    def is_ready(self):
-        return True
-
-    def model_ready(self, name, version):
-        return True
-
-    def model_metadata(self, name, version):
-        return ModelMetadata(name, ("1",), "x", self.backend.inputs, self.backend.outputs)
-
-    def input_contract(self, name, version):
-        return InputContract(name, self.backend.inputs)
 
     def infer(self, request, peer):
         self.arrived.release()
