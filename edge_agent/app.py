@@ -78,6 +78,8 @@ class EdgeAgent:
         # slots (cloud.max_in_flight) than there are: edge answers always find one
         self.server = start_server(self.cascade, listen, admission=Admission("agent", cfg.admission),
                                    max_message_bytes=cfg.agent.max_message_bytes, workers=cfg.agent.workers)
+        if self.link:
+            self.link.prepare(self.slot.model)
         if self.replayer:
             self.replayer.start()
         if cfg.fleet.name:

@@ -5,12 +5,19 @@ Recovery: while the cloud is away the channel retries its connection at most abo
 (``edgecloud.channel.RECONNECT_OPTIONS``), and the moment it is connected again an open circuit is
 probed (the next escalation is its trial), so the first cloud answer follows the cloud's return
 within about a second, not after gRPC's grown backoff or the rest of ``reset_s``.
+
+The contract check is a ModelMetadata round trip: it is made in the background when the link starts
+and whenever the channel connects again after a loss, so an escalation does not spend a round trip of
+its deadline on it (with a 250 ms cloud and a 300 ms deadline, it would not fit twice). An escalation
+that finds its model unchecked (a new release, a check still under way) checks inline, within the same
+deadline as its ModelInfer.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +36,9 @@ from edgecloud.protocol.codec import (
 from edgecloud.tensors import contract_differences
 
 log = logging.getLogger(__name__)
+#: the background contract check's own timeout: no caller waits on it
+CHECK_TIMEOUT_S = 10.0
+
 
 class CloudError(EdgecloudError):
     """The cloud did not answer usably: down, slow, rejecting, or circuit open."""
@@ -61,6 +71,7 @@ class CloudLink:
         self._incompatible = ""
         self._last_error = ""
         self._lock = threading.Lock()
+        self._edge: EdgeModel | None = None  # the model the next background check is for
 
     def model_name(self, edge: EdgeModel) -> str:
         return self.cfg.model or edge.name
@@ -69,6 +80,23 @@ class CloudLink:
     def state(self) -> CloudState:
         compatible = None if self._checked_for is None else not self._incompatible
         return CloudState(self.circuit.state, compatible, self._incompatible or self._last_error)
+
+    def prepare(self, edge: EdgeModel) -> None:
+        """Check ``edge``'s contract in the background, before an escalation needs it; a cloud that
+        cannot be reached now is checked when the channel connects, or inline by the first escalation."""
+        self._edge = edge
+        threading.Thread(target=self._check_quietly, args=(edge,), name="cloud-contract", daemon=True).start()
+
+    def _check_quietly(self, edge: EdgeModel) -> None:
+        try:
+            self._check_contract(edge, CHECK_TIMEOUT_S)
+        except grpc.RpcError as e:
+            log.info("event=cloud_check_deferred cloud_model=%s error=%s", self.model_name(edge),
+                     e.code().name)
+        except CloudIncompatible:
+            pass  # logged by the check; escalations fail fast on it
+        except EdgecloudError as e:
+            log.info("event=cloud_check_deferred cloud_model=%s error=%r", self.model_name(edge), str(e))
 
     def _check_contract(self, edge: EdgeModel, timeout: float) -> None:
         """ModelMetadata once per edge model: the cloud must take its inputs and give its outputs."""
@@ -95,9 +123,11 @@ class CloudLink:
             raise CloudIncompatible(self._incompatible)
         if not self.circuit.allow():
             raise CloudError("circuit open")
+        self._edge = edge
+        deadline = time.monotonic() + timeout
         try:
             self._check_contract(edge, timeout)
-            response = self._client.send(request, timeout)
+            response = self._client.send(request, max(deadline - time.monotonic(), 0.001))
         except CloudIncompatible:
             self.circuit.success()  # the link works; the model does not fit
             raise
@@ -118,6 +148,9 @@ class CloudLink:
     def _connectivity(self, state: grpc.ChannelConnectivity) -> None:  # gRPC's thread: no blocking
         if state is grpc.ChannelConnectivity.READY:
             self.circuit.probe()
+            edge = self._edge
+            if edge is not None and self._checked_for != (edge.name, edge.version):
+                self.prepare(edge)
 
     def close(self) -> None:
         self._channel.unsubscribe(self._connectivity)

@@ -80,7 +80,10 @@ def start_server(host: InferenceHost, listen: Endpoint, *, admission: Admission 
     ``admission`` gates ModelInfer (default: ``[admission]``'s defaults). Each admitted call, running or
     waiting for its turn, holds a thread, so the pool has ``workers`` threads for everything else
     (health, metadata, ``extra_services``, refusals) on top of the admission bounds: a health check
-    never waits behind inference. ``extra_services`` are callables ``add(server)`` that register more
+    never waits behind inference. gRPC itself refuses a call beyond that many at once
+    (RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!"): without that bound calls that found no
+    thread would wait in the pool's unbounded queue, before admission could shed them (at 3x capacity:
+    seconds of wait and hundreds of MB). ``extra_services`` are callables ``add(server)`` that register more
     servicers (e.g. downloads); ``interceptors`` are ``grpc.ServerInterceptor``s run before every call
     of every service (e.g. the gateway's bearer-token check).
     """
@@ -88,7 +91,7 @@ def start_server(host: InferenceHost, listen: Endpoint, *, admission: Admission 
     admission = admission or Admission(host.server_name, AdmissionSection())
     threads = workers + admission.limits.max_in_flight + admission.limits.max_queue
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=_options(max_message_bytes),
-                         interceptors=tuple(interceptors))
+                         interceptors=tuple(interceptors), maximum_concurrent_rpcs=threads)
     health_servicer = _add_services(server, KServeServicer(host, admission), extra_services)
     port = _bind(server, listen, tls)
     server.start()

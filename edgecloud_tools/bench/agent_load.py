@@ -15,6 +15,7 @@ from edgecloud_tools.bench.plan import OPEN_LOOP_FACTORS, Bench, progress
 #: a call of the open loop that gets no answer within this is counted as an error, not waited for
 OPEN_LOOP_TIMEOUT_S = 10.0
 SHED = "RESOURCE_EXHAUSTED"
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 def agent_load(bench: Bench) -> dict:
@@ -28,6 +29,8 @@ def agent_load(bench: Bench) -> dict:
             progress(f"edge agent, closed loop, {n} concurrent")
             out["closed"][str(n)] = bench.closed(target, n).summary()
         capacity = max(p["per_s"] for p in out["closed"].values())
+        target = bench.target("bare", service.port, bench.models.edge_name, method=MODEL_INFER,
+                              params={str(AgentRequest.ESCALATE): "never"})
         out["capacity_per_s"] = capacity
         for factor in OPEN_LOOP_FACTORS:
             rate = factor * capacity

@@ -154,6 +154,8 @@ async def bare_client(spec: dict, images: np.ndarray) -> tuple[Call, Callable[[]
         request.inputs.add(name=spec["input"]["name"], datatype=spec["input"]["datatype"],
                            shape=[1, *image.shape])
         request.raw_input_contents.append(np.ascontiguousarray(image).tobytes())
+        for key, value in (spec.get("params") or {}).items():
+            request.parameters[key].string_param = value
         payloads.append(request.SerializeToString())
 
     async def call(conn: int, image: int) -> Reply:

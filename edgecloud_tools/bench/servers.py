@@ -86,11 +86,16 @@ def stop(service: ServiceProcess) -> None:
 
 
 def agent(workdir: Path, model: Path, name: str, *, cloud: int | None = None,
-          env: dict[str, str] | None = None) -> ServiceProcess:
+          env: dict[str, str] | None = None, config: str = "") -> ServiceProcess:
     """The edge agent on ``model``; with ``cloud`` (a port on 127.0.0.1) it escalates there, with no
-    escalation rate limit in the way (``--max-per-s``), so every row that wants the cloud asks it."""
+    escalation rate limit in the way (``--max-per-s``), so every row that wants the cloud asks it.
+    ``config`` is TOML for what has no flag (e.g. ``[cloud] max_in_flight``)."""
     port = free_loopback_port()
-    flags = ["--model", str(model), "--listen", f"127.0.0.1:{port}", "--state-dir", str(workdir / name),
+    flags = []
+    if config:
+        (workdir / f"{name}.toml").write_text(config)
+        flags += ["--config", str(workdir / f"{name}.toml")]
+    flags += ["--model", str(model), "--listen", f"127.0.0.1:{port}", "--state-dir", str(workdir / name),
              "--device-id", f"bench-{name}", "--log-level", "WARNING",
              "--metrics-listen", f"127.0.0.1:{free_loopback_port()}"]
     if cloud is not None:

@@ -7,8 +7,12 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 
+from edge_agent.cloud.link import CloudError, CloudLink
+from edgecloud.protocol.codec import InferRequest
 from edgecloud.protocol.parameters import AgentResponse
+from edgecloud_tools.bench.delay_proxy import DelayProxy
 from tests.support.net import wait_for
 from tests.support.onnx_models import linear_classifier
 from tests.support.services import Client, GatewayCloud, start_agent
@@ -42,3 +46,46 @@ def test_the_first_cloud_answer_after_an_outage_comes_with_the_reconnect(tmp_pat
         cloud.stop()
     assert "event=circuit_probe reason=reconnected" in caplog.text
     assert len(cloud.stored()) >= 7  # the answered calls and the replayed ones, once each
+
+
+def test_the_contract_is_checked_in_the_background_before_any_escalation(tmp_path) -> None:
+    edge, cloud = _edge_and_cloud(tmp_path)
+    try:
+        with start_agent(tmp_path / "agent", edge, cloud.port) as agent:
+            assert agent.link is not None
+            assert wait_for(lambda: agent.link.state.compatible is True, timeout=10)
+    finally:
+        cloud.stop()
+
+
+def test_an_escalation_checking_the_contract_inline_keeps_to_one_deadline(tmp_path) -> None:
+    """ModelMetadata and ModelInfer share the escalation's deadline: a 150 ms cloud fits once in 250 ms,
+    not twice."""
+    edge, cloud = _edge_and_cloud(tmp_path)
+    try:
+        with DelayProxy(cloud.port, rtt_ms=150) as proxy, \
+                start_agent(tmp_path / "agent", edge, proxy.port) as agent:
+            link = CloudLink(agent.config.cloud)  # a link of its own: nothing checked yet
+            try:
+                request = InferRequest("clf", {"x": X})
+                with pytest.raises(CloudError, match="DEADLINE_EXCEEDED"):
+                    link.ask(agent.slot.model, request, timeout=0.25)
+                # the check made it through meanwhile or now: the next ask needs one round trip
+                assert wait_for(lambda: _answers(link, agent.slot.model, request), timeout=10)
+            finally:
+                link.close()
+    finally:
+        cloud.stop()
+
+
+def _answers(link: CloudLink, edge, request: InferRequest) -> bool:
+    try:
+        return link.ask(edge, request, timeout=0.25).outputs is not None
+    except CloudError:
+        return False
+
+
+def _edge_and_cloud(tmp_path):
+    edge = linear_classifier(tmp_path / "edge.onnx", seed=0, card={"name": "clf", "version": 1})
+    cloud = GatewayCloud(tmp_path / "cloud", linear_classifier(tmp_path / "cloud.onnx", seed=1), "clf")
+    return edge, cloud.start()
