@@ -19,7 +19,7 @@ from typing import Any
 from edge_agent.config import TelemetrySection
 from edge_agent.disk_queue import DiskQueue
 from edge_agent.fleet.link import FleetLink, as_int_version
-from edge_agent.fleet.readings import AgentReadings
+from edge_agent.fleet.readings import AgentReadings, ModelReadings
 from edge_agent.fleet.sysinfo import SystemMonitor
 from edgecloud.files import atomic_write
 from edgecloud.mqtt import payloads
@@ -131,14 +131,23 @@ class Telemetry:
                  self.buffer.dropped)
 
     def _message(self, seq: int) -> payloads.Telemetry:
-        """One telemetry message: counters since start, the rest over the interval since the last one."""
+        """One telemetry message: counters since start, the rest over the interval since the last one;
+        the device's totals, and each model's own figures (docs/design.md §10)."""
         agent = self._agent
-        name, version = agent.served()
+        primary = agent.primary
         return payloads.Telemetry(
-            device=self._fleet.device, seq=seq, model=name, model_version=as_int_version(version),
-            **agent.interval(), spool_depth=agent.spool.depth() if agent.spool else 0,
-            circuit_state=agent.circuit_state(),
-            system=system_figures(self._system.sample()))
+            device=self._fleet.device, seq=seq, model=primary.name,
+            model_version=as_int_version(primary.version()), **agent.interval(),
+            spool_depth=agent.spool_depth(), circuit_state=agent.circuit_state(),
+            system=system_figures(self._system.sample()),
+            models=tuple(self._model(model) for model in agent.models))
+
+    @staticmethod
+    def _model(model: ModelReadings) -> payloads.ModelTelemetry:
+        return payloads.ModelTelemetry(
+            name=model.name, model_version=as_int_version(model.version()),
+            ready=model.ready(), error=model.error(), **model.interval(),
+            spool_depth=model.spool.depth() if model.spool else 0, circuit_state=model.circuit_state())
 
     def _produce(self) -> None:
         try:

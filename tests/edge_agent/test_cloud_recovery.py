@@ -33,11 +33,12 @@ def test_the_first_cloud_answer_after_an_outage_comes_with_the_reconnect(tmp_pat
             cloud.stop()
             for _ in range(5):  # the outage: answered by the edge, spooled
                 assert source() == "edge"
-            assert agent.link is not None and agent.link.circuit.state == "open"
+            assert agent.primary.link is not None and agent.primary.link.circuit.state == "open"
             cloud.start()  # the same port again
             assert wait_for(lambda: source() == "cloud", timeout=10, interval=0.05)
-            assert agent.link.circuit.state == "closed"
-            assert wait_for(lambda: agent.spool.depth() == 0)  # the outage's cases reach the store too
+            assert agent.primary.link.circuit.state == "closed"
+            spool = agent.primary.spool
+            assert wait_for(lambda: spool.depth() == 0)  # the outage's cases reach the store too
     finally:
         cloud.stop()
     assert "event=circuit_probe reason=reconnected" in caplog.text
