@@ -131,9 +131,9 @@ class EdgeAgent:
                              admission=self.server.admission.figures,
                              mqtt_connected=(lambda: fleet.client.is_connected) if fleet else None)
 
-    def _circuit_changed(self, old: str, new: str) -> None:
+    def _circuit_changed(self, model: str, old: str, new: str) -> None:
         if self.telemetry:
-            self.telemetry.circuit_changed(old, new)
+            self.telemetry.circuit_changed(model, old, new)
 
     def reload_cascade(self, config: AgentConfig) -> None:
         """Apply new cascade settings (thresholds, temperature…) to every model without dropping a call."""

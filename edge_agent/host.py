@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from edge_agent.cloud.link import CloudLink
@@ -77,16 +78,17 @@ class ModelUnit:
 
     @classmethod
     def open(cls, config: AgentConfig, totals: Stats,
-             on_circuit_change: Callable[[str, str], None]) -> ModelUnit:
+             on_circuit_change: Callable[[str, str, str], None]) -> ModelUnit:
         """Load the model (the last good one of its update state, else the configured one) and build
-        what serves it; raises what loading raised."""
+        what serves it; raises what loading raised. ``on_circuit_change(model, old, new)``: its cloud
+        circuit changed."""
         startup = load_startup(config)
         slot = ModelSlot(startup.model, config.cascade)
         unit = cls(startup.model.name, config, ModelStats(totals), slot, startup=startup)
         cloud = config.cloud
         bucket = None
         if cloud.target:
-            unit.link = CloudLink(cloud, on_circuit_change=on_circuit_change)
+            unit.link = CloudLink(cloud, on_circuit_change=partial(on_circuit_change, unit.name))
             unit.spool = Spool(Path(config.agent.state_dir) / "spool", config.spool.max_bytes,
                                config.spool.max_pending)
             bucket = TokenBucket(cloud.max_per_s, cloud.burst)

@@ -81,7 +81,7 @@ class Telemetry:
         self.seq = SeqCounter(directory / "seq", floor=0 if highest is None else highest + 1)
         self.sent = 0
         self._system = SystemMonitor()
-        self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[tuple[str, str, str]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._flush_s = 0.0
@@ -104,9 +104,10 @@ class Telemetry:
         if self._thread.is_alive():
             self._thread.join(flush_s + PUBLISH_TIMEOUT_S)
 
-    def circuit_changed(self, old: str, new: str) -> None:
-        """CircuitBreaker hook: runs under the breaker's lock on a request thread, so it only hands over."""
-        self._events.put((old, new))
+    def circuit_changed(self, model: str, old: str, new: str) -> None:
+        """CircuitBreaker hook of ``model``'s cloud link: runs under the breaker's lock on a request
+        thread, so it only hands over."""
+        self._events.put((model, old, new))
         self._wake.set()
 
     def _on_state(self, state: ConnectionState, _detail: str) -> None:  # paho's network thread
@@ -164,11 +165,11 @@ class Telemetry:
     def _send_events(self) -> None:
         while True:
             try:
-                old, new = self._events.get_nowait()
+                model, old, new = self._events.get_nowait()
             except queue.Empty:
                 return
             severity = "warning" if new == "open" else "info"
-            self._fleet.event("circuit.changed", severity, **{"from": old, "to": new})
+            self._fleet.event("circuit.changed", severity, **{"model": model, "from": old, "to": new})
 
     def _deliver(self, deadline: float, final: bool = False) -> None:
         """Publish buffered messages oldest first until the buffer is empty, the broker is away (kept

@@ -60,8 +60,8 @@ class Status(Body):
     agent_version: str
     model: str | None = Field(description="served model name")
     active_version: Version | None = Field(description="release version serving now")
-    models: tuple[ServedModel, ...] = Field((), description="every served model (model and active_version "
-                                            "above name the first that serves)")
+    models: Annotated[tuple[ServedModel, ...] | None, Omitted] = Field(
+        None, description="every served model (model and active_version above name the first that serves)")
 
 
 class Reported(Body):
@@ -210,6 +210,6 @@ class Telemetry(Body):
     spool_depth: Count = Field(description="cases waiting in the spool for the cloud")
     circuit_state: CircuitState
     system: System
-    models: tuple[ModelTelemetry, ...] = Field((), description="each served model's own figures; the "
-                                               "fields above total them (model: the first that serves, "
-                                               "circuit_state: the worst)")
+    models: Annotated[tuple[ModelTelemetry, ...] | None, Omitted] = Field(
+        None, description="each served model's own figures; the fields above total them (model: the first "
+                          "that serves, circuit_state: the worst)")
