@@ -83,4 +83,4 @@ class AgentReadings:
     def circuit_state(self) -> str:
         """The device's worst circuit: open, half_open, closed, then disabled (no usable cloud)."""
         states = {m.circuit_state() for m in self.models}
-        return next(s for s in (OPEN, HALF_OPEN, CLOSED, DISABLED) if s in states or s == DISABLED)
+        return next((s for s in (OPEN, HALF_OPEN, CLOSED) if s in states), DISABLED)

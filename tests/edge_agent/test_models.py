@@ -278,3 +278,16 @@ def test_a_release_updates_the_model_it_names_and_no_other(fleet, broker, tmp_pa
         assert message["counters"]["requests"] == 2 and message["models"][2]["error"]
     finally:
         listener.close()
+
+
+def test_a_reload_applies_each_models_own_cascade_overrides(tmp_path):
+    edge_a = linear_classifier(tmp_path / "a.onnx", 8, 4, seed=0)
+    edge_b = linear_classifier(tmp_path / "b.onnx", 6, 3, seed=1)
+    models = {"a": {"path": str(edge_a)}, "b": {"path": str(edge_b), "cascade": {"threshold": 0.7}}}
+    with EdgeAgent(models_config(tmp_path / "state", models, cascade={"threshold": 0.2})).start() as agent:
+        assert [agent.unit(m).slot.model.settings.threshold for m in "ab"] == [0.2, 0.7]
+        models["a"]["cascade"] = {"threshold": 0.9}
+        agent.reload_cascade(models_config(tmp_path / "state", models, cascade={"threshold": 0.3}))
+        assert [agent.unit(m).slot.model.settings.threshold for m in "ab"] == [0.9, 0.7]
+        reply = Client(agent.port).infer("b", {"x": X_B}, escalate="never")
+        assert reply.outputs["logits"].shape == (5, 3)
