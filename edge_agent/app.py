@@ -14,6 +14,7 @@ from edge_agent.fleet.readings import AgentReadings
 from edge_agent.fleet.telemetry import Telemetry
 from edge_agent.host import ModelHost, ModelUnit
 from edge_agent.serving.stats import Stats
+from edge_agent.update.startup import load_startup
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ModelLoadError
 from edgecloud.exposition import MetricsServer
@@ -96,11 +97,15 @@ class EdgeAgent:
         several = bool(self.config.models)
         for view in self.config.served():
             try:
-                self.units.append(ModelUnit.open(view, self.totals, self._circuit_changed))
-            except Exception as e:
+                startup = load_startup(view)  # its update state's last good model, else the configured
+            except Exception as e:  # ModelLoadError, or a runtime's own error during warm-up
                 if not several:
                     raise
                 self.units.append(ModelUnit.failed(view, self.totals, e))
+                continue
+            unit = ModelUnit.loaded(view, startup, self.totals)
+            self.units.append(unit)  # released by stop() from here on, should the rest fail
+            unit.build(self._circuit_changed)
         if not any(unit.slot for unit in self.units):
             raise ModelLoadError("no model loaded: " + "; ".join(f"{u.name}: {u.error}" for u in self.units))
 

@@ -28,7 +28,7 @@ from edge_agent.serving.cascade import Cascade
 from edge_agent.serving.slot import ModelSlot
 from edge_agent.serving.stats import CallRecord, Stats
 from edge_agent.update.report import one_line
-from edge_agent.update.startup import Startup, load_startup
+from edge_agent.update.startup import Startup
 from edge_agent.update.updater import Updater
 from edgecloud import __version__
 from edgecloud.errors import ModelNotFound, ModelUnavailable
@@ -77,26 +77,26 @@ class ModelUnit:
     error: str | None = None
 
     @classmethod
-    def open(cls, config: AgentConfig, totals: Stats,
-             on_circuit_change: Callable[[str, str, str], None]) -> ModelUnit:
-        """Load the model (the last good one of its update state, else the configured one) and build
-        what serves it; raises what loading raised. ``on_circuit_change(model, old, new)``: its cloud
-        circuit changed."""
-        startup = load_startup(config)
-        slot = ModelSlot(startup.model, config.cascade)
-        unit = cls(startup.model.name, config, ModelStats(totals), slot, startup=startup)
-        cloud = config.cloud
+    def loaded(cls, config: AgentConfig, startup: Startup, totals: Stats) -> ModelUnit:
+        """The unit of a model loaded at start (``load_startup``); :meth:`build` completes it."""
+        return cls(startup.model.name, config, ModelStats(totals), ModelSlot(startup.model, config.cascade),
+                   startup=startup)
+
+    def build(self, on_circuit_change: Callable[[str, str, str], None]) -> None:
+        """The cloud link, spool, rate limit, replayer and cascade that serve the loaded model;
+        ``on_circuit_change(model, old, new)``: its cloud circuit changed."""
+        config, cloud, slot = self.config, self.config.cloud, self.slot
+        assert slot is not None, "build() needs a loaded model"
         bucket = None
         if cloud.target:
-            unit.link = CloudLink(cloud, on_circuit_change=partial(on_circuit_change, unit.name))
-            unit.spool = Spool(Path(config.agent.state_dir) / "spool", config.spool.max_bytes,
+            self.link = CloudLink(cloud, on_circuit_change=partial(on_circuit_change, self.name))
+            self.spool = Spool(Path(config.agent.state_dir) / "spool", config.spool.max_bytes,
                                config.spool.max_pending)
             bucket = TokenBucket(cloud.max_per_s, cloud.burst)
-            unit.replayer = Replayer(unit.spool, unit.link, slot, config.spool.replay_interval_s)
-        unit.cascade = Cascade(slot, config.agent.device_id, unit.link, unit.spool, bucket,
-                               cloud.deadline_ms / 1000.0, config.cascade.audit_rate, stats=unit.stats,
+            self.replayer = Replayer(self.spool, self.link, slot, config.spool.replay_interval_s)
+        self.cascade = Cascade(slot, config.agent.device_id, self.link, self.spool, bucket,
+                               cloud.deadline_ms / 1000.0, config.cascade.audit_rate, stats=self.stats,
                                max_in_flight=cloud.max_in_flight)
-        return unit
 
     @classmethod
     def failed(cls, config: AgentConfig, totals: Stats, error: Exception) -> ModelUnit:
