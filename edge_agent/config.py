@@ -173,8 +173,9 @@ class AgentConfig(Section):
 
     @model_validator(mode="after")
     def _one_form(self) -> AgentConfig:
-        if self.models and self.model.path is not None:
-            raise ValueError("model.path and [models.<name>] tables both given: list every model as a "
+        if self.models and self.model.model_fields_set:
+            keys = ", ".join(f"model.{key}" for key in sorted(self.model.model_fields_set))
+            raise ValueError(f"{keys} and [models.<name>] tables both given: list every model as a "
                              "[models.<name>] table, or serve one with [model]")
         return self
 

@@ -5,6 +5,7 @@ in a subprocess and a real mosquitto."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,7 +71,8 @@ def test_each_model_gets_its_own_settings_over_the_shared_ones(tmp_path):
 
 
 @pytest.mark.parametrize(("data", "message"), [
-    ({"model": {"path": "m.onnx"}, "models": {"a": {"path": "a.onnx"}}}, "both given"),
+    ({"model": {"path": "m.onnx"}, "models": {"a": {"path": "a.onnx"}}}, "model.path and [models"),
+    ({"model": {"name": "m"}, "models": {"a": {"path": "a.onnx"}}}, "model.name and [models"),
     ({"models": {"a/b": {"path": "a.onnx"}}}, "models: Value error, model name 'a/b' is invalid"),
     ({"models": {"a": {"path": "a.onnx", "name": "other"}}}, "served under its table's name"),
     ({"models": {"a": {}}}, "models.a.path: Field required"),
@@ -78,7 +80,7 @@ def test_each_model_gets_its_own_settings_over_the_shared_ones(tmp_path):
     ({"models": {"a": {"path": "a.onnx", "colour": 1}}}, "models.a.colour: unknown key"),
 ])
 def test_bad_model_tables_are_refused_naming_the_key(data, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         build(AgentConfig, data)
 
 
