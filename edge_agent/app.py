@@ -1,25 +1,22 @@
-"""Assembles the agent from its config: model slot, cloud link, spool, cascade, gRPC server."""
+"""Assembles the agent from its config: one serving unit per model (slot, cascade, cloud link, spool,
+rate limit, stats, updater; ``edge_agent/host.py``), the gRPC server that routes to them, the fleet link,
+telemetry and ``/metrics``."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 
-from edge_agent.cloud.link import CloudLink
-from edge_agent.cloud.ratelimit import TokenBucket
-from edge_agent.cloud.replay import Replayer
-from edge_agent.cloud.spool import Spool
 from edge_agent.config import AgentConfig
-from edge_agent.fleet.link import FleetLink, as_int_version
+from edge_agent.fleet.link import FleetLink
 from edge_agent.fleet.metrics import serve_metrics
-from edge_agent.fleet.readings import AgentReadings, circuit_state
+from edge_agent.fleet.readings import AgentReadings
 from edge_agent.fleet.telemetry import Telemetry
-from edge_agent.serving.cascade import Cascade
-from edge_agent.serving.slot import ModelSlot
+from edge_agent.host import ModelHost, ModelUnit
+from edge_agent.serving.stats import Stats
 from edge_agent.update.startup import load_startup
-from edge_agent.update.updater import Updater
 from edgecloud.endpoint import parse_endpoint
+from edgecloud.errors import ModelLoadError
 from edgecloud.exposition import MetricsServer
 from edgecloud.heap import return_large_blocks
 from edgecloud.protocol.admission import Admission
@@ -27,20 +24,20 @@ from edgecloud.protocol.server import RunningServer, start_server
 
 log = logging.getLogger(__name__)
 
+#: how long the announcement of models that did not load waits for the broker
+ANNOUNCE_WAIT_S = 10.0
+
 
 class EdgeAgent:
-    """One running agent. ``start()`` returns once the model is loaded, warmed up and served."""
+    """One running agent. ``start()`` returns once its models are loaded, warmed up and served."""
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.slot: ModelSlot | None = None
-        self.cascade: Cascade | None = None
-        self.link: CloudLink | None = None
-        self.spool: Spool | None = None
-        self.replayer: Replayer | None = None
+        self.totals = Stats()  # every model's calls
+        self.units: list[ModelUnit] = []
+        self.host: ModelHost | None = None
         self.server: RunningServer | None = None
         self.fleet: FleetLink | None = None
-        self.updater: Updater | None = None
         self.telemetry: Telemetry | None = None
         self.metrics: MetricsServer | None = None
         self._stopped = threading.Event()
@@ -48,6 +45,15 @@ class EdgeAgent:
     @property
     def port(self) -> int:
         return self.server.port if self.server else 0
+
+    @property
+    def primary(self) -> ModelUnit:
+        """The first model that serves (the only one in the single-model form)."""
+        return next(unit for unit in self.units if unit.slot is not None)
+
+    def unit(self, name: str) -> ModelUnit:
+        """The unit serving (or failing to serve) model ``name``."""
+        return next(unit for unit in self.units if unit.name == name)
 
     def start(self) -> EdgeAgent:
         """Load, listen and join the fleet; on any failure, what already started is stopped again."""
@@ -62,61 +68,85 @@ class EdgeAgent:
         cfg = self.config
         listen = parse_endpoint(cfg.agent.listen)
         return_large_blocks()  # memory comes back after a large batch (edgecloud/heap.py)
-        startup = load_startup(cfg)  # the last good model of the update state, else the configured one
-        self.slot = ModelSlot(startup.model, cfg.cascade)
-        bucket = None
-        if cfg.cloud.target:
-            self.link = CloudLink(cfg.cloud, on_circuit_change=self._circuit_changed)
-            self.spool = Spool(Path(cfg.agent.state_dir) / "spool", cfg.spool.max_bytes,
-                               cfg.spool.max_pending)
-            bucket = TokenBucket(cfg.cloud.max_per_s, cfg.cloud.burst)
-            self.replayer = Replayer(self.spool, self.link, self.slot, cfg.spool.replay_interval_s)
-        self.cascade = Cascade(self.slot, cfg.agent.device_id, self.link, self.spool, bucket,
-                               cfg.cloud.deadline_ms / 1000.0, cfg.cascade.audit_rate,
-                               max_in_flight=cfg.cloud.max_in_flight)
+        self._open_units()
+        self.host = ModelHost(self.units)
         # each call [admission] lets in has a thread of its own, and escalations hold fewer admission
         # slots (cloud.max_in_flight) than there are: edge answers always find one
-        self.server = start_server(self.cascade, listen, admission=Admission("agent", cfg.admission),
+        self.server = start_server(self.host, listen, admission=Admission("agent", cfg.admission),
                                    max_message_bytes=cfg.agent.max_message_bytes, workers=cfg.agent.workers)
-        if self.link:
-            self.link.prepare(self.slot.model)
-        if self.replayer:
-            self.replayer.start()
+        for unit in self.units:
+            unit.start()
         if cfg.fleet.name:
-            self.fleet = FleetLink(cfg.mqtt, cfg.fleet.name, cfg.agent.device_id, self._model_info)
-            self.updater = Updater(cfg, self.slot, self.fleet, startup).start()  # subscribes before connect
+            self.fleet = FleetLink(cfg.mqtt, cfg.fleet.name, cfg.agent.device_id, self.host.served)
+            for unit in self.units:  # each subscribes before the link connects
+                unit.follow(self.fleet, self.host.owner(unit))
             self.fleet.start()
+            self._announce_unloaded()
         readings = self._readings()
         if self.fleet is not None:
             self.telemetry = Telemetry(readings, self.fleet, cfg.telemetry, cfg.agent.state_dir).start()
         self.metrics = serve_metrics(cfg.metrics.listen, readings, self.telemetry)
-        model = self.slot.model
-        log.info("event=agent_ready device=%s model=%s version=%s listen=%s cloud=%s", cfg.agent.device_id,
-                 model.name, model.version, listen, cfg.cloud.target or "none")
+        for unit in self.units:
+            log.info("event=agent_ready device=%s model=%s version=%s listen=%s cloud=%s",
+                     cfg.agent.device_id, unit.name, unit.version() or "none", listen,
+                     unit.config.cloud.target or "none")
+
+    def _open_units(self) -> None:
+        """One unit per model. With several, one that does not load is reported and the others serve;
+        the single model, or every one of several, not loading fails the start."""
+        several = bool(self.config.models)
+        for view in self.config.served():
+            try:
+                startup = load_startup(view)  # its update state's last good model, else the configured
+            except Exception as e:  # ModelLoadError, or a runtime's own error during warm-up
+                if not several:
+                    raise
+                self.units.append(ModelUnit.failed(view, self.totals, e))
+                continue
+            unit = ModelUnit.loaded(view, startup, self.totals)
+            self.units.append(unit)  # released by stop() from here on, should the rest fail
+            unit.build(self._circuit_changed)
+        if not any(unit.slot for unit in self.units):
+            raise ModelLoadError("no model loaded: " + "; ".join(f"{u.name}: {u.error}" for u in self.units))
+
+    def _announce_unloaded(self) -> None:
+        """A ``model.unloadable`` event for each model that did not load (the status says it too), sent
+        once the broker is connected, off the start path."""
+        failed = [unit for unit in self.units if unit.error]
+        fleet = self.fleet
+        if not failed or fleet is None:
+            return
+
+        def announce() -> None:
+            try:
+                fleet.client.wait_connected(ANNOUNCE_WAIT_S)
+            except Exception as e:  # events are best effort
+                log.warning("event=model_unloadable_not_announced error=%r", str(e))
+                return
+            for unit in failed:
+                fleet.event("model.unloadable", "error", model=unit.name, reason=unit.error)
+
+        threading.Thread(target=announce, name="announce-unloaded", daemon=True).start()
 
     def _readings(self) -> AgentReadings:
         """What telemetry and ``/metrics`` read of this agent, live."""
-        stats, fleet = self.cascade.stats, self.fleet
-        return AgentReadings(snapshot=stats.snapshot, interval=stats.interval, served=self._served,
-                             circuit_state=lambda: circuit_state(self.link),
-                             admission=self.server.admission.figures, spool=self.spool,
+        fleet = self.fleet
+        return AgentReadings(models=tuple(unit.readings() for unit in self.units),
+                             snapshot=self.totals.snapshot, interval=self.totals.interval,
+                             admission=self.server.admission.figures,
                              mqtt_connected=(lambda: fleet.client.is_connected) if fleet else None)
 
-    def _served(self) -> tuple[str, str]:
-        model = self.slot.model
-        return model.name, model.version
-
-    def _model_info(self) -> tuple[str | None, int | None]:
-        model = self.slot.model if self.slot else None
-        return (model.name, as_int_version(model.version)) if model else (None, None)
-
-    def _circuit_changed(self, old: str, new: str) -> None:
+    def _circuit_changed(self, model: str, old: str, new: str) -> None:
         if self.telemetry:
-            self.telemetry.circuit_changed(old, new)
+            self.telemetry.circuit_changed(model, old, new)
 
     def reload_cascade(self, config: AgentConfig) -> None:
-        """Apply new cascade settings (thresholds, temperature…) without dropping a call."""
-        self.slot.reconfigure(config.cascade)
+        """Apply new cascade settings (thresholds, temperature…) to every model without dropping a call."""
+        views = {view.model.name: view for view in config.served()}
+        for unit in self.units:
+            view = views.get(unit.name) if config.models else config
+            if unit.slot is not None and view is not None:
+                unit.slot.reconfigure(view.cascade)
         self.config = config
 
     def stop(self, grace: float = 5.0) -> None:
@@ -124,33 +154,24 @@ class EdgeAgent:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        if self.cascade:
-            self.cascade.accepting = False
+        if self.host:
+            self.host.accepting = False
+        for unit in self.units:
+            if unit.cascade:
+                unit.cascade.accepting = False
         if self.server:
             self.server.stop(grace)
-        if self.replayer:
-            self.replayer.stop()
-        if self.updater:
-            self.updater.stop()
+        for unit in self.units:
+            unit.stop()
         if self.telemetry:  # after the drain, so the last message counts every call
             self.telemetry.stop()
         if self.fleet is not None:
             self.fleet.stop()
         if self.metrics:
             self.metrics.stop()
-        self._release()
+        for unit in self.units:
+            unit.release()
         log.info("event=agent_stopped device=%s", self.config.agent.device_id)
-
-    def _release(self) -> None:
-        """Close the cascade, then the spool (what its audits kept is written too), the link, the model."""
-        if self.cascade:
-            self.cascade.close()
-        if self.spool:
-            self.spool.close()
-        if self.link:
-            self.link.close()
-        if self.slot:
-            self.slot.model.backend.close()
 
     def __enter__(self) -> EdgeAgent:
         return self if self.server else self.start()  # ``with start_agent(…)`` must not start twice

@@ -70,8 +70,8 @@ def load_config(args: argparse.Namespace) -> AgentConfig:
     if args.mqtt:
         overrides["mqtt"] = host_port("--mqtt", args.mqtt)
     config = build(AgentConfig, merge(data, overrides), str(args.config or "flags"))
-    if config.model.path is None:
-        raise ConfigError("model.path: no model given (--model or [model] path)")
+    if config.model.path is None and not config.models:
+        raise ConfigError("model.path: no model given (--model, [model] path or [models.<name>] tables)")
     return config
 
 
@@ -105,12 +105,13 @@ def serve(agent: EdgeAgent, args: argparse.Namespace) -> int:
     watchdog = probe = None
     interval = systemd.watchdog_interval()
     if interval:
-        # pings are earned by real inferences through the served model (re-read after each swap)
-        probe = systemd.InferenceProbe(lambda: agent.slot.model.backend.warmup(1),
+        # pings are earned by real inferences through the first served model (re-read after each swap)
+        probe = systemd.InferenceProbe(lambda: agent.primary.slot.model.backend.warmup(1),
                                        period_s=min(5.0, interval / 6)).start()
         watchdog = systemd.Watchdog(interval, probe.progress).start()
     systemd.notify("READY=1", _status(agent))  # after load and warm-up: start() returned
-    print(f"edge-agent: serving {agent.slot.model.name} on port {agent.port}", flush=True)
+    served = ", ".join(unit.name for unit in agent.units if unit.slot)
+    print(f"edge-agent: serving {served} on port {agent.port}", flush=True)
     done.wait()
     systemd.notify("STOPPING=1", "STATUS=draining in-flight calls")
     for part in (watchdog, probe):
@@ -121,8 +122,8 @@ def serve(agent: EdgeAgent, args: argparse.Namespace) -> int:
 
 
 def _status(agent: EdgeAgent) -> str:
-    model = agent.slot.model
-    return f"STATUS=serving {model.name} version {model.version} on {agent.config.agent.listen}"
+    served = ", ".join(f"{unit.name} version {unit.version()}" for unit in agent.units if unit.slot)
+    return f"STATUS=serving {served} on {agent.config.agent.listen}"
 
 
 if __name__ == "__main__":

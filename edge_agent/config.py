@@ -8,10 +8,11 @@ fields left unset (None) when a model is loaded, in ``edge_agent/serving/setting
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from edgecloud.artifacts import check_name
 from edgecloud.backends.options import BackendOptions
 from edgecloud.channel import ClientTLS
 from edgecloud.config import AdmissionSection, MetricsSection, Section
@@ -51,6 +52,8 @@ class ModelSection(Section):
                                        "to the model (its fixed batch size, else 4 MiB of input)")
     allow_nonfinite: bool | None = Field(None, description="accept NaN and ±Inf in floating-point inputs; "
                                          "default: as the model card says, else refused")
+    preprocess: dict[str, Any] | None = Field(None, description="overrides of the model card's "
+                                              "preprocess (docs/design.md §10), for the pre-processing")
 
 
 class CascadeSection(Section):
@@ -62,6 +65,19 @@ class CascadeSection(Section):
     score_output: str | None = Field(None, description="output holding the class scores")
     scores: Literal["logits", "probabilities"] | None = None
     audit_rate: float = Field(0.0, ge=0, le=1, description="share of confident rows also sent, in background")
+
+
+class ServedModelSection(ModelSection):
+    """``[models.<name>]``: one of several models, served under ``<name>`` (docs/design.md §10). Its keys
+    are ``[model]``'s, plus where its escalations go and how many; ``[models.<name>.cascade]`` overrides
+    the keys it sets of ``[cascade]``, which holds for every model."""
+
+    path: Path = Field(description=".onnx file (or .plan/.engine on Jetson)")
+    cloud_model: str | None = Field(None, description="model name at the cloud; default: this model's name")
+    max_per_s: float | None = Field(None, gt=0, description="this model's escalation rate limit (rows per "
+                                    "second); default: ``cloud.max_per_s``")
+    burst: float | None = Field(None, gt=0, description="its token bucket size; default: its max_per_s")
+    cascade: CascadeSection = Field(default_factory=CascadeSection, description="overrides of [cascade]")
 
 
 class CloudSection(Section):
@@ -142,3 +158,45 @@ class AgentConfig(Section):
     update: UpdateSection = Field(default_factory=UpdateSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
     metrics: AgentMetricsSection = Field(default_factory=AgentMetricsSection)
+    models: dict[str, ServedModelSection] = Field(default_factory=dict, description="several models, "
+                                                  "``[models.<name>]`` tables; instead of [model]")
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, models: dict[str, ServedModelSection]) -> dict[str, ServedModelSection]:
+        for name, entry in models.items():
+            check_name(name)  # ValueError names the bad one
+            if entry.name not in (None, name):
+                raise ValueError(f"[models.{name}] name {entry.name!r}: a model is served under its table's "
+                                 "name; leave name out")
+        return models
+
+    @model_validator(mode="after")
+    def _one_form(self) -> AgentConfig:
+        if self.models and self.model.model_fields_set:
+            keys = ", ".join(f"model.{key}" for key in sorted(self.model.model_fields_set))
+            raise ValueError(f"{keys} and [models.<name>] tables both given: list every model as a "
+                             "[models.<name>] table, or serve one with [model]")
+        return self
+
+    def served(self) -> tuple[AgentConfig, ...]:
+        """One config per served model, each as the single-model form would say it: its ``[model]``,
+        ``[cascade]`` (the model's overrides over the shared one), ``[cloud]`` (its cloud model and
+        rate limit) and, with several models, a state dir of its own (``<state_dir>/served/<name>``:
+        its spool, update state and slot files). The single-model form is itself."""
+        if not self.models:
+            return (self,)
+        return tuple(self._model_view(name, entry) for name, entry in self.models.items())
+
+    def _model_view(self, name: str, entry: ServedModelSection) -> AgentConfig:
+        shared = set(ModelSection.model_fields)
+        model = ModelSection(**{**entry.model_dump(include=shared), "name": name})
+        overrides = entry.cascade.model_dump(exclude_unset=True)
+        cascade = CascadeSection(**{**self.cascade.model_dump(), **overrides})
+        own_limit = entry.max_per_s is not None or entry.burst is not None
+        cloud = self.cloud.model_copy(update={
+            "model": entry.cloud_model, "max_per_s": entry.max_per_s or self.cloud.max_per_s,
+            "burst": entry.burst if own_limit else self.cloud.burst})
+        agent = self.agent.model_copy(update={"state_dir": self.agent.state_dir / "served" / name})
+        return self.model_copy(update={"agent": agent, "model": model, "cascade": cascade, "cloud": cloud,
+                                       "models": {}})

@@ -15,18 +15,19 @@ from typing import Any
 
 from edgecloud import __version__
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig, MqttError, Outgoing
-from edgecloud.mqtt.payloads import Event, Status
+from edgecloud.mqtt.payloads import Event, ServedModel, Status
 from edgecloud.mqtt.topics import FleetTopics, Topic, Wildcard
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message], None]
-#: what the status message says about the served model: (name, active version or None)
-ModelInfo = Callable[[], tuple[str | None, int | None]]
+#: what the status message says about the served models, in configuration order
+ModelInfo = Callable[[], tuple[ServedModel, ...]]
 
 
-def as_int_version(version: str) -> int | None:
-    """Model versions are integers on the fleet topics; a path-only model is version 0."""
+def as_int_version(version: str | None) -> int | None:
+    """Model versions are integers on the fleet topics; a path-only model is version 0 (None: none
+    serving)."""
     try:
         return int(version)
     except (TypeError, ValueError):
@@ -49,9 +50,11 @@ class FleetLink:
         self._worker = threading.Thread(target=self._work, name="fleet-link", daemon=True)
 
     def _status(self, state: str) -> Outgoing:
-        model, version = self._model_info()
-        payload = Status(device=self.device, state=state, agent_version=__version__, model=model,
-                         active_version=version)
+        models = self._model_info()
+        first = next((m for m in models if m.ready), models[0] if models else None)
+        payload = Status(device=self.device, state=state, agent_version=__version__,
+                         model=first.name if first else None,
+                         active_version=first.active_version if first else None, models=models)
         return Outgoing(self.topics.status(self.device), payload, qos=1, retain=True)
 
     def on(self, topic: Topic | Wildcard, handler: Handler) -> None:

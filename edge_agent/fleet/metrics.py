@@ -2,6 +2,7 @@
 
 A custom collector reads the live figures at scrape time (cascade counters and latencies, spool,
 circuit, model, admission, telemetry buffer), so the hot path only updates the stats it already keeps.
+Each served model's series carry its name as the ``model`` label.
 Served on ``[metrics] listen`` (loopback by default); an empty value turns it off. A port that cannot
 be bound is logged and the agent serves without ``/metrics``: answering the line matters more than
 being watched.
@@ -43,44 +44,61 @@ class AgentCollector(Collector):
         self._telemetry = telemetry
 
     def collect(self) -> Iterator[Metric]:
+        """Per-model series carry a ``model`` label (docs/design.md §10); admission and the fleet link
+        are the device's."""
         agent = self._agent
-        snapshot = agent.snapshot()
+        snapshots = [(model.name, model.snapshot()) for model in agent.models]
         for key, (name, documentation) in COUNTERS.items():
-            yield CounterMetricFamily(PREFIX + name, documentation, value=snapshot["counters"][key])
-        yield self._latency(snapshot)
+            counter = CounterMetricFamily(PREFIX + name, documentation, labels=("model",))
+            for model, snapshot in snapshots:
+                counter.add_metric((model,), snapshot["counters"][key])
+            yield counter
+        yield self._latency(snapshots)
         info = GaugeMetricFamily(PREFIX + "model_info", "The edge model serving now",
-                                 labels=("name", "version"))
-        info.add_metric(agent.served(), 1)
-        yield info
-        state = agent.circuit_state()
+                                 labels=("model", "name", "version"))
+        ready = GaugeMetricFamily(PREFIX + "model_ready", "1 while the model serves (0: it did not load)",
+                                  labels=("model",))
         states = GaugeMetricFamily(PREFIX + "circuit_state", "Cloud circuit breaker state (1 = current)",
-                                   labels=("state",))
-        for name in CIRCUIT_STATES:
-            states.add_metric((name,), int(name == state))
-        yield states
-        yield GaugeMetricFamily(PREFIX + "circuit_open", "1 while escalations fail fast (circuit open)",
-                                value=int(state == "open"))
+                                   labels=("model", "state"))
+        circuit_open = GaugeMetricFamily(PREFIX + "circuit_open", "1 while escalations fail fast "
+                                         "(circuit open)", labels=("model",))
+        depth = GaugeMetricFamily(PREFIX + "spool_depth", "Cases waiting in the spool for the cloud",
+                                  labels=("model",))
+        dropped = CounterMetricFamily(PREFIX + "spool_dropped_total", "Cases the spool could not keep",
+                                      labels=("model",))
+        for model in agent.models:
+            version = model.version()
+            if version is not None:
+                info.add_metric((model.name, model.name, version), 1)
+            ready.add_metric((model.name,), int(model.ready()))
+            state = model.circuit_state()
+            for name in CIRCUIT_STATES:
+                states.add_metric((model.name, name), int(name == state))
+            circuit_open.add_metric((model.name,), int(state == "open"))
+            if model.spool is not None:
+                depth.add_metric((model.name,), model.spool.depth())
+                dropped.add_metric((model.name,), model.spool.dropped)
+        yield from (info, ready, states, circuit_open)
         yield from admission_metrics(agent.admission())
-        if agent.spool is not None:
-            yield GaugeMetricFamily(PREFIX + "spool_depth", "Cases waiting in the spool for the cloud",
-                                    value=agent.spool.depth())
-            yield CounterMetricFamily(PREFIX + "spool_dropped_total", "Cases the spool could not keep",
-                                      value=agent.spool.dropped)
+        if depth.samples:
+            yield from (depth, dropped)
         yield from self._fleet()
 
     @staticmethod
-    def _latency(snapshot: dict) -> SummaryMetricFamily:
+    def _latency(snapshots: list[tuple[str, dict]]) -> SummaryMetricFamily:
         """Quantiles over the stats window (the last calls), count and sum over the agent's life."""
         name = PREFIX + "request_latency_seconds"
         summary = SummaryMetricFamily(name, "Call latency by path: answered at the edge, or escalated",
-                                      labels=("path",))
-        for path in PATHS:
-            totals = snapshot["latency_totals"][path]
-            summary.add_metric((path,), totals["count"], totals["sum_s"])
-            for key, quantile in QUANTILES.items():
-                value = snapshot["latency_ms"][path][key]
-                if value is not None:
-                    summary.add_sample(name, {"path": path, "quantile": quantile}, value / 1000.0)
+                                      labels=("model", "path"))
+        for model, snapshot in snapshots:
+            for path in PATHS:
+                totals = snapshot["latency_totals"][path]
+                summary.add_metric((model, path), totals["count"], totals["sum_s"])
+                for key, quantile in QUANTILES.items():
+                    value = snapshot["latency_ms"][path][key]
+                    if value is not None:
+                        summary.add_sample(name, {"model": model, "path": path, "quantile": quantile},
+                                           value / 1000.0)
         return summary
 
     def _fleet(self) -> Iterator[Metric]:

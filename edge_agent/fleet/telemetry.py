@@ -19,7 +19,7 @@ from typing import Any
 from edge_agent.config import TelemetrySection
 from edge_agent.disk_queue import DiskQueue
 from edge_agent.fleet.link import FleetLink, as_int_version
-from edge_agent.fleet.readings import AgentReadings
+from edge_agent.fleet.readings import AgentReadings, ModelReadings
 from edge_agent.fleet.sysinfo import SystemMonitor
 from edgecloud.files import atomic_write
 from edgecloud.mqtt import payloads
@@ -81,7 +81,7 @@ class Telemetry:
         self.seq = SeqCounter(directory / "seq", floor=0 if highest is None else highest + 1)
         self.sent = 0
         self._system = SystemMonitor()
-        self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[tuple[str, str, str]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._flush_s = 0.0
@@ -104,9 +104,10 @@ class Telemetry:
         if self._thread.is_alive():
             self._thread.join(flush_s + PUBLISH_TIMEOUT_S)
 
-    def circuit_changed(self, old: str, new: str) -> None:
-        """CircuitBreaker hook: runs under the breaker's lock on a request thread, so it only hands over."""
-        self._events.put((old, new))
+    def circuit_changed(self, model: str, old: str, new: str) -> None:
+        """CircuitBreaker hook of ``model``'s cloud link: runs under the breaker's lock on a request
+        thread, so it only hands over."""
+        self._events.put((model, old, new))
         self._wake.set()
 
     def _on_state(self, state: ConnectionState, _detail: str) -> None:  # paho's network thread
@@ -131,14 +132,23 @@ class Telemetry:
                  self.buffer.dropped)
 
     def _message(self, seq: int) -> payloads.Telemetry:
-        """One telemetry message: counters since start, the rest over the interval since the last one."""
+        """One telemetry message: counters since start, the rest over the interval since the last one;
+        the device's totals, and each model's own figures (docs/design.md §10)."""
         agent = self._agent
-        name, version = agent.served()
+        primary = agent.primary
         return payloads.Telemetry(
-            device=self._fleet.device, seq=seq, model=name, model_version=as_int_version(version),
-            **agent.interval(), spool_depth=agent.spool.depth() if agent.spool else 0,
-            circuit_state=agent.circuit_state(),
-            system=system_figures(self._system.sample()))
+            device=self._fleet.device, seq=seq, model=primary.name,
+            model_version=as_int_version(primary.version()), **agent.interval(),
+            spool_depth=agent.spool_depth(), circuit_state=agent.circuit_state(),
+            system=system_figures(self._system.sample()),
+            models=tuple(self._model(model) for model in agent.models))
+
+    @staticmethod
+    def _model(model: ModelReadings) -> payloads.ModelTelemetry:
+        return payloads.ModelTelemetry(
+            name=model.name, model_version=as_int_version(model.version()),
+            ready=model.ready(), error=model.error(), **model.interval(),
+            spool_depth=model.spool.depth() if model.spool else 0, circuit_state=model.circuit_state())
 
     def _produce(self) -> None:
         try:
@@ -155,11 +165,11 @@ class Telemetry:
     def _send_events(self) -> None:
         while True:
             try:
-                old, new = self._events.get_nowait()
+                model, old, new = self._events.get_nowait()
             except queue.Empty:
                 return
             severity = "warning" if new == "open" else "info"
-            self._fleet.event("circuit.changed", severity, **{"from": old, "to": new})
+            self._fleet.event("circuit.changed", severity, **{"model": model, "from": old, "to": new})
 
     def _deliver(self, deadline: float, final: bool = False) -> None:
         """Publish buffered messages oldest first until the buffer is empty, the broker is away (kept

@@ -9,6 +9,10 @@
   for the active version is skipped quietly. A release once rolled back is not retried, unless the
   operator publishes it again: the same model, version and file in a new envelope signed later
   (``issued_at`` after the rolled-back copy's, as ``fleet publish`` run again makes).
+- With several models (docs/design.md §10) each has a follower of its own on the same topics, and a
+  release updates the model it names and no other: a follower takes only the messages that name its
+  model (the first model's also takes those naming no served model, to refuse them with a reason).
+  A topic holding another model's release holds none for this one.
 - A desired message is handled once; one that failed for a passing reason (a cut download, an
   internal error) is tried again with exponential backoff, until another message replaces it.
 
@@ -18,9 +22,11 @@ How one release is applied is ``apply.py``'s business.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from edge_agent.fleet.link import FleetLink, as_int_version
@@ -37,6 +43,15 @@ RETRY_MIN_S = 0.5
 RETRY_MAX_S = 60.0
 
 
+def named_model(raw: bytes) -> str | None:
+    """The model a desired message names, read before it is verified; None when it names none."""
+    try:
+        model = json.loads(raw)["payload"]["model"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
 class _Retry(NamedTuple):
     """Backoff of a desired message (by hash) whose last try failed for a passing reason."""
 
@@ -49,7 +64,8 @@ class Follower:
     """Follows the desired release topics of one device and hands each new release to the applier."""
 
     def __init__(self, fleet: FleetLink, device: str, group: str, slot: ModelSlot, applier: Applier,
-                 reporter: Reporter, stopping: threading.Event) -> None:
+                 reporter: Reporter, stopping: threading.Event,
+                 owns: Callable[[str | None], bool] = lambda _model: True) -> None:
         self.fleet = fleet
         self.device = device
         self.group = group
@@ -57,6 +73,7 @@ class Follower:
         self.applier = applier
         self.reporter = reporter
         self._stopping = stopping
+        self._owns = owns  # whether a message naming this model (None: naming none) is this follower's
         self._lock = threading.Lock()
         self._desired: dict[str, bytes | None] = {"device": None, "group": None}
         self._wake = threading.Event()
@@ -75,12 +92,16 @@ class Follower:
 
     # -- desired messages (FleetLink's worker thread) ---------------------------------------------------
     def _on_desired(self, source: str, message: Message) -> None:
+        raw = message.payload or None
+        if raw is not None and not self._owns(named_model(raw)):
+            log.debug("event=update_desired_other_model device=%s source=%s", self.device, source)
+            raw = None
         with self._lock:
-            self._desired[source] = message.payload or None
+            self._desired[source] = raw
             device_set = self._desired["device"] is not None
         if not message.payload:
             log.info("event=update_desired_cleared device=%s source=%s", self.device, source)
-        elif source == "group" and device_set:
+        elif raw is not None and source == "group" and device_set:
             log.info("event=update_group_ignored device=%s reason=device_desired_set", self.device)
         self._wake.set()
 

@@ -45,7 +45,10 @@ class Updater:
     both reporting through one reporter."""
 
     def __init__(self, config: AgentConfig, slot: ModelSlot, fleet: FleetLink, startup: Startup,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+                 clock: Callable[[], datetime] = utc_now,
+                 owns: Callable[[str | None], bool] = lambda _model: True) -> None:
+        """``owns``: whether a desired message naming a model (None: naming none) is for this updater
+        (``follow.py``); every message is, with one model."""
         self.device = config.agent.device_id
         self._startup = startup
         self._stopping = threading.Event()
@@ -53,8 +56,8 @@ class Updater:
         self.applier = Applier(config, slot, startup.store, startup.state, self.reporter,
                                FaultPoints(self.device), self._stopping, clock)
         self.follower = Follower(fleet, self.device, config.fleet.group, slot, self.applier, self.reporter,
-                                 self._stopping)
-        self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
+                                 self._stopping, owns)
+        self._thread = threading.Thread(target=self._run, name=f"updater-{slot.model.name}", daemon=True)
 
     @property
     def clock(self) -> Callable[[], datetime]:

@@ -39,6 +39,15 @@ class Body(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
+class ServedModel(Body):
+    """One model a device serves, on its status (docs/design.md §10: several models per device)."""
+
+    name: str = Field(min_length=1, description="the name it is served under")
+    active_version: Version | None = Field(description="release version serving now; null when not serving")
+    ready: bool = Field(description="false for a model that did not load: the others serve on")
+    error: str | None = Field(None, description="why it does not serve")
+
+
 class Status(Body):
     """Retained on edgecloud/{fleet}/devices/{device}/status: online as the birth message on every
     connect; offline as the Last Will and on clean shutdown."""
@@ -51,6 +60,8 @@ class Status(Body):
     agent_version: str
     model: str | None = Field(description="served model name")
     active_version: Version | None = Field(description="release version serving now")
+    models: Annotated[tuple[ServedModel, ...] | None, Omitted] = Field(
+        None, description="every served model (model and active_version above name the first that serves)")
 
 
 class Reported(Body):
@@ -162,6 +173,22 @@ class System(Body):
         None, description="Jetson power rails in milliwatts; absent elsewhere")
 
 
+class ModelTelemetry(Body):
+    """One served model's figures, as the device-level ones of :class:`Telemetry` (which total every
+    model's) but its own."""
+
+    name: str = Field(min_length=1)
+    model_version: Version | None
+    ready: bool
+    error: str | None = None
+    counters: Counters
+    latency_ms: Latency
+    escalation_rate: float | None = Field(ge=0, le=1)
+    confidence_histogram: Histogram
+    spool_depth: Count
+    circuit_state: CircuitState
+
+
 class Telemetry(Body):
     """Published (not retained, QoS 1) on edgecloud/{fleet}/devices/{device}/telemetry every interval_s.
     seq increases per device and survives restarts, so a collector can count and deduplicate. Counters
@@ -183,3 +210,6 @@ class Telemetry(Body):
     spool_depth: Count = Field(description="cases waiting in the spool for the cloud")
     circuit_state: CircuitState
     system: System
+    models: Annotated[tuple[ModelTelemetry, ...] | None, Omitted] = Field(
+        None, description="each served model's own figures; the fields above total them (model: the first "
+                          "that serves, circuit_state: the worst)")

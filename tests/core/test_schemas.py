@@ -39,7 +39,10 @@ def test_schemas_are_valid_and_keep_the_published_contract() -> None:
     telemetry = loaded["telemetry"]
     assert {"schema", "device", "seq", "at", "counters", "system"} <= set(telemetry["required"])
     assert telemetry["properties"]["seq"] == {"minimum": 0, "type": "integer"}
-    assert telemetry["properties"]["counters"]["required"] == list(Counters.model_fields)
+    counters = {"$ref": "#/$defs/Counters"}  # the device's totals and each model's own (``models``)
+    assert telemetry["properties"]["counters"] == counters
+    assert telemetry["properties"]["models"]["items"]["properties"]["counters"] == counters
+    assert telemetry["$defs"]["Counters"]["required"] == list(Counters.model_fields)
     assert telemetry["properties"]["circuit_state"]["enum"] == ["closed", "open", "half_open", "disabled"]
     release = loaded["release"]
     assert release["required"] == ["payload", "key_id", "signature"]

@@ -93,7 +93,7 @@ def test_a_frame_outside_the_cards_range_escalates_with_confidence_zero(tmp_path
             saturated[0, 0, 10:12, 10:12] = 1.5  # a stuck, saturated sensor: finite, but out of range
             edge = client.infer(MODEL, {"image": clean})
             assert edge.parameters[AgentResponse.SOURCE] == "edge"
-            assert edge.parameters[AgentResponse.CONFIDENCE] >= running.slot.model.settings.threshold
+            assert edge.parameters[AgentResponse.CONFIDENCE] >= running.primary.slot.model.settings.threshold
             r = client.infer(MODEL, {"image": saturated}, outputs=("logits", AgentResponse.CONFIDENCE,
                                                                    AgentResponse.SOURCE))
     finally:

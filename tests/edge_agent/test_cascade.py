@@ -144,10 +144,10 @@ def test_cloud_down_degrades_spools_and_replays_when_back(tmp_path, models, clou
     with start_agent(tmp_path / "edge", edge, cloud.port, **SETTINGS) as agent:
         cloud.stop()
         _assert_degraded_calls(agent, edge, x, 0.3)
-        assert agent.spool.depth() == 5
+        assert agent.primary.spool.depth() == 5
         cloud.start()
-        assert wait_for(lambda: agent.spool.depth() == 0, timeout=20), "spool was not replayed"
-        assert agent.replayer.replayed == 5
+        assert wait_for(lambda: agent.primary.spool.depth() == 0, timeout=20), "spool was not replayed"
+        assert agent.primary.replayer.replayed == 5
     stored = cloud.stored()
     assert len({e.request_id for e in stored}) == 5 and all(e.deferred for e in stored)
 
@@ -158,7 +158,8 @@ def test_cloud_slower_than_the_deadline_degrades_and_the_store_keeps_each_row_on
     try:
         with start_agent(tmp_path / "edge", edge, slow.port, **SETTINGS) as agent:
             _assert_degraded_calls(agent, edge, x, 0.3, calls=2)
-            assert wait_for(lambda: agent.spool.depth() == 0, timeout=30), "slow cases were not replayed"
+            spool = agent.primary.spool
+            assert wait_for(lambda: spool.depth() == 0, timeout=30), "slow cases were not replayed"
         _, wants, _, _ = offline_cascade(edge, cloud_model, x, THRESHOLD)
         stored = slow.stored()
         # the gateway finished the late calls too; their replays did not store the rows twice
@@ -217,7 +218,8 @@ def test_cloud_answering_errors_degrades(tmp_path, models, x):
     try:
         with start_agent(tmp_path / "edge", edge, server.port, **SETTINGS) as agent:
             _assert_degraded_calls(agent, edge, x, 0.3)
-            assert "overloaded" in agent.link.state.error or agent.link.state.circuit == "open"
+            state = agent.primary.link.state
+            assert "overloaded" in state.error or state.circuit == "open"
     finally:
         server.stop(0)
 
@@ -235,10 +237,10 @@ def test_incompatible_cloud_model_disables_escalation(tmp_path, models, x):
                                            atol=1e-4)
                 assert r.parameters[AgentResponse.SOURCE] == "edge"
                 assert r.parameters[AgentResponse.DEGRADED] is True
-            state = agent.link.state
+            state = agent.primary.link.state
             assert state.compatible is False
             assert "cloud output 'logits': per-row shape [5], expected [4]" in state.error
-            assert agent.spool.depth() == 0  # an incompatible cloud cannot use the cases
+            assert agent.primary.spool.depth() == 0  # an incompatible cloud cannot use the cases
     finally:
         cloud.stop()
 
@@ -279,7 +281,7 @@ def test_escalations_held_by_a_slow_cloud_leave_edge_answers_free(tmp_path, mode
             over = Client(agent.port).infer("clf", {"x": x[:1]}, escalate="always", timeout=20,
                                             request_id="over-the-bound")
             assert not any(f.done() for f in held), "the escalations are still waiting at the cloud"
-            assert agent.spool.depth() == 1
+            assert agent.primary.spool.depth() == 1
             metrics = Scrape(agent.metrics.port)
             cloud.let_go.set()
             answers = [f.result(timeout=30) for f in held]

@@ -37,11 +37,12 @@ def test_the_first_cloud_answer_after_an_outage_comes_with_the_reconnect(tmp_pat
             cloud.stop()
             for _ in range(5):  # the outage: answered by the edge, spooled
                 assert source() == "edge"
-            assert agent.link is not None and agent.link.circuit.state == "open"
+            assert agent.primary.link is not None and agent.primary.link.circuit.state == "open"
             cloud.start()  # the same port again
             assert wait_for(lambda: source() == "cloud", timeout=10, interval=0.05)
-            assert agent.link.circuit.state == "closed"
-            assert wait_for(lambda: agent.spool.depth() == 0)  # the outage's cases reach the store too
+            assert agent.primary.link.circuit.state == "closed"
+            spool = agent.primary.spool
+            assert wait_for(lambda: spool.depth() == 0)  # the outage's cases reach the store too
     finally:
         cloud.stop()
     assert "event=circuit_probe reason=reconnected" in caplog.text
@@ -52,8 +53,8 @@ def test_the_contract_is_checked_in_the_background_before_any_escalation(tmp_pat
     edge, cloud = _edge_and_cloud(tmp_path)
     try:
         with start_agent(tmp_path / "agent", edge, cloud.port) as agent:
-            assert agent.link is not None
-            assert wait_for(lambda: agent.link.state.compatible is True, timeout=10)
+            assert agent.primary.link is not None
+            assert wait_for(lambda: agent.primary.link.state.compatible is True, timeout=10)
     finally:
         cloud.stop()
 
@@ -65,13 +66,13 @@ def test_an_escalation_checking_the_contract_inline_keeps_to_one_deadline(tmp_pa
     try:
         with DelayProxy(cloud.port, rtt_ms=150) as proxy, \
                 start_agent(tmp_path / "agent", edge, proxy.port) as agent:
-            link = CloudLink(agent.config.cloud)  # a link of its own: nothing checked yet
+            link = CloudLink(agent.primary.config.cloud)  # a link of its own: nothing checked yet
             try:
                 request = InferRequest("clf", {"x": X})
                 with pytest.raises(CloudError, match="DEADLINE_EXCEEDED"):
-                    link.ask(agent.slot.model, request, timeout=0.25)
+                    link.ask(agent.primary.slot.model, request, timeout=0.25)
                 # the check made it through meanwhile or now: the next ask needs one round trip
-                assert wait_for(lambda: _answers(link, agent.slot.model, request), timeout=10)
+                assert wait_for(lambda: _answers(link, agent.primary.slot.model, request), timeout=10)
             finally:
                 link.close()
     finally:

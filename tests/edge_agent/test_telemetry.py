@@ -193,7 +193,8 @@ def test_circuit_changes_are_events_and_telemetry_says_open(broker, recorder, mo
     event = recorder.bodies(TOPICS.events("d1"))[0]
     jsonschema.validate(event, schema("events"))
     assert (event["type"], event["severity"], event["data"]) == ("circuit.changed", "warning",
-                                                                 {"from": "closed", "to": "open"})
+                                                                 {"model": "clf", "from": "closed",
+                                                                  "to": "open"})
 
 
 def agent_process(tmp_path: Path, device: str, broker: LocalBroker, model: Path) -> ServiceProcess:

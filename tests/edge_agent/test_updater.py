@@ -307,7 +307,7 @@ def test_group_moves_to_the_release_with_zero_failed_calls(fleet: Fleet, caplog)
     v2 = fleet.model(2, card={"name": NAME, "version": 2, "labels": ["ok", "scratch", "dent", "stain"],
                               "calibration": {"threshold": 0.7, "temperature": 1.5}})
     loads = [Load(agent.port) for agent in agents]
-    held = agents[0].slot.model  # as a call in flight across the swap holds it
+    held = agents[0].primary.slot.model  # as a call in flight across the swap holds it
     with ExitStack() as stack:
         for load in loads:
             stack.enter_context(load).wait("1")
@@ -323,7 +323,7 @@ def test_group_moves_to_the_release_with_zero_failed_calls(fleet: Fleet, caplog)
         assert fleet.watcher.states(device, 2) == ["downloading", "verifying", "staged", "active"]
         progress = [r["progress"] for r in fleet.watcher.reports(device) if r["state"] == "downloading"]
         assert progress == [0.0, 1.0]  # one chunk: the start and the end
-        model = agent.slot.model
+        model = agent.primary.slot.model
         assert (model.version, model.settings.threshold, model.settings.temperature) == ("2", 0.7, 1.5)
         assert model.labels == ("ok", "scratch", "dent", "stain")  # calibration and labels from the release
         with Client(agent.port) as client:
@@ -458,7 +458,7 @@ def test_rejected_release_is_reported_and_the_old_model_serves(fleet: Fleet, cas
     assert report["active_version"] == 1
     events = fleet.watcher.of(TopicKind.EVENTS, "edge-1")  # published before the report
     assert [e["severity"] for e in events if e["data"].get("state") == "failed"] == ["warning"]
-    assert served_version(agent.port) == "1" and agent.slot.model.version == "1"
+    assert served_version(agent.port) == "1" and agent.primary.slot.model.version == "1"
     models = fleet.state_dir("edge-1") / "models"
     assert not models.exists() or not any(models.rglob("*.onnx")), "a refused file was kept"
     state = fleet.state_dir("edge-1") / "update" / "state.json"
@@ -492,8 +492,8 @@ def test_unset_clock_judges_expiry_by_the_newest_trusted_release(fleet: Fleet) -
     agent = fleet.agent("edge-1")
     fleet.publish(fleet.model(2), 2)
     fleet.watcher.wait_report("edge-1", "active", 2)
-    assert agent.updater is not None
-    agent.updater.clock = lambda: datetime(1970, 1, 1, tzinfo=timezone.utc)  # no RTC, no NTP yet
+    assert agent.primary.updater is not None
+    agent.primary.updater.clock = lambda: datetime(1970, 1, 1, tzinfo=timezone.utc)  # no RTC, no NTP yet
     now = utc_now()
     fleet.publish(fleet.model(3), 3, now=now - timedelta(days=40), expires_at=now - timedelta(days=10))
     report = fleet.watcher.wait_report("edge-1", "failed", 3)
@@ -610,18 +610,18 @@ def test_reloaded_cascade_flags_hold_for_the_next_release_and_a_rollback(fleet: 
     agent = fleet.agent("edge-1", update={"watch_s": 1.0})
     agent.reload_cascade(agent.config.model_copy(
         update={"cascade": agent.config.cascade.model_copy(update={"threshold": 0.42})}))  # SIGHUP
-    assert agent.slot.model.settings.threshold == 0.42
+    assert agent.primary.slot.model.settings.threshold == 0.42
     v2 = fleet.model(2, card={"name": NAME, "version": 2, "calibration": {"threshold": 0.7}})
     fleet.publish(v2, 2)
     fleet.watcher.wait_report("edge-1", "active", 2)
-    assert agent.slot.model.settings.threshold == 0.42  # the flag beats the release's calibration
+    assert agent.primary.slot.model.settings.threshold == 0.42  # the flag beats the release's calibration
     reading = np.full((1, 8), 1000.0, dtype=np.float32)
     fragile = fragile_classifier(fleet.root / "models" / "fragile" / "inspection.onnx")
     with Load(agent.port, reading) as load:
         load.wait("2")
         fleet.publish(fragile, 3)
         fleet.watcher.wait_report("edge-1", "rolled_back", 3)
-    assert (agent.slot.model.version, agent.slot.model.settings.threshold) == ("2", 0.42)
+    assert (agent.primary.slot.model.version, agent.primary.slot.model.settings.threshold) == ("2", 0.42)
 
 
 def test_device_desired_wins_over_group(fleet: Fleet) -> None:
