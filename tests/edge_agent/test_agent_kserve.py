@@ -131,7 +131,7 @@ def test_tritonclient_config_index_statistics_and_streaming(agent):
     assert {"model_configuration", "statistics", "model_repository"} <= set(result["extensions"])
     config = result["config"]
     assert config["name"] == "clf"
-    assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [("x", "TYPE_FP32", ["-1", "8"])]
+    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": ["-1", "8"]}]
     assert [o["name"] for o in config["output"]][:1] == ["logits"]
     assert result["index"] == [{"name": "clf", "version": "7", "state": "READY"}]
     (stats,) = result["stats"]
