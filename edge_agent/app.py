@@ -23,7 +23,7 @@ from edgecloud.endpoint import parse_endpoint
 from edgecloud.exposition import MetricsServer
 from edgecloud.heap import return_large_blocks
 from edgecloud.protocol.admission import Admission
-from edgecloud.protocol.server import RunningServer, start_server
+from edgecloud.protocol.server import RestOptions, RunningServer, start_server
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ class EdgeAgent:
     @property
     def port(self) -> int:
         return self.server.port if self.server else 0
+
+    @property
+    def rest_port(self) -> int:
+        return self.server.rest_port if self.server else 0
 
     def start(self) -> EdgeAgent:
         """Load, listen and join the fleet; on any failure, what already started is stopped again."""
@@ -76,8 +80,10 @@ class EdgeAgent:
                                max_in_flight=cfg.cloud.max_in_flight)
         # each call [admission] lets in has a thread of its own, and escalations hold fewer admission
         # slots (cloud.max_in_flight) than there are: edge answers always find one
+        rest = RestOptions(parse_endpoint(cfg.rest.listen)) if cfg.rest.listen else None
         self.server = start_server(self.cascade, listen, admission=Admission("agent", cfg.admission),
-                                   max_message_bytes=cfg.agent.max_message_bytes, workers=cfg.agent.workers)
+                                   max_message_bytes=cfg.agent.max_message_bytes, workers=cfg.agent.workers,
+                                   rest=rest)
         if self.replayer:
             self.replayer.start()
         if cfg.fleet.name:

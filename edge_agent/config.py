@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from edgecloud.backends.options import BackendOptions
 from edgecloud.channel import ClientTLS
-from edgecloud.config import AdmissionSection, MetricsSection, Section
+from edgecloud.config import AdmissionSection, MetricsSection, RestSection, Section
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.mqtt.client import MqttConfig
 
@@ -142,3 +142,4 @@ class AgentConfig(Section):
     update: UpdateSection = Field(default_factory=UpdateSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
     metrics: AgentMetricsSection = Field(default_factory=AgentMetricsSection)
+    rest: RestSection = Field(default_factory=RestSection)

@@ -113,7 +113,7 @@ def bearer_token(metadata) -> str:
     return ""
 
 
-def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+def call_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status STATUS_OF gives ``exc``, logged in one line: at INFO for a client's mistake or a
     passing condition, at ERROR for INTERNAL. Anything unmapped is our own bug: logged with its
     traceback, and INTERNAL."""
@@ -127,7 +127,7 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
-    context.abort(*_status(exc))
+    context.abort(*call_status(exc))
 
 
 #: a request's wire form → InferRequest, checked against the contract of the model it names
@@ -284,7 +284,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _stream_error(request: pb.ModelInferRequest, exc: Exception) -> pb.ModelStreamInferResponse:
-    code, message = _status(exc)
+    code, message = call_status(exc)
     return pb.ModelStreamInferResponse(
         error_message=f"[StatusCode.{code.name}] {message}",
         infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
@@ -317,7 +317,7 @@ class AsyncKServeServicer(KServeServicer):
         try:
             return await self._infer_async(request, context)
         except Exception as e:
-            await context.abort(*_status(e))
+            await context.abort(*call_status(e))
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator, context) -> None:  # noqa: N802
         """Written with ``context.write`` rather than as an async generator: a coroutine handler is
