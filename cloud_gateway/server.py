@@ -94,7 +94,8 @@ class Gateway:
                                              workers=cfg.gateway.workers,
                                              extra_services=(artifacts, *self.extra_services),
                                              interceptors=interceptors, rest=rest)
-            serving = ServingCollector(self.repository, self.store, self.server.admission)
+            serving = ServingCollector(self.repository, self.store, self.server.admission,
+                                       self.server.statistics)
             self.metrics = GatewayMetrics(cfg, serving).start()
         except BaseException:
             self.stop(grace=0)

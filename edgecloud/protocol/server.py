@@ -40,6 +40,7 @@ from edgecloud.protocol.servicer import (
     KServeCore,
     KServeServicer,
 )
+from edgecloud.protocol.statistics import InferenceStatistics
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -91,6 +92,8 @@ class RunningServer:
     shutdown: Callable[[float | None], None]
     #: the REST port, 0 without REST
     rest_port: int = 0
+    #: what every front has answered, per model version (ModelStatistics, the gateway's histogram)
+    statistics: InferenceStatistics | None = None
 
     def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -137,7 +140,8 @@ def start_server(host: InferenceHost, listen: Endpoint, *, admission: Admission 
             stop_rest()
         server.stop(grace).wait()
 
-    return _started(RunningServer(port, health_servicer, admission, shutdown, rest_port), listen, tls)
+    return _started(RunningServer(port, health_servicer, admission, shutdown, rest_port, core.statistics),
+                    listen, tls)
 
 
 def _threaded_rest(core: KServeCore, rest: RestOptions, tls: ServerTLS | None, max_message_bytes: int,
@@ -212,7 +216,7 @@ def start_async_server(host: AsyncInferenceHost, listen: Endpoint, *, admission:
         pool.shutdown()
         raise
     return _started(RunningServer(port, health_servicer, admission, shutdown,
-                                  rest_server.port if rest_server else 0), listen, tls)
+                                  rest_server.port if rest_server else 0, core.statistics), listen, tls)
 
 
 def _check_plaintext(listen: Endpoint, tls: ServerTLS | None, key: str = "listen",

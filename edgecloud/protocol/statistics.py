@@ -3,14 +3,18 @@ servicer's core so every front (gRPC unary and streaming, REST) counts the same 
 
 Counted per (model, version) the call was answered by: requests that succeeded and failed with their
 total time, rows inferred (``inference_count``) and calls run (``execution_count``; the gateway's
-dynamic batcher runs fewer batches, which its own ``/metrics`` count), and the time of the last one.
+dynamic batcher runs fewer batches, which its own ``/metrics`` count), the time of the last one, and
+the latency buckets of the successful ones (the gateway's ``/metrics`` histogram).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from edgecloud.exposition import LATENCY_BUCKETS, bucket_of
 
 
 @dataclass(slots=True)
@@ -25,6 +29,8 @@ class ModelFigures:
     execution_count: int = 0
     #: milliseconds since the epoch, 0 before the first call
     last_inference_ms: int = 0
+    #: successful calls per bucket of LATENCY_BUCKETS (the last: +Inf), not cumulative
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
 
 
 class InferenceStatistics:
@@ -42,6 +48,7 @@ class InferenceStatistics:
             figures.inference_count += rows
             figures.execution_count += 1
             figures.last_inference_ms = time.time_ns() // 1_000_000
+            figures.latency_buckets[bucket_of(elapsed_ns / 1e9)] += 1
 
     def failure(self, name: str, version: str, elapsed_ns: int) -> None:
         with self._lock:
@@ -53,5 +60,5 @@ class InferenceStatistics:
         """A copy of one model version's figures (zeros before its first call)."""
         with self._lock:
             figures = self._figures.get((name, version))
-            return ModelFigures(**{k: getattr(figures, k) for k in ModelFigures.__slots__}) if figures \
-                else ModelFigures()
+            return (dataclasses.replace(figures, latency_buckets=list(figures.latency_buckets)) if figures
+                    else ModelFigures())
