@@ -212,8 +212,6 @@ class KServeCore:
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Thin gRPC front for an InferenceHost."""
 
-    EXTENSIONS = KServeCore.EXTENSIONS
-
     def __init__(self, host: InferenceHost, admission: Admission, core: KServeCore | None = None) -> None:
         self.host = host
         self.admission = admission
@@ -233,7 +231,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ServerMetadata(self, request, context):  # noqa: N802
         return pb.ServerMetadataResponse(name=self.host.server_name, version=self.host.server_version,
-                                         extensions=list(self.EXTENSIONS))
+                                         extensions=list(self.core.EXTENSIONS))
 
     def ModelMetadata(self, request, context):  # noqa: N802
         try:
