@@ -3,17 +3,21 @@ checked before data, and every client mistake is InvalidInput naming it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edgecloud.errors import InvalidInput
 from edgecloud.guards import InputContract
 from edgecloud.protocol.codec import InferResponse, tensor_to_raw
 from edgecloud.protocol.rest_codec import decode_rest_request, encode_rest_response, split_body
 from edgecloud.tensors import TensorSpec
+from tests.support.fuzz import DIMS, FUZZ, JSON_VALUES
 
 CONTRACT = InputContract("m", (TensorSpec("x", "FP32", (-1, 3)), TensorSpec("tag", "BYTES", (-1,))))
 
@@ -91,3 +95,39 @@ def test_outputs_are_binary_only_when_asked():
     body, length = encode_rest_response(response, {"parameters": {"binary_data_output": True}})
     (size,) = struct.unpack_from("<I", body, length + 8)  # y's 8 bytes, then s length-prefixed
     assert size == 4 and body[length + 12:] == b"edge"
+
+
+@st.composite
+def rest_requests(draw) -> tuple[dict, bytes]:
+    """Mostly well-formed REST requests to CONTRACT, each piece sometimes something else entirely."""
+    def tensor(name: str, datatype: str) -> dict:
+        shape = draw(st.one_of(st.lists(DIMS, max_size=3), JSON_VALUES))
+        body: dict = {"name": draw(st.one_of(st.just(name), JSON_VALUES)),
+                      "datatype": draw(st.one_of(st.just(datatype), st.sampled_from(["BF16", "INT8", "X"]))),
+                      "shape": shape}
+        if draw(st.booleans()):
+            body["parameters"] = {"binary_data_size": draw(st.one_of(st.integers(-4, 64), JSON_VALUES))}
+        else:
+            body["data"] = draw(st.one_of(st.lists(st.one_of(st.floats(), st.integers(), st.text(max_size=3)),
+                                                   max_size=8), JSON_VALUES))
+        return body
+    inputs = [tensor("x", "FP32"), tensor("tag", "BYTES")]
+    document = {"inputs": draw(st.one_of(st.just(inputs), JSON_VALUES)),
+                "outputs": draw(st.one_of(st.just([{"name": "y", "parameters": {"binary_data": True}}]),
+                                          JSON_VALUES)),
+                "parameters": draw(st.one_of(st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=2),
+                                             JSON_VALUES)),
+                "id": draw(st.one_of(st.text(max_size=4), JSON_VALUES))}
+    return document, draw(st.binary(max_size=64))
+
+
+@FUZZ
+@given(rest_requests())
+def test_fuzzed_rest_requests_are_decoded_or_invalid_input(case):
+    document, binary = case
+    with contextlib.suppress(InvalidInput):
+        request = decode(document, binary)
+        assert set(request.inputs) == {"x", "tag"}
+    body = json.dumps(document).encode() + binary
+    with contextlib.suppress(InvalidInput):
+        decode_rest_request(*split_body(body, str(len(body) - len(binary))), "m", "", CONTRACT)
