@@ -14,7 +14,6 @@ cascade runs on threads.
 
 from __future__ import annotations
 
-import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -161,7 +160,8 @@ class RestFront:
 
     async def index(self, request: web.Request) -> web.Response:
         body = await request.read()
-        ready = bool(json.loads(body).get("ready", False)) if body.strip() else False
+        document, _ = split_body(body, None) if body.strip() else ({}, b"")
+        ready = document.get("ready", False) is True
         return web.json_response([{"name": e.name, "version": e.version,
                                    "state": "READY" if e.ready else "UNAVAILABLE"}
                                   for e in self.core.index(ready)])

@@ -127,3 +127,14 @@ def test_rest_off_loopback_without_tls_is_refused(tmp_path):
     model = linear_classifier(tmp_path / "edge.onnx")
     with pytest.raises(ConfigError, match=r"rest.listen .*plaintext HTTP"):
         start_agent(tmp_path / "state", model, rest={"listen": "0.0.0.0:0"})
+
+
+def test_repository_index_takes_ready_and_a_body_that_is_not_json_is_400(agent):
+    running, _ = agent
+    assert _post(running.rest_port, "/v2/repository/index", {"ready": True}) == (
+        200, [{"name": "clf", "version": "7", "state": "READY"}])
+    request = urllib.request.Request(f"http://127.0.0.1:{running.rest_port}/v2/repository/index",
+                                     data=b"{not json")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 400 and "not JSON" in json.loads(err.value.read())["error"]
