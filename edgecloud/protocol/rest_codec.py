@@ -88,7 +88,11 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> n
                 if wide.min() < info.min or wide.max() > info.max:
                     raise InvalidInput(f"input {excerpt(name)}: data holds values outside the range of "
                                        f"{datatype} [{info.min}, {info.max}]")
-            array = wide.astype(dtype).reshape(-1)
+            with np.errstate(over="ignore"):
+                array = wide.astype(dtype).reshape(-1)
+            if dtype.kind == "f" and np.any(np.isfinite(wide) & ~np.isfinite(array.reshape(wide.shape))):
+                raise InvalidInput(f"input {excerpt(name)}: data holds values beyond the range of "
+                                   f"{datatype}")
     except (ValueError, TypeError, OverflowError) as e:
         raise InvalidInput(f"input {excerpt(name)}: unreadable data ({e})") from None
     if array.size != count:

@@ -69,11 +69,14 @@ def test_client_mistakes_are_invalid_input_naming_them(document, binary, message
         decode(document, binary, ONE_INPUT)
 
 
-def test_integer_data_out_of_range_and_a_header_beyond_the_body_are_refused():
+def test_numbers_out_of_range_and_a_header_beyond_the_body_are_refused():
     contract = InputContract("m", (TensorSpec("n", "INT8", (-1,)),))
     with pytest.raises(InvalidInput, match=r"outside the range of INT8"):
         decode_rest_request({"inputs": [{"name": "n", "datatype": "INT8", "shape": [2], "data": [1, 300]}]},
                             memoryview(b""), "m", "", contract)
+    with pytest.raises(InvalidInput, match=r"beyond the range of FP32"):
+        decode({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 1e300, 2]}]},
+               contract=ONE_INPUT)
     with pytest.raises(InvalidInput, match="beyond the 2-byte body"):
         split_body(b"{}", "9")
     with pytest.raises(InvalidInput, match="not JSON"):
