@@ -131,8 +131,14 @@ def start_server(host: InferenceHost, listen: Endpoint, *, admission: Admission 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=_options(max_message_bytes),
                          interceptors=tuple(interceptors))
     health_servicer = _add_services(server, KServeServicer(host, admission, core), extra_services)
-    port = _bind(server, listen, tls)
+    # REST binds first: a gRPC server that bound a port but never started keeps it
     rest_port, stop_rest = _threaded_rest(core, rest, tls, max_message_bytes, threads) if rest else (0, None)
+    try:
+        port = _bind(server, listen, tls)
+    except BaseException:
+        if stop_rest is not None:
+            stop_rest()
+        raise
     server.start()
 
     def shutdown(grace: float | None) -> None:
@@ -194,9 +200,9 @@ def start_async_server(host: AsyncInferenceHost, listen: Endpoint, *, admission:
         server = grpc.aio.server(migration_thread_pool=pool, options=_options(max_message_bytes),
                                  interceptors=[_SyncInterceptor(i) for i in interceptors])
         health_servicer = _add_services(server, AsyncKServeServicer(host, admission, core), extra_services)
-        port = _bind(server, listen, tls)
-        if rest_server is not None:
+        if rest_server is not None:  # first: a gRPC server that bound a port but never started keeps it
             await rest_server.start()
+        port = _bind(server, listen, tls)
         await server.start()
         return server, health_servicer, port
 

@@ -4,6 +4,7 @@ answers, parameters, refusals and admission gate as over gRPC."""
 from __future__ import annotations
 
 import json
+import socket
 import urllib.error
 import urllib.request
 
@@ -138,3 +139,18 @@ def test_repository_index_takes_ready_and_a_body_that_is_not_json_is_400(agent):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=10)
     assert err.value.code == 400 and "not JSON" in json.loads(err.value.read())["error"]
+
+
+def test_a_rest_port_in_use_is_a_config_error_and_frees_the_grpc_port(tmp_path):
+    model = linear_classifier(tmp_path / "edge.onnx")
+    with socket.socket() as taken, socket.socket() as probe:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        with pytest.raises(ConfigError, match=r"rest.listen 127.0.0.1:\d+: cannot bind"):
+            start_agent(tmp_path / "state", model, agent={"listen": f"127.0.0.1:{port}"},
+                        rest={"listen": f"127.0.0.1:{taken.getsockname()[1]}"})
+    with start_agent(tmp_path / "again", model, agent={"listen": f"127.0.0.1:{port}"}) as agent:
+        assert agent.port == port
