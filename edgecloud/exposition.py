@@ -7,7 +7,7 @@ expose under the same names.
 Latencies are histograms, not summaries: bucket counts add up across devices and replicas
 (``histogram_quantile(0.99, sum by (le) (rate(…_bucket[5m])))``), quantiles do not. One set of
 buckets serves the edge's milliseconds and the cloud's hundreds of milliseconds, so the agent's, the
-gateway's and the collector's series can be compared and summed.
+gateway's and the collector's series can be compared and summed (docs/design.md §9).
 """
 
 from __future__ import annotations

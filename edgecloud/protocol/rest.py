@@ -1,4 +1,4 @@
-"""KServe v2 REST beside gRPC (docs/design.md §3): health, metadata, model configuration, statistics,
+"""KServe v2 REST beside gRPC (docs/design.md §2): health, metadata, model configuration, statistics,
 the repository index and inference with JSON or Triton's binary-data extension, so
 ``tritonclient.http`` and plain ``curl`` reach the same service as ``tritonclient.grpc``.
 

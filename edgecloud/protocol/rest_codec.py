@@ -1,4 +1,5 @@
-"""numpy ⇄ KServe v2 REST (JSON), with Triton's binary-data extension: the REST twin of the codec.
+"""numpy ⇄ KServe v2 REST (JSON), with Triton's binary-data extension: the REST twin of the codec
+(docs/design.md §2).
 
 A request body is JSON, or, with the ``Inference-Header-Content-Length: N`` header, N bytes of JSON
 followed by the raw tensors of the inputs whose parameters give ``binary_data_size``, in input order

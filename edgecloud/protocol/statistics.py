@@ -1,5 +1,6 @@
 """Per-model inference statistics in the shape of Triton's ModelStatistics extension, kept by the
-servicer's core so every front (gRPC unary and streaming, REST) counts the same calls once.
+servicer's core so every front (gRPC unary and streaming, REST) counts the same calls once
+(docs/design.md §2).
 
 Counted per (model, version) the call was answered by: requests that succeeded and failed with their
 total time, rows inferred (``inference_count``) and calls run (``execution_count``; the gateway's
