@@ -34,6 +34,7 @@ from grpc_health.v1 import health
 from edgecloud._generated.edgecloud.v1 import artifacts_pb2 as artifacts_pb
 from edgecloud.errors import ConfigError
 from edgecloud.mqtt.topics import check_id
+from edgecloud.protocol.rest import RestPeer
 from edgecloud.protocol.servicer import bearer_token
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,18 @@ class Authenticator:
             certificate = Credential(names[0].decode("utf-8", "replace"),
                                      certificate_fleet(pems[0]) if pems else "")
         return self.identify(certificate, bearer_token(context.invocation_metadata()))
+
+    def of_rest(self, peer: RestPeer) -> Identity:
+        """The identity of a REST call, from its TLS peer and its ``Authorization`` header; refusals
+        are logged as over gRPC."""
+        certificate = (Credential(peer.common_name, certificate_fleet(peer.certificate_pem)
+                                  if peer.certificate_pem else "") if peer.common_name else None)
+        try:
+            return self.identify(certificate, peer.bearer_token)
+        except AuthRefused as e:
+            log.warning("event=auth_refused method=rest code=%s reason=%r peer=%s", e.code.name, str(e),
+                        peer.peer)
+            raise
 
 
 def may_download(identity: Identity, name: str, version: int, fleets: Collection[str]) -> None:

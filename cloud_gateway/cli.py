@@ -30,7 +30,7 @@ FLAG_KEYS = {
     "added_latency_ms": ("gateway", "added_latency_ms"), "store": ("store", "path"),
     "tls_cert": ("tls", "cert"), "tls_key": ("tls", "key"), "tls_client_ca": ("tls", "client_ca"),
     "tokens_file": ("auth", "tokens_file"), "collect_fleet": ("collector", "fleet"),
-    "metrics_listen": ("metrics", "listen"),
+    "metrics_listen": ("metrics", "listen"), "rest_listen": ("rest", "listen"),
 }
 
 
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collect-mqtt", help="HOST:PORT of the fleet's MQTT broker, for the collector")
     p.add_argument("--collect-fleet", help="fleet whose devices' status and telemetry become metrics")
     p.add_argument("--metrics-listen", help="HOST:PORT of the Prometheus /metrics endpoint (default off)")
+    p.add_argument("--rest-listen", help="HOST:PORT or unix:/path of KServe v2 REST (default off), with "
+                   "the gRPC port's TLS and client authentication")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING…")
     p.add_argument("--log-format", choices=("kv", "json"), default="kv")
     return p

@@ -9,8 +9,9 @@ collector was away without a persistent session); a ``seq`` far below the last o
 lost its state and starts over.
 
 Counters are the device's totals since its agent started (Prometheus' ``rate()`` handles the reset at
-a restart). Escalation ratio and latency quantiles are those of the latest telemetry interval, absent
-when it had no calls; over longer windows, divide the counters' rates.
+a restart), and so is the latency histogram, which sums across devices. The escalation ratio is that of
+the latest telemetry interval, 0 when it had no rows, so an idle device's series stay (at zero) rather
+than vanish; over longer windows, divide the counters' rates.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgecloud.exposition import COUNTERS, PREFIX, QUANTILES
+from edgecloud.exposition import COUNTERS, LATENCY_BUCKETS, PREFIX, add_latency
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
 from edgecloud.mqtt.fleet_view import DeviceRow, FleetView, json_object
+from edgecloud.mqtt.payloads import LatencyBuckets
 from edgecloud.mqtt.topics import TopicKind
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class TelemetryFigures(BaseModel):
     model: str | None = None
     model_version: int | None = None
     counters: dict[str, int] = Field(default_factory=dict)
-    latency_ms: dict[str, dict[str, float | None]] = Field(default_factory=dict)
+    latency_buckets: LatencyBuckets | None = None
     escalation_rate: float | None = Field(None, ge=0, le=1)
     spool_depth: int | None = None
     circuit_state: str | None = None
@@ -176,8 +178,9 @@ class _Families:
                          for key, (name, text) in COUNTERS.items()}
         self.escalation = gauge("escalation_ratio", "Share of rows escalated over the last telemetry "
                                 "interval")
-        self.latency = gauge("request_latency_seconds", "Call latency over the last telemetry interval",
-                             "path", "quantile")
+        self.latency = HistogramMetricFamily(DEVICE + "request_latency_seconds", "Call latency by path "
+                                             "(device's total since its agent started)",
+                                             labels=(*LABELS, "path"))
         self.spool = gauge("spool_depth", "Cases waiting in the device's spool for the cloud")
         self.circuit = gauge("circuit_open", "1 while the device's cloud circuit is open")
         self.seq = gauge("telemetry_seq", "Newest telemetry sequence number received")
@@ -206,12 +209,12 @@ class _Families:
         for key, family in self.counters.items():
             if key in latest.counters:
                 family.add_metric(labels, latest.counters[key])
-        if latest.escalation_rate is not None:
-            self.escalation.add_metric(labels, latest.escalation_rate)
-        for path, percentiles in latest.latency_ms.items():
-            for key, quantile in QUANTILES.items():
-                if percentiles.get(key) is not None:
-                    self.latency.add_metric((*labels, path, quantile), percentiles[key] / 1000.0)
+        self.escalation.add_metric(labels, latest.escalation_rate or 0.0)  # idle: 0, not gone
+        buckets = latest.latency_buckets
+        if buckets is not None and tuple(buckets.le) == LATENCY_BUCKETS:  # other bounds cannot be summed
+            for path in ("edge", "escalated"):
+                figures = getattr(buckets, path)
+                add_latency(self.latency, (*labels, path), figures.counts, figures.sum_s)
         if latest.spool_depth is not None:
             self.spool.add_metric(labels, latest.spool_depth)
         if latest.circuit_state is not None:

@@ -12,7 +12,15 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from edgecloud.backends.options import BackendOptions, required_keys, section_name
-from edgecloud.config import AdmissionSection, MetricsSection, Section, build, cert_key_pair, merge
+from edgecloud.config import (
+    AdmissionSection,
+    MetricsSection,
+    RestSection,
+    Section,
+    build,
+    cert_key_pair,
+    merge,
+)
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.mqtt.client import MqttConfig
 from edgecloud.mqtt.topics import check_id
@@ -132,6 +140,7 @@ class GatewayConfig(Section):
     model_defaults: ModelConfig = Field(default_factory=ModelConfig)
     collector: CollectorSection = Field(default_factory=CollectorSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
+    rest: RestSection = Field(default_factory=RestSection)
 
     @model_validator(mode="after")
     def _operators_are_authenticated(self) -> GatewayConfig:

@@ -69,6 +69,10 @@ class GatewayHost:
     def input_contract(self, name: str, version: str) -> InputContract:
         return self.repository.get(name, version).contract
 
+    def model_index(self) -> tuple[tuple[str, str], ...]:
+        repository = self.repository
+        return tuple((name, str(v)) for name in repository.names for v in repository.versions(name))
+
     async def infer(self, request: InferRequest, peer: PeerInfo) -> InferResponse:
         if not self.accepting:
             raise ModelUnavailable("the gateway is shutting down")

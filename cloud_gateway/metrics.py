@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from cloud_gateway.collector import FleetCollector
@@ -19,21 +19,23 @@ from cloud_gateway.config import GatewayConfig
 from cloud_gateway.hard_examples import HardExampleStore
 from cloud_gateway.repository import ModelRepository
 from edgecloud.errors import ConfigError
-from edgecloud.exposition import PREFIX, MetricsServer, admission_metrics
+from edgecloud.exposition import PREFIX, MetricsServer, add_latency, admission_metrics, cumulative
 from edgecloud.protocol.admission import Admission
+from edgecloud.protocol.statistics import InferenceStatistics
 
 GATEWAY = PREFIX + "gateway_"
 
 
 class ServingCollector(Collector):
-    """The gateway's own figures, read at each scrape: its models' batchers, its store and its
-    admission gate."""
+    """The gateway's own figures, read at each scrape: its models' batchers and answer latencies, its
+    store and its admission gate."""
 
     def __init__(self, repository: ModelRepository, store: HardExampleStore | None,
-                 admission: Admission) -> None:
+                 admission: Admission, statistics: InferenceStatistics) -> None:
         self._repository = repository
         self._store = store
         self._admission = admission
+        self._statistics = statistics
 
     def collect(self) -> Iterator[Metric]:
         labels = ("model", "version")
@@ -46,9 +48,14 @@ class ServingCollector(Collector):
         cancelled = CounterMetricFamily(GATEWAY + "cancelled_requests_total", "Requests dropped before "
                                         "their batch ran: the caller's deadline passed or it gave up",
                                         labels=labels)
+        latency = HistogramMetricFamily(GATEWAY + "request_latency_seconds", "Answered inference calls, "
+                                        "from admission to answer (gRPC and REST)", labels=labels)
         repository = self._repository
         for name in repository.names:
             for version in repository.versions(name):
+                figures = self._statistics.of(name, str(version))  # at zero before a call
+                add_latency(latency, (name, str(version)), cumulative(figures.latency_buckets),
+                            figures.success_ns / 1e9)
                 batcher = repository.get(name, str(version)).batcher
                 if batcher is None:
                     continue
@@ -57,7 +64,7 @@ class ServingCollector(Collector):
                 requests.add_metric(key, stats.requests)
                 rows.add_metric(key, stats.rows)
                 cancelled.add_metric(key, stats.cancelled)
-        yield from (batches, requests, rows, cancelled)
+        yield from (batches, requests, rows, cancelled, latency)
         yield from admission_metrics(self._admission.figures())
         store = self._store
         if store is not None:

@@ -24,7 +24,7 @@ from cloud_gateway.repository import ModelRepository
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError
 from edgecloud.protocol.admission import Admission
-from edgecloud.protocol.server import RunningServer, ServerTLS, start_async_server
+from edgecloud.protocol.server import RestOptions, RunningServer, ServerTLS, start_async_server
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,10 @@ class Gateway:
     def port(self) -> int:
         return self.server.port if self.server else 0
 
+    @property
+    def rest_port(self) -> int:
+        return self.server.rest_port if self.server else 0
+
     def start(self) -> Gateway:
         cfg = self.config
         if cfg.gateway.model_repository is None:
@@ -83,12 +87,15 @@ class Gateway:
                 upload = listen.is_loopback or auth is not None
             artifacts = add_artifact_service(cfg.gateway.model_repository, allow_upload=upload,
                                              authenticator=auth)
+            rest = (RestOptions(parse_endpoint(cfg.rest.listen), auth.of_rest if auth else None)
+                    if cfg.rest.listen else None)
             self.server = start_async_server(self.host, listen, admission=Admission("gateway", cfg.admission),
                                              tls=tls, max_message_bytes=cfg.gateway.max_message_bytes,
                                              workers=cfg.gateway.workers,
                                              extra_services=(artifacts, *self.extra_services),
-                                             interceptors=interceptors)
-            serving = ServingCollector(self.repository, self.store, self.server.admission)
+                                             interceptors=interceptors, rest=rest)
+            serving = ServingCollector(self.repository, self.store, self.server.admission,
+                                       self.server.statistics)
             self.metrics = GatewayMetrics(cfg, serving).start()
         except BaseException:
             self.stop(grace=0)

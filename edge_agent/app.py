@@ -20,7 +20,7 @@ from edgecloud.errors import ModelLoadError
 from edgecloud.exposition import MetricsServer
 from edgecloud.heap import return_large_blocks
 from edgecloud.protocol.admission import Admission
-from edgecloud.protocol.server import RunningServer, start_server
+from edgecloud.protocol.server import RestOptions, RunningServer, start_server
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ class EdgeAgent:
         """The unit serving (or failing to serve) model ``name``."""
         return next(unit for unit in self.units if unit.name == name)
 
+    def rest_port(self) -> int:
+        return self.server.rest_port if self.server else 0
+
     def start(self) -> EdgeAgent:
         """Load, listen and join the fleet; on any failure, what already started is stopped again."""
         try:
@@ -72,8 +75,10 @@ class EdgeAgent:
         self.host = ModelHost(self.units)
         # each call [admission] lets in has a thread of its own, and escalations hold fewer admission
         # slots (cloud.max_in_flight) than there are: edge answers always find one
+        rest = RestOptions(parse_endpoint(cfg.rest.listen)) if cfg.rest.listen else None
         self.server = start_server(self.host, listen, admission=Admission("agent", cfg.admission),
-                                   max_message_bytes=cfg.agent.max_message_bytes, workers=cfg.agent.workers)
+                                   max_message_bytes=cfg.agent.max_message_bytes, workers=cfg.agent.workers,
+                                   rest=rest)
         for unit in self.units:
             unit.start()
         if cfg.fleet.name:

@@ -29,6 +29,7 @@ FLAG_KEYS = {
     "cloud": ("cloud", "target"), "cloud_model": ("cloud", "model"), "deadline_ms": ("cloud", "deadline_ms"),
     "max_per_s": ("cloud", "max_per_s"), "fleet": ("fleet", "name"), "group": ("fleet", "group"),
     "trusted_key": ("fleet", "trusted_keys"), "metrics_listen": ("metrics", "listen"),
+    "rest_listen": ("rest", "listen"),
 }
 
 
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trusted-key", action="append", help="public key (PEM) releases may be signed with; "
                    "repeat for several")
     p.add_argument("--metrics-listen", help="HOST:PORT of the Prometheus /metrics endpoint")
+    p.add_argument("--rest-listen", help="HOST:PORT or unix:/path of KServe v2 REST (default off; "
+                   "e.g. 127.0.0.1:8000)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING…")
     p.add_argument("--log-format", choices=("kv", "json"), default="kv")
     return p

@@ -198,6 +198,11 @@ class ModelHost:
     def input_contract(self, name: str, version: str) -> InputContract:
         return self._cascade(name).input_contract(name, version)
 
+    def model_index(self) -> tuple[tuple[str, str], ...]:
+        """The models serving now; one that did not load is absent (ModelReady says why not)."""
+        return tuple(entry for unit in self.units if unit.cascade is not None
+                     for entry in unit.cascade.model_index())
+
     def infer(self, request: InferRequest, peer: PeerInfo | None = None) -> InferResponse:
         return self._cascade(request.model_name).infer(request, peer)
 

@@ -2,8 +2,8 @@
 
 Each service defines its config as :class:`Section` models; validation does no I/O (paths are
 resolved, files read and hashed later, by the code that uses them). The pieces both services share
-live here: the ``[metrics]`` and ``[admission]`` sections and the check that a TLS section's certificate
-and key pair up.
+live here: the ``[metrics]``, ``[rest]`` and ``[admission]`` sections and the check that a TLS
+section's certificate and key pair up.
 """
 
 from __future__ import annotations
@@ -63,6 +63,24 @@ class MetricsSection(Section):
             return None
         if parse_endpoint(value).unix_path:
             raise ValueError("/metrics needs HOST:PORT, not a unix socket")
+        return value
+
+
+class RestSection(Section):
+    """``[rest]``: KServe v2 REST beside gRPC (``edgecloud.protocol.rest``), off when unset or empty.
+
+    Off by default on both services: a device opens one local API unless asked for a second, and the
+    gateway's REST is for clients that cannot speak gRPC. Plaintext only on loopback, as for gRPC.
+    """
+
+    listen: str | None = Field(None, description="HOST:PORT or unix:/path; unset or empty = off")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parse_endpoint(value)  # ValueError with the reason, named by the key
         return value
 
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edge_agent.cloud.circuit import CLOSED, HALF_OPEN, OPEN
@@ -24,9 +24,9 @@ from edge_agent.serving.stats import PATHS
 from edgecloud.exposition import (
     COUNTERS,
     PREFIX,
-    QUANTILES,
     MetricsServer,
     MetricsUnavailable,
+    add_latency,
     admission_metrics,
 )
 
@@ -85,21 +85,17 @@ class AgentCollector(Collector):
         yield from self._fleet()
 
     @staticmethod
-    def _latency(snapshots: list[tuple[str, dict]]) -> SummaryMetricFamily:
-        """Quantiles over the stats window (the last calls), count and sum over the agent's life."""
-        name = PREFIX + "request_latency_seconds"
-        summary = SummaryMetricFamily(name, "Call latency by path: answered at the edge, or escalated",
-                                      labels=("model", "path"))
+    def _latency(snapshots: list[tuple[str, dict]]) -> HistogramMetricFamily:
+        """Every call since the agent started, by model and path (both paths always there, at zero
+        before a call)."""
+        histogram = HistogramMetricFamily(PREFIX + "request_latency_seconds",
+                                          "Call latency by path: answered at the edge, or escalated",
+                                          labels=("model", "path"))
         for model, snapshot in snapshots:
             for path in PATHS:
-                totals = snapshot["latency_totals"][path]
-                summary.add_metric((model, path), totals["count"], totals["sum_s"])
-                for key, quantile in QUANTILES.items():
-                    value = snapshot["latency_ms"][path][key]
-                    if value is not None:
-                        summary.add_sample(name, {"model": model, "path": path, "quantile": quantile},
-                                           value / 1000.0)
-        return summary
+                buckets = snapshot["latency_buckets"][path]
+                add_latency(histogram, (model, path), buckets["counts"], buckets["sum_s"])
+        return histogram
 
     def _fleet(self) -> Iterator[Metric]:
         if self._agent.mqtt_connected is not None:

@@ -145,6 +145,10 @@ class Cascade:
     def input_contract(self, name: str, version: str) -> InputContract:
         return self._model_for(name, version).contract
 
+    def model_index(self) -> tuple[tuple[str, str], ...]:
+        model = self.slot.model
+        return ((model.name, model.version),)
+
     def infer(self, request: InferRequest, peer: PeerInfo | None = None) -> InferResponse:
         """Answer one request; failures of the model itself (not of the request) are counted."""
         try:

@@ -11,6 +11,8 @@ from math import isnan
 
 import numpy as np
 
+from edgecloud.exposition import LATENCY_BUCKETS, bucket_of, cumulative
+
 CONFIDENCE_EDGES = tuple(i / 10 for i in range(11))
 _LAST_BIN = len(CONFIDENCE_EDGES) - 2
 
@@ -36,7 +38,9 @@ class Stats:
     """Thread-safe running totals plus the last ``window`` latencies of edge and escalated calls.
 
     ``snapshot()`` covers the agent's life (for /metrics and summaries); ``interval()`` covers the calls
-    since its previous call (for telemetry, whose latencies and histogram are per interval).
+    since its previous call (for telemetry, whose latencies and histogram are per interval). Both carry
+    the latency buckets since start (``latency_buckets``), which a histogram exposes and which add up
+    across devices.
     """
 
     def __init__(self, window: int = 4096) -> None:
@@ -54,6 +58,7 @@ class Stats:
         self._latency: dict[str, deque[float]] = {path: deque(maxlen=window) for path in PATHS}
         self._latency_count = dict.fromkeys(PATHS, 0)
         self._latency_sum = dict.fromkeys(PATHS, 0.0)
+        self._buckets = {path: [0] * (len(LATENCY_BUCKETS) + 1) for path in PATHS}
         self._mark = self._interval_mark()
 
     def record(self, call: CallRecord) -> None:
@@ -75,6 +80,7 @@ class Stats:
             self._latency[path].append(call.latency_s)
             self._latency_count[path] += 1
             self._latency_sum[path] += call.latency_s
+            self._buckets[path][bucket_of(call.latency_s)] += 1
 
     def error(self) -> None:
         with self._lock:
@@ -97,18 +103,23 @@ class Stats:
                 "rate_limited": self.rate_limited, "in_flight_limited": self.in_flight_limited,
                 "errors": self.errors, "audited": self.audited}
 
+    def _latency_buckets(self) -> dict:
+        """Cumulative bucket counts and the sum of latencies, per path, since start."""
+        return {"le": list(LATENCY_BUCKETS),
+                **{path: {"counts": cumulative(self._buckets[path]), "sum_s": self._latency_sum[path]}
+                   for path in PATHS}}
+
     def _interval_mark(self) -> tuple[dict[str, int], int, int, list[int]]:
         return dict(self._latency_count), self.rows, self.escalated, list(self.histogram)
 
     def snapshot(self) -> dict:
         """A consistent copy of every figure (latency percentiles in milliseconds over the window;
-        ``latency_totals`` count and sum, in seconds, every call since start)."""
+        ``latency_buckets`` over every call since start, sums in seconds)."""
         with self._lock:
             return {
                 "counters": self._counters(),
                 "latency_ms": {path: self._percentiles(self._latency[path]) for path in PATHS},
-                "latency_totals": {path: {"count": self._latency_count[path],
-                                          "sum_s": self._latency_sum[path]} for path in PATHS},
+                "latency_buckets": self._latency_buckets(),
                 "escalation_rate": self.escalated / self.rows if self.rows else 0.0,
                 "confidence_histogram": {"edges": list(CONFIDENCE_EDGES),
                                          "counts": list(self.histogram)},
@@ -128,6 +139,7 @@ class Stats:
             return {
                 "counters": self._counters(),
                 "latency_ms": latency,
+                "latency_buckets": self._latency_buckets(),
                 "escalation_rate": (self.escalated - escalated) / new_rows if new_rows else None,
                 "confidence_histogram": {"edges": list(CONFIDENCE_EDGES),
                                          "counts": [now - then for now, then in

@@ -152,6 +152,30 @@ class Latency(Body):
     escalated: Percentiles
 
 
+class PathBuckets(Body):
+    """One path's latency buckets: cumulative counts, one per bound of ``le`` and the last for +Inf
+    (every call), and the sum of the latencies in seconds."""
+
+    counts: list[Count] = Field(min_length=2)
+    sum_s: float = Field(ge=0)
+
+
+class LatencyBuckets(Body):
+    """Call latency as a Prometheus histogram since the agent started (totals like the counters), so a
+    collector can sum devices; ``le`` are the buckets' upper bounds in seconds."""
+
+    le: list[float] = Field(min_length=1)
+    edge: PathBuckets
+    escalated: PathBuckets
+
+    @model_validator(mode="after")
+    def _one_count_per_bucket(self) -> LatencyBuckets:
+        for path in (self.edge, self.escalated):
+            if len(path.counts) != len(self.le) + 1:
+                raise ValueError(f"{len(path.counts)} counts for {len(self.le)} bounds and +Inf")
+        return self
+
+
 class Histogram(Body):
     """counts[i] rows had edges[i] <= confidence < edges[i+1] (the last bin includes its upper edge);
     len(edges) = len(counts) + 1."""
@@ -192,7 +216,8 @@ class ModelTelemetry(Body):
 class Telemetry(Body):
     """Published (not retained, QoS 1) on edgecloud/{fleet}/devices/{device}/telemetry every interval_s.
     seq increases per device and survives restarts, so a collector can count and deduplicate. Counters
-    are totals since the agent started; latencies and the histogram cover the last interval."""
+    are totals since the agent started, and so are the latency buckets; latency percentiles and the
+    confidence histogram cover the last interval."""
 
     model_config = ConfigDict(title="edgecloud device telemetry")
 
@@ -204,6 +229,7 @@ class Telemetry(Body):
     model_version: Version | None
     counters: Counters
     latency_ms: Latency
+    latency_buckets: LatencyBuckets
     escalation_rate: float | None = Field(ge=0, le=1, description="escalated rows / rows over the interval; "
                                                                   "null without rows")
     confidence_histogram: Histogram

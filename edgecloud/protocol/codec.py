@@ -86,6 +86,21 @@ def metadata_to_pb(meta: ModelMetadata) -> pb.ModelMetadataResponse:
                                     inputs=tensors(meta.inputs), outputs=tensors(meta.outputs))
 
 
+def config_type(datatype: str) -> str:
+    """A KServe datatype's name in Triton's model configuration (``FP32`` → ``TYPE_FP32``)."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
+def config_to_pb(meta: ModelMetadata) -> pb.ModelConfig:
+    """The model configuration ModelMetadata implies: no batching declared by the server
+    (``max_batch_size`` 0), so ``dims`` are the full shapes, the batch dimension as -1."""
+    def of(kind, specs):
+        return [kind(name=s.name, data_type=pb.DataType.Value(config_type(s.datatype)), dims=s.shape)
+                for s in specs]
+    return pb.ModelConfig(name=meta.name, platform=meta.platform, max_batch_size=0,
+                          input=of(pb.ModelInput, meta.inputs), output=of(pb.ModelOutput, meta.outputs))
+
+
 def metadata_from_pb(msg: pb.ModelMetadataResponse) -> ModelMetadata:
     """ModelMetadataResponse → ModelMetadata (e.g. a cloud model's, to check its contract)."""
     def specs(items):

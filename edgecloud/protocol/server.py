@@ -3,12 +3,18 @@
 Two ways to run the same services: :func:`start_server` on a thread pool, for a host whose ``infer``
 blocks (the edge agent), and :func:`start_async_server` on grpc.aio, for a host whose ``infer`` is a
 coroutine (the gateway: hundreds of calls wait on a batch at once, and none holds a thread).
+
+Either can also serve KServe v2 REST (:mod:`edgecloud.protocol.rest`) with ``rest``: over the same
+:class:`KServeCore`, hence the same admission gate and statistics, with the same TLS. The gateway's
+REST routes run on its grpc.aio loop, beside its batcher; the agent's on a loop thread of their own,
+each admitted call on a thread as over gRPC.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent import futures
@@ -26,7 +32,15 @@ from edgecloud.config import AdmissionSection
 from edgecloud.endpoint import Endpoint
 from edgecloud.errors import ConfigError
 from edgecloud.protocol.admission import Admission
-from edgecloud.protocol.servicer import AsyncInferenceHost, AsyncKServeServicer, InferenceHost, KServeServicer
+from edgecloud.protocol.rest import Authenticate, RestFront, RestServer
+from edgecloud.protocol.servicer import (
+    AsyncInferenceHost,
+    AsyncKServeServicer,
+    InferenceHost,
+    KServeCore,
+    KServeServicer,
+)
+from edgecloud.protocol.statistics import InferenceStatistics
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -48,6 +62,24 @@ class ServerTLS:
         return grpc.ssl_server_credentials([(self.key.read_bytes(), self.cert.read_bytes())],
                                            root_certificates=ca, require_client_auth=ca is not None)
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same for HTTPS: the server pair and, with ``client_ca``, a required client certificate."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        if self.client_ca is not None:
+            context.load_verify_locations(self.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+
+@dataclass(frozen=True, slots=True)
+class RestOptions:
+    """KServe v2 REST beside gRPC on ``listen`` (HOST:PORT or unix:/path), with the gRPC server's TLS;
+    ``authenticate`` vets every caller but health checks."""
+
+    listen: Endpoint
+    authenticate: Authenticate | None = None
+
 
 @dataclass
 class RunningServer:
@@ -58,6 +90,10 @@ class RunningServer:
     admission: Admission
     #: stops the gRPC server itself, letting in-flight calls finish within the grace given
     shutdown: Callable[[float | None], None]
+    #: the REST port, 0 without REST
+    rest_port: int = 0
+    #: what every front has answered, per model version (ModelStatistics, the gateway's histogram)
+    statistics: InferenceStatistics | None = None
 
     def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -73,7 +109,8 @@ class RunningServer:
 
 def start_server(host: InferenceHost, listen: Endpoint, *, admission: Admission | None = None,
                  tls: ServerTLS | None = None, max_message_bytes: int = 64 * 1024 * 1024,
-                 workers: int = 16, extra_services: ExtraServices = (), interceptors=()) -> RunningServer:
+                 workers: int = 16, extra_services: ExtraServices = (), interceptors=(),
+                 rest: RestOptions | None = None) -> RunningServer:
     """Start serving ``host`` on ``listen`` on a thread pool. Plaintext is refused off loopback (secure by
     default).
 
@@ -85,43 +122,96 @@ def start_server(host: InferenceHost, listen: Endpoint, *, admission: Admission 
     thread would wait in the pool's unbounded queue, before admission could shed them (at 3x capacity:
     seconds of wait and hundreds of MB). ``extra_services`` are callables ``add(server)`` that register more
     servicers (e.g. downloads); ``interceptors`` are ``grpc.ServerInterceptor``s run before every call
-    of every service (e.g. the gateway's bearer-token check).
+    of every service (e.g. the gateway's bearer-token check). ``rest`` serves KServe v2 REST as well,
+    its admitted calls on threads of their own, as many as over gRPC.
     """
     _check_plaintext(listen, tls)
+    if rest is not None:
+        _check_plaintext(rest.listen, tls, "rest.listen", "HTTP")
     admission = admission or Admission(host.server_name, AdmissionSection())
+    core = KServeCore(host, admission)
     threads = workers + admission.limits.max_in_flight + admission.limits.max_queue
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=_options(max_message_bytes),
                          interceptors=tuple(interceptors), maximum_concurrent_rpcs=threads)
-    health_servicer = _add_services(server, KServeServicer(host, admission), extra_services)
-    port = _bind(server, listen, tls)
+    health_servicer = _add_services(server, KServeServicer(host, admission, core), extra_services)
+    # REST binds first: a gRPC server that bound a port but never started keeps it
+    rest_port, stop_rest = _threaded_rest(core, rest, tls, max_message_bytes, threads) if rest else (0, None)
+    try:
+        port = _bind(server, listen, tls)
+    except BaseException:
+        if stop_rest is not None:
+            stop_rest()
+        raise
     server.start()
-    return _started(RunningServer(port, health_servicer, admission, lambda grace: server.stop(grace).wait()),
+
+    def shutdown(grace: float | None) -> None:
+        if stop_rest is not None:
+            stop_rest()
+        server.stop(grace).wait()
+
+    return _started(RunningServer(port, health_servicer, admission, shutdown, rest_port, core.statistics),
                     listen, tls)
+
+
+def _threaded_rest(core: KServeCore, rest: RestOptions, tls: ServerTLS | None, max_message_bytes: int,
+                   threads: int) -> tuple[int, Callable[[], None]]:
+    """REST for a blocking host: aiohttp on a loop thread, each inference on a pool thread."""
+    loop = _LoopThread(f"rest-{rest.listen}")
+    pool = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rest")
+
+    async def infer(name, version, decode, peer):
+        return await asyncio.get_running_loop().run_in_executor(pool, core.infer, name, version, decode,
+                                                                peer, None)
+
+    server = RestServer(RestFront(core, infer, rest.authenticate, max_message_bytes), rest.listen,
+                        tls.ssl_context() if tls else None)
+
+    def stop() -> None:
+        loop.run(server.stop())
+        pool.shutdown(cancel_futures=True)
+        loop.close()
+
+    try:
+        return loop.run(server.start()), stop
+    except BaseException:
+        stop()
+        raise
 
 
 def start_async_server(host: AsyncInferenceHost, listen: Endpoint, *, admission: Admission | None = None,
                        tls: ServerTLS | None = None, max_message_bytes: int = 64 * 1024 * 1024,
                        workers: int = 16, extra_services: ExtraServices = (),
-                       interceptors: Sequence[grpc.ServerInterceptor] = ()) -> RunningServer:
+                       interceptors: Sequence[grpc.ServerInterceptor] = (),
+                       rest: RestOptions | None = None) -> RunningServer:
     """:func:`start_server` on grpc.aio, in a thread of its own with its own event loop: ModelInfer
     runs there as a coroutine, so a call waiting for its batch costs no thread and the admission queue
     is a line of coroutines. The other methods, ``extra_services`` and ``interceptors`` are synchronous
-    and run as they are, on ``workers`` threads.
+    and run as they are, on ``workers`` threads. ``rest`` serves KServe v2 REST as well, on the same
+    loop.
     """
     _check_plaintext(listen, tls)
+    if rest is not None:
+        _check_plaintext(rest.listen, tls, "rest.listen", "HTTP")
     admission = admission or Admission(host.server_name, AdmissionSection())
+    core = KServeCore(host, admission)
     loop = _LoopThread(f"grpc-aio-{listen}")
     pool = futures.ThreadPoolExecutor(max_workers=workers)
+    rest_server = (RestServer(RestFront(core, core.infer_async, rest.authenticate, max_message_bytes),
+                              rest.listen, tls.ssl_context() if tls else None) if rest else None)
 
     async def start() -> tuple[grpc.aio.Server, health.HealthServicer, int]:
         server = grpc.aio.server(migration_thread_pool=pool, options=_options(max_message_bytes),
                                  interceptors=[_SyncInterceptor(i) for i in interceptors])
-        health_servicer = _add_services(server, AsyncKServeServicer(host, admission), extra_services)
+        health_servicer = _add_services(server, AsyncKServeServicer(host, admission, core), extra_services)
+        if rest_server is not None:  # first: a gRPC server that bound a port but never started keeps it
+            await rest_server.start()
         port = _bind(server, listen, tls)
         await server.start()
         return server, health_servicer, port
 
     def shutdown(grace: float | None) -> None:
+        if rest_server is not None:
+            loop.run(rest_server.stop())
         loop.run(server.stop(grace))
         pool.shutdown(cancel_futures=True)  # while the loop runs: a sync handler may be waiting on it
         loop.close()
@@ -129,15 +219,19 @@ def start_async_server(host: AsyncInferenceHost, listen: Endpoint, *, admission:
     try:
         server, health_servicer, port = loop.run(start())
     except BaseException:
+        if rest_server is not None:
+            loop.run(rest_server.stop())
         loop.close()
         pool.shutdown()
         raise
-    return _started(RunningServer(port, health_servicer, admission, shutdown), listen, tls)
+    return _started(RunningServer(port, health_servicer, admission, shutdown,
+                                  rest_server.port if rest_server else 0, core.statistics), listen, tls)
 
 
-def _check_plaintext(listen: Endpoint, tls: ServerTLS | None) -> None:
+def _check_plaintext(listen: Endpoint, tls: ServerTLS | None, key: str = "listen",
+                     wire: str = "gRPC") -> None:
     if tls is None and not listen.is_loopback:
-        raise ConfigError(f"listen {listen}: plaintext gRPC is only allowed on loopback or a unix "
+        raise ConfigError(f"{key} {listen}: plaintext {wire} is only allowed on loopback or a unix "
                           "socket; configure tls.cert and tls.key")
 
 

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from cloud_gateway import cli
 from cloud_gateway.collector import FleetCollector
 from edgecloud.config import build
+from edgecloud.exposition import LATENCY_BUCKETS
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
 from edgecloud.mqtt.payloads import Status
 from edgecloud.mqtt.topics import FleetTopics
@@ -34,10 +35,19 @@ TOPICS = FleetTopics(FLEET)
 X = np.random.default_rng(9).standard_normal((4, 8)).astype(np.float32)
 
 
+def buckets(edge: int, escalated: int = 0) -> dict:
+    """Latency buckets of ``edge`` calls under 2 ms and ``escalated`` ones of 0.2-0.3 s."""
+    def path(calls: int, first: int, seconds: float) -> dict:
+        return {"counts": [0] * first + [calls] * (len(LATENCY_BUCKETS) + 1 - first),
+                "sum_s": calls * seconds}
+    return {"le": list(LATENCY_BUCKETS), "edge": path(edge, LATENCY_BUCKETS.index(0.002), 0.0015),
+            "escalated": path(escalated, LATENCY_BUCKETS.index(0.3), 0.25)}
+
+
 def telemetry(device: str, seq: int, requests: int = 0, at: str = "2025-06-01T12:00:00Z",
               **fields: object) -> Message:
     body = {"device": device, "seq": seq, "at": at, "model": "clf", "model_version": 2,
-            "counters": {"requests": requests}, "latency_ms": {"edge": {"p50": 2.0, "p95": 3.0, "p99": None}},
+            "counters": {"requests": requests}, "latency_buckets": buckets(requests),
             "escalation_rate": 0.25, "spool_depth": 0, "circuit_state": "closed", **fields}
     return Message(str(TOPICS.telemetry(device)), json.dumps(body).encode(), 1, False)
 
@@ -57,8 +67,12 @@ def test_telemetry_is_deduplicated_by_seq_and_gaps_are_counted() -> None:
     assert value("edgecloud_device_telemetry_missing_messages_total") == 2  # 3 and 4 were missing at 5
     assert value("edgecloud_device_telemetry_seq") == 5
     assert value("edgecloud_device_requests_total") == 9  # the newest, not the late one
-    assert value("edgecloud_device_request_latency_seconds", path="edge", quantile="0.5") == 0.002
-    assert value("edgecloud_device_request_latency_seconds", path="edge", quantile="0.99") is None
+    latency = "edgecloud_device_request_latency_seconds"
+    assert value(latency + "_count", path="edge") == 9  # the newest totals
+    assert value(latency + "_bucket", path="edge", le="0.001") == 0
+    assert value(latency + "_bucket", path="edge", le="0.002") == 9
+    assert value(latency + "_sum", path="edge") == pytest.approx(9 * 0.0015)
+    assert value(latency + "_count", path="escalated") == 0  # there, at zero
     assert value("edgecloud_device_escalation_ratio") == 0.25
     assert value("edgecloud_device_model_version", model="clf") == 2
     assert value("edgecloud_device_online") is None  # no status seen yet
@@ -96,6 +110,26 @@ def test_malformed_telemetry_is_dropped_and_a_reflashed_device_starts_over() -> 
     assert value("edgecloud_device_telemetry_duplicate_messages_total", "cam-3") == 0
 
 
+def test_an_idle_device_keeps_its_ratio_and_latency_series_at_zero_and_odd_buckets_are_left_out() -> None:
+    collector = FleetCollector(build(MqttConfig, {}), FLEET)
+    registry = CollectorRegistry()
+    registry.register(collector)
+
+    def value(name: str, device: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"fleet": FLEET, "device": device, **labels})
+
+    collector.apply(telemetry("idle", 0, escalation_rate=None))  # an interval without a call
+    assert value("edgecloud_device_escalation_ratio", "idle") == 0
+    for path in ("edge", "escalated"):
+        assert value("edgecloud_device_request_latency_seconds_count", "idle", path=path) == 0
+        assert value("edgecloud_device_request_latency_seconds_bucket", "idle", path=path, le="0.1") == 0
+    other = {"le": [0.1], "edge": {"counts": [1, 2], "sum_s": 0.3},
+             "escalated": {"counts": [0, 0], "sum_s": 0}}
+    collector.apply(telemetry("old", 0, requests=2, latency_buckets=other))  # another agent's bounds
+    assert value("edgecloud_device_requests_total", "old") == 2
+    assert value("edgecloud_device_request_latency_seconds_count", "old", path="edge") is None
+
+
 def test_gateway_collects_per_device_metrics_from_real_agents(broker: LocalBroker, tmp_path: Path) -> None:
     edge = linear_classifier(tmp_path / "edge.onnx", card={"name": "clf", "version": 3})
     cloud = GatewayCloud(tmp_path / "cloud", linear_classifier(tmp_path / "cloud.onnx", seed=1), "clf",
@@ -129,8 +163,15 @@ def test_gateway_collects_per_device_metrics_from_real_agents(broker: LocalBroke
         assert scrape.value("edgecloud_device_escalated_rows_total", device="d2") == 4
         assert scrape.value("edgecloud_device_cloud_answers_total", device="d2") == 4
         assert scrape.value("edgecloud_device_escalated_rows_total", device="d1") == 0
+        latency = "edgecloud_device_request_latency_seconds_count"
+        assert scrape.value(latency, device="d1", path="edge") == 3
+        assert scrape.value(latency, device="d2", path="escalated") == 1
+        assert scrape.value(latency, device="d2", path="edge") == 0
         assert scrape.value("edgecloud_collector_mqtt_connected") == 1
         assert scrape.value("edgecloud_gateway_batched_rows_total", model="clf", version="1") == 4
+        answered = "edgecloud_gateway_request_latency_seconds"
+        assert scrape.value(answered + "_count", model="clf", version="1") == 1  # d2's one escalation
+        assert scrape.value(answered + "_bucket", model="clf", version="1", le="+Inf") == 1
         assert scrape.value("edgecloud_gateway_hard_examples") == 4
         agents.pop("d2").stop()
         assert wait_for(lambda: Scrape(port).value("edgecloud_device_online", device="d2") == 0)

@@ -290,3 +290,34 @@ def test_tritonclient_against_the_gateway(gateway, repo, x):
     assert got["version"] == "1"
     np.testing.assert_allclose(np.array(got["logits"]), ort_logits(repo[1], x), rtol=1e-5, atol=1e-6)
     assert got["missing"][0] == "StatusCode.NOT_FOUND" and "unknown model 'nope'" in got["missing"][1]
+
+
+def test_tritonclient_streaming_index_statistics_and_config_at_the_gateway(gateway, repo, x):
+    got = run_triton("""
+        import queue
+        x = np.array(ARGS["x"], dtype=np.float32)
+        def tensor(name):
+            inp = grpcclient.InferInput(name, list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            return inp
+        answers = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer("clf", [tensor("x")], model_version="1")
+        client.async_stream_infer("nope", [tensor("x")])
+        client.async_stream_infer("clf", [tensor("x")])
+        streamed = []
+        for _ in range(3):
+            result, error = answers.get(timeout=20)
+            streamed.append([str(error) if error else None,
+                             None if result is None else result.get_response().model_version])
+        client.stop_stream()
+        emit({"streamed": streamed, "index": client.get_model_repository_index(as_json=True)["models"],
+              "stats": client.get_inference_statistics("clf", as_json=True)["model_stats"],
+              "config": client.get_model_config("clf", "1", as_json=True)["config"]})
+    """, url=f"127.0.0.1:{gateway.port}", x=x.tolist())
+    assert got["streamed"][0] == [None, "1"] and got["streamed"][2] == [None, "2"]
+    assert "NOT_FOUND" in got["streamed"][1][0] and "'nope'" in got["streamed"][1][0]
+    assert got["index"] == [{"name": "clf", "version": v, "state": "READY"} for v in ("1", "2")]
+    stats = {s["version"]: s for s in got["stats"]}
+    assert int(stats["1"]["inference_count"]) == 5 and int(stats["2"]["inference_count"]) == 5
+    assert got["config"]["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": ["-1", "8"]}]

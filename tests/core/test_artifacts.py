@@ -221,6 +221,9 @@ class _NoModels:
     def input_contract(self, name: str, version: str):
         raise ModelNotFound(name)
 
+    def model_index(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
     def infer(self, request, peer):
         raise ModelNotFound(request.model_name)
 

@@ -138,6 +138,8 @@ def test_telemetry_schema_takes_an_agent_report_and_refuses_drift() -> None:
         "counters": {"requests": 1000, "rows": 1200, "escalated": 80, "cloud_answers": 75, "degraded": 5,
                      "errors": 0, "rate_limited": 3, "in_flight_limited": 1, "audited": 2},
         "latency_ms": {"edge": percentiles, "escalated": {"p50": 40.0, "p95": 95.0, "p99": 180.0}},
+        "latency_buckets": {"le": [0.005, 0.5], "edge": {"counts": [900, 920, 920], "sum_s": 1.1},
+                            "escalated": {"counts": [0, 79, 80], "sum_s": 3.5}},
         "escalation_rate": 0.08, "confidence_histogram": {"edges": [0, 0.5, 1], "counts": [80, 920]},
         "spool_depth": 5, "circuit_state": "closed",
         "system": {"cpu_percent": 37.5, "memory_used_bytes": 2_000_000_000,
@@ -149,6 +151,8 @@ def test_telemetry_schema_takes_an_agent_report_and_refuses_drift() -> None:
     p90 = {"edge": {**percentiles, "p90": 2.0}, "escalated": percentiles}
     for broken in ({**telemetry, "seq": -1}, {**telemetry, "counters": no_errors},
                    {**telemetry, "latency_ms": p90}, {**telemetry, "circuit_state": "broken"},
+                   {**telemetry, "latency_buckets": {**telemetry["latency_buckets"],
+                                                     "edge": {"counts": [-1, 0, 0], "sum_s": 0}}},
                    {**telemetry, "at": "2025-06-01 12:00"}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(broken, schema("telemetry"))

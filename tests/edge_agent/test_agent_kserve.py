@@ -95,3 +95,48 @@ def test_tritonclient_bad_input_is_invalid_argument_and_server_keeps_serving(age
     assert result["shape"].startswith("StatusCode.INVALID_ARGUMENT") and "[1, 9]" in result["shape"]
     assert result["model"].startswith("StatusCode.NOT_FOUND") and "'nope'" in result["model"]
     assert result["after"] == "ok"
+
+
+def test_tritonclient_config_index_statistics_and_streaming(agent):
+    running, _ = agent
+    x = np.random.default_rng(3).standard_normal((4, 8)).astype(np.float32)
+    result = run_triton("""
+        import queue
+        x = np.array(ARGS["x"], dtype=np.float32)
+        def tensor(name, value):
+            inp = grpcclient.InferInput(name, list(value.shape), "FP32")
+            inp.set_data_from_numpy(value)
+            return inp
+        answers = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer("clf", [tensor("x", x)], request_id="a")
+        client.async_stream_infer("clf", [tensor("y", x)], request_id="b")
+        client.async_stream_infer("clf", [tensor("x", x[:1])], request_id="c")
+        streamed = []
+        for _ in range(3):
+            result, error = answers.get(timeout=20)
+            streamed.append({"error": str(error) if error else None,
+                             "rows": None if result is None else len(result.as_numpy("logits"))})
+        client.stop_stream()
+        emit({"streamed": streamed,
+              "extensions": client.get_server_metadata(as_json=True)["extensions"],
+              "config": client.get_model_config("clf", as_json=True)["config"],
+              "index": client.get_model_repository_index(as_json=True)["models"],
+              "stats": client.get_inference_statistics("clf", as_json=True)["model_stats"],
+              "all_stats": client.get_inference_statistics(as_json=True)["model_stats"]})
+    """, url=f"127.0.0.1:{running.port}", x=x.tolist())
+    streamed = result["streamed"]
+    assert [s["rows"] for s in streamed] == [4, None, 1]  # answered in order; a refusal does not end it
+    assert "INVALID_ARGUMENT" in streamed[1]["error"] and "'y'" in streamed[1]["error"]
+    assert {"model_configuration", "statistics", "model_repository"} <= set(result["extensions"])
+    config = result["config"]
+    assert config["name"] == "clf"
+    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": ["-1", "8"]}]
+    assert [o["name"] for o in config["output"]][:1] == ["logits"]
+    assert result["index"] == [{"name": "clf", "version": "7", "state": "READY"}]
+    (stats,) = result["stats"]
+    assert stats["name"] == "clf" and stats["version"] == "7"
+    assert int(stats["inference_count"]) == 5 and int(stats["execution_count"]) == 2
+    assert int(stats["inference_stats"]["success"]["count"]) == 2
+    assert int(stats["inference_stats"]["fail"]["count"]) == 1
+    assert [s["name"] for s in result["all_stats"]] == ["clf"]

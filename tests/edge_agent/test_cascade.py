@@ -204,6 +204,9 @@ class _OneModelHost:
     def input_contract(self, name, version):
         return InputContract(name, self.backend.inputs)
 
+    def model_index(self):
+        return ()
+
 
 class _FailingHost(_OneModelHost):
     """A KServe v2 server whose model always errors."""

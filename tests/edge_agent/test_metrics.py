@@ -1,11 +1,13 @@
 """The agent's own ``/metrics``, scraped over real HTTP: counters that move with real calls (at the
-edge and through a real gateway), latency summaries, model and circuit; off when unset, and a port that
+edge and through a real gateway), latency histograms, model and circuit; off when unset, and a port that
 cannot be bound never stops the agent from serving."""
 
 from __future__ import annotations
 
 import logging
 import socket
+import urllib.error
+import urllib.request
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,13 +54,30 @@ def test_counters_move_with_real_calls(tmp_path, model) -> None:
     latency = "edgecloud_request_latency_seconds"
     assert after.value(latency + "_count", path="edge") == 3
     assert after.value(latency + "_count", path="escalated") == 1
-    assert 0 < after.value(latency, path="edge", quantile="0.5") <= after.value(latency + "_sum", path="edge")
-    assert after.value(latency, path="escalated", quantile="0.99") > 0
+    assert before.value(latency + "_count", path="escalated") == 0  # there before any call, at zero
+    assert after.value(latency + "_bucket", path="edge", le="+Inf") == 3
+    assert after.value(latency + "_bucket", path="escalated", le="5") == 1
+    edge_buckets = [after.value(latency + "_bucket", path="edge", le=le) for le in ("0.0005", "0.01", "1")]
+    assert edge_buckets == sorted(edge_buckets)  # cumulative
+    assert after.value(latency + "_sum", path="edge") > 0
     assert after.value("edgecloud_circuit_state", state="closed") == 1
     assert after.value("edgecloud_circuit_state", state="open") == 0
     assert after.value("edgecloud_circuit_open") == 0
     assert after.value("edgecloud_spool_depth") == 0
     assert after.value("edgecloud_mqtt_connected") is None  # no fleet, no MQTT figures
+
+
+def test_metrics_only_on_their_path(tmp_path, model) -> None:
+    with start_agent(tmp_path / "state", model) as agent:
+        base = f"http://127.0.0.1:{agent.metrics.port}"
+        for path in ("/", "/favicon.ico", "/metrics/extra", "/v2/health/live"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(base + path, timeout=5)
+            assert err.value.code == 404
+        with urllib.request.urlopen(base + "/metrics", timeout=5) as page:
+            assert b"edgecloud_requests_total" in page.read()
+        with urllib.request.urlopen(base + "/metrics?name[]=edgecloud_requests_total", timeout=5) as page:
+            assert page.status == 200  # a query string is still the metrics path
 
 
 def test_off_when_unset_and_a_taken_port_does_not_stop_the_agent(tmp_path, model, caplog) -> None:

@@ -14,18 +14,25 @@ import textwrap
 PRELUDE = """
 import json, sys
 import numpy as np
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 ARGS = json.loads(sys.argv[1])
-client = grpcclient.InferenceServerClient(ARGS["url"])
 def emit(obj):
     print("@@RESULT@@" + json.dumps(obj))
 """
+GRPC = """
+import tritonclient.grpc as grpcclient
+client = grpcclient.InferenceServerClient(ARGS["url"])
+"""
+HTTP = """
+import tritonclient.http as httpclient
+client = httpclient.InferenceServerClient(ARGS["url"])
+"""
 
 
-def run_triton(script: str, timeout: float = 60.0, **args) -> dict:
-    """Run ``script`` after PRELUDE with ``ARGS`` = ``args``; it must call ``emit(obj)`` once."""
-    code = PRELUDE + textwrap.dedent(script)
+def run_triton(script: str, timeout: float = 60.0, http: bool = False, **args) -> dict:
+    """Run ``script`` after PRELUDE with ``ARGS`` = ``args`` and ``client`` a tritonclient of gRPC, or
+    of HTTP (``tritonclient.http``) with ``http``; it must call ``emit(obj)`` once."""
+    code = PRELUDE + (HTTP if http else GRPC) + textwrap.dedent(script)
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True,
                           text=True, timeout=timeout, check=False)
     for line in proc.stdout.splitlines():
