@@ -32,6 +32,7 @@ from pydantic import (
 from edgecloud.backends import release_backends
 from edgecloud.clock import format_time, parse_time, utc_now
 from edgecloud.errors import EdgecloudError
+from edgecloud.jsontypes import Bool, Int, Number, Str
 from edgecloud.signing import KEY_ID_PATTERN, TrustStore, canonical_json, sign, verify
 
 SCHEMA_VERSION = 1
@@ -90,9 +91,9 @@ class ReleaseRejected(EdgecloudError):
 
 # -- payload ---------------------------------------------------------------------------------------------
 # The payload is parsed by pydantic from the annotations below, which also state what the JSON Schema
-# of a release says (edgecloud.mqtt.schemas): one typed model for both. Scalars are strict (no "4" for
-# 4, no true for 1; an integer is a number), a key left out takes the model's default, and every
-# refusal names its key and is reported as ``malformed``.
+# of a release says (edgecloud.mqtt.schemas): one typed model for both. Scalars are strict
+# (edgecloud.jsontypes), a key left out takes the model's default, and every refusal names its key and
+# is reported as ``malformed``.
 def _malformed(detail: str) -> ReleaseRejected:
     return ReleaseRejected(Reason.MALFORMED, detail)
 
@@ -116,10 +117,6 @@ def _none(value: object) -> bool:
     return value is None
 
 
-Str = Annotated[str, Strict()]
-Int = Annotated[int, Strict()]
-#: an integer or a float (JSON does not tell them apart: RFC 8785 writes 1.0 as 1), never a boolean
-Number = Annotated[float, Strict()]
 #: a time, written by format_time
 Time = Annotated[datetime, BeforeValidator(_time), WithJsonSchema(TIME_SCHEMA)]
 #: a key to_dict leaves out when it is None
@@ -229,7 +226,7 @@ class ReleasePayload:
     calibration: Calibration = field(default_factory=Calibration)
     rollout: Rollout = field(default_factory=Rollout)
     labels: Annotated[tuple[Str, ...] | None, Omitted] = None
-    allow_downgrade: Annotated[bool, Strict()] = False
+    allow_downgrade: Bool = False
     #: a newer schema is read as far as this version understands it
     schema: Annotated[Int, Field(ge=1), WithJsonSchema({"const": SCHEMA_VERSION})] = SCHEMA_VERSION
 
