@@ -123,6 +123,12 @@ Time = Annotated[datetime, BeforeValidator(_time), WithJsonSchema(TIME_SCHEMA)]
 Omitted = Field(exclude_if=_none)
 
 
+def _stated(**keywords: Any) -> Any:
+    """JSON Schema keywords the schema states and parsing leaves alone: a later check refuses the value
+    with a reason code of its own (``bad_name``, ``bad_uri``), or it is not refused at all."""
+    return Field(json_schema_extra=keywords)
+
+
 @dataclass(frozen=True, slots=True)
 class PlanTarget:
     """Plans only: where the engine was built, the only place it runs."""
@@ -141,8 +147,8 @@ class Artifact:
         "then": {"required": ["target"]},
         "else": {"not": {"required": ["target"]}}})
 
-    uri: Annotated[Str, Field(pattern=r"^(grpcs?|https|file)://",
-                              description="grpc://HOST:PORT/<name>/<version>, grpcs://…, https://… or file://…")]
+    uri: Annotated[Str, _stated(pattern=r"^(grpcs?|https|file)://"), Field(
+        description="grpc://HOST:PORT/<name>/<version>, grpcs://…, https://… or file://…")]
     sha256: Annotated[Str, Field(pattern=_SHA256.pattern)]
     size: Annotated[Int, Field(ge=0, description="bytes")]
     format: Format = "onnx"
@@ -173,10 +179,10 @@ class Calibration:
     """Cascade settings that travel with the model; a missing key leaves the model card or the default
     to decide."""
 
-    policy: Annotated[Str | None, Field(min_length=1), Omitted] = None
+    policy: Annotated[Str | None, _stated(minLength=1), Omitted] = None
     temperature: Annotated[Number | None, Field(gt=0), Omitted] = None
     threshold: Annotated[Number | None, Field(ge=0, le=1), Omitted] = None
-    score_output: Annotated[Str | None, Field(min_length=1), Omitted] = None
+    score_output: Annotated[Str | None, _stated(minLength=1), Omitted] = None
     scores: Annotated[Scores | None, Omitted] = None
 
     def __post_init__(self) -> None:
@@ -217,9 +223,9 @@ class Rollout:
 class ReleasePayload:
     """The signed payload: the keys this version understands (others are ignored, and signed all the same)."""
 
-    model: Annotated[Str, Field(pattern=NAME_PATTERN.pattern)]
+    model: Annotated[Str, _stated(pattern=NAME_PATTERN.pattern)]
     version: Annotated[Int, Field(ge=0)]
-    publisher: Annotated[Str, Field(min_length=1)]
+    publisher: Annotated[Str, _stated(minLength=1)]
     artifact: Artifact
     issued_at: Time
     expires_at: Time
