@@ -89,7 +89,7 @@ class ReleaseRejected(EdgecloudError):
         self.detail = detail
 
 
-# -- payload ---------------------------------------------------------------------------------------------
+# -- payload --------------------------------------------------------------------------------------------
 # The payload is parsed by pydantic from the annotations below, which also state what the JSON Schema
 # of a release says (edgecloud.mqtt.schemas): one typed model for both. Scalars are strict
 # (edgecloud.jsontypes), a key left out takes the model's default, and every refusal names its key and
