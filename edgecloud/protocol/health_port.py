@@ -40,8 +40,11 @@ def start_health_port(servicer: health.HealthServicer, listen: Endpoint, *, what
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
                          options=[("grpc.so_reuseport", 0)])
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port(listen.grpc_target)
-    if not listen.unix_path and port == 0:
+    try:
+        port = server.add_insecure_port(listen.grpc_target)
+    except RuntimeError:  # grpcio raises where older releases returned 0
+        port = 0
+    if port == 0:
         raise ConfigError(f"{what} {listen}: cannot bind (address in use or not permitted)")
     server.start()
     log.info("event=health_port_started listen=%s port=%d", listen.grpc_target, port)

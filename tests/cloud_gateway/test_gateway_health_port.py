@@ -3,6 +3,8 @@ health says, without credentials, and serves nothing else."""
 
 from __future__ import annotations
 
+import socket
+
 import grpc
 import numpy as np
 import pytest
@@ -52,3 +54,18 @@ def test_the_health_port_is_host_and_port(tmp_path) -> None:
         gateway_config(tmp_path, health={"listen": "unix:/run/health.sock"})
     with pytest.raises(ConfigError, match=r"health\.listen"):
         gateway_config(tmp_path, health={"listen": "nowhere"})
+
+
+def test_a_health_port_in_use_is_a_config_error_and_nothing_keeps_running(tmp_path) -> None:
+    linear_classifier(tmp_path / "repo" / "clf" / "1" / "model.onnx")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        gateway = Gateway(gateway_config(tmp_path / "repo", listen="127.0.0.1:0",
+                                         health={"listen": f"127.0.0.1:{port}"}))
+        with pytest.raises(ConfigError, match=rf"health\.listen 127\.0\.0\.1:{port}: cannot bind"):
+            gateway.start()
+        assert gateway.health_port is None
+        with pytest.raises(grpc.RpcError), grpc.insecure_channel(f"127.0.0.1:{gateway.server.port}") as ch:
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
