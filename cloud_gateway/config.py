@@ -103,6 +103,20 @@ class TLSSection(Section):
         return self
 
 
+class HealthSection(Section):
+    """``[health]``: a plaintext port serving only gRPC health checks, for kubelet's probes (the main
+    port needs TLS off loopback; see ``edgecloud/protocol/health_port.py``)."""
+
+    listen: str | None = Field(None, description="HOST:PORT, e.g. 0.0.0.0:9002; unset = off")
+
+    @field_validator("listen")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and parse_endpoint(value).unix_path:
+            raise ValueError("a unix socket cannot be probed by kubelet; give HOST:PORT")
+        return value
+
+
 class AuthSection(Section):
     """``[auth]``: bearer tokens (when set, every call but health checks needs a known token) and the
     identities that are operators (see ``auth.py``)."""
@@ -136,6 +150,7 @@ class GatewayConfig(Section):
     admission: GatewayAdmissionSection = Field(default_factory=GatewayAdmissionSection)
     store: StoreSection = Field(default_factory=StoreSection)
     tls: TLSSection = Field(default_factory=TLSSection)
+    health: HealthSection = Field(default_factory=HealthSection)
     auth: AuthSection = Field(default_factory=AuthSection)
     model_defaults: ModelConfig = Field(default_factory=ModelConfig)
     collector: CollectorSection = Field(default_factory=CollectorSection)

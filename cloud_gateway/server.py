@@ -24,6 +24,7 @@ from cloud_gateway.repository import ModelRepository
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError
 from edgecloud.protocol.admission import Admission
+from edgecloud.protocol.health_port import HealthPort, start_health_port
 from edgecloud.protocol.server import RestOptions, RunningServer, ServerTLS, start_async_server
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Gateway:
         self.host: GatewayHost | None = None
         self.server: RunningServer | None = None
         self.metrics: GatewayMetrics | None = None
+        self.health_port: HealthPort | None = None
         self._lock = threading.Lock()
         self._stopped = False
 
@@ -94,6 +96,8 @@ class Gateway:
                                              workers=cfg.gateway.workers,
                                              extra_services=(artifacts, *self.extra_services),
                                              interceptors=interceptors, rest=rest)
+            if cfg.health.listen:
+                self.health_port = start_health_port(self.server.health, parse_endpoint(cfg.health.listen))
             serving = ServingCollector(self.repository, self.store, self.server.admission,
                                        self.server.statistics)
             self.metrics = GatewayMetrics(cfg, serving).start()
@@ -130,7 +134,9 @@ class Gateway:
         if self.host is not None:
             self.host.accepting = False
         if self.server is not None:
-            self.server.stop(grace)
+            self.server.stop(grace)  # health says NOT_SERVING on both ports from here
+        if self.health_port is not None:
+            self.health_port.stop()
         if self.metrics is not None:
             self.metrics.stop()
         if self.repository is not None:

@@ -27,6 +27,12 @@ def _endpoint(value: str) -> str:
     return value
 
 
+def _client_target(value: str | None) -> str | None:
+    if value is not None:
+        parse_endpoint(value, client=True)
+    return value
+
+
 class AgentSection(Section):
     """``[agent]``: identity and the local API."""
 
@@ -83,7 +89,8 @@ class ServedModelSection(ModelSection):
 class CloudSection(Section):
     """``[cloud]``: the KServe v2 server escalations go to (edgecloud's gateway, Triton, …)."""
 
-    target: str | None = Field(None, description="HOST:PORT; unset = never escalate")
+    target: str | None = Field(None, description="HOST:PORT, or dns:///HOST:PORT to spread calls over every "
+                               "address of the name (a headless Service's pods); unset = never escalate")
     model: str | None = Field(None, description="cloud model name; default: the edge model's name")
     model_version: str = ""
     deadline_ms: int = Field(300, gt=0, description="per-call deadline for an escalation")
@@ -97,7 +104,7 @@ class CloudSection(Section):
     token_file: Path | None = Field(None, description="bearer token sent as authorization metadata")
     tls: ClientTLS | None = Field(None, description="TLS to the cloud; cert/key = device identity")
 
-    _target = field_validator("target")(lambda v: v if v is None else _endpoint(v))
+    _target = field_validator("target")(_client_target)
 
 
 class SpoolSection(Section):

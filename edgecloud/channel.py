@@ -1,6 +1,8 @@
 """Client-side gRPC channels to KServe v2 servers: TLS with an optional device certificate (mutual TLS),
-plaintext only to loopback, gRPC's own retry policy for calls that never reached the server, and a
-reconnect backoff capped at a second (``RECONNECT_OPTIONS``)."""
+plaintext only to loopback, gRPC's own retry policy for calls that never reached the server, a
+reconnect backoff capped at a second (``RECONNECT_OPTIONS``), and ``round_robin`` over every address
+the target resolves to (a ``dns:///`` name of a headless Service: one subchannel per pod, calls
+spread over them; a single address behaves as before)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from edgecloud.config import Section, cert_key_pair
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ConfigError
 
+# round_robin: gRPC's default (pick_first) would send every call down one connection to one replica.
 # One quick retry of a call that never reached the server (UNAVAILABLE), within the caller's deadline.
-SERVICE_CONFIG = json.dumps({"methodConfig": [{
+SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [{
     "name": [{"service": "inference.GRPCInferenceService"}],
     "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.01s", "maxBackoff": "0.05s",
                     "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
@@ -44,8 +47,12 @@ class ClientTLS(Section):
 
 def open_channel(target: str, tls: ClientTLS | None = None, *, what: str = "target",
                  max_message_bytes: int = 64 << 20) -> grpc.Channel:
-    """A channel to ``target`` (``HOST:PORT``); ConfigError (naming ``what``) for plaintext off loopback."""
-    endpoint = parse_endpoint(target)
+    """A channel to ``target`` (``HOST:PORT`` or ``dns:///HOST:PORT``); ConfigError (naming ``what``) for
+    a bad target or plaintext off loopback."""
+    try:
+        endpoint = parse_endpoint(target, client=True)
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}") from None
     options = [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1),
                ("grpc.keepalive_time_ms", 30000), ("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes), *RECONNECT_OPTIONS]

@@ -1,4 +1,7 @@
-"""``--listen`` / ``--cloud`` addresses: ``HOST:PORT``, ``[v6]:PORT`` or ``unix:/path``."""
+"""``--listen`` / ``--cloud`` addresses: ``HOST:PORT``, ``[v6]:PORT`` or ``unix:/path``; a client's target
+may also be ``dns:///HOST:PORT`` (or ``dns://DNS-SERVER/HOST:PORT``): gRPC then resolves every address of
+the name and the channel's ``round_robin`` spreads calls over them, e.g. every pod behind a headless
+Kubernetes Service (docs/design.md §5)."""
 
 from __future__ import annotations
 
@@ -13,13 +16,15 @@ class Endpoint:
     host: str
     port: int = 0
     unix_path: str = ""
+    #: ``dns:///`` or ``dns://DNS-SERVER/`` when a client target names its resolver, else ""
+    resolver: str = ""
 
     @property
     def grpc_target(self) -> str:
         if self.unix_path:
             return f"unix:{self.unix_path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return f"{self.resolver}{host}:{self.port}"
 
     @property
     def is_loopback(self) -> bool:
@@ -35,8 +40,20 @@ class Endpoint:
         return self.grpc_target
 
 
-def parse_endpoint(text: str) -> Endpoint:
-    """Parse ``HOST:PORT``, ``[v6]:PORT`` or ``unix:/path``; ValueError with the reason otherwise."""
+def parse_endpoint(text: str, *, client: bool = False) -> Endpoint:
+    """Parse ``HOST:PORT``, ``[v6]:PORT`` or ``unix:/path`` (and, with ``client``, those targets behind
+    ``dns://[DNS-SERVER]/``); ValueError with the reason otherwise."""
+    if text.startswith("dns:"):
+        if not client:
+            raise ValueError(f"{text!r}: a dns: target names servers to call, not an address to listen on")
+        rest = text[len("dns:"):]
+        if not rest.startswith("//") or "/" not in rest[2:]:
+            raise ValueError(f"{text!r}: expected dns:///HOST:PORT or dns://DNS-SERVER/HOST:PORT")
+        authority, _, address = rest[2:].partition("/")
+        inner = parse_endpoint(address)
+        if inner.unix_path:
+            raise ValueError(f"{text!r}: a unix socket is not resolved by DNS")
+        return Endpoint(inner.host, inner.port, resolver=f"dns://{authority}/")
     if text.startswith("unix:"):
         path = text[5:]
         if not path.startswith("/"):

@@ -1,9 +1,9 @@
 """Model cards: the JSON beside a model file (``<file>.card.json``) that says what the model is, how its
 cascade is calibrated and how it scored on held-out data (docs/design.md §10).
 
-The committed JSON Schema (``protos/schemas/model_card.schema.json``) is the contract; this module
-checks a card lightly at load time (required keys and their types) so the runtime needs no
-``jsonschema``; tests validate against the full schema.
+The committed JSON Schema (``protos/schemas/model_card.schema.json``) is the contract; at load time
+the card is parsed into its typed model by pydantic (required keys, strict types, the calibration's
+ranges), so the runtime needs no ``jsonschema``; tests validate against the full schema.
 """
 
 from __future__ import annotations
@@ -14,13 +14,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field, TypeAdapter, ValidationError
 
 from edgecloud.clock import now_text
 from edgecloud.confidence.probability import SCORE_KINDS
 from edgecloud.errors import ModelLoadError
 from edgecloud.files import atomic_write, file_sha256
 from edgecloud.guards import InputGuard
+from edgecloud.jsontypes import Int, Number, Str
 from edgecloud.tensors import TensorSpec
 
 CARD_SUFFIX = ".card.json"
@@ -64,24 +67,26 @@ def served_name(model_path: Path, card: Mapping[str, Any] | None = None) -> str:
     return card.get("name") or Path(model_path).stem
 
 
-def _need(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in data:
-        raise ModelCardError(f"{where}: missing key {key!r}")
-    value = data[key]
-    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-        raise ModelCardError(f"{where}: {key!r} has the wrong type ({type(value).__name__})")
-    return value
+def _complaint(error: ValidationError, where: str) -> str:
+    """The first of pydantic's complaints about a card, naming the key."""
+    first = error.errors(include_url=False)[0]
+    key = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "missing":
+        return f"{where}: missing key {key!r}"
+    if first["type"].endswith("_type"):
+        return f"{where}: {key!r} has the wrong type ({type(first['input']).__name__})"
+    return f"{where}: {key}: {first['msg'].removeprefix('Value error, ')}"
 
 
 @dataclass(frozen=True, slots=True)
 class CardCalibration:
     """The cascade settings a model ships with: policy, temperature, threshold, score output, scores."""
 
-    policy: str
-    temperature: float
-    threshold: float
-    score_output: str
-    scores: str = "logits"
+    policy: Str
+    temperature: Number
+    threshold: Number
+    score_output: Str
+    scores: Str = "logits"
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -94,26 +99,6 @@ class CardCalibration:
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, "temperature": self.temperature, "threshold": self.threshold,
                 "score_output": self.score_output, "scores": self.scores}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "calibration") -> CardCalibration:
-        return cls(_need(data, "policy", str, where), float(_need(data, "temperature", (int, float), where)),
-                   float(_need(data, "threshold", (int, float), where)),
-                   _need(data, "score_output", str, where), _need(data, "scores", str, where))
-
-
-def _specs(data: Mapping[str, Any], key: str, where: str) -> tuple[TensorSpec, ...]:
-    specs = []
-    for i, item in enumerate(_need(data, key, list, where)):
-        at = f"{where}: {key}[{i}]"
-        if not isinstance(item, Mapping):
-            raise ModelCardError(f"{at} is not an object")
-        try:
-            specs.append(TensorSpec(_need(item, "name", str, at), _need(item, "datatype", str, at),
-                                    tuple(_need(item, "shape", list, at))))
-        except (TypeError, ValueError) as e:
-            raise ModelCardError(f"{at}: {e}") from None
-    return tuple(specs)
 
 
 def input_guards(card: Mapping[str, Any], where: str = "model card") -> tuple[InputGuard, ...]:
@@ -132,8 +117,10 @@ def input_guards(card: Mapping[str, Any], where: str = "model card") -> tuple[In
         if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2 and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in bounds)):
             raise ModelCardError(f"{at}: 'range' must be [min, max], two numbers")
+        if not isinstance(item.get("name"), str):
+            raise ModelCardError(f"{at}: 'name' must be a string")
         try:
-            guards.append(InputGuard(_need(item, "name", str, at), allow,
+            guards.append(InputGuard(item["name"], allow,
                                      None if bounds is None else (bounds[0], bounds[1])))
         except ValueError as e:
             raise ModelCardError(f"{at}: {e}") from None
@@ -144,17 +131,17 @@ def input_guards(card: Mapping[str, Any], where: str = "model card") -> tuple[In
 class ModelCard:
     """A model card; ``load``/``save`` address it by the model's path, not the card's."""
 
-    name: str
-    version: int
-    task: str
+    name: Str
+    version: Annotated[Int, Field(ge=0)]
+    task: Str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    labels: tuple[str, ...]
+    labels: tuple[Str, ...]
     calibration: CardCalibration
     metrics: Mapping[str, Any]
-    size: int
-    sha256: str
-    created_at: str
+    size: Int
+    sha256: Annotated[Str, Field(pattern=_SHA256.pattern)]
+    created_at: Str
     source: Mapping[str, Any]
     #: the labelled set, cloud model and target the calibration was chosen with (None: not recorded)
     calibrated_on: Mapping[str, Any] | None = field(default=None)
@@ -185,30 +172,16 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "model card") -> ModelCard:
-        """Parse a card's JSON object, checking required keys and their types."""
+        """Parse a card's JSON object into its typed model; ModelCardError naming the key otherwise."""
         if not isinstance(data, Mapping):
             raise ModelCardError(f"{where} is not a JSON object")
-        version = _need(data, "version", int, where)
-        sha256 = _need(data, "sha256", str, where)
-        if version < 0:
-            raise ModelCardError(f"{where}: version must be >= 0, not {version}")
-        if not _SHA256.match(sha256):
-            raise ModelCardError(f"{where}: sha256 must be 64 lowercase hex digits")
-        labels = _need(data, "labels", list, where)
-        if not all(isinstance(label, str) for label in labels):
-            raise ModelCardError(f"{where}: labels must be strings")
-        calibrated_on = _need(data, "calibrated_on", Mapping, where) if "calibrated_on" in data else None
-        return cls(
-            name=_need(data, "name", str, where), version=version, task=_need(data, "task", str, where),
-            inputs=_specs(data, "inputs", where), outputs=_specs(data, "outputs", where),
-            labels=tuple(labels),
-            calibration=CardCalibration.from_dict(_need(data, "calibration", Mapping, where),
-                                                  f"{where}: calibration"),
-            metrics=dict(_need(data, "metrics", Mapping, where)), size=_need(data, "size", int, where),
-            sha256=sha256, created_at=_need(data, "created_at", str, where),
-            source=dict(_need(data, "source", Mapping, where)),
-            calibrated_on=None if calibrated_on is None else dict(calibrated_on),
-            guards=input_guards(data, where))
+        try:
+            card = _CARD.validate_python({**data, "guards": ()})  # guards are read from the inputs
+        except ValidationError as e:
+            raise ModelCardError(_complaint(e, where)) from None
+        except ModelCardError as e:  # the calibration's own ranges
+            raise ModelCardError(f"{where}: {e}") from None
+        return replace(card, guards=input_guards(data, where))
 
     def to_dict(self) -> dict[str, Any]:
         guards = {g.name: g for g in self.guards}
@@ -253,3 +226,6 @@ def _spec_dict(spec: TensorSpec, guard: InputGuard | None = None) -> dict[str, A
     if guard is not None and guard.range is not None:
         out["range"] = list(guard.range)
     return out
+
+
+_CARD = TypeAdapter(ModelCard)

@@ -18,11 +18,21 @@ from enum import Enum
 from typing import Annotated, Any, Literal, get_args
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import ConfigDict, Field, GetPydanticSchema, WithJsonSchema
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetPydanticSchema,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+)
 
 from edgecloud.backends import release_backends
 from edgecloud.clock import format_time, parse_time, utc_now
 from edgecloud.errors import EdgecloudError
+from edgecloud.jsontypes import Bool, Int, Number, Str
 from edgecloud.signing import KEY_ID_PATTERN, TrustStore, canonical_json, sign, verify
 
 SCHEMA_VERSION = 1
@@ -80,49 +90,51 @@ class ReleaseRejected(EdgecloudError):
 
 
 # -- payload --------------------------------------------------------------------------------------------
+# The payload is parsed by pydantic from the annotations below, which also state what the JSON Schema
+# of a release says (edgecloud.mqtt.schemas): one typed model for both. Scalars are strict
+# (edgecloud.jsontypes), a key left out takes the model's default, and every refusal names its key and
+# is reported as ``malformed``.
 def _malformed(detail: str) -> ReleaseRejected:
     return ReleaseRejected(Reason.MALFORMED, detail)
 
 
-def _get(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str = "payload",
-         required: bool = True) -> Any:
-    if key not in data or data[key] is None:
-        if required:
-            raise _malformed(f"{where}.{key} is missing")
-        return None
-    value = data[key]
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise _malformed(f"{where}.{key} must not be a boolean")
-    if not isinstance(value, kind):
-        raise _malformed(f"{where}.{key} has type {type(value).__name__}")
-    return value
+def _refusal(error: ValidationError, where: str) -> ReleaseRejected:
+    """The first of pydantic's complaints, naming the key (``payload.artifact.sha256: …``)."""
+    first = error.errors(include_url=False)[0]
+    key = ".".join([where, *(str(part) for part in first["loc"])])
+    if first["type"] == "missing":
+        return _malformed(f"{key} is missing")
+    return _malformed(f"{key}: {first['msg'].removeprefix('Value error, ')} (got {first['input']!r:.40})")
 
 
-def _time(data: Mapping[str, Any], key: str) -> datetime:
-    try:
-        return parse_time(_get(data, key, str))
-    except ValueError as e:
-        raise _malformed(f"payload.{key}: {e}") from None
+def _time(value: object) -> datetime:
+    if not isinstance(value, str):
+        raise ValueError(f"must be an RFC 3339 time string, not {type(value).__name__}")
+    return parse_time(value)
 
 
-# The annotations below also state what the JSON Schema of a release says (edgecloud.mqtt.schemas);
-# parsing stays by hand, so that every rejection names its key.
 def _none(value: object) -> bool:
     return value is None
 
 
 #: a time, written by format_time
-Time = Annotated[datetime, WithJsonSchema(TIME_SCHEMA)]
+Time = Annotated[datetime, BeforeValidator(_time), WithJsonSchema(TIME_SCHEMA)]
 #: a key to_dict leaves out when it is None
 Omitted = Field(exclude_if=_none)
+
+
+def _stated(**keywords: Any) -> Any:
+    """JSON Schema keywords the schema states and parsing leaves alone: a later check refuses the value
+    with a reason code of its own (``bad_name``, ``bad_uri``), or it is not refused at all."""
+    return Field(json_schema_extra=keywords)
 
 
 @dataclass(frozen=True, slots=True)
 class PlanTarget:
     """Plans only: where the engine was built, the only place it runs."""
 
-    tensorrt: str
-    device: str
+    tensorrt: Str
+    device: Str
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +147,10 @@ class Artifact:
         "then": {"required": ["target"]},
         "else": {"not": {"required": ["target"]}}})
 
-    uri: Annotated[str, Field(pattern=r"^(grpcs?|https|file)://",
-                              description="grpc://HOST:PORT/<name>/<version>, grpcs://…, https://… or file://…")]
-    sha256: Annotated[str, Field(pattern=_SHA256.pattern)]
-    size: Annotated[int, Field(ge=0, description="bytes")]
+    uri: Annotated[Str, _stated(pattern=r"^(grpcs?|https|file)://"), Field(
+        description="grpc://HOST:PORT/<name>/<version>, grpcs://…, https://… or file://…")]
+    sha256: Annotated[Str, Field(pattern=_SHA256.pattern)]
+    size: Annotated[Int, Field(ge=0, description="bytes")]
     format: Format = "onnx"
     target: Annotated[PlanTarget | None, Omitted] = None
 
@@ -161,26 +173,16 @@ class Artifact:
             out["target"] = {"tensorrt": self.target.tensorrt, "device": self.target.device}
         return out
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Artifact:
-        target = _get(data, "target", dict, "artifact", required=False)
-        plan = None
-        if target is not None:
-            plan = PlanTarget(_get(target, "tensorrt", str, "artifact.target"),
-                              _get(target, "device", str, "artifact.target"))
-        return cls(_get(data, "uri", str, "artifact"), _get(data, "sha256", str, "artifact"),
-                   _get(data, "size", int, "artifact"), _get(data, "format", str, "artifact"), plan)
-
 
 @dataclass(frozen=True, slots=True)
 class Calibration:
     """Cascade settings that travel with the model; a missing key leaves the model card or the default
     to decide."""
 
-    policy: Annotated[str | None, Field(min_length=1), Omitted] = None
-    temperature: Annotated[float | None, Field(gt=0), Omitted] = None
-    threshold: Annotated[float | None, Field(ge=0, le=1), Omitted] = None
-    score_output: Annotated[str | None, Field(min_length=1), Omitted] = None
+    policy: Annotated[Str | None, _stated(minLength=1), Omitted] = None
+    temperature: Annotated[Number | None, Field(gt=0), Omitted] = None
+    threshold: Annotated[Number | None, Field(ge=0, le=1), Omitted] = None
+    score_output: Annotated[Str | None, _stated(minLength=1), Omitted] = None
     scores: Annotated[Scores | None, Omitted] = None
 
     def __post_init__(self) -> None:
@@ -198,21 +200,19 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
-        def number(key: str) -> float | None:
-            value = _get(data, key, (int, float), "calibration", required=False)
-            return None if value is None else float(value)
-
-        return cls(_get(data, "policy", str, "calibration", False), number("temperature"),
-                   number("threshold"), _get(data, "score_output", str, "calibration", False),
-                   _get(data, "scores", str, "calibration", False))
+        """Parse calibration keys (a None value is as if left out); ReleaseRejected(malformed) on bad ones."""
+        try:
+            return _CALIBRATION.validate_python({k: v for k, v in data.items() if v is not None})
+        except ValidationError as e:
+            raise _refusal(e, "calibration") from None
 
 
 @dataclass(frozen=True, slots=True)
 class Rollout:
     """The share of devices (0-100 %) that take the release, chosen by a hash of salt and device id."""
 
-    percent: Annotated[float, Field(ge=0, le=100)] = 100.0
-    salt: str = ""
+    percent: Annotated[Number, Field(ge=0, le=100)] = 100.0
+    salt: Str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.percent <= 100:
@@ -223,17 +223,18 @@ class Rollout:
 class ReleasePayload:
     """The signed payload: the keys this version understands (others are ignored, and signed all the same)."""
 
-    model: Annotated[str, Field(pattern=NAME_PATTERN.pattern)]
-    version: Annotated[int, Field(ge=0)]
-    publisher: Annotated[str, Field(min_length=1)]
+    model: Annotated[Str, _stated(pattern=NAME_PATTERN.pattern)]
+    version: Annotated[Int, Field(ge=0)]
+    publisher: Annotated[Str, _stated(minLength=1)]
     artifact: Artifact
     issued_at: Time
     expires_at: Time
     calibration: Calibration = field(default_factory=Calibration)
     rollout: Rollout = field(default_factory=Rollout)
-    labels: Annotated[tuple[str, ...] | None, Omitted] = None
-    allow_downgrade: bool = False
-    schema: Annotated[int, WithJsonSchema({"const": SCHEMA_VERSION})] = SCHEMA_VERSION
+    labels: Annotated[tuple[Str, ...] | None, Omitted] = None
+    allow_downgrade: Bool = False
+    #: a newer schema is read as far as this version understands it
+    schema: Annotated[Int, Field(ge=1), WithJsonSchema({"const": SCHEMA_VERSION})] = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         if self.version < 0:
@@ -257,23 +258,14 @@ class ReleasePayload:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ReleasePayload:
         """Parse the keys this version knows, ignore the rest; ReleaseRejected(malformed) on bad ones."""
-        schema = _get(data, "schema", int)
-        if schema < 1:
-            raise _malformed("payload.schema must be >= 1")
-        rollout = _get(data, "rollout", dict)
-        labels = _get(data, "labels", list, required=False)
-        if labels is not None and not all(isinstance(label, str) for label in labels):
-            raise _malformed("payload.labels must be strings")
-        return cls(
-            model=_get(data, "model", str), version=_get(data, "version", int),
-            publisher=_get(data, "publisher", str),
-            artifact=Artifact.from_dict(_get(data, "artifact", dict)),
-            issued_at=_time(data, "issued_at"), expires_at=_time(data, "expires_at"),
-            calibration=Calibration.from_dict(_get(data, "calibration", dict, required=False) or {}),
-            rollout=Rollout(float(_get(rollout, "percent", (int, float), "rollout")),
-                            _get(rollout, "salt", str, "rollout")),
-            labels=None if labels is None else tuple(labels),
-            allow_downgrade=_get(data, "allow_downgrade", bool), schema=schema)
+        try:
+            return _PAYLOAD.validate_python(data)
+        except ValidationError as e:
+            raise _refusal(e, "payload") from None
+
+
+_CALIBRATION = TypeAdapter(Calibration)
+_PAYLOAD = TypeAdapter(ReleasePayload)
 
 
 # -- envelope -------------------------------------------------------------------------------------------
@@ -314,8 +306,24 @@ class Envelope:
             raise _malformed(f"release is not JSON: {e}") from None
         if not isinstance(obj, dict):
             raise _malformed("release is not a JSON object")
-        payload = _get(obj, "payload", dict, "release")
-        return cls(payload, _get(obj, "key_id", str, "release"), _get(obj, "signature", str, "release"))
+        try:
+            wire = _ENVELOPE.validate_python(obj)
+        except ValidationError as e:
+            raise _refusal(e, "release") from None
+        return cls(wire.payload, wire.key_id, wire.signature)
+
+
+@dataclass(frozen=True, slots=True)
+class _WireEnvelope:
+    """An envelope's shape as parsed: the payload stays the object that was signed, checked after the
+    signature (:func:`verify_envelope`)."""
+
+    payload: Annotated[dict[str, Any], Strict()]
+    key_id: Str
+    signature: Str
+
+
+_ENVELOPE = TypeAdapter(_WireEnvelope)
 
 
 def sign_release(payload: ReleasePayload, key: Ed25519PrivateKey) -> Envelope:

@@ -1,5 +1,9 @@
 """Ed25519 signatures over canonical JSON (docs/design.md §6), and the set of keys a device trusts.
 
+The canonical form is RFC 8785, the JSON Canonicalization Scheme (JCS): keys sorted by UTF-16 code
+units, no spaces, UTF-8, numbers as ECMAScript writes them (``1.0`` is ``1``), so a publisher in any
+language with a JCS library signs the same bytes.
+
 Keys are PEM files: private keys in PKCS#8, public keys as SubjectPublicKeyInfo. A key is named by
 its key id, the first 16 hex digits of sha256 over the raw 32-byte public key, so a release says
 which key signed it and several keys can be trusted at once while signing keys rotate.
@@ -10,13 +14,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -28,9 +32,9 @@ KEY_ID_PATTERN = re.compile(r"^[0-9a-f]{16}$")
 
 
 def canonical_json(obj: Any) -> bytes:
-    """The bytes that get signed: sorted keys, no spaces, UTF-8 (NaN and infinities are refused)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    """The bytes that get signed: RFC 8785 (JCS); ValueError for what JCS cannot write (NaN, infinities,
+    integers beyond ±(2**53 - 1), keys that are not strings)."""
+    return rfc8785.dumps(obj)  # its CanonicalizationError is a ValueError
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:

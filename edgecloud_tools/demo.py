@@ -34,6 +34,7 @@ from edgecloud.protocol.parameters import AgentRequest, AgentResponse
 from edgecloud_tools.broker import INSTALL_HINT, mosquitto_path
 from edgecloud_tools.cli import positive_int
 from edgecloud_tools.demo_fleet import WATCH_S, DemoFleet, UpdateOutcome
+from edgecloud_tools.output import stderr_line, table
 from edgecloud_tools.services import ServiceProcess
 from edgecloud_tools.toolchain import CLOUD_NAME, EDGE_INT8, EDGE_V2_INT8, MODELS_ENV, REPOSITORY, models_dir
 
@@ -107,7 +108,7 @@ def stream(client: KServeClient, model: str, images: np.ndarray, labels: np.ndar
                 bool(p.get(AgentResponse.DEGRADED)), bool(p.get(AgentResponse.DEGRADED, False)),
                 reply.model_version)
         if until is None and count % progress_every == 0:
-            print(f"  {name}: {count}/{len(images)}", file=sys.stderr, flush=True)
+            stderr_line(f"  {name}: {count}/{len(images)}")
     return run
 
 
@@ -164,9 +165,8 @@ def format_table(s: dict, wan_ms: int) -> str:
          f"{acc['cascade']:.2%}",
          f"{s['escalation_rate']:.1%}", ms(lat["cascade_mean"])),
     ]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'':{width}}  {'accuracy':>9}  {'to cloud':>9}  {'mean ms':>8}"]
-    lines += [f"{r[0]:{width}}  {r[1]:>9}  {r[2]:>9}  {r[3]:>8}" for r in rows]
+    lines = table(("", "accuracy", "to cloud", "mean ms"), rows,
+                  justify=("left", "right", "right", "right")).splitlines()
     e, x = lat["cascade_edge_answers"], lat["cascade_escalated"]
     lines += ["", f"cascade latency: edge answers p50 {ms(e['p50'])} ms, p99 {ms(e['p99'])} ms; "
                   f"escalated p50 {ms(x['p50'])} ms, p99 {ms(x['p99'])} ms",

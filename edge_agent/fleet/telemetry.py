@@ -128,6 +128,7 @@ class Telemetry:
         self._produce()
         self._send_events()
         self._deliver(time.monotonic() + self._flush_s, final=True)
+        self._system.close()
         log.info("event=telemetry_stopped sent=%d buffered=%d dropped=%d", self.sent, self.buffer.depth(),
                  self.buffer.dropped)
 

@@ -192,7 +192,7 @@ class System(Body):
     memory_total_bytes: int | None = Field(ge=0)
     temperatures_c: dict[str, float] = Field(description="thermal zone name to degrees Celsius")
     gpu_load_percent: float | None = Field(ge=0, le=100,
-                                           description="Jetson GPU load from sysfs; null elsewhere")
+                                           description="Jetson GPU load (jtop or sysfs); null elsewhere")
     power_mw: Annotated[dict[str, float] | None, Omitted] = Field(
         None, description="Jetson power rails in milliwatts; absent elsewhere")
 

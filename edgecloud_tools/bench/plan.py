@@ -3,7 +3,6 @@ context every stage gets (models, client processes, where logs go, how to report
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from edgecloud.backends import open_backend
 from edgecloud.modelcard import served_name
 from edgecloud_tools.bench.clients import ClientPool, Target
+from edgecloud_tools.output import stderr_line
 
 
 @dataclass(frozen=True)
@@ -87,4 +87,4 @@ def model_input(path: Path) -> dict[str, str]:
 
 def progress(message: str) -> None:
     """One line per stage on stderr, with the wall-clock time."""
-    print(f"  bench {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+    stderr_line(f"  bench {time.strftime('%H:%M:%S')} {message}")

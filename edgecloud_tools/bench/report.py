@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from edgecloud_tools.bench.targets import Goal, get, goals
+from edgecloud_tools.output import table
 
 
 def _n(v: float | None) -> str:
@@ -27,10 +28,8 @@ def _x(value: float | None, baseline: float | None) -> str:
 
 def _rows(header: list[str], rows: Iterable[list[str]]) -> list[str]:
     """Columns padded to their widest cell; the first left-aligned, the others right-aligned."""
-    rows = [header, *rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-            for r in rows]
+    justify = ["left"] + ["right"] * (len(header) - 1)
+    return table(header, list(rows), justify=justify, indent="  ").splitlines()
 
 
 def _failed(r: dict, *stages: str) -> list[str]:

@@ -11,6 +11,7 @@ from edgecloud.clock import format_time
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
 from edgecloud.mqtt.fleet_view import DeviceRow, FleetView
 from edgecloud.mqtt.topics import TopicKind
+from edgecloud_tools.output import table
 
 
 def collect(config: MqttConfig, fleet: str, listen_s: float = 2.0,
@@ -35,12 +36,11 @@ def collect(config: MqttConfig, fleet: str, listen_s: float = 2.0,
 
 def render_table(rows: list[DeviceRow]) -> str:
     header = ("DEVICE", "ONLINE", "MODEL", "ACTIVE", "UPDATE", "ESCALATION", "LAST SEEN")
-    lines = [header]
+    lines = []
     for row in rows:
         online = "-" if row.online is None else ("yes" if row.online else "no")
         escalation = "-" if row.escalation_rate is None else f"{row.escalation_rate:.1%}"
         lines.append((row.device, online, row.model or "-",
                       "-" if row.active_version is None else str(row.active_version), row.update,
                       escalation, format_time(row.last_seen) if row.last_seen else "-"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    return table(header, lines)

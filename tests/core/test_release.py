@@ -3,6 +3,7 @@ target; what gets signed validates against protos/schemas/release.schema.json.""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import replace
@@ -198,3 +199,23 @@ def test_size_rule() -> None:
     assert info.value.reason is Reason.TOO_LARGE and "1000000000" in str(info.value)
     with pytest.raises(ReleaseRejected):
         check_size(11, budget=10)
+
+
+def test_a_release_with_float_calibration_signs_the_rfc_8785_bytes(keys) -> None:
+    """The signature covers the JCS bytes a publisher in any language writes: ``1.0`` is ``1``, keys in
+    code-unit order; written out here by hand, not by the code under test."""
+    old, _, _, paths = keys
+    release = payload(calibration=Calibration(policy="max_prob", temperature=1.0, threshold=0.5,
+                                              score_output="logits", scores="logits"),
+                      rollout=Rollout(100.0, "r1"))
+    envelope = sign_release(release, old)
+    jcs = ('{"allow_downgrade":false,"artifact":{"format":"onnx","sha256":"' + SHA + '","size":5,'
+           '"uri":"grpc://gw:8001/inspection/4"},"calibration":{"policy":"max_prob","score_output":"logits",'
+           '"scores":"logits","temperature":1,"threshold":0.5},"expires_at":"2025-07-01T12:00:00Z",'
+           '"issued_at":"2025-06-01T11:00:00Z","labels":["ok","défaut"],"model":"inspection",'
+           '"publisher":"ops@plant","rollout":{"percent":100,"salt":"r1"},"schema":1,"version":4}')
+    old.public_key().verify(base64.b64decode(envelope.signature), jcs.encode("utf-8"))  # raises if not
+    # what a non-Python publisher sends (integers where Python has floats) verifies and parses the same
+    wire = json.dumps({"payload": json.loads(jcs), "key_id": envelope.key_id,
+                       "signature": envelope.signature})
+    assert verify_envelope(Envelope.from_json(wire), TrustStore.from_files(paths), now=NOW) == release

@@ -1,10 +1,13 @@
-"""Ed25519 keys as PEM, key ids, canonical JSON and the trust store (docs/design.md §6)."""
+"""Ed25519 keys as PEM, key ids, canonical JSON (RFC 8785, checked against the RFC's own examples) and
+the trust store (docs/design.md §6)."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import stat
+import struct
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,65 @@ def test_canonical_json_is_the_design_bytes() -> None:
     assert canonical_json(obj) == '{"a":{"z":true,"é":"ü"},"b":[1,2.5,null],"c":"x y"}'.encode()
     with pytest.raises(ValueError):
         canonical_json({"x": float("nan")})
+
+
+def test_canonical_json_is_rfc_8785_on_its_main_example() -> None:
+    # RFC 8785 §3.2.2: the input, as a JSON text any parser reads, and its canonical output
+    text = r'''{
+      "numbers": [333333333.33333329, 1E30, 4.50,
+                  2e-3, 0.000000000000000000000000001],
+      "string": "\u20ac$\u000F\u000aA'\u0042\u0022\u005c\\\"\/",
+      "literals": [null, true, false]
+    }'''
+    expected = (r'''{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],'''
+                r'''"string":"€$\u000f\nA'B\"\\\\\"/"}''')
+    assert canonical_json(json.loads(text)) == expected.encode("utf-8")
+
+
+def test_canonical_json_sorts_keys_by_utf16_code_units() -> None:
+    # RFC 8785 §3.2.3: the emoji's surrogate pair sorts before U+FB33, though its code point is above it
+    text = r'''{
+      "\u20ac": "Euro Sign",
+      "\r": "Carriage Return",
+      "\ufb33": "Hebrew Letter Dalet With Dagesh",
+      "1": "One",
+      "\ud83d\ude00": "Emoji: Grinning Face",
+      "\u0080": "Control",
+      "\u00f6": "Latin Small Letter O With Diaeresis"
+    }'''
+    expected = ('{"\\r":"Carriage Return","1":"One","\x80":"Control","ö":"Latin Small Letter O With '
+                'Diaeresis","€":"Euro Sign","\U0001f600":"Emoji: Grinning Face","\ufb33":"Hebrew Letter '
+                'Dalet With Dagesh"}')
+    assert canonical_json(json.loads(text)) == expected.encode("utf-8")
+
+
+#: RFC 8785 Appendix B: IEEE 754 doubles (hex) and how JCS writes them
+APPENDIX_B = [
+    ("0000000000000000", "0"), ("8000000000000000", "0"), ("0000000000000001", "5e-324"),
+    ("8000000000000001", "-5e-324"), ("7fefffffffffffff", "1.7976931348623157e+308"),
+    ("ffefffffffffffff", "-1.7976931348623157e+308"), ("4340000000000000", "9007199254740992"),
+    ("c340000000000000", "-9007199254740992"), ("4430000000000000", "295147905179352830000"),
+    ("44b52d02c7e14af5", "9.999999999999997e+22"), ("44b52d02c7e14af6", "1e+23"),
+    ("44b52d02c7e14af7", "1.0000000000000001e+23"), ("444b1ae4d6e2ef4e", "999999999999999700000"),
+    ("444b1ae4d6e2ef4f", "999999999999999900000"), ("444b1ae4d6e2ef50", "1e+21"),
+    ("3eb0c6f7a0b5ed8c", "9.999999999999997e-7"), ("3eb0c6f7a0b5ed8d", "0.000001"),
+    ("41b3de4355555553", "333333333.3333332"), ("41b3de4355555554", "333333333.33333325"),
+    ("41b3de4355555555", "333333333.3333333"), ("41b3de4355555556", "333333333.3333334"),
+    ("41b3de4355555557", "333333333.33333343"), ("becbf647612f3696", "-0.0000033333333333333333"),
+    ("43143ff3c1cb0959", "1424953923781206.2"),
+]
+
+
+@pytest.mark.parametrize(("bits", "text"), APPENDIX_B)
+def test_canonical_numbers_are_the_rfc_8785_samples(bits: str, text: str) -> None:
+    value = struct.unpack(">d", bytes.fromhex(bits))[0]
+    assert canonical_json([value]) == f"[{text}]".encode()
+
+
+@pytest.mark.parametrize("bits", ["7fffffffffffffff", "7ff0000000000000"])  # NaN, Infinity
+def test_non_finite_numbers_cannot_be_canonical(bits: str) -> None:
+    with pytest.raises(ValueError):
+        canonical_json({"x": struct.unpack(">d", bytes.fromhex(bits))[0]})
 
 
 def test_keypair_files_formats_and_key_id(tmp_path: Path) -> None:

@@ -1,31 +1,84 @@
-"""deploy/cloud checked structurally (no container engine or cluster here): parse, required fields,
-and the pieces agree with each other."""
+"""deploy/cloud checked without a container engine or cluster: every manifest validates against the
+Kubernetes schemas (kubernetes-validate, strict), and the pieces agree with each other and with the
+gateway's own config rules (the ConfigMap's gateway.toml is loaded as the gateway loads it)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import kubernetes_validate
+import pytest
 import yaml
 
+from cloud_gateway.config import GatewayConfig
+from edgecloud.config import build, read_toml
+from edgecloud.endpoint import parse_endpoint
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "cloud"
+MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))
 
 
 def _docs():
     docs = {}
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+    for path in MANIFESTS:
         for doc in yaml.safe_load_all(path.read_text()):
             docs[(doc["kind"], doc["metadata"]["name"])] = doc
     return docs
 
 
-def test_gateway_has_grpc_health_probes_and_volumes():
+def _container(docs) -> dict:
+    (container,) = docs[("StatefulSet", "cloud-gateway")]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _gateway_toml(docs, tmp_path: Path) -> GatewayConfig:
+    """The ConfigMap's gateway.toml, validated by the gateway's own config model."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(docs[("ConfigMap", "cloud-gateway-config")]["data"]["gateway.toml"])
+    return build(GatewayConfig, read_toml(path), str(path))
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifests_validate_against_the_kubernetes_schemas(path: Path):
+    for doc in yaml.safe_load_all(path.read_text()):
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_probes_dial_the_plaintext_health_port_of_the_configmap(tmp_path):
+    docs = _docs()
+    container = _container(docs)
+    config = _gateway_toml(docs, tmp_path)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert parse_endpoint(config.gateway.listen).port == ports["grpc"]
+    assert parse_endpoint(config.health.listen).port == ports["health"] != ports["grpc"]
+    assert parse_endpoint(config.metrics.listen).port == ports["metrics"]
+    assert config.tls.cert is not None and config.tls.client_ca is not None  # TLS on the inference port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == ports["health"], probe  # kubelet's probes are plaintext
+
+
+def test_configmap_paths_are_the_pods_mounts_and_the_secrets_keys(tmp_path):
+    docs = _docs()
+    container = _container(docs)
+    config = _gateway_toml(docs, tmp_path)
+    pod = docs[("StatefulSet", "cloud-gateway")]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: PurePosixPath(m["mountPath"]) for m in container["volumeMounts"]}
+    assert volumes["config"]["configMap"]["name"] == "cloud-gateway-config"
+    args = container["args"]
+    assert mounts["config"] / "gateway.toml" == PurePosixPath(args[args.index("--config") + 1])
+    secret = docs[("Secret", volumes["tls"]["secret"]["secretName"])]
+    for path in map(PurePosixPath, (config.tls.cert, config.tls.key, config.tls.client_ca)):
+        assert path.parent == mounts["tls"] and path.name in secret["stringData"]
+    assert PurePosixPath(config.gateway.model_repository) == mounts["models"]
+    assert PurePosixPath(config.store.path).parent == mounts["store"]
+
+
+def test_gateway_volumes_and_security():
     docs = _docs()
     gateway = docs[("StatefulSet", "cloud-gateway")]
     spec = gateway["spec"]["template"]["spec"]
     (container,) = spec["containers"]
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert container["readinessProbe"]["grpc"]["port"] == ports["grpc"]
-    assert container["livenessProbe"]["grpc"]["port"] == ports["grpc"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     per_replica = {t["metadata"]["name"] for t in gateway["spec"]["volumeClaimTemplates"]}
@@ -40,17 +93,27 @@ def test_gateway_has_grpc_health_probes_and_volumes():
         gateway["spec"]["template"]["metadata"]["labels"].items())
 
 
-def test_service_and_hpa_point_at_the_gateway():
+def test_services_reach_the_gateway_inside_and_outside_the_cluster():
     docs = _docs()
     gateway = docs[("StatefulSet", "cloud-gateway")]
-    service = docs[("Service", "cloud-gateway")]
     labels = gateway["spec"]["template"]["metadata"]["labels"]
-    assert service["spec"]["selector"].items() <= labels.items()
-    assert service["spec"]["clusterIP"] == "None"  # per-call gRPC balancing across replicas
-    grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
-    assert grpc_port["appProtocol"] == "grpc"
+    ports = {p["name"]: p["containerPort"] for p in _container(docs)["ports"]}
+    headless = docs[("Service", "cloud-gateway")]
+    external = docs[("Service", "cloud-gateway-external")]
+    for service in (headless, external):
+        assert service["spec"]["selector"].items() <= labels.items()
+        assert all(p["targetPort"] in ports for p in service["spec"]["ports"])
+        assert "health" not in {p["targetPort"] for p in service["spec"]["ports"]}  # probes only
+    assert headless["spec"]["clusterIP"] == "None"  # one address per pod: round_robin over dns:///
+    assert gateway["spec"]["serviceName"] == headless["metadata"]["name"]
+    assert external["spec"]["type"] == "LoadBalancer"  # layer 4: mutual TLS ends at the gateway
+    (grpc_port,) = external["spec"]["ports"]
+    assert grpc_port["targetPort"] == "grpc" and grpc_port["appProtocol"] == "grpc"
+
+
+def test_hpa_points_at_the_gateway():
+    docs = _docs()
     hpa = docs[("HorizontalPodAutoscaler", "cloud-gateway")]
-    assert gateway["spec"]["serviceName"] == service["metadata"]["name"]
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
                                              "name": "cloud-gateway"}
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
@@ -63,6 +126,9 @@ def test_containerfile_runs_the_gateway_unprivileged():
     assert lines[0] == "FROM" and "USER" in lines and "ENTRYPOINT" in lines
     assert 'ENTRYPOINT ["cloud-gateway"]' in text
     assert "constraints.txt" in text  # the image uses the pinned versions
+    exposed = {int(port) for line in text.splitlines() if line.startswith("EXPOSE")
+               for port in line.split()[1:]}
+    assert {p["containerPort"] for p in _container(_docs())["ports"]} == exposed
 
 
 def test_production_mosquitto_conf_is_tls_passwords_persistence():

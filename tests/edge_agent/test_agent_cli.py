@@ -6,8 +6,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+from edge_agent.config import AgentConfig
 from edgecloud.client import KServeClient
+from edgecloud.config import build
+from edgecloud.errors import ConfigError
 from edgecloud_tools.services import ServiceProcess
 from tests.support.net import free_port
 from tests.support.onnx_models import linear_classifier, reference_logits
@@ -63,3 +67,12 @@ def test_flags_override_file_and_sigterm_stops_cleanly(tmp_path):
         np.testing.assert_allclose(reply.outputs["logits"], reference_logits(model, x), rtol=1e-5)
     assert agent.proc.returncode == 0
     assert "event=agent_stopped" in agent.log_path.read_text()
+
+
+def test_the_cloud_target_may_name_every_replica_through_dns():
+    config = build(AgentConfig, {"cloud": {"target": "dns:///cloud-gateway.edge.svc.cluster.local:9001"}})
+    assert config.cloud.target == "dns:///cloud-gateway.edge.svc.cluster.local:9001"
+    with pytest.raises(ConfigError, match=r"cloud\.target"):
+        build(AgentConfig, {"cloud": {"target": "dns:gateway:9001"}})
+    with pytest.raises(ConfigError, match=r"agent\.listen"):  # a name to call, not an address to bind
+        build(AgentConfig, {"agent": {"listen": "dns:///localhost:8001"}})
