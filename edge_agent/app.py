@@ -73,7 +73,7 @@ class EdgeAgent:
             self.replayer = Replayer(self.spool, self.link, self.slot, cfg.spool.replay_interval_s)
         self.cascade = Cascade(self.slot, cfg.agent.device_id, self.link, self.spool, bucket,
                                cfg.cloud.deadline_ms / 1000.0, cfg.cascade.audit_rate,
-                               max_in_flight=cfg.cloud.max_in_flight)
+                               max_in_flight=cfg.cloud.max_in_flight, frames=cfg.frames)
         # each call [admission] lets in has a thread of its own, and escalations hold fewer admission
         # slots (cloud.max_in_flight) than there are: edge answers always find one
         self.server = start_server(self.cascade, listen, admission=Admission("agent", cfg.admission),

@@ -1,6 +1,11 @@
 """The link to the cloud: one gRPC channel to any KServe v2 server, its circuit breaker, and the
 one-time check that the cloud model speaks the edge model's contract.
 
+An edge model that takes encoded frames escalates a frames request's original bytes (docs/design.md
+§10), so its cloud model must list the same frames input; its tensor input may then differ (the cloud
+often looks at more pixels), and only a tensor request to a cloud whose tensor input differs is
+refused, per call (CloudIncompatible, never spooled), while frames keep escalating.
+
 Recovery: while the cloud is away the channel retries its connection at most about a second apart
 (``edgecloud.channel.RECONNECT_OPTIONS``), and the moment it is connected again an open circuit is
 probed (the next escalation is its trial), so the first cloud answer follows the cloud's return
@@ -59,6 +64,7 @@ class CloudLink:
         self._channel.subscribe(self._connectivity, try_to_connect=True)
         self._checked_for: tuple[str, str] | None = None  # (edge name, edge version) checked
         self._incompatible = ""
+        self._tensors_differ = ""  # how the cloud's tensor inputs differ, when it takes the edge's frames
         self._last_error = ""
         self._lock = threading.Lock()
 
@@ -78,11 +84,18 @@ class CloudLink:
                 raise CloudIncompatible(self._incompatible)
             return
         meta = self._client.metadata(self.model_name(edge), self.cfg.model_version, timeout=timeout)
-        problems = (contract_differences(edge.inputs, meta.inputs, "cloud input")
-                    + contract_differences(edge.outputs, meta.outputs, "cloud output"))
+        tensors = contract_differences(edge.inputs, meta.inputs, "cloud input")
+        problems = contract_differences(edge.outputs, meta.outputs, "cloud output")
+        if edge.preprocess is None:
+            problems = tensors + problems
+        else:
+            fed = edge.preprocess.input
+            frames_inputs = (*(s for s in edge.inputs if s.name != fed), edge.preprocess.frames_spec)
+            problems = contract_differences(frames_inputs, meta.inputs, "cloud input") + problems
         with self._lock:
             self._checked_for = key
             self._incompatible = "; ".join(problems)
+            self._tensors_differ = "; ".join(tensors)
         if problems:
             log.error("event=cloud_incompatible cloud_model=%s edge_model=%s edge_version=%s problems=%r "
                       "action=escalation_disabled", meta.name, edge.name, edge.version, self._incompatible)
@@ -97,6 +110,10 @@ class CloudLink:
             raise CloudError("circuit open")
         try:
             self._check_contract(edge, timeout)
+            frames = edge.preprocess.frames if edge.preprocess is not None else None
+            if self._tensors_differ and frames is not None and frames not in request.inputs:
+                raise CloudIncompatible(f"the cloud model takes frames; a tensor request cannot escalate: "
+                                        f"{self._tensors_differ}")
             response = self._client.send(request, timeout)
         except CloudIncompatible:
             self.circuit.success()  # the link works; the model does not fit

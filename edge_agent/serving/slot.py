@@ -16,7 +16,8 @@ from edgecloud.backends import backend_key_for, open_backend
 from edgecloud.backends.base import Backend
 from edgecloud.errors import ModelLoadError
 from edgecloud.guards import InputContract
-from edgecloud.modelcard import input_guards, read_card
+from edgecloud.modelcard import card_preprocess, input_guards, read_card
+from edgecloud.preprocess import Preprocess
 from edgecloud.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class EdgeModel:
     #: what a request must satisfy (inputs, guards from the card and ``[model]``, the row cap)
     contract: InputContract = field(repr=False)
     labels: tuple[str, ...] = ()
+    #: how encoded frames become its input (the model card's ``preprocess``; None: tensors only)
+    preprocess: Preprocess | None = None
     #: calibration from the release and the model card, kept so a reload can re-resolve settings
     release_calibration: Mapping[str, Any] = field(default_factory=dict, repr=False)
     card_calibration: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -46,6 +49,11 @@ class EdgeModel:
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         return self.backend.inputs
+
+    @property
+    def served_inputs(self) -> tuple[TensorSpec, ...]:
+        """The inputs ModelMetadata lists: the model's, then its frames input (docs/design.md §10)."""
+        return self.inputs if self.preprocess is None else (*self.inputs, self.preprocess.frames_spec)
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
@@ -80,15 +88,19 @@ def load_edge_model(config: AgentConfig, path: Path | None = None, version: str 
                                            backend.outputs)
         served = Identity.resolve(path, config.model.name, version, release, card)
         guards = input_guards(card, f"model card of {path}")
+        preprocess = card_preprocess(card, f"model card of {path}")
+        if preprocess is not None:
+            preprocess.check_fits(backend.inputs, served.name)
         contract = InputContract.build(served.name, backend.inputs, guards, config.model.allow_nonfinite,
-                                       config.model.max_batch_rows)
+                                       config.model.max_batch_rows,
+                                       None if preprocess is None else (preprocess.frames, preprocess.input))
         backend.warmup(config.model.warmup_rows)
     except Exception:
         backend.close()
         raise
     model = EdgeModel(name=served.name, version=served.version, path=path, backend=backend, settings=settings,
-                      contract=contract, labels=served.labels, release_calibration=release_cal,
-                      card_calibration=card_cal)
+                      contract=contract, labels=served.labels, preprocess=preprocess,
+                      release_calibration=release_cal, card_calibration=card_cal)
     log.info("event=model_loaded name=%s version=%s path=%s policy=%s threshold=%.4f temperature=%.4f",
              model.name, model.version, path, settings.policy_name, settings.threshold,
              settings.temperature)
