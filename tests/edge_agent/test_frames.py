@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from cloud_gateway.hard_examples import LABELS_FILE, write_training_set
+from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud.confidence import calibrated_probabilities
 from edgecloud.errors import InvalidInput
 from edgecloud.preprocess import Preprocess, decode_frames
+from edgecloud.protocol.codec import tensor_to_raw
 from edgecloud.protocol.parameters import AgentResponse
 from tests.core.test_preprocess import JPEG_TOLERANCE
 from tests.support.fleet import Scrape
@@ -143,8 +145,6 @@ def test_malformed_frame_requests_and_memory_stay_bounded(tmp_path, models):
         assert "unknown input" in refused({"frames": np.array([ok], dtype=np.object_),
                                            "image": np.zeros((1, 1, 16, 16), np.float32)})
         # a wrong row count: the shape says 3 frames, the bytes hold 2
-        from edgecloud._generated.inference import grpc_service_pb2 as pb
-        from edgecloud.protocol.codec import tensor_to_raw
         msg = pb.ModelInferRequest(model_name="cam")
         msg.inputs.add(name="frames", datatype="BYTES", shape=[3])
         msg.raw_input_contents.append(tensor_to_raw(np.array([ok, ok], dtype=np.object_))[1])
@@ -152,7 +152,8 @@ def test_malformed_frame_requests_and_memory_stay_bounded(tmp_path, models):
             client.stub.ModelInfer(msg, timeout=10)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "BYTES element" in caught.value.details()
-        assert client.infer("cam", {"frames": np.array([ok], dtype=np.object_)}).outputs["logits"].shape == (1, 4)
+        served = client.infer("cam", {"frames": np.array([ok], dtype=np.object_)})
+        assert served.outputs["logits"].shape == (1, 4)
     with pytest.raises(InvalidInput, match="frame row 0: empty"):
         decode_frames(np.array([b""], dtype=np.object_), Preprocess.model_validate(EDGE_PRE), "FP32")
 
@@ -231,7 +232,8 @@ def test_background_escalation_answers_before_the_cloud_and_the_row_is_stored(tm
         assert p[AgentResponse.DEGRADED] is False and p[AgentResponse.ESCALATED_ROWS] == 0
         np.testing.assert_allclose(r.outputs["logits"], edge_logits, rtol=1e-4, atol=1e-4)
     stored = cloud.stored()
-    assert {e.request_id for e in stored} == {"bg-1", "bg-2"} and {e.reason for e in stored} == {"low_confidence"}
+    assert {e.request_id for e in stored} == {"bg-1", "bg-2"}
+    assert {e.reason for e in stored} == {"low_confidence"}
     np.testing.assert_allclose(stored[0].cloud_outputs["logits"], cloud_answer(cloud_model, [data[0]])[0],
                                rtol=1e-4, atol=1e-4)
 
