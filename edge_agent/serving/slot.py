@@ -46,6 +46,12 @@ class EdgeModel:
                                            self.outputs)
         return replace(self, settings=settings)
 
+    def with_preprocess(self, preprocess: Preprocess) -> EdgeModel:
+        """This model taking encoded frames as ``preprocess`` says; ModelLoadError if they do not fit."""
+        preprocess.check_fits(self.inputs, self.name)
+        contract = replace(self.contract, frames=(preprocess.frames, preprocess.input))
+        return replace(self, preprocess=preprocess, contract=contract)
+
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         return self.backend.inputs
@@ -131,9 +137,19 @@ class ModelSlot:
         return self._flags
 
     def swap(self, model: EdgeModel) -> EdgeModel:
-        """Make ``model`` active, under the current flags, and return the one it replaced."""
+        """Make ``model`` active, under the current flags, and return the one it replaced. A model that
+        comes without a preprocess (a release travels without its card) keeps the frames input of the
+        one it replaces, so the cameras feeding it go on working (docs/design.md §10), unless its input
+        no longer fits them (logged)."""
         with self._lock:
-            old, self._model = self._model, model.reconfigured(self._flags)
+            old, new = self._model, model.reconfigured(self._flags)
+            if new.preprocess is None and old.preprocess is not None:
+                try:
+                    new = new.with_preprocess(old.preprocess)
+                except ModelLoadError as e:
+                    log.warning("event=frames_input_dropped name=%s version=%s error=%r", new.name,
+                                new.version, str(e))
+            self._model = new
         log.info("event=model_swapped name=%s from_version=%s to_version=%s", model.name, old.version,
                  model.version)
         return old

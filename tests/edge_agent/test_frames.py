@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cloud_gateway.hard_examples import LABELS_FILE, write_training_set
+from edge_agent.serving.slot import load_edge_model
 from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud.confidence import calibrated_probabilities
 from edgecloud.errors import InvalidInput
@@ -299,3 +300,20 @@ def test_a_confident_still_frame_is_answered_by_the_edge_not_the_stream(tmp_path
     assert first.parameters[AgentResponse.ESCALATED] is True
     assert sure.parameters[AgentResponse.SOURCE] == "edge" and sure.parameters[AgentResponse.REUSED] is False
     np.testing.assert_allclose(sure.outputs["logits"], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_swapped_in_without_a_card_keeps_the_frames_input(tmp_path, models):
+    """A release travels without its card: the model it brings keeps serving the cameras."""
+    edge, _ = models
+    bare = image_classifier(tmp_path / "release" / "v2.onnx", seed=5)  # no card beside it
+    frame = np.array([encode(scene(60, 48, 64), "JPEG")], dtype=np.object_)
+    with start_agent(tmp_path / "edge", edge) as agent:
+        client = Client(agent.port)
+        before = client.infer("cam", {"frames": frame})
+        agent.slot.swap(load_edge_model(agent.config, bare, version="2"))
+        after = client.infer("cam", {"frames": frame})
+    spec = Preprocess.model_validate(EDGE_PRE)
+    tensor = decode_frames(frame, spec, "FP32").tensor.reshape(1, -1)
+    np.testing.assert_allclose(before.outputs["logits"], reference_logits(edge, tensor), rtol=1e-4, atol=1e-4)
+    assert after.model_version == "2"
+    np.testing.assert_allclose(after.outputs["logits"], reference_logits(bare, tensor), rtol=1e-4, atol=1e-4)
