@@ -305,7 +305,7 @@ def test_a_confident_still_frame_is_answered_by_the_edge_not_the_stream(tmp_path
 def test_a_model_swapped_in_without_a_card_keeps_the_frames_input(tmp_path, models):
     """A release travels without its card: the model it brings keeps serving the cameras."""
     edge, _ = models
-    bare = image_classifier(tmp_path / "release" / "v2.onnx", seed=5)  # no card beside it
+    bare = image_classifier(tmp_path / "release" / "cam.onnx", seed=5)  # no card beside it
     frame = np.array([encode(scene(60, 48, 64), "JPEG")], dtype=np.object_)
     with start_agent(tmp_path / "edge", edge) as agent:
         client = Client(agent.port)
