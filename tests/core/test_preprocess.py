@@ -12,12 +12,9 @@ from edgecloud.errors import InvalidInput, ModelLoadError
 from edgecloud.modelcard import ModelCardError, card_preprocess
 from edgecloud.preprocess import Preprocess, decode_frames
 from edgecloud.tensors import TensorSpec
-from tests.support.images import encode, gif, png_header, scene, tensor_of
+from tests.support.images import JPEG_TOLERANCE, encode, gif, png_header, scene, tensor_of
 
 GRAY = Preprocess(input="image", frames="frames", color="gray", size=(16, 16))
-#: JPEG quality 95 against the same pixels sent as a tensor: the largest difference per value (0-1 scale);
-#: measured 2/255 on scenes from 16x16 to 1280x720 (edgecloud/preprocess.py)
-JPEG_TOLERANCE = 3 / 255
 
 
 def frames(*items: bytes) -> np.ndarray:

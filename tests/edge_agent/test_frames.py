@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import json
 import resource
 
 import grpc
@@ -20,20 +19,17 @@ from edgecloud.errors import InvalidInput
 from edgecloud.preprocess import Preprocess, decode_frames
 from edgecloud.protocol.codec import tensor_to_raw
 from edgecloud.protocol.parameters import AgentResponse
-from tests.core.test_preprocess import JPEG_TOLERANCE
 from tests.support.fleet import Scrape
-from tests.support.images import encode, gif, png_header, scene, tensor_of
+from tests.support.frames import cloud_answer, frames_cloud
+from tests.support.images import JPEG_TOLERANCE, encode, gif, png_header, scene, tensor_of
 from tests.support.net import wait_for
 from tests.support.onnx_models import image_classifier, reference_logits
 from tests.support.proxy import HeldProxy
-from tests.support.services import Client, GatewayCloud, start_agent
+from tests.support.services import Client, start_agent
 from tests.support.triton import run_triton
 
 LABELS = ["ok", "scratch", "spot", "crack"]
 EDGE_PRE = {"input": "image", "frames": "frames", "color": "gray", "size": [16, 16]}
-#: the cloud looks at more pixels, normalized its own way
-CLOUD_PRE = {"input": "image", "frames": "frames", "color": "gray", "size": [24, 24], "mean": [0.5],
-             "std": [0.25]}
 #: every row wants the cloud, and the rate limit never holds one back
 ESCALATING = {"cascade": {"threshold": 1.0}, "cloud": {"max_per_s": 100000}}
 SIZES = [(16, 16), (48, 64), (480, 640), (31, 17)]
@@ -45,25 +41,6 @@ def models(tmp_path):
         "name": "cam", "version": 1, "labels": LABELS, "preprocess": EDGE_PRE})
     cloud = image_classifier(tmp_path / "cloud.onnx", size=(24, 24), seed=1)
     return edge, cloud
-
-
-def frames_cloud(tmp_path, model, source: str = "card") -> GatewayCloud:
-    """A gateway serving ``model`` as "cam" with CLOUD_PRE, from its card or its config.toml."""
-    cloud = GatewayCloud(tmp_path / "cloud", model, "cam")
-    if source == "card":
-        card = cloud.repository / "cam" / "1" / "model.onnx.card.json"
-        card.write_text(json.dumps({"name": "cam", "preprocess": CLOUD_PRE}))
-    else:
-        lines = [f"{k} = {json.dumps(v)}" for k, v in CLOUD_PRE.items()]
-        (cloud.repository / "cam" / "config.toml").write_text("[preprocess]\n" + "\n".join(lines) + "\n")
-    return cloud.start()
-
-
-def cloud_answer(cloud_model, data: list[bytes]) -> np.ndarray:
-    """What the cloud model gives for frames it decoded with its own preprocess."""
-    spec = Preprocess.model_validate(CLOUD_PRE)
-    tensor = decode_frames(np.array(data, dtype=np.object_), spec, "FP32").tensor
-    return reference_logits(cloud_model, tensor.reshape(len(data), -1))
 
 
 TRITON_FRAMES = """
