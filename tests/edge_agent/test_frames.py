@@ -25,7 +25,7 @@ from tests.support.images import JPEG_TOLERANCE, encode, gif, png_header, scene,
 from tests.support.net import wait_for
 from tests.support.onnx_models import image_classifier, reference_logits
 from tests.support.proxy import HeldProxy
-from tests.support.services import Client, start_agent
+from tests.support.services import Client, GatewayCloud, start_agent
 from tests.support.triton import run_triton
 
 LABELS = ["ok", "scratch", "spot", "crack"]
@@ -294,3 +294,22 @@ def test_a_model_swapped_in_without_a_card_keeps_the_frames_input(tmp_path, mode
     np.testing.assert_allclose(before.outputs["logits"], reference_logits(edge, tensor), rtol=1e-4, atol=1e-4)
     assert after.model_version == "2"
     np.testing.assert_allclose(after.outputs["logits"], reference_logits(bare, tensor), rtol=1e-4, atol=1e-4)
+
+
+def test_a_cloud_without_frames_gets_the_edge_models_tensor(tmp_path, models):
+    """A plain KServe v2 cloud (no preprocess, the edge model's input): frames escalate as the tensor."""
+    edge, _ = models
+    plain = image_classifier(tmp_path / "plain.onnx", seed=7)  # 16x16 like the edge model, no card
+    cloud = GatewayCloud(tmp_path / "plain-cloud", plain, "cam").start()
+    data = np.array([encode(scene(70, 48, 64), "JPEG")], dtype=np.object_)
+    tensor = decode_frames(data, Preprocess.model_validate(EDGE_PRE), "FP32").tensor
+    try:
+        with start_agent(tmp_path / "edge", edge, cloud.port, **ESCALATING) as agent:
+            r = Client(agent.port).infer("cam", {"frames": data}, escalate="always")
+        stored = cloud.stored()
+    finally:
+        cloud.stop()
+    assert r.parameters[AgentResponse.SOURCE] == "cloud"
+    np.testing.assert_allclose(r.outputs["logits"], reference_logits(plain, tensor.reshape(1, -1)), atol=1e-4)
+    assert len(stored) == 1 and set(stored[0].inputs) == {"image"}
+    np.testing.assert_allclose(stored[0].inputs["image"], tensor[0], atol=1e-6)
