@@ -230,8 +230,7 @@ class Cascade:
             latency_s=time.perf_counter() - started, confidences=confidence.tolist()))
         params = self._parameters(call, from_cloud, degraded, rate_limited)
         params[AgentResponse.ESCALATED] = bool(sent.size)
-        if options.stream:
-            params[AgentResponse.REUSED] = bool(reused.any())
+        params[AgentResponse.REUSED] = bool(reused.any())
         return InferResponse(model_name=model.name, model_version=model.version, id=request.id,
                              outputs=self._select_outputs(call, from_cloud), parameters=params)
 
