@@ -139,8 +139,8 @@ class Cascade:
         self.accepting = True
         self._slots = threading.BoundedSemaphore(max_in_flight)  # escalations waiting on the cloud
         # audits and background escalations never pile up behind a slow cloud
-        self._audits = ThreadPoolExecutor(max_workers=2, thread_name_prefix="background")
-        self._audit_slots = threading.BoundedSemaphore(8)
+        self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="background")
+        self._background_slots = threading.BoundedSemaphore(8)
         self._random = random.Random()
         self.frames = frames or FramesSection()
         self._decoding = threading.BoundedSemaphore(self.frames.max_decoding)
@@ -351,7 +351,7 @@ class Cascade:
         most as many at once as there are background slots. An unsure row that finds none, or whose
         cloud fails, is spooled, so the store still gets it; an audit that finds none is skipped."""
         upstream = self._upstream(call, rows, reason)
-        if not self._audit_slots.acquire(blocking=False):
+        if not self._background_slots.acquire(blocking=False):
             if reason != "audit" and self.spool is not None:
                 self.spool.put(upstream)
             return
@@ -370,9 +370,9 @@ class Cascade:
                 if self.spool is not None:
                     self.spool.put(upstream)
             finally:
-                self._audit_slots.release()
+                self._background_slots.release()
 
-        self._audits.submit(send)
+        self._background.submit(send)
 
     @staticmethod
     def _select_outputs(call: _Call, from_cloud: np.ndarray) -> dict[str, np.ndarray]:
@@ -401,7 +401,7 @@ class Cascade:
 
     def close(self) -> None:
         self.accepting = False
-        self._audits.shutdown(wait=True, cancel_futures=True)
+        self._background.shutdown(wait=True, cancel_futures=True)
 
 
 def upstream_bytes(request: InferRequest) -> int:

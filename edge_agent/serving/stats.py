@@ -75,7 +75,8 @@ class Stats:
             self.reused += call.reused_rows
             for b in bins:
                 self.histogram[b] += 1
-            path = "escalated" if call.escalated_rows else "edge"
+            # a call that waited for the cloud; background escalations and reused answers did not
+            path = "escalated" if call.cloud_rows or call.degraded_rows else "edge"
             self._latency[path].append(call.latency_s)
             self._latency_count[path] += 1
             self._latency_sum[path] += call.latency_s

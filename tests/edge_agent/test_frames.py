@@ -198,6 +198,7 @@ def test_background_escalation_answers_before_the_cloud_and_the_row_is_stored(tm
             by_default = client.infer("cam", {"frames": data}, request_id="bg-2")  # the model's default
             assert proxy.arrived.acquire(timeout=20)
             assert cloud.stored() == [], "the cloud has not answered yet"
+            waited = agent.cascade.stats.snapshot()["latency_totals"]
             proxy.let_go.set()
             assert wait_for(lambda: len(cloud.stored()) == 2, timeout=20)
     finally:
@@ -210,6 +211,7 @@ def test_background_escalation_answers_before_the_cloud_and_the_row_is_stored(tm
         assert p[AgentResponse.SOURCE] == "edge" and p[AgentResponse.ESCALATED] is True
         assert p[AgentResponse.DEGRADED] is False and p[AgentResponse.ESCALATED_ROWS] == 0
         np.testing.assert_allclose(r.outputs["logits"], edge_logits, rtol=1e-4, atol=1e-4)
+    assert waited["edge"]["count"] == 2 and waited["escalated"]["count"] == 0  # none waited for the cloud
     stored = cloud.stored()
     assert {e.request_id for e in stored} == {"bg-1", "bg-2"}
     assert {e.reason for e in stored} == {"low_confidence"}
