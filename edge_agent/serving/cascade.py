@@ -301,7 +301,8 @@ class Cascade:
     def _escalate(self, call: _Call, rows: np.ndarray, reason: EscalationReason) -> bool:
         """Ask the cloud for ``rows`` and merge its answer into the call's outputs; False when degraded."""
         upstream = self._upstream(call, rows, reason)
-        self.stats.upstream(upstream_bytes(upstream))
+        size = upstream_bytes(upstream)
+        self.stats.upstream(size)
         started = time.perf_counter()
         try:
             reply = self.link.ask(call.model, upstream, self.deadline_s)
@@ -314,7 +315,7 @@ class Cascade:
         call.merge(rows, cloud_rows)
         self._remember(call, rows, cloud_rows)
         log.info("event=escalation request_id=%s rows=%d outcome=cloud bytes=%d latency_ms=%.1f",
-                 call.request_id, rows.size, upstream_bytes(upstream), (time.perf_counter() - started) * 1000)
+                 call.request_id, rows.size, size, (time.perf_counter() - started) * 1000)
         return True
 
     def _degraded(self, call: _Call, upstream: InferRequest, rows: int, error: str, started: float,
