@@ -20,7 +20,7 @@ from edgecloud.preprocess import Preprocess, decode_frames
 from edgecloud.protocol.codec import tensor_to_raw
 from edgecloud.protocol.parameters import AgentResponse
 from tests.support.fleet import Scrape
-from tests.support.frames import cloud_answer, frames_cloud
+from tests.support.frames import cloud_answer, cloud_tensor, frames_cloud
 from tests.support.images import JPEG_TOLERANCE, encode, gif, png_header, scene, tensor_of
 from tests.support.net import wait_for
 from tests.support.onnx_models import image_classifier, reference_logits
@@ -39,7 +39,7 @@ SIZES = [(16, 16), (48, 64), (480, 640), (31, 17)]
 def models(tmp_path):
     edge = image_classifier(tmp_path / "edge.onnx", seed=0, card={
         "name": "cam", "version": 1, "labels": LABELS, "preprocess": EDGE_PRE})
-    cloud = image_classifier(tmp_path / "cloud.onnx", size=(24, 24), seed=1)
+    cloud = image_classifier(tmp_path / "cloud.onnx", size=(24, 24), seed=1, echo=True)  # shows what it saw
     return edge, cloud
 
 
@@ -171,6 +171,10 @@ def test_escalated_frames_reach_the_gateway_as_sent_and_are_stored_as_frames(tmp
         assert bytes(np.asarray(example.inputs["frames"]).reshape(-1)[0]) == frame
         assert set(example.inputs) == {"frames"}
         np.testing.assert_allclose(example.cloud_outputs["logits"], logits, rtol=1e-4, atol=1e-4)
+    # what the cloud model was given: the frames through its own preprocess, at its own size
+    seen = np.stack([e.cloud_outputs["seen"] for e in stored[:3]])
+    assert seen.shape == (3, 1, 24, 24)
+    np.testing.assert_allclose(seen, cloud_tensor(data), atol=1e-6)
 
     out = tmp_path / "train.npz"
     assert write_training_set(stored, out) == 4

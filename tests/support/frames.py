@@ -29,8 +29,12 @@ def frames_cloud(tmp_path: Path, model: Path, source: str = "card") -> GatewayCl
     return cloud.start()
 
 
+def cloud_tensor(data: list[bytes]) -> np.ndarray:
+    """The tensor the cloud model must be given for ``data``: the frames through CLOUD_PRE."""
+    spec = Preprocess.model_validate(CLOUD_PRE)
+    return decode_frames(np.array(data, dtype=np.object_), spec, "FP32").tensor
+
+
 def cloud_answer(cloud_model: Path, data: list[bytes]) -> np.ndarray:
     """What the cloud model gives for frames it decoded with its own preprocess."""
-    spec = Preprocess.model_validate(CLOUD_PRE)
-    tensor = decode_frames(np.array(data, dtype=np.object_), spec, "FP32").tensor
-    return reference_logits(cloud_model, tensor.reshape(len(data), -1))
+    return reference_logits(cloud_model, cloud_tensor(data).reshape(len(data), -1))
