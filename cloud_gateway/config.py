@@ -24,6 +24,7 @@ from edgecloud.config import (
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.mqtt.client import MqttConfig
 from edgecloud.mqtt.topics import check_id
+from edgecloud.preprocess import DEFAULT_MAX_PIXELS, Preprocess
 
 #: loopback, so a gateway started without TLS is never reachable from the network by accident
 DEFAULT_LISTEN = "127.0.0.1:9001"
@@ -40,6 +41,10 @@ class ModelConfig(Section):
                                  "batch runs while one is in flight; more for a remote backend")
     warmup_rows: int = Field(1, ge=1, description="batch size of the warm-up run at load")
     labels: tuple[str, ...] = Field((), description="class labels for the classification extension")
+    preprocess: Preprocess | None = Field(None, description="how encoded frames become the model's input; "
+                                          "default: the model card's preprocess (docs/design.md §10)")
+    max_frame_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="largest frame (width x height) "
+                                  "decoded; a larger header is refused before decoding")
     backend: BackendOptions
 
     @model_validator(mode="after")

@@ -11,11 +11,14 @@ the gateway has answered, the agent drops the case from its spool, so the store 
 on disk. The store is bounded by a row count and an age; both are enforced as rows are added, oldest
 first. One connection behind a lock serves every thread (the gateway's gRPC workers); exports from
 another process read a consistent snapshot. A store file written before the key held the device
-and the digest is migrated when it is opened (``SCHEMA_VERSION``, SQLite's ``user_version``).
+and the digest is migrated when it is opened (``SCHEMA_VERSION``, SQLite's ``user_version``). An
+escalated frame is stored as the encoded bytes the device sent (docs/design.md §10), and exported as
+an image file.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import logging
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecloud.errors import EdgecloudError
-from edgecloud.files import atomic_open
+from edgecloud.files import atomic_open, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,10 @@ REUSED = ("SELECT 1 FROM examples WHERE device = ? AND request_id = ? AND row = 
 META_KEYS = ("request_id", "row", "device", "reason", "deferred", "edge_model_version", "cloud_model",
              "cloud_model_version", "edge_prediction", "edge_confidence", "cloud_prediction", "created_at")
 CLOUD_PREFIX = "cloud."
+#: how an encoded frame begins, and the suffix its exported file gets
+IMAGE_MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"))
+#: the labels file written beside a training set's image files
+LABELS_FILE = "labels.csv"
 #: how often age-based pruning runs while rows are added
 RETENTION_CHECK_S = 60.0
 DAY_S = 86400.0
@@ -274,11 +281,30 @@ class HardExampleStore:
         self.close()
 
 
-def training_arrays(examples: list[HardExample]) -> dict[str, np.ndarray]:
-    """Stack examples into a training set: one array per input name ([N, …]), every cloud output as
-    ``cloud.<name>``, ``cloud_prediction`` (argmax of the cloud's first output per row), and the
-    provenance columns of :data:`META_KEYS` (``edge_prediction`` -1 and ``edge_confidence`` NaN
-    where the edge sent none)."""
+def image_suffix(value: object) -> str | None:
+    """``.jpg`` or ``.png`` when ``value`` (one row of an input) is a single encoded JPEG or PNG frame."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "SO" or array.size != 1:
+        return None
+    data = array.reshape(-1)[0]
+    if not isinstance(data, bytes):
+        return None
+    return next((suffix for magic, suffix in IMAGE_MAGIC if data.startswith(magic)), None)
+
+
+def frame_inputs(examples: list[HardExample]) -> list[str]:
+    """The inputs whose every row is an encoded frame: exported as image files."""
+    names = examples[0].inputs if examples else ()
+    return [name for name in names
+            if all(image_suffix(e.inputs.get(name)) is not None for e in examples)]
+
+
+def training_arrays(examples: list[HardExample],
+                    files: Mapping[str, list[str]] | None = None) -> dict[str, np.ndarray]:
+    """Stack examples into a training set: one array per input name ([N, …]; for an input in
+    ``files``, the file name of each row's image instead), every cloud output as ``cloud.<name>``,
+    ``cloud_prediction`` (argmax of the cloud's first output per row), and the provenance columns of
+    :data:`META_KEYS` (``edge_prediction`` -1 and ``edge_confidence`` NaN where the edge sent none)."""
     arrays: dict[str, np.ndarray] = {
         "request_id": np.array([e.request_id for e in examples], dtype=str),
         "row": np.array([e.row for e in examples], dtype=np.int64),
@@ -300,7 +326,8 @@ def training_arrays(examples: list[HardExample]) -> dict[str, np.ndarray]:
     for name in examples[0].inputs:
         if name in META_KEYS:
             raise EdgecloudError(f"input {name!r} clashes with an export column; rename it in the model")
-        arrays[name] = _stack(examples, "inputs", name)
+        arrays[name] = np.array(files[name], dtype=str) if files and name in files else _stack(
+            examples, "inputs", name)
     for name in examples[0].cloud_outputs:
         arrays[CLOUD_PREFIX + name] = _stack(examples, "cloud_outputs", name)
     first = arrays[CLOUD_PREFIX + next(iter(examples[0].cloud_outputs))]
@@ -318,9 +345,45 @@ def _stack(examples: list[HardExample], kind: str, name: str) -> np.ndarray:
 
 def write_training_set(examples: list[HardExample], path: Path) -> int:
     """Write ``examples`` as a training set ``.npz`` (see :func:`training_arrays`), replacing the file
-    atomically; returns the number of rows."""
-    arrays = training_arrays(examples)
-    with atomic_open(Path(path)) as f:
+    atomically; returns the number of rows. Encoded frames go beside it as image files, under
+    ``<path without .npz>.frames/<input>/<row>.jpg|png``, with :data:`LABELS_FILE` there naming each
+    file's cloud prediction, edge prediction and provenance."""
+    path = Path(path)
+    folder = path.with_suffix(".frames")
+    files = _write_frames(examples, folder)
+    arrays = training_arrays(examples, files)
+    if files:
+        _write_labels(folder / LABELS_FILE, examples, files, arrays["cloud_prediction"])
+    with atomic_open(path) as f:
         np.savez_compressed(f, **arrays)
     log.info("event=hard_examples_exported rows=%d path=%s", len(examples), path)
     return len(examples)
+
+
+def _write_frames(examples: list[HardExample], folder: Path) -> dict[str, list[str]]:
+    """Each frame input's rows as image files under ``folder``; the file names, relative to
+    ``folder``, per input."""
+    files: dict[str, list[str]] = {}
+    for name in frame_inputs(examples):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        files[name] = []
+        for i, example in enumerate(examples):
+            value = np.asarray(example.inputs[name]).reshape(-1)[0]
+            relative = f"{name}/{i:06d}{image_suffix(value)}"
+            atomic_write(folder / relative, value)
+            files[name].append(relative)
+    return files
+
+
+def _write_labels(path: Path, examples: list[HardExample], files: Mapping[str, list[str]],
+                  predictions: np.ndarray) -> None:
+    """The labels file: per row, its image files, the cloud's and the edge's prediction, provenance."""
+    names = list(files)
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow([*names, "cloud_prediction", "edge_prediction", "request_id", "row", "device", "reason"])
+    for i, example in enumerate(examples):
+        writer.writerow([*(files[name][i] for name in names), int(predictions[i]),
+                         "" if example.edge_prediction is None else example.edge_prediction,
+                         example.request_id, example.row, example.device, example.reason])
+    atomic_write(path, table.getvalue().encode())

@@ -1,5 +1,6 @@
 """The gateway's inference host: validate a request, run it through the model's batcher, keep the rows
-an edge device escalated in the hard-example store, and answer.
+an edge device escalated in the hard-example store, and answer. Encoded frames are decoded with the
+model's own preprocess, on a thread, and stored as they came (docs/design.md §10).
 
 ``infer`` is a coroutine on the server's event loop (``start_async_server``): a call waiting for its
 batch holds no thread, and when the caller's deadline passes gRPC cancels it, so its request leaves
@@ -77,11 +78,14 @@ class GatewayHost:
         if not self.accepting:
             raise ModelUnavailable("the gateway is shutting down")
         model = self.repository.get(request.model_name, request.model_version)
-        rows = check_inputs(model.inputs, request.inputs, model.name)
+        rows = check_inputs(model.contract.expected(request.inputs), request.inputs, model.name)
         check_requested(model.name, request.outputs, [o.name for o in model.outputs])
         collab = read_collaboration(request, rows)
         device = self._device(peer, collab.device_id)
-        outputs = await model.run(request.inputs)
+        inputs = request.inputs
+        if model.preprocess is not None and model.preprocess.frames in inputs:
+            inputs = await asyncio.to_thread(model.model_inputs, inputs)
+        outputs = await model.run(inputs)
         if collab.summary is not None:  # SQLite writes: on a thread, off the event loop
             await asyncio.to_thread(self._keep, model, collab, device, request.inputs, outputs)
         else:

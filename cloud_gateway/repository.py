@@ -6,7 +6,8 @@ serves a model that runs elsewhere instead, as version 1.
 Every version of every model is loaded, warmed up and served at start; an empty version asks for the
 highest. Dot-directories are never served: ``<repo>/.releases/`` holds edge releases for download
 only. A model that fails to load stops the start-up (a gateway silently missing a model would
-answer NOT_FOUND to every device that escalates to it).
+answer NOT_FOUND to every device that escalates to it). A model's ``preprocess`` (``[preprocess]`` in
+its ``config.toml``, else its card's) lets it take encoded frames (docs/design.md §10).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from edgecloud.backends.base import Backend
 from edgecloud.config import build, merge, read_toml
 from edgecloud.errors import ConfigError, ModelLoadError, ModelNotFound
 from edgecloud.guards import InputContract
-from edgecloud.modelcard import input_guards, read_card
+from edgecloud.modelcard import card_preprocess, input_guards, read_card
+from edgecloud.preprocess import Preprocess, decode_frames
 from edgecloud.protocol.codec import ModelMetadata
 from edgecloud.tensors import TensorSpec
 
@@ -49,10 +51,27 @@ class ServedModel:
     contract: InputContract
     batcher: Batcher | None = None
     runs: ThreadPoolExecutor | None = None
+    #: how encoded frames become its input (None: tensors only)
+    preprocess: Preprocess | None = None
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         return self.backend.inputs
+
+    @property
+    def served_inputs(self) -> tuple[TensorSpec, ...]:
+        """The inputs ModelMetadata lists: the model's, then its frames input."""
+        return self.inputs if self.preprocess is None else (*self.inputs, self.preprocess.frames_spec)
+
+    def model_inputs(self, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """A request's inputs as the model takes them: its frames, when it sent some, decoded into the
+        input they feed (CPU work: callers run it off the event loop)."""
+        spec = self.preprocess
+        if spec is None or spec.frames not in inputs:
+            return inputs
+        fed = next(s for s in self.inputs if s.name == spec.input)
+        decoded = decode_frames(inputs[spec.frames], spec, fed.datatype, self.config.max_frame_pixels)
+        return {**{k: v for k, v in inputs.items() if k != spec.frames}, spec.input: decoded.tensor}
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
@@ -80,7 +99,9 @@ def batchable(specs: tuple[TensorSpec, ...]) -> bool:
 
 def load_model(name: str, version: int, path: Path, config: ModelConfig) -> ServedModel:
     """Open, warm up and (when the model allows it) give a batcher to one model version."""
-    guards = input_guards(read_card(path), f"model card of {path}")
+    card = read_card(path)
+    guards = input_guards(card, f"model card of {path}")
+    preprocess = config.preprocess or card_preprocess(card, f"model card of {path}")
     key = backend_key_for(path, config.platform)
     backend = open_backend(path, key, getattr(config.backend, key, None))
     dynamic = batchable(backend.inputs + backend.outputs)
@@ -91,11 +112,14 @@ def load_model(name: str, version: int, path: Path, config: ModelConfig) -> Serv
         backend.close()
         raise ModelLoadError(f"model {name!r} version {version}: warm-up failed: {e}") from e
     try:
-        contract = InputContract.build(name, backend.inputs, guards)
+        if preprocess is not None:
+            preprocess.check_fits(backend.inputs, name)
+        contract = InputContract.build(name, backend.inputs, guards, frames=None if preprocess is None else
+                                       (preprocess.frames, preprocess.input))
     except ModelLoadError:
         backend.close()
         raise
-    served = ServedModel(name, version, config, backend, contract)
+    served = ServedModel(name, version, config, backend, contract, preprocess=preprocess)
     if config.max_batch_size > 0 and dynamic:
         served.batcher = Batcher(f"{name}:{version}", backend.infer, config.max_batch_size,
                                  config.max_queue_delay_us, config.max_queue_size, config.concurrent_runs)
@@ -200,7 +224,8 @@ class ModelRepository:
     def metadata(self, name: str, version: str = "") -> ModelMetadata:
         model = self.get(name, version)
         return ModelMetadata(name=name, versions=tuple(str(v) for v in self.versions(name)),
-                             platform=model.backend.platform, inputs=model.inputs, outputs=model.outputs)
+                             platform=model.backend.platform, inputs=model.served_inputs,
+                             outputs=model.outputs)
 
     def close(self) -> None:
         """Stop every batcher and release every backend; safe to call twice."""

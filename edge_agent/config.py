@@ -18,6 +18,7 @@ from edgecloud.channel import ClientTLS
 from edgecloud.config import AdmissionSection, MetricsSection, RestSection, Section
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.mqtt.client import MqttConfig
+from edgecloud.preprocess import DEFAULT_MAX_PIXELS
 
 DEFAULT_LISTEN = "127.0.0.1:8001"
 
@@ -71,6 +72,22 @@ class CascadeSection(Section):
     score_output: str | None = Field(None, description="output holding the class scores")
     scores: Literal["logits", "probabilities"] | None = None
     audit_rate: float = Field(0.0, ge=0, le=1, description="share of confident rows also sent, in background")
+    escalate: Literal["auto", "always", "never", "background"] = Field(
+        "auto", description="the model's default for requests that do not set edgecloud.escalate; "
+        "background: the edge answers at once, unsure rows go to the cloud without waiting")
+
+
+class FramesSection(Section):
+    """``[frames]``: encoded frames (docs/design.md §10): how much one may decode to, how many decode at
+    once, and when a still camera's frame reuses the cloud answer of its last escalated one."""
+
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="largest frame (width x height) decoded; "
+                            "a larger header is refused before decoding")
+    max_decoding: int = Field(2, gt=0, description="requests decoding frames at once; others wait")
+    reuse_window_s: float = Field(10.0, ge=0, description="how long a stream's last cloud answer may be "
+                                  "reused for a nearly identical frame; 0 = never")
+    reuse_max_mad: float = Field(2.0, ge=0, description="mean absolute difference (0-255) of 16x16 "
+                                 "grayscale thumbnails under which two frames count as the same scene")
 
 
 class ServedModelSection(ModelSection):
@@ -159,6 +176,7 @@ class AgentConfig(Section):
     backend: BackendOptions
     cascade: CascadeSection = Field(default_factory=CascadeSection)
     cloud: CloudSection = Field(default_factory=CloudSection)
+    frames: FramesSection = Field(default_factory=FramesSection)
     spool: SpoolSection = Field(default_factory=SpoolSection)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     fleet: FleetSection = Field(default_factory=FleetSection)

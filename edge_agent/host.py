@@ -96,7 +96,7 @@ class ModelUnit:
             self.replayer = Replayer(self.spool, self.link, slot, config.spool.replay_interval_s)
         self.cascade = Cascade(slot, config.agent.device_id, self.link, self.spool, bucket,
                                cloud.deadline_ms / 1000.0, config.cascade.audit_rate, stats=self.stats,
-                               max_in_flight=cloud.max_in_flight)
+                               max_in_flight=cloud.max_in_flight, frames=config.frames)
 
     @classmethod
     def failed(cls, config: AgentConfig, totals: Stats, error: Exception) -> ModelUnit:

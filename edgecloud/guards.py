@@ -18,7 +18,7 @@ first bad row only when there is one.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,13 +89,17 @@ class InputContract:
     inputs: tuple[TensorSpec, ...]
     guards: Mapping[str, InputGuard] = field(default_factory=dict)
     max_rows: int | None = None
+    #: (frames input, the input it feeds) when the model takes encoded frames (docs/design.md §10)
+    frames: tuple[str, str] | None = None
 
     @classmethod
     def build(cls, model: str, inputs: tuple[TensorSpec, ...], guards: Sequence[InputGuard] = (),
-              allow_nonfinite: bool | None = None, max_rows: int | None = None) -> InputContract:
+              allow_nonfinite: bool | None = None, max_rows: int | None = None,
+              frames: tuple[str, str] | None = None) -> InputContract:
         """The contract of a loaded model: ``guards`` from its card, ``allow_nonfinite`` (when set)
-        over every input's, and ``max_rows`` (None: sized to the model, :func:`default_max_rows`).
-        ModelLoadError when a guard names no input of the model, or a range a non-numeric one."""
+        over every input's, ``max_rows`` (None: sized to the model, :func:`default_max_rows`) and the
+        frames input its preprocess declares. ModelLoadError when a guard names no input of the model,
+        or a range a non-numeric one."""
         specs = {s.name: s for s in inputs}
         table = {}
         for guard in guards:
@@ -110,11 +114,19 @@ class InputContract:
         if allow_nonfinite is not None:
             table = {name: InputGuard(name, allow_nonfinite, table[name].range if name in table else None)
                      for name in specs}
-        return cls(model, inputs, table, default_max_rows(inputs) if max_rows is None else max_rows)
+        return cls(model, inputs, table, default_max_rows(inputs) if max_rows is None else max_rows, frames)
+
+    def expected(self, names: Collection[str]) -> tuple[TensorSpec, ...]:
+        """The inputs a request naming ``names`` must carry: the model's, with the frames input in place
+        of the one it feeds when the request names the frames input."""
+        if self.frames is None or self.frames[0] not in names:
+            return self.inputs
+        frames, fed = self.frames
+        return (*(s for s in self.inputs if s.name != fed), TensorSpec(frames, "BYTES", (-1,)))
 
     def check_headers(self, headers: Mapping[str, Header]) -> int:
         """Names, datatypes, shapes and the row cap, from the tensors' headers alone; the batch size."""
-        rows = check_headers(self.inputs, headers, self.model)
+        rows = check_headers(self.expected(headers), headers, self.model)
         if self.max_rows is not None and rows > self.max_rows:
             raise InvalidInput(f"model {self.model!r}: {rows} rows in one request, at most {self.max_rows}; "
                                "split the batch")
@@ -125,7 +137,8 @@ class InputContract:
         ±Inf that its guard does not allow."""
         for spec in self.inputs:
             guard = self.guards.get(spec.name)
-            if spec.datatype not in FLOAT_DATATYPES or (guard is not None and guard.allow_nonfinite):
+            if spec.name not in inputs or spec.datatype not in FLOAT_DATATYPES or (
+                    guard is not None and guard.allow_nonfinite):
                 continue
             array = inputs[spec.name]
             index = _first_nonfinite(array)

@@ -24,6 +24,7 @@ from edgecloud.errors import ModelLoadError
 from edgecloud.files import atomic_write, file_sha256
 from edgecloud.guards import InputGuard
 from edgecloud.jsontypes import Int, Number, Str
+from edgecloud.preprocess import Preprocess
 from edgecloud.tensors import TensorSpec
 
 CARD_SUFFIX = ".card.json"
@@ -127,6 +128,20 @@ def input_guards(card: Mapping[str, Any], where: str = "model card") -> tuple[In
     return tuple(guards)
 
 
+def card_preprocess(card: Mapping[str, Any], where: str = "model card") -> Preprocess | None:
+    """The card's ``preprocess`` (docs/design.md §10), or None when it declares none; ModelCardError
+    naming the key when it is malformed."""
+    data = card.get("preprocess")
+    if data is None:
+        return None
+    try:
+        return Preprocess.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'preprocess'}: {err['msg']}"
+                             for err in e.errors())
+        raise ModelCardError(f"{where}: preprocess: {problems}") from None
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """A model card; ``load``/``save`` address it by the model's path, not the card's."""
@@ -147,6 +162,8 @@ class ModelCard:
     calibrated_on: Mapping[str, Any] | None = field(default=None)
     #: what the inputs' values may be (written into their ``inputs`` entries)
     guards: tuple[InputGuard, ...] = ()
+    #: how encoded frames become the model's input (None: it takes tensors only)
+    preprocess: Preprocess | None = None
 
     @classmethod
     def describe(cls, model_path: Path, **fields: Any) -> ModelCard:
@@ -176,12 +193,13 @@ class ModelCard:
         if not isinstance(data, Mapping):
             raise ModelCardError(f"{where} is not a JSON object")
         try:
-            card = _CARD.validate_python({**data, "guards": ()})  # guards are read from the inputs
+            # guards are read from the inputs, preprocess by its own model
+            card = _CARD.validate_python({**data, "guards": (), "preprocess": None})
         except ValidationError as e:
             raise ModelCardError(_complaint(e, where)) from None
         except ModelCardError as e:  # the calibration's own ranges
             raise ModelCardError(f"{where}: {e}") from None
-        return replace(card, guards=input_guards(data, where))
+        return replace(card, guards=input_guards(data, where), preprocess=card_preprocess(data, where))
 
     def to_dict(self) -> dict[str, Any]:
         guards = {g.name: g for g in self.guards}
@@ -193,6 +211,8 @@ class ModelCard:
         }
         if self.calibrated_on is not None:
             out["calibrated_on"] = dict(self.calibrated_on)
+        if self.preprocess is not None:
+            out["preprocess"] = self.preprocess.model_dump(mode="json")
         out.update(metrics=dict(self.metrics), size=self.size, sha256=self.sha256,
                    created_at=self.created_at, source=dict(self.source))
         return out

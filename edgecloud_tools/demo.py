@@ -8,6 +8,11 @@ across a factory uplink. The same images also go edge-only (``escalate=never``) 
 When mosquitto is installed, the agent also joins a fleet on a local broker and, half-way through the
 cascade stream, the better edge model (v2) is published to it as a signed release: the summary shows
 the escalation rate before and after the hot swap and how many requests failed across it.
+
+Last, a camera-style local app (:mod:`edgecloud_tools.camera_client`, tritonclient in its own process)
+sends the patches as JPEG frames of several camera sizes and reads the labels back, then streams one
+still scene: the summary shows the bytes sent upstream per escalated row (the original frame) and how
+many frames of the still stream reused the cloud's answer.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import argparse
 import itertools
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -26,6 +33,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgecloud.client import KServeClient
 from edgecloud.endpoint import free_loopback_port
@@ -40,6 +48,9 @@ from edgecloud_tools.toolchain import CLOUD_NAME, EDGE_INT8, EDGE_V2_INT8, MODEL
 
 DEVICE = "demo-line-1"
 UPDATE_TIMEOUT_S = 60.0
+CAMERA_TIMEOUT_S = 180.0
+#: the agent's counters the camera part reads before and after it
+UPSTREAM, ESCALATED = "edgecloud_upstream_bytes_total", "edgecloud_escalated_rows_total"
 
 
 @dataclass
@@ -112,6 +123,45 @@ def stream(client: KServeClient, model: str, images: np.ndarray, labels: np.ndar
     return run
 
 
+def counters(metrics_port: int) -> dict[str, float]:
+    """The agent's counters from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def camera(agent_port: int, metrics_port: int, model: str, n: int) -> dict:
+    """Run the camera client against the agent; its JSON, with the bytes the agent sent upstream per
+    row it escalated meanwhile."""
+    before = counters(metrics_port)
+    proc = subprocess.run([sys.executable, "-m", "edgecloud_tools.camera_client", "--url",
+                           f"127.0.0.1:{agent_port}", "--model", model, "--n", str(n)],
+                          capture_output=True, text=True, timeout=CAMERA_TIMEOUT_S, check=False)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    after = counters(metrics_port)
+    rows = after.get(ESCALATED, 0) - before.get(ESCALATED, 0)
+    sent = after.get(UPSTREAM, 0) - before.get(UPSTREAM, 0)
+    result["upstream_bytes_per_escalated_row"] = round(sent / rows) if rows else None
+    return result
+
+
+def format_camera(c: dict) -> list[str]:
+    if "error" in c:
+        return [f"camera client failed: {c['error']}"]
+    sizes = ", ".join(f"{w}x{h}" for h, w in c["sizes"])
+    per_row = c["upstream_bytes_per_escalated_row"]
+    still = c["still"]
+    return [f"camera client (tritonclient, JPEG frames {sizes}): {c['frames']} frames, "
+            f"{c['labelled_right'] / max(c['frames'], 1):.1%} labelled right, {c['escalated']} escalated, "
+            f"p50 {c['p50_ms']:.1f} ms",
+            f"  upstream per escalated row: {'-' if per_row is None else f'{per_row:,}'} bytes (the original "
+            f"frame, ~{c['mean_frame_bytes']:,} bytes; the model's tensor would be {c['tensor_bytes']:,})",
+            f"  still stream {still['stream']} ({still['frames']} frames of one scene, every one unsure): "
+            f"{still['escalated']} escalated, {still['reused']} reused the cloud's answer"]
+
+
 def summarize(edge: Run, cloud: Run, cascade: Run, during: Run | None = None,
               update: UpdateOutcome | None = None) -> dict:
     """The figures the demo reports, as one JSON-able dict."""
@@ -176,6 +226,8 @@ def format_table(s: dict, wan_ms: int) -> str:
               f"failed requests: {s['failed_requests']}"]
     if "update" in s:
         lines += ["", *format_update(s["update"])]
+    if "camera" in s:
+        lines += ["", *format_camera(s["camera"])]
     return "\n".join(lines)
 
 
@@ -205,7 +257,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     images, labels = make_split("test", args.n)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="edgecloud-demo-"))
-    gw_port, agent_port = free_loopback_port(), free_loopback_port()
+    gw_port, agent_port, metrics_port = free_loopback_port(), free_loopback_port(), free_loopback_port()
     print(f"edgecloud demo: {args.n} held-out images, WAN {args.wan_ms} ms, logs in {workdir}",
           file=sys.stderr)
     fleet = None
@@ -226,7 +278,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "--cloud", f"127.0.0.1:{gw_port}", "--cloud-model", CLOUD_NAME,
         "--deadline-ms", str(args.deadline_ms), "--max-per-s", "1000",
         "--state-dir", str(workdir / "agent-state"), "--device-id", DEVICE,
-        "--metrics-listen", f"127.0.0.1:{free_loopback_port()}", *(fleet.agent_flags() if fleet else [])],
+        "--metrics-listen", f"127.0.0.1:{metrics_port}", *(fleet.agent_flags() if fleet else [])],
         agent_port, workdir / "agent.log")
     with ExitStack() as stack:
         if fleet is not None:
@@ -248,7 +300,10 @@ def run_demo(args: argparse.Namespace) -> int:
                             until=fleet.settled_or_timed_out(UPDATE_TIMEOUT_S))
             stream(edge_client, model, images[half:], labels[half:], "cascade", run=cascade)
             fleet.wait_watched(WATCH_S + UPDATE_TIMEOUT_S)
+        camera_part = camera(agent_port, metrics_port, model, args.camera) if args.camera else None
     summary = summarize(edge, cloud, cascade, during, fleet.outcome if fleet else None)
+    if camera_part is not None:
+        summary["camera"] = camera_part
     print(format_table(summary, args.wan_ms))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -270,6 +325,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="skip the update part")
     p.add_argument("--repository", type=Path, default=models / REPOSITORY,
                    help="the cloud's model repository (copied, never written)")
+    p.add_argument("--camera", type=int, default=100, metavar="N",
+                   help="frames the camera-style client sends at the end (default 100; 0 = skip)")
     p.add_argument("--workdir", type=Path, help="where logs and state go (default: a new temp dir)")
     p.add_argument("--json", type=Path, help="also write the summary as JSON here")
     p.set_defaults(func=run_demo)

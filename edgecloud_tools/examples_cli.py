@@ -3,7 +3,9 @@
 The file holds one stacked array per model input, every cloud output as ``cloud.<name>``,
 ``cloud_prediction`` (argmax of the cloud's first output), and per row ``edge_prediction``,
 ``edge_confidence``, ``request_id``, ``row``, ``device``, ``reason``, ``deferred``, versions and
-``created_at`` (UNIX seconds). Load it with ``numpy.load(path)``.
+``created_at`` (UNIX seconds). Load it with ``numpy.load(path)``. Escalated camera frames (an input
+whose every row is one encoded JPEG or PNG) are written as image files under ``<out>.frames/<input>/``,
+with ``labels.csv`` there, and the ``.npz`` holds their file names (docs/design.md §10).
 """
 
 from __future__ import annotations

@@ -1,6 +1,12 @@
 """The link to the cloud: one gRPC channel to any KServe v2 server, its circuit breaker, and the
 one-time check that the cloud model speaks the edge model's contract.
 
+An edge model that takes encoded frames escalates a frames request's original bytes (docs/design.md
+§10) to a cloud model that lists the same frames input; that cloud's tensor input may differ (it often
+looks at more pixels), and then only a tensor request is refused, per call (CloudIncompatible, never
+spooled). A cloud model without the frames input gets the frames decoded into the edge model's tensor
+instead, so a plain KServe v2 cloud keeps working. Either way the outputs must match.
+
 Recovery: while the cloud is away the channel retries its connection at most about a second apart
 (``edgecloud.channel.RECONNECT_OPTIONS``), and the moment it is connected again an open circuit is
 probed (the next escalation is its trial), so the first cloud answer follows the cloud's return
@@ -19,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -29,6 +35,7 @@ from edge_agent.serving.slot import EdgeModel
 from edgecloud.channel import bearer_metadata, open_channel
 from edgecloud.client import KServeClient
 from edgecloud.errors import EdgecloudError
+from edgecloud.preprocess import decode_frames
 from edgecloud.protocol.codec import (
     InferRequest,
     InferResponse,
@@ -69,6 +76,8 @@ class CloudLink:
         self._channel.subscribe(self._connectivity, try_to_connect=True)
         self._checked_for: tuple[str, str] | None = None  # (edge name, edge version) checked
         self._incompatible = ""
+        self._frames_ok = False  # the cloud model takes the edge model's frames input
+        self._tensors_differ = ""  # how the cloud's tensor inputs differ, when it takes the edge's frames
         self._last_error = ""
         self._lock = threading.Lock()
         self._edge: EdgeModel | None = None  # the model the next background check is for
@@ -106,11 +115,20 @@ class CloudLink:
                 raise CloudIncompatible(self._incompatible)
             return
         meta = self._client.metadata(self.model_name(edge), self.cfg.model_version, timeout=timeout)
-        problems = (contract_differences(edge.inputs, meta.inputs, "cloud input")
-                    + contract_differences(edge.outputs, meta.outputs, "cloud output"))
+        tensors = contract_differences(edge.inputs, meta.inputs, "cloud input")
+        problems = contract_differences(edge.outputs, meta.outputs, "cloud output")
+        frames_ok = False
+        if edge.preprocess is not None:
+            fed = edge.preprocess.input
+            frames_inputs = (*(s for s in edge.inputs if s.name != fed), edge.preprocess.frames_spec)
+            frames_ok = not contract_differences(frames_inputs, meta.inputs, "cloud input")
+        if not frames_ok:
+            problems = tensors + problems
         with self._lock:
             self._checked_for = key
             self._incompatible = "; ".join(problems)
+            self._frames_ok = frames_ok
+            self._tensors_differ = "; ".join(tensors)
         if problems:
             log.error("event=cloud_incompatible cloud_model=%s edge_model=%s edge_version=%s problems=%r "
                       "action=escalation_disabled", meta.name, edge.name, edge.version, self._incompatible)
@@ -127,7 +145,7 @@ class CloudLink:
         deadline = time.monotonic() + timeout
         try:
             self._check_contract(edge, timeout)
-            response = self._client.send(request, max(deadline - time.monotonic(), 0.001))
+            response = self._client.send(self._fitted(edge, request), max(deadline - time.monotonic(), 0.001))
         except CloudIncompatible:
             self.circuit.success()  # the link works; the model does not fit
             raise
@@ -144,6 +162,25 @@ class CloudLink:
         self.circuit.success()
         self._last_error = ""
         return response
+
+    def _fitted(self, edge: EdgeModel, request: InferRequest) -> InferRequest:
+        """``request`` as the cloud model takes it: frames for a cloud without the frames input go as the
+        edge model's tensor (decoded again, as the cascade did); a tensor request to a cloud that takes
+        frames and another tensor is CloudIncompatible."""
+        spec = edge.preprocess
+        if spec is None:
+            return request
+        if spec.frames not in request.inputs:
+            if self._tensors_differ and self._frames_ok:
+                raise CloudIncompatible(f"the cloud model takes frames; a tensor request cannot escalate: "
+                                        f"{self._tensors_differ}")
+            return request
+        if self._frames_ok:
+            return request
+        fed = next(s for s in edge.inputs if s.name == spec.input)
+        tensor = decode_frames(request.inputs[spec.frames], spec, fed.datatype, max_pixels=2**62).tensor
+        inputs = {name: value for name, value in request.inputs.items() if name != spec.frames}
+        return replace(request, inputs={**inputs, spec.input: tensor})
 
     def _connectivity(self, state: grpc.ChannelConnectivity) -> None:  # gRPC's thread: no blocking
         if state is grpc.ChannelConnectivity.READY:

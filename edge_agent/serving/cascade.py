@@ -10,6 +10,12 @@ case spooled. Chosen by measurement (2 cores, a 250 ms cloud, 16 escalating clie
 escalation executor the request thread waits on (it still holds the thread), 0.86-1.5 ms with the
 slots and 0.8-1.1 ms with a grpc.aio prototype, which would have turned the shared servicer
 asynchronous and run every edge model call on one event loop.
+
+Encoded frames (docs/design.md §10) are decoded into the model's input first, at most
+``frames.max_decoding`` requests at a time; the cloud gets the original encoded bytes of the unsure
+rows, so it can apply its own preprocessing. ``escalate=background`` answers from the edge at once
+and sends the unsure rows on the audits' bounded background path; a request naming its
+``edgecloud.stream`` reuses the stream's last cloud answer for a frame showing the same scene.
 """
 
 from __future__ import annotations
@@ -29,11 +35,14 @@ import numpy as np
 from edge_agent.cloud.link import CloudError, CloudIncompatible, CloudLink
 from edge_agent.cloud.ratelimit import TokenBucket
 from edge_agent.cloud.spool import Spool
+from edge_agent.config import FramesSection
 from edge_agent.serving.slot import EdgeModel, ModelSlot
 from edge_agent.serving.stats import CallRecord, Stats
+from edge_agent.serving.streams import StreamMemory
 from edgecloud import __version__
 from edgecloud.errors import InvalidInput, ModelNotFound
 from edgecloud.guards import InputContract
+from edgecloud.preprocess import decode_frames
 from edgecloud.protocol.codec import InferRequest, InferResponse, ModelMetadata
 from edgecloud.protocol.outputs import select_outputs
 from edgecloud.protocol.parameters import (
@@ -48,7 +57,7 @@ from edgecloud.tensors import TensorSpec, check_inputs
 
 log = logging.getLogger(__name__)
 
-ESCALATE_MODES = ("auto", "always", "never")
+ESCALATE_MODES = ("auto", "always", "never", "background")
 CONFIDENCE_OUTPUT = TensorSpec(str(AgentResponse.CONFIDENCE), "FP32", (-1,))
 SOURCE_OUTPUT = TensorSpec(str(AgentResponse.SOURCE), "BYTES", (-1,))
 
@@ -59,17 +68,22 @@ class CascadeOptions:
 
     escalate: str
     threshold: float
+    stream: str = ""
 
     @classmethod
-    def parse(cls, params: Mapping[str, object], default_threshold: float) -> CascadeOptions:
-        mode = params.get(AgentRequest.ESCALATE, "auto")
+    def parse(cls, params: Mapping[str, object], default_threshold: float,
+              default_escalate: str = "auto") -> CascadeOptions:
+        mode = params.get(AgentRequest.ESCALATE, default_escalate)
         if mode not in ESCALATE_MODES:
             raise InvalidInput(f"parameter {AgentRequest.ESCALATE}: {mode!r}, expected one of "
                                f"{list(ESCALATE_MODES)}")
         threshold = params.get(AgentRequest.THRESHOLD, default_threshold)
         if not AgentRequest.THRESHOLD.accepts(threshold) or not math.isfinite(threshold):
             raise InvalidInput(f"parameter {AgentRequest.THRESHOLD}: {threshold!r}, expected a finite number")
-        return cls(str(mode), float(threshold))
+        stream = params.get(AgentRequest.STREAM, "")
+        if not isinstance(stream, str):
+            raise InvalidInput(f"parameter {AgentRequest.STREAM}: {stream!r}, expected a string")
+        return cls(str(mode), float(threshold), stream)
 
 
 @dataclass(slots=True)
@@ -80,7 +94,21 @@ class _Call:
     request: InferRequest
     outputs: dict[str, np.ndarray]
     confidence: np.ndarray
+    #: each frame's grayscale thumbnail, for a frames request that names its stream
+    thumbnails: np.ndarray | None = None
+    stream: str = ""
     _request_id: str = ""
+
+    @property
+    def stream_key(self) -> tuple[str, str, str]:
+        return self.model.name, self.model.version, self.stream
+
+    def merge(self, rows: np.ndarray, values: Mapping[str, np.ndarray]) -> None:
+        """Put ``values`` (one row each per row of ``rows``) into the outputs at ``rows``."""
+        for name, rows_values in values.items():
+            merged = np.array(self.outputs[name], copy=True)
+            merged[rows] = rows_values
+            self.outputs[name] = merged
 
     @property
     def request_id(self) -> str:
@@ -99,7 +127,7 @@ class Cascade:
     def __init__(self, slot: ModelSlot, device_id: str, link: CloudLink | None = None,
                  spool: Spool | None = None, bucket: TokenBucket | None = None,
                  deadline_s: float = 0.3, audit_rate: float = 0.0, stats: Stats | None = None,
-                 max_in_flight: int = 16) -> None:
+                 max_in_flight: int = 16, frames: FramesSection | None = None) -> None:
         self.slot = slot
         self.device_id = device_id
         self.link = link
@@ -110,9 +138,13 @@ class Cascade:
         self.stats = stats or Stats()
         self.accepting = True
         self._slots = threading.BoundedSemaphore(max_in_flight)  # escalations waiting on the cloud
-        self._audits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
-        self._audit_slots = threading.BoundedSemaphore(8)  # audits never pile up behind a slow cloud
+        # audits and background escalations never pile up behind a slow cloud
+        self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="background")
+        self._background_slots = threading.BoundedSemaphore(8)
         self._random = random.Random()
+        self.frames = frames or FramesSection()
+        self._decoding = threading.BoundedSemaphore(self.frames.max_decoding)
+        self.streams = StreamMemory(self.frames.reuse_window_s, self.frames.reuse_max_mad)
 
     # --- InferenceHost ------------------------------------------------------------------------
 
@@ -140,7 +172,8 @@ class Cascade:
     def model_metadata(self, name: str, version: str) -> ModelMetadata:
         model = self._model_for(name, version)
         return ModelMetadata(name=model.name, versions=(model.version,), platform=model.backend.platform,
-                             inputs=model.inputs, outputs=(*model.outputs, CONFIDENCE_OUTPUT, SOURCE_OUTPUT))
+                             inputs=model.served_inputs,
+                             outputs=(*model.outputs, CONFIDENCE_OUTPUT, SOURCE_OUTPUT))
 
     def input_contract(self, name: str, version: str) -> InputContract:
         return self._model_for(name, version).contract
@@ -162,21 +195,25 @@ class Cascade:
     def _infer(self, request: InferRequest) -> InferResponse:
         started = time.perf_counter()
         model = self._model_for(request.model_name, request.model_version)
-        options = CascadeOptions.parse(request.parameters, model.settings.threshold)
-        rows = check_inputs(model.inputs, request.inputs, model.name)
-        outputs = model.backend.infer(request.inputs)
+        options = CascadeOptions.parse(request.parameters, model.settings.threshold, self.slot.flags.escalate)
+        inputs, thumbnails = self._model_inputs(model, request, bool(options.stream))
+        rows = check_inputs(model.inputs, inputs, model.name)
+        outputs = model.backend.infer(inputs)
         confidence = np.asarray(model.settings.policy(outputs), dtype=np.float32).reshape(-1)
         if confidence.shape[0] != rows:
             raise InvalidInput(f"confidence policy {model.settings.policy_name!r} gave "
                                f"{confidence.shape[0]} values for {rows} rows")
-        confidence = model.contract.guard_confidence(request.inputs, confidence)
-        call = _Call(model, request, outputs, confidence)
+        confidence = model.contract.guard_confidence(inputs, confidence)
+        call = _Call(model, request, dict(outputs), confidence, thumbnails, options.stream)
 
         wants = self._wants_cloud(confidence, options)
-        sent, rate_limited = self._admit(wants, options.escalate)
-        from_cloud = np.zeros(rows, dtype=bool)
+        reused = self._reuse(call, wants, options.escalate)
+        sent, rate_limited = self._admit(wants & ~reused, options.escalate)
+        from_cloud = reused.copy()
         degraded, in_flight_limited = False, 0
-        if sent.size:
+        if sent.size and options.escalate == "background":
+            self._in_background(call, sent, "low_confidence")
+        elif sent.size:
             reason = "forced" if options.escalate == "always" else "low_confidence"
             if self._slots.acquire(blocking=False):
                 try:
@@ -191,16 +228,51 @@ class Cascade:
         self._maybe_audit(call, wants)
 
         self.stats.record(CallRecord(
-            rows=rows, escalated_rows=int(sent.size), cloud_rows=int(from_cloud.sum()),
+            rows=rows, escalated_rows=int(sent.size), cloud_rows=int(from_cloud.sum() - reused.sum()),
             degraded_rows=int(sent.size) if degraded else 0, rate_limited_rows=rate_limited,
-            in_flight_limited_rows=in_flight_limited, latency_s=time.perf_counter() - started,
-            confidences=confidence.tolist()))
+            in_flight_limited_rows=in_flight_limited, reused_rows=int(reused.sum()),
+            latency_s=time.perf_counter() - started, confidences=confidence.tolist()))
         params = self._parameters(call, from_cloud, degraded, rate_limited)
         params[AgentResponse.ESCALATED] = bool(sent.size)
+        params[AgentResponse.REUSED] = bool(reused.any())
         return InferResponse(model_name=model.name, model_version=model.version, id=request.id,
                              outputs=self._select_outputs(call, from_cloud), parameters=params)
 
     # --- steps ----------------------------------------------------------------------------------
+
+    def _model_inputs(self, model: EdgeModel, request: InferRequest,
+                      thumbnails: bool) -> tuple[Mapping[str, np.ndarray], np.ndarray | None]:
+        """The model's inputs: the request's, with its frames (when it sent some) decoded into the
+        input they feed; and the frames' thumbnails when ``thumbnails`` asks for them."""
+        spec = model.preprocess
+        if spec is None or spec.frames not in request.inputs:
+            return request.inputs, None
+        fed = next(s for s in model.inputs if s.name == spec.input)
+        with self._decoding:
+            frames = decode_frames(request.inputs[spec.frames], spec, fed.datatype, self.frames.max_pixels,
+                                   thumbnails)
+        inputs = {k: v for k, v in request.inputs.items() if k != spec.frames}
+        inputs[spec.input] = frames.tensor
+        return inputs, frames.thumbnails
+
+    def _reuse(self, call: _Call, wants: np.ndarray, mode: str) -> np.ndarray:
+        """Rows wanting the cloud that take their stream's last cloud answer instead (the same scene,
+        within the window), with those answers merged into the outputs; a mask of them."""
+        reused = np.zeros(wants.shape[0], dtype=bool)
+        if call.thumbnails is None or not call.stream or mode == "always" or not self.streams.enabled:
+            return reused
+        for row in np.flatnonzero(wants):
+            answer = self.streams.reuse(call.stream_key, call.thumbnails[row])
+            if answer is not None:
+                call.merge(np.array([row]), {name: value[None] for name, value in answer.items()})
+                reused[row] = True
+        return reused
+
+    def _remember(self, call: _Call, rows: np.ndarray, cloud_rows: Mapping[str, np.ndarray]) -> None:
+        """Keep the cloud's answer for the last of ``rows`` as its stream's latest."""
+        if call.thumbnails is not None and call.stream and self.streams.enabled and rows.size:
+            self.streams.remember(call.stream_key, call.thumbnails[rows[-1]],
+                                  {name: values[-1] for name, values in cloud_rows.items()})
 
     def _wants_cloud(self, confidence: np.ndarray, options: CascadeOptions) -> np.ndarray:
         if options.escalate == "never" or self.link is None:
@@ -233,6 +305,8 @@ class Cascade:
     def _escalate(self, call: _Call, rows: np.ndarray, reason: EscalationReason) -> bool:
         """Ask the cloud for ``rows`` and merge its answer into the call's outputs; False when degraded."""
         upstream = self._upstream(call, rows, reason)
+        size = upstream_bytes(upstream)
+        self.stats.upstream(size)
         started = time.perf_counter()
         try:
             reply = self.link.ask(call.model, upstream, self.deadline_s)
@@ -242,12 +316,10 @@ class Cascade:
             self._degraded(call, upstream, rows.size, str(e), started,
                            keep=not isinstance(e, CloudIncompatible))
             return False
-        for name, values in cloud_rows.items():
-            merged = np.array(call.outputs[name], copy=True)
-            merged[rows] = values
-            call.outputs[name] = merged
-        log.info("event=escalation request_id=%s rows=%d outcome=cloud latency_ms=%.1f", call.request_id,
-                 rows.size, (time.perf_counter() - started) * 1000)
+        call.merge(rows, cloud_rows)
+        self._remember(call, rows, cloud_rows)
+        log.info("event=escalation request_id=%s rows=%d outcome=cloud bytes=%d latency_ms=%.1f",
+                 call.request_id, rows.size, size, (time.perf_counter() - started) * 1000)
         return True
 
     def _degraded(self, call: _Call, upstream: InferRequest, rows: int, error: str, started: float,
@@ -276,21 +348,36 @@ class Cascade:
             return
         confident = np.flatnonzero(~wants)
         rows = confident[np.array([self._random.random() < self.audit_rate for _ in confident], dtype=bool)]
-        if not rows.size or not self._audit_slots.acquire(blocking=False):
+        if rows.size:
+            self._in_background(call, rows, "audit")
+
+    def _in_background(self, call: _Call, rows: np.ndarray, reason: EscalationReason) -> None:
+        """Send ``rows`` to the cloud without the client waiting (audits, ``escalate=background``), at
+        most as many at once as there are background slots. An unsure row that finds none, or whose
+        cloud fails, is spooled, so the store still gets it; an audit that finds none is skipped."""
+        upstream = self._upstream(call, rows, reason)
+        if not self._background_slots.acquire(blocking=False):
+            if reason != "audit" and self.spool is not None:
+                self.spool.put(upstream)
             return
-        upstream = self._upstream(call, rows, "audit")
+        if reason != "audit":
+            self.stats.upstream(upstream_bytes(upstream))
 
         def send() -> None:
             try:
-                self.link.ask(call.model, upstream, max(self.deadline_s, 5.0))
-                self.stats.audit()
+                reply = self.link.ask(call.model, upstream, max(self.deadline_s, 5.0))
+                if reason == "audit":
+                    self.stats.audit()
+                else:
+                    self._remember(call, rows, {spec.name: self._cloud_output(reply.outputs, spec, rows.size)
+                                                for spec in call.model.outputs})
             except CloudError:
                 if self.spool is not None:
                     self.spool.put(upstream)
             finally:
-                self._audit_slots.release()
+                self._background_slots.release()
 
-        self._audits.submit(send)
+        self._background.submit(send)
 
     @staticmethod
     def _select_outputs(call: _Call, from_cloud: np.ndarray) -> dict[str, np.ndarray]:
@@ -319,4 +406,10 @@ class Cascade:
 
     def close(self) -> None:
         self.accepting = False
-        self._audits.shutdown(wait=True, cancel_futures=True)
+        self._background.shutdown(wait=True, cancel_futures=True)
+
+
+def upstream_bytes(request: InferRequest) -> int:
+    """The bytes of tensor data a request to the cloud carries (an encoded frame's own length)."""
+    return sum(sum(len(item) for item in array.reshape(-1)) if array.dtype == object else array.nbytes
+               for array in request.inputs.values())

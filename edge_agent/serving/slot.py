@@ -16,7 +16,8 @@ from edgecloud.backends import backend_key_for, open_backend
 from edgecloud.backends.base import Backend
 from edgecloud.errors import ModelLoadError
 from edgecloud.guards import InputContract
-from edgecloud.modelcard import input_guards, read_card
+from edgecloud.modelcard import card_preprocess, input_guards, read_card
+from edgecloud.preprocess import Preprocess
 from edgecloud.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class EdgeModel:
     #: what a request must satisfy (inputs, guards from the card and ``[model]``, the row cap)
     contract: InputContract = field(repr=False)
     labels: tuple[str, ...] = ()
+    #: how encoded frames become its input (the model card's ``preprocess``; None: tensors only)
+    preprocess: Preprocess | None = None
     #: calibration from the release and the model card, kept so a reload can re-resolve settings
     release_calibration: Mapping[str, Any] = field(default_factory=dict, repr=False)
     card_calibration: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -43,9 +46,20 @@ class EdgeModel:
                                            self.outputs)
         return replace(self, settings=settings)
 
+    def with_preprocess(self, preprocess: Preprocess) -> EdgeModel:
+        """This model taking encoded frames as ``preprocess`` says; ModelLoadError if they do not fit."""
+        preprocess.check_fits(self.inputs, self.name)
+        contract = replace(self.contract, frames=(preprocess.frames, preprocess.input))
+        return replace(self, preprocess=preprocess, contract=contract)
+
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         return self.backend.inputs
+
+    @property
+    def served_inputs(self) -> tuple[TensorSpec, ...]:
+        """The inputs ModelMetadata lists: the model's, then its frames input (docs/design.md §10)."""
+        return self.inputs if self.preprocess is None else (*self.inputs, self.preprocess.frames_spec)
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
@@ -69,6 +83,8 @@ def load_edge_model(config: AgentConfig, path: Path | None = None, version: str 
         raise ModelLoadError(f"model file {path} is {size} bytes, over the edge budget of "
                              f"{config.model.budget_bytes}")
     card = read_card(path)
+    if config.model.preprocess:  # the config's keys over the card's (docs/design.md §10)
+        card = {**card, "preprocess": {**(card.get("preprocess") or {}), **config.model.preprocess}}
     release = release or {}
     key = backend_key_for(path, config.model.backend)
     backend = open_backend(path, key, getattr(config.backend, key, None))
@@ -80,15 +96,19 @@ def load_edge_model(config: AgentConfig, path: Path | None = None, version: str 
                                            backend.outputs)
         served = Identity.resolve(path, config.model.name, version, release, card)
         guards = input_guards(card, f"model card of {path}")
+        preprocess = card_preprocess(card, f"model card of {path}")
+        if preprocess is not None:
+            preprocess.check_fits(backend.inputs, served.name)
         contract = InputContract.build(served.name, backend.inputs, guards, config.model.allow_nonfinite,
-                                       config.model.max_batch_rows)
+                                       config.model.max_batch_rows,
+                                       None if preprocess is None else (preprocess.frames, preprocess.input))
         backend.warmup(config.model.warmup_rows)
     except Exception:
         backend.close()
         raise
     model = EdgeModel(name=served.name, version=served.version, path=path, backend=backend, settings=settings,
-                      contract=contract, labels=served.labels, release_calibration=release_cal,
-                      card_calibration=card_cal)
+                      contract=contract, labels=served.labels, preprocess=preprocess,
+                      release_calibration=release_cal, card_calibration=card_cal)
     log.info("event=model_loaded name=%s version=%s path=%s policy=%s threshold=%.4f temperature=%.4f",
              model.name, model.version, path, settings.policy_name, settings.threshold,
              settings.temperature)
@@ -119,9 +139,19 @@ class ModelSlot:
         return self._flags
 
     def swap(self, model: EdgeModel) -> EdgeModel:
-        """Make ``model`` active, under the current flags, and return the one it replaced."""
+        """Make ``model`` active, under the current flags, and return the one it replaced. A model that
+        comes without a preprocess (a release travels without its card) keeps the frames input of the
+        one it replaces, so the cameras feeding it go on working (docs/design.md §10), unless its input
+        no longer fits them (logged)."""
         with self._lock:
-            old, self._model = self._model, model.reconfigured(self._flags)
+            old, new = self._model, model.reconfigured(self._flags)
+            if new.preprocess is None and old.preprocess is not None:
+                try:
+                    new = new.with_preprocess(old.preprocess)
+                except ModelLoadError as e:
+                    log.warning("event=frames_input_dropped name=%s version=%s error=%r", new.name,
+                                new.version, str(e))
+            self._model = new
         log.info("event=model_swapped name=%s from_version=%s to_version=%s", model.name, old.version,
                  model.version)
         return old

@@ -27,6 +27,7 @@ class CallRecord:
     degraded_rows: int
     rate_limited_rows: int
     in_flight_limited_rows: int
+    reused_rows: int = 0
     latency_s: float
     confidences: Sequence[float]
 
@@ -54,6 +55,8 @@ class Stats:
         self.in_flight_limited = 0
         self.errors = 0
         self.audited = 0
+        self.reused = 0
+        self.upstream_bytes = 0
         self.histogram = [0] * (_LAST_BIN + 1)
         self._latency: dict[str, deque[float]] = {path: deque(maxlen=window) for path in PATHS}
         self._latency_count = dict.fromkeys(PATHS, 0)
@@ -74,9 +77,11 @@ class Stats:
             self.degraded += call.degraded_rows
             self.rate_limited += call.rate_limited_rows
             self.in_flight_limited += call.in_flight_limited_rows
+            self.reused += call.reused_rows
             for b in bins:
                 self.histogram[b] += 1
-            path = "escalated" if call.escalated_rows else "edge"
+            # a call that waited for the cloud; background escalations and reused answers did not
+            path = "escalated" if call.cloud_rows or call.degraded_rows else "edge"
             self._latency[path].append(call.latency_s)
             self._latency_count[path] += 1
             self._latency_sum[path] += call.latency_s
@@ -90,6 +95,11 @@ class Stats:
         with self._lock:
             self.audited += 1
 
+    def upstream(self, size: int) -> None:
+        """Count the input bytes of one request sent to the cloud."""
+        with self._lock:
+            self.upstream_bytes += size
+
     @staticmethod
     def _percentiles(samples: Sequence[float]) -> dict[str, float | None]:
         if not samples:
@@ -101,7 +111,8 @@ class Stats:
         return {"requests": self.requests, "rows": self.rows, "escalated": self.escalated,
                 "cloud_answers": self.cloud_answers, "degraded": self.degraded,
                 "rate_limited": self.rate_limited, "in_flight_limited": self.in_flight_limited,
-                "errors": self.errors, "audited": self.audited}
+                "errors": self.errors, "audited": self.audited, "reused": self.reused,
+                "upstream_bytes": self.upstream_bytes}
 
     def _latency_buckets(self) -> dict:
         """Cumulative bucket counts and the sum of latencies, per path, since start."""

@@ -133,6 +133,10 @@ class Counters(Body):
                     "answered by the edge at once (degraded) and spooled")
     errors: Annotated[Count, Metric("errors_total")] = Field(description="Calls the edge model failed")
     audited: Annotated[Count, Metric("audits_total")] = Field(description="Audit calls the cloud answered")
+    reused: Annotated[Count, Metric("reused_rows_total")] = Field(
+        0, description="Unsure rows of a still stream answered with its last cloud answer, not re-sent")
+    upstream_bytes: Annotated[Count, Metric("upstream_bytes_total")] = Field(
+        0, description="Input bytes sent to the cloud in escalations (encoded frames as sent)")
 
 
 class Percentiles(Body):

@@ -54,8 +54,9 @@ class Parameter(str, Enum):
 class AgentRequest(Parameter):
     """Set by a client on its request to the agent."""
 
-    ESCALATE = "escalate", str  # auto (default), always, never
+    ESCALATE = "escalate", str  # auto (default), always, never, background
     THRESHOLD = "threshold", float  # per-request confidence threshold override
+    STREAM = "stream", str  # the camera a frame comes from: a still scene reuses its last cloud answer
 
 
 class AgentResponse(Parameter):
@@ -69,6 +70,7 @@ class AgentResponse(Parameter):
     LABEL = "label", str  # top-1 label of row 0, when the model card names labels
     ESCALATED_ROWS = "escalated_rows", int  # rows the cloud answered
     RATE_LIMITED_ROWS = "rate_limited_rows", int  # rows over the rate limit, answered by the edge
+    REUSED = "reused", bool  # a recent cloud answer for a nearly identical frame of the stream was reused
 
 
 class CloudRequest(Parameter):

@@ -41,6 +41,7 @@ class Target:
     output: str = ""  # sequence runs: the output whose argmax is the answer
     path: str = ""  # http: the request path
     method: str = ""  # bare: the gRPC method
+    frames: dict[str, Any] = field(default_factory=dict)  # triton: send JPEG frames {"size", "quality"}
 
     def spec(self) -> dict:
         return {"client": self.client, "target": self.address, **{k: v for k, v in asdict(self).items()

@@ -8,6 +8,8 @@ Stages, in order (one progress line each on stderr):
   gateway     1, 16, 64, 256 single-row streams, dynamic batching on and off; MLServer adaptive batching
   slow_cloud  a 250 ms cloud: edge-only p50/p99 with and without 16 escalating clients
   cascade     cascade vs cloud-only vs edge-only behind a 30 ms WAN: accuracy, latency, bytes upstream
+  frames      640x480 JPEG frames: decode + pre-process beside the model, frames/s at 4 clients, and
+              upstream bytes per escalated row, original frame vs tensor
   cold_start  agent start to READY=1, and its memory
 
 Clients are separate processes (tritonclient's gRPC client; plain HTTP/1.1 for FastAPI). The peers run
@@ -39,6 +41,7 @@ from edgecloud_tools.bench.cascade import cascade
 from edgecloud_tools.bench.clients import ClientPool
 from edgecloud_tools.bench.cold_start import cold_start
 from edgecloud_tools.bench.floors import echoes, in_process
+from edgecloud_tools.bench.frames import frames
 from edgecloud_tools.bench.gateway_load import gateway_load
 from edgecloud_tools.bench.peer_load import peer_load
 from edgecloud_tools.bench.peers import venv_root
@@ -57,7 +60,7 @@ def floors(bench: Bench) -> dict:
 #: stage name → what runs it; the order of the run
 STAGES: dict[str, Callable[[Bench], dict]] = {
     "floors": floors, "agent": agent_load, "peers": peer_load, "gateway": gateway_load,
-    "slow_cloud": slow_cloud, "cascade": cascade, "cold_start": cold_start,
+    "slow_cloud": slow_cloud, "cascade": cascade, "frames": frames, "cold_start": cold_start,
 }
 
 

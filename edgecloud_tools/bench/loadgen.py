@@ -9,6 +9,9 @@ Clients (``spec["client"]``):
 - ``http``: KServe v2 JSON over HTTP/1.1 keep-alive connections (for the FastAPI peer);
 - ``bare``: raw bytes over a gRPC unary call, the bytes of the same KServe v2 request (bare echo).
 
+With ``spec["frames"]`` (``{"size": [H, W], "quality": Q}``) the triton client sends each image as a
+camera's JPEG frame of that size in the BYTES input instead of its tensor.
+
 Patterns (``spec["pattern"]``):
 - ``closed``: ``streams`` calls in flight, each sent when the previous one answered, for ``warmup_s``
   untimed and then ``duration_s`` timed (the calls that end in that window are counted);
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgecloud_tools.camera_frames import camera_frame
 from edgecloud_tools.toolchain.dataset import make_split
 
 #: largest message either way, as the services allow
@@ -114,10 +118,15 @@ async def triton_client(spec: dict, images: np.ndarray) -> tuple[Call, Callable[
     clients = [tc.InferenceServerClient(_loopback(spec["target"]), channel_args=args)
                for _ in range(spec["connections"])]
     name, datatype = spec["input"]["name"], spec["input"]["datatype"]
+    frames = spec.get("frames")
     inputs = []
     for image in images:
-        one = tc.InferInput(name, [1, *image.shape], datatype)
-        one.set_data_from_numpy(image[None])
+        if frames:
+            data = np.array([camera_frame(image, tuple(frames["size"]), frames["quality"])], dtype=np.object_)
+        else:
+            data = image[None]
+        one = tc.InferInput(name, list(data.shape), datatype)
+        one.set_data_from_numpy(data)
         inputs.append([one])
     outputs = [tc.InferRequestedOutput(spec["output"])] if spec.get("output") else None
     params, flag_keys, timeout = spec.get("params") or None, spec.get("flags", ()), spec["timeout_s"]

@@ -27,15 +27,16 @@ class Plan:
     cascade_images: int  # held-out images per mode behind the emulated WAN
     slow_cloud_s: float  # edge-only measurement, with and without the escalating load
     cold_starts: int  # agent starts timed to READY
+    frames: int  # 640x480 JPEG frames decoded in process, and escalated per mode
     make_peers: bool  # make a missing peer's venv (else: "not installed")
 
 
 FULL = Plan(quick=False, duration_s=4.0, warmup_s=1.0, open_duration_s=6.0, concurrency=(1, 4, 16, 64),
             streams=(1, 16, 64, 256), in_process_calls=2000, cascade_images=500, slow_cloud_s=6.0,
-            cold_starts=3, make_peers=True)
+            cold_starts=3, frames=300, make_peers=True)
 QUICK = Plan(quick=True, duration_s=0.5, warmup_s=0.2, open_duration_s=0.8, concurrency=(1, 16),
              streams=(1, 64), in_process_calls=200, cascade_images=40, slow_cloud_s=1.0, cold_starts=1,
-             make_peers=False)
+             frames=8, make_peers=False)
 
 #: the rates of the open loop, as multiples of the agent's measured capacity
 OPEN_LOOP_FACTORS = (1.5, 3.0)
@@ -70,7 +71,7 @@ class Bench:
     input: dict[str, str]  # the edge (and cloud) model's input: name, datatype
 
     def target(self, client: str, port: int, model: str = "", **fields) -> Target:
-        return Target(client, f"127.0.0.1:{port}", model=model, input=self.input, **fields)
+        return Target(client, f"127.0.0.1:{port}", model=model, **{"input": self.input, **fields})
 
     def closed(self, target: Target, streams: int):
         return self.pool.closed(target, streams, self.plan.duration_s, self.plan.warmup_s)

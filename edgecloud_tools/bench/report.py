@@ -168,6 +168,23 @@ def cascade_section(r: dict) -> list[str]:
                         for mode, m in c["modes"].items()])
 
 
+def frames_section(r: dict) -> list[str]:
+    f = r.get("frames") or {}
+    if "upstream" not in f:
+        return _failed(r, "frames")
+    p, a, up = f["in_process"], f["agent"], f["upstream"]
+    h, w = p["frame"]["size"]
+    lines = _rows([f"{w}x{h} JPEG frames (~{p['frame']['mean_bytes']:,} bytes)", "p50 ms", "p99 ms"], [
+        ["decode + pre-process, in process", _ms(p["decode_preprocess"]["p50_ms"]),
+         _ms(p["decode_preprocess"]["p99_ms"])],
+        ["the edge model on the row it gives", _ms(p["model"]["p50_ms"]), _ms(p["model"]["p99_ms"])],
+        [f"through the agent, {a['clients']} clients ({_n(a['per_s'])} frames/s)", _ms(a["p50_ms"]),
+         _ms(a["p99_ms"])]])
+    lines.append(f"  upstream bytes per escalated row: original frame {up['frame']['bytes_per_row']:,}, "
+                 f"tensor {up['tensor']['bytes_per_row']:,}")
+    return lines
+
+
 def start_section(r: dict) -> list[str]:
     c = r.get("cold_start") or {}
     rows = []
@@ -203,7 +220,8 @@ def format_table(r: dict) -> str:
     sections = [("", [f"  {machine_line(r)}"]), ("models", models_section(r)),
                 ("agent, floors and peers", batch1_section(r)), ("admission", open_loop_section(r)),
                 ("gateway", gateway_section(r)), ("slow cloud", slow_cloud_section(r)),
-                ("cascade", cascade_section(r)), ("start-up", start_section(r)),
+                ("cascade", cascade_section(r)), ("frames", frames_section(r)),
+                ("start-up", start_section(r)),
                 ("targets", targets_section(r))]
     out = []
     for title, lines in sections:

@@ -21,8 +21,12 @@ from edgecloud.calibration import (
 from edgecloud.errors import ModelLoadError
 from edgecloud.guards import InputGuard
 from edgecloud.modelcard import CardCalibration, ModelCard
+from edgecloud.preprocess import Preprocess
 from edgecloud.tensors import TensorSpec, check_inputs
-from edgecloud_tools.toolchain.dataset import LABELS, PIXEL_RANGE, make_split
+from edgecloud_tools.toolchain.dataset import LABELS, PIXEL_RANGE, SIZE, make_split
+
+#: the BYTES input a camera sends the inspection models' frames in
+FRAMES_INPUT = "frames"
 
 #: cascade accuracy the demo models are calibrated for on "val": above the 97.5 % held-out
 #: target, so the threshold keeps a margin on data it has not seen
@@ -163,10 +167,13 @@ def calibrate_cascade(splits: Splits, edge: Scored, cloud: Scored, policy: str, 
 def classifier_card(model: Path, scored: Scored, calibration: CardCalibration, metrics: Mapping[str, Any],
                     *, name: str, version: int, source: Mapping[str, Any],
                     calibrated_on: Mapping[str, Any] | None = None) -> ModelCard:
-    """A new card for a classifier of the synthetic data set, with the contract it was scored through
-    and the range of its patches (a row outside it is never answered confidently at the edge)."""
+    """A new card for a classifier of the synthetic data set, with the contract it was scored through,
+    the range of its patches (a row outside it is never answered confidently at the edge) and the
+    preprocess that makes such a patch from a camera's gray frame (docs/design.md §10)."""
     return ModelCard.describe(model, name=name, version=version, task="classification", inputs=scored.inputs,
                               outputs=scored.outputs, labels=LABELS, calibration=calibration,
                               metrics=dict(metrics), source=dict(source),
                               calibrated_on=None if calibrated_on is None else dict(calibrated_on),
-                              guards=(InputGuard(scored.inputs[0].name, range=PIXEL_RANGE),))
+                              guards=(InputGuard(scored.inputs[0].name, range=PIXEL_RANGE),),
+                              preprocess=Preprocess(input=scored.inputs[0].name, frames=FRAMES_INPUT,
+                                                    color="gray", size=(SIZE, SIZE)))

@@ -17,7 +17,7 @@ WIRE = {
     "edgecloud.escalated_rows": "int64", "edgecloud.rate_limited_rows": "int64",
     "edgecloud.request_id": "string", "edgecloud.device_id": "string",
     "edgecloud.edge_model_version": "string", "edgecloud.edge_summary": "string",
-    "edgecloud.deferred": "bool",
+    "edgecloud.deferred": "bool", "edgecloud.stream": "string", "edgecloud.reused": "bool",
 }
 
 

@@ -79,7 +79,7 @@ def test_payloads_follow_the_schema_and_seq_survives_a_restart(broker, recorder,
     assert started["counters"]["requests"] == 0  # counters restart with the agent
     assert stopped["counters"] == {"requests": 2, "rows": 8, "escalated": 0, "cloud_answers": 0,
                                    "degraded": 0, "rate_limited": 0, "in_flight_limited": 0, "errors": 0,
-                                   "audited": 0}
+                                   "audited": 0, "reused": 0, "upstream_bytes": 0}
     assert (stopped["model"], stopped["model_version"], stopped["circuit_state"]) == ("clf", 3, "disabled")
     assert {"cpu_percent", "memory_total_bytes", "temperatures_c"} <= stopped["system"].keys()
     # histograms and latencies cover one interval each: together they count every row exactly once
@@ -155,13 +155,14 @@ def test_system_figures_of_a_jetson_fit_the_schema() -> None:
 def test_a_call_counts_into_every_telemetry_counter() -> None:
     stats = Stats()
     stats.record(CallRecord(rows=5, escalated_rows=4, cloud_rows=2, degraded_rows=2, rate_limited_rows=1,
-                            in_flight_limited_rows=1, latency_s=0.01,
+                            in_flight_limited_rows=1, reused_rows=1, latency_s=0.01,
                             confidences=np.array([0.1, 0.2, 0.3, 0.9, 1.0]).tolist()))
     stats.audit()
+    stats.upstream(1234)
     interval = stats.interval()
     assert Counters(**interval["counters"]).to_dict() == {
         "requests": 1, "rows": 5, "escalated": 4, "cloud_answers": 2, "degraded": 2, "rate_limited": 1,
-        "in_flight_limited": 1, "errors": 0, "audited": 1}
+        "in_flight_limited": 1, "errors": 0, "audited": 1, "reused": 1, "upstream_bytes": 1234}
     assert interval["confidence_histogram"]["counts"] == [0, 1, 1, 1, 0, 0, 0, 0, 0, 2]
     with pytest.raises(TypeError):  # by keyword only: a new count cannot slip into another's place
         CallRecord(5, 4, 2, 2, 1, 1, 0.01, [0.5] * 5)  # type: ignore[misc]

@@ -77,3 +77,36 @@ def reference_logits(path: Path, x: np.ndarray) -> np.ndarray:
     model = onnx.load(str(path))
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     return x.astype(np.float32) @ weights["W"] + weights["B"]
+
+
+def image_classifier(path: Path, size: tuple[int, int] = (16, 16), channels: int = 1, classes: int = 4,
+                     seed: int = 0, scale: float = 0.05, input_name: str = "image", layout: str = "NCHW",
+                     card: dict | None = None, echo: bool = False) -> Path:
+    """logits = flatten(x) @ W + b for x [N, C, H, W] (``layout`` NCHW) or [N, H, W, C] FP32; dynamic
+    batch, opset 17, IR 8; :func:`reference_logits` of ``x.reshape(N, -1)`` is its answer. With
+    ``echo``, a second output ``seen`` is x itself: what the model was given."""
+    h, w = size
+    features = channels * h * w
+    rng = np.random.default_rng(seed)
+    weights = (rng.standard_normal((features, classes)) * scale).astype(np.float32)
+    bias = (rng.standard_normal(classes) * scale).astype(np.float32)
+    shape = ["N", channels, h, w] if layout == "NCHW" else ["N", h, w, channels]
+    seen = [helper.make_node("Identity", [input_name], ["seen"])] if echo else []
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", [input_name], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "W"], ["xw"]), helper.make_node("Add", ["xw", "B"], ["logits"]),
+         *seen],
+        "image_linear",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
+         *([helper.make_tensor_value_info("seen", TensorProto.FLOAT, shape)] if echo else [])],
+        initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    if card is not None:
+        path.with_name(path.name + ".card.json").write_text(json.dumps(card))
+    return path

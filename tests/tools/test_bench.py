@@ -21,7 +21,7 @@ from edgecloud_tools.bench.peers import FASTAPI, Peer, peer_python
 from edgecloud_tools.bench.report import format_table
 from edgecloud_tools.bench.targets import Goal, goals
 
-STAGES = ("floors", "agent", "peers", "gateway", "slow_cloud", "cascade", "cold_start")
+STAGES = ("floors", "agent", "peers", "gateway", "slow_cloud", "cascade", "frames", "cold_start")
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +96,25 @@ def test_slow_cloud_and_cascade_go_through_the_delay_proxy(quick_run) -> None:
     assert modes["cloud only"]["mean_ms"] >= result["cascade"]["wan_ms"]
 
 
+def test_frames_stage_measures_decoding_the_agent_and_the_uplink(quick_run) -> None:
+    frames = quick_run[0]["frames"]
+    n = quick_run[0]["plan"]["frames"]
+    assert frames["in_process"]["frame"]["size"] == [480, 640]
+    for part in ("decode_preprocess", "model"):
+        assert frames["in_process"][part]["n"] == n and frames["in_process"][part]["p50_ms"] > 0
+    assert frames["agent"]["clients"] == 4 and frames["agent"]["ok"] > 0 and frames["agent"]["errors"] == {}
+    up = frames["upstream"]
+    assert up["frame"]["rows"] == up["tensor"]["rows"] == n
+    assert up["frame"]["bytes_per_row"] > 0 and up["tensor"]["bytes_per_row"] > 0
+    assert "upstream bytes per escalated row: original frame" in quick_run[1]
+
+
 def test_quick_run_prints_the_table_and_writes_plots_or_says_why_not(quick_run) -> None:
     result, table, out = quick_run
     assert result["cold_start"]["ready_s"] > 0 and result["cold_start"]["rss_bytes"] > 0
     assert len(result["targets"]) == 11 and all(t["met"] in (True, False, None) for t in result["targets"])
     for heading in ("models:", "agent, floors and peers:", "admission:", "gateway:", "slow cloud:",
-                    "cascade:", "start-up:", "targets:"):
+                    "cascade:", "frames:", "start-up:", "targets:"):
         assert heading in table
     assert result["machine"]["cores"] > 0 and result["machine"]["onnxruntime"] in table
     try:

@@ -41,6 +41,10 @@ def check_inference_part(summary: dict) -> None:
     assert acc["edge_only"] >= 0.8 and acc["cloud_only"] >= 0.9 and acc["cascade"] >= 0.9
     assert summary["degraded"] == 0
     assert summary["latency_ms"]["cloud_only_mean"] >= 5  # the emulated WAN is on the cloud path
+    camera = summary["camera"]  # JPEG frames of several sizes through tritonclient, labels back
+    assert camera["frames"] == 100 and camera["labelled_right"] >= 80
+    assert len(camera["sizes"]) > 1 and camera["upstream_bytes_per_escalated_row"] > 0
+    assert camera["still"] == {"stream": "line-1/cam-1", "frames": 20, "escalated": 1, "reused": 19}
 
 
 @pytest.mark.skipif(mosquitto_path() is None, reason="the update part needs mosquitto")
