@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -78,6 +79,8 @@ def format_table(result: dict) -> str:
     rows, notes = [], []
     for o in result["faults"]:
         stored = "-" if o["expected"] is None else f"{o['stored']}/{o['expected']}"
+        if o["figures"].get("spool_dropped"):
+            stored += f" +{o['figures']['spool_dropped']} dropped"
         rss = "-" if o["rss_peak_bytes"] is None else \
             f"{fmt_mb(o['rss_before_bytes'])}->{fmt_mb(o['rss_peak_bytes'])}"
         rows.append([o["fault"], _n(o["answered"]), _n(o["failed"]), _n(o["degraded"]), fmt_ms(o["p99_ms"]),
@@ -93,6 +96,7 @@ def format_table(result: dict) -> str:
 
 def run_faults(args: argparse.Namespace) -> int:
     plan = QUICK if args.quick else FULL
+    logging.getLogger("edgecloud").setLevel(logging.ERROR)  # the watcher's reconnects are the fault's
     names = args.only or list(FAULTS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

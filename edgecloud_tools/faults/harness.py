@@ -93,6 +93,7 @@ class Call:
     source: str = ""
     sent_at: float = 0.0  # time.monotonic()
     detail: str = ""
+    version: str = ""  # the model version that answered
 
 
 @dataclass
@@ -146,7 +147,7 @@ class Load:
         else:
             p = reply.parameters
             call = Call(rid, (time.monotonic() - sent) * 1000.0, "OK", bool(p.get(AgentResponse.DEGRADED)),
-                        str(p.get(AgentResponse.SOURCE, "")), sent)
+                        str(p.get(AgentResponse.SOURCE, "")), sent, version=reply.model_version)
         with self._lock:
             self.calls.append(call)
 
