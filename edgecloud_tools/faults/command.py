@@ -136,5 +136,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edge-v2", type=Path, default=models / EDGE_V2_INT8, help="the next edge model")
     p.add_argument("--repository", type=Path, default=models / REPOSITORY, help="the gateway's repository")
     p.add_argument("--workdir", type=Path, help="keep logs and state here (default: a temp dir, removed)")
-    p.add_argument("--out", type=Path, default=Path("faults/results"), help="where faults.json goes")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="where faults.json goes")
     p.set_defaults(func=run_faults)
