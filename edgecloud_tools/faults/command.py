@@ -52,6 +52,8 @@ FAULTS: dict[str, Callable[[Faults], Outcome]] = {
     "identities": identity.identities, "broker_restart": fleet.broker_restart,
     "bad_releases": fleet.bad_releases, "batch_mix": fleet.batch_mix,
 }
+#: the bounds the verdicts are judged against
+PROMISES = Promises()
 
 
 def play(faults: Faults, name: str) -> Outcome:
@@ -120,10 +122,6 @@ def run_faults(args: argparse.Namespace) -> int:
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
-
-
-#: the bounds the verdicts are judged against
-PROMISES = Promises()
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -20,7 +20,7 @@ from edgecloud.release import sign_release
 from edgecloud.signing import load_private_key, write_keypair
 from edgecloud_tools.bench import servers
 from edgecloud_tools.broker import LocalBroker
-from edgecloud_tools.faults.harness import Load, agent_metric, escalate, wait_until, write_toml
+from edgecloud_tools.faults.harness import Load, agent_count, escalate, wait_until, write_toml
 from edgecloud_tools.faults.plan import Faults, Outcome, progress
 from edgecloud_tools.fleet.publish import ReleaseRequest, build_release, publish_release
 from edgecloud_tools.services import ServiceProcess
@@ -137,7 +137,7 @@ def broker_restart(f: Faults) -> Outcome:
             rig.broker.start()
             back = rig.mark
             wait_until(lambda: len(rig.of("telemetry", back)) >= 3, 20.0)
-        dropped = agent_metric(rig.metrics, "telemetry_dropped_messages_total")
+        dropped = agent_count(rig.metrics, "telemetry_dropped_messages_total")
     seqs = [body["seq"] for body in rig.of("telemetry")]
     out.rss_before_bytes, out.rss_peak_bytes = rss.before, rss.peak
     load.record(out, f.promises.answer_ms)

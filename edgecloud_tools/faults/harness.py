@@ -67,6 +67,11 @@ def agent_metric(port: int, name: str) -> float | None:
     return None
 
 
+def agent_count(port: int, name: str) -> int:
+    """A count of the agent's ``/metrics`` (a depth, a total); 0 when not served."""
+    return int(agent_metric(port, name) or 0)
+
+
 def stored_rows(store: Path) -> Counter:
     """Rows per (device, request id) in a gateway's hard-example store (empty before it exists)."""
     if not store.exists():

@@ -122,9 +122,10 @@ def bytes_bomb(f: Faults) -> Outcome:
               codes["NOT_FOUND"] + codes["INVALID_ARGUMENT"] == plan.bombs, str(dict(codes)))
     out.check("each refused in time", slowest is not None and slowest <= f.promises.bomb_s,
               f"slowest {slowest:.3f} s vs {f.promises.bomb_s:g} s", measured=True)
-    growth = rss.peak - rss.before
-    out.check("the agent's memory bounded", growth <= f.promises.bomb_rss_bytes,
-              f"+{growth / 1e6:.1f} MB vs {f.promises.bomb_rss_bytes / 1e6:.0f} MB", measured=True)
+    growth, bound = rss.peak - rss.before, f.promises.bomb_rss_factor * plan.bombs * BOMB_BYTES
+    out.check("the agent's memory bounded", growth <= bound,
+              f"+{growth / 1e6:.1f} MB vs {bound / 1e6:.0f} MB ({f.promises.bomb_rss_factor:g}x the bombs)",
+              measured=True)
     out.check("the other app's calls answered", out.failed == 0, f"{out.failed} failed")
     out.check("the other app's calls answered in time", (out.p99_ms or 0.0) <= f.promises.answer_ms,
               f"p99 {out.p99_ms} ms vs {f.promises.answer_ms:g} ms", measured=True)

@@ -17,7 +17,7 @@ from edgecloud_tools.bench import servers
 from edgecloud_tools.bench.agent_load import SHED
 from edgecloud_tools.bench.clients import Target
 from edgecloud_tools.bench.delay_proxy import DelayProxy
-from edgecloud_tools.faults.harness import Load, agent_metric, escalate, stored_once, wait_until, write_toml
+from edgecloud_tools.faults.harness import Load, agent_count, escalate, stored_once, wait_until, write_toml
 from edgecloud_tools.faults.plan import Faults, Outcome, progress
 from edgecloud_tools.services import ServiceProcess
 
@@ -44,11 +44,10 @@ def _agent(f: Faults, d: Path, device: str, cloud: int | None, **sections) -> tu
     return service, metrics
 
 
-def _stored(outcome: Outcome, store: Path, device: str, ids: set[str], dropped: float | None) -> bool:
-    """Waits for the store to hold every one of ``ids`` but the ``dropped`` ones (the spool's count of
+def _stored(outcome: Outcome, store: Path, device: str, ids: set[str], lost: int) -> bool:
+    """Waits for the store to hold every one of ``ids`` but the ``lost`` ones (the spool's count of
     cases its writer could not keep: docs/design.md §4); records stored/expected; True when each is
     there exactly once or counted as dropped, and none twice."""
-    lost = int(dropped or 0)
     wait_until(lambda: stored_once(store, device, ids)[0] >= len(ids) - lost,
                REPLAY_TIMEOUT_S + len(ids) / REPLAYED_PER_S, 0.2)
     once, missing, twice = stored_once(store, device, ids)
@@ -61,7 +60,7 @@ def _stored(outcome: Outcome, store: Path, device: str, ids: set[str], dropped: 
 
 def _written(metrics: int) -> float:
     """Cases the agent's spool holds or counted as dropped."""
-    return (agent_metric(metrics, "spool_depth") or 0) + (agent_metric(metrics, "spool_dropped_total") or 0)
+    return agent_count(metrics, "spool_depth") + agent_count(metrics, "spool_dropped_total")
 
 
 def _answers(outcome: Outcome, load: Load, deadline_ms: float) -> None:
@@ -92,7 +91,7 @@ def gateway_kill(f: Faults) -> Outcome:
             load.wait_done(back + plan.calls // 3)
             load.stop()
             _stored(out, store, "gw-kill-1", load.answered_ids(),
-                    agent_metric(metrics, "spool_dropped_total"))
+                    agent_count(metrics, "spool_dropped_total"))
         out.rss_before_bytes, out.rss_peak_bytes = rss.before, rss.peak
         _answers(out, load, f.promises.answer_ms)
         out.figures["calls_while_away"] = back - plan.calls // 3
@@ -116,7 +115,7 @@ def slow_cloud(f: Faults) -> Outcome:
             out.check("every call degraded (the cloud never answered in time)",
                       out.degraded == out.answered, f"{out.degraded}/{out.answered}")
             _stored(out, d / "gw-hard-examples.db", "slow-cloud-1", load.answered_ids(),
-                    agent_metric(metrics, "spool_dropped_total"))
+                    agent_count(metrics, "spool_dropped_total"))
     return out
 
 
@@ -132,14 +131,14 @@ def agent_kill(f: Faults) -> Outcome:
                     max_calls=plan.spool_cases, params=escalate("always")).start().join()
         ids = load.answered_ids()
         wait_until(lambda: _written(metrics) >= len(ids), 10.0)
-        depth, dropped = agent_metric(metrics, "spool_depth"), agent_metric(metrics, "spool_dropped_total")
+        depth, dropped = agent_count(metrics, "spool_depth"), agent_count(metrics, "spool_dropped_total")
         agent.proc.kill()
         agent.proc.wait()
     progress(f"agent kill: {depth} cases spooled, kill -9; the cloud is back, the agent restarts")
     load.record(out, f.promises.answer_ms)
     out.check("no call failed", out.failed == 0, f"{out.failed} failed")
     out.check("every degraded call spooled or counted as dropped before the kill",
-              (depth or 0) + (dropped or 0) == len(ids), f"{depth} spooled + {dropped} dropped of {len(ids)}")
+              depth + dropped == len(ids), f"{depth} spooled + {dropped} dropped of {len(ids)}")
     kills = 1
     with gateway:
         with agent:  # the same state directory, ports and device
@@ -190,12 +189,12 @@ def disk_full(f: Faults) -> Outcome:
                     max_calls=plan.disk_calls, params=escalate("always")).start().join()
         degraded = sum(c.degraded for c in load.calls)
         wait_until(lambda: _written(metrics) >= degraded, 10.0)
-        depth, dropped = agent_metric(metrics, "spool_depth"), agent_metric(metrics, "spool_dropped_total")
+        depth, dropped = agent_count(metrics, "spool_depth"), agent_count(metrics, "spool_dropped_total")
     out.rss_before_bytes, out.rss_peak_bytes = rss.before, rss.peak
     _answers(out, load, f.promises.answer_ms)
     out.figures.update(spooled=depth, dropped=dropped)
-    out.check("the disk filled (cases dropped and counted)", (dropped or 0) > 0, f"{dropped} dropped")
-    out.check("every degraded case spooled or counted as dropped", (depth or 0) + (dropped or 0) == degraded,
+    out.check("the disk filled (cases dropped and counted)", dropped > 0, f"{dropped} dropped")
+    out.check("every degraded case spooled or counted as dropped", depth + dropped == degraded,
               f"{depth} spooled + {dropped} dropped of {degraded}")
     return out
 
