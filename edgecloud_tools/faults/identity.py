@@ -105,7 +105,7 @@ def identities(f: Faults) -> Outcome:
                                 size=release.stat().st_size, tls=tls, token=token, timeout_s=30)
 
     p1 = DEVICES["press-1"][1]
-    with gateway:
+    with gateway, servers.RssSampler(gateway.proc.pid) as rss:
         allowed = {
             "operator uploads fleet-a's v1": put(ops, OPERATOR_TOKEN, "fleet-a", 1),
             "operator uploads fleet-b's v2": put(ops, OPERATOR_TOKEN, "fleet-b", 2),
@@ -129,6 +129,8 @@ def identities(f: Faults) -> Outcome:
         out.check(f"{what}: refused", code in refused[what][1], code)
     devices = {device for device, _ in stored_rows(d / "gw-hard-examples.db")}
     out.check("the stored case names the certificate's device", devices == {"press-1"}, str(sorted(devices)))
+    out.rss_before_bytes, out.rss_peak_bytes = rss.before, rss.peak
+    out.figures["rss_of"] = "gateway"
     out.answered = sum(code == "OK" for code in answers.values())
     out.failed = len(answers) - out.answered
     out.figures.update(answered=answers, refused=refusals)

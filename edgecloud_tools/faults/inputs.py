@@ -141,7 +141,7 @@ def duplicate_ids(f: Faults) -> Outcome:
     store = d / "gw-hard-examples.db"
     images = f.images(3 * IDS_PER_DEVICE)
     loads: list[Load] = []
-    with gateway:
+    with gateway, servers.RssSampler(gateway.proc.pid) as rss:
         agents = [servers.agent(d, f.models.edge, device, cloud=gateway.port, device_id=device)
                   for device in DEVICES]
         with agents[0], agents[1]:
@@ -158,6 +158,8 @@ def duplicate_ids(f: Faults) -> Outcome:
             want[(DEVICES[0], "frame-reused")] = IDS_PER_DEVICE
             wait_until(lambda: sum(stored_rows(store).values()) >= sum(want.values()), REPLAY_TIMEOUT_S, 0.2)
     rows = stored_rows(store)
+    out.rss_before_bytes, out.rss_peak_bytes = rss.before, rss.peak
+    out.figures["rss_of"] = "gateway"
     calls = [c for load in loads for c in load.calls]
     out.answered = sum(c.code == "OK" for c in calls)
     out.failed, out.degraded = len(calls) - out.answered, sum(c.degraded for c in calls)

@@ -206,7 +206,7 @@ def reconnect(f: Faults) -> Outcome:
     gateway = servers.gateway(d, f.models.repository, "gw", store=True)
     with gateway:
         agent, _ = _agent(f, d, "reconnect-1", gateway.port)
-        with agent:
+        with agent, servers.RssSampler(agent.proc.pid) as rss:
             load = Load(agent.port, f.models.edge_name, f.input["name"], f.images(64), "rc", 1,
                         params=escalate("always"), pause_s=0.02).start()
             load.wait_done(10)
@@ -221,6 +221,7 @@ def reconnect(f: Faults) -> Outcome:
     first = min((c.sent_at + c.ms / 1000.0 for c in load.calls
                  if c.source == "cloud" and c.sent_at >= back and c.ms is not None), default=None)
     after_s = None if first is None else round(first - back, 3)
+    out.rss_before_bytes, out.rss_peak_bytes = rss.before, rss.peak
     load.record(out, f.promises.answer_ms)
     out.figures["first_cloud_answer_after_s"] = after_s
     out.check("first cloud answer after the return in time",
