@@ -54,7 +54,7 @@ def models_section(r: dict) -> list[str]:
     batch = next(iter(ip.values()))["batch"]
     head = ["in process (ONNX Runtime, CPU)", "size KB", "p50 ms", "p99 ms", f"rows/s @{batch}"]
     return columns(head, [[k, f"{v['size_bytes'] / 1e3:.0f}", fmt_ms(v["batch1"]["p50_ms"]),
-                         fmt_ms(v["batch1"]["p99_ms"]), _n(v["rows_per_s"])] for k, v in ip.items()])
+                           fmt_ms(v["batch1"]["p99_ms"]), _n(v["rows_per_s"])] for k, v in ip.items()])
 
 
 def _peer(r: dict, section: str, key: str) -> tuple[str, dict | None, str | None]:
@@ -165,8 +165,8 @@ def cascade_section(r: dict) -> list[str]:
     head = [f"{c['images']} images, {c['wan_ms']:g} ms WAN", "accuracy", "to cloud", "mean ms", "p99 ms",
             "mean/cloud-only", "bytes upstream"]
     return columns(head, [[mode, f"{m['accuracy']:.2%}", f"{m['to_cloud']:.1%}", fmt_ms(m["mean_ms"]),
-                         fmt_ms(m["p99_ms"]), _x(m["mean_ms"], cloud), f"{m['upstream_bytes']:,}"]
-                        for mode, m in c["modes"].items()])
+                           fmt_ms(m["p99_ms"]), _x(m["mean_ms"], cloud), f"{m['upstream_bytes']:,}"]
+                          for mode, m in c["modes"].items()])
 
 
 def start_section(r: dict) -> list[str]:
