@@ -236,7 +236,8 @@ def overload(f: Faults) -> Outcome:
     out = Outcome("overload", "twice the calls the agent can answer: the excess refused at once with "
                   f"{SHED}, the answered ones in time, no other error")
     d, plan = f.dir("overload"), f.plan
-    agent = servers.agent(d, f.models.edge, "overload-1", device_id="overload-1")
+    metrics = free_loopback_port()
+    agent = servers.agent(d, f.models.edge, "overload-1", device_id="overload-1", metrics_port=metrics)
     with agent:
         target = Target("triton", f"127.0.0.1:{agent.port}", f.models.edge_name, f.input,
                         params=escalate("never"))
@@ -245,6 +246,8 @@ def overload(f: Faults) -> Outcome:
         progress(f"overload: capacity {capacity:.0f} calls/s, open loop at {rate:.0f} calls/s")
         with servers.RssSampler(agent.proc.pid) as rss:
             result = f.pool.open(target, rate, plan.overload_s, 10.0)
+        # what the agent's admission refused: none of the excess, when the calls wait before it
+        out.figures["admission_shed_total"] = agent_count(metrics, "admission_shed_total")
     out.rss_before_bytes, out.rss_peak_bytes = rss.before, rss.peak
     shed = result.errors.get(SHED, 0)
     other = {code: n for code, n in result.errors.items() if code != SHED}
