@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "edgecloud_tools.certs",
     "edgecloud_tools.demo",
     "edgecloud_tools.examples_cli",
+    "edgecloud_tools.faults.command",
     "edgecloud_tools.engine_cli",
     "edgecloud_tools.fleet.keys_cli",
     "edgecloud_tools.fleet.publish",

@@ -14,11 +14,11 @@ def _n(v: float | None) -> str:
     return "-" if v is None else f"{v:,.0f}"
 
 
-def _ms(v: float | None) -> str:
+def fmt_ms(v: float | None) -> str:
     return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
 
 
-def _mb(v: float | None) -> str:
+def fmt_mb(v: float | None) -> str:
     return "-" if v is None else f"{v / 1e6:.1f}"
 
 
@@ -26,7 +26,7 @@ def _x(value: float | None, baseline: float | None) -> str:
     return "-" if value is None or not baseline else f"{value / baseline:.2f}x"
 
 
-def _rows(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+def columns(header: list[str], rows: Iterable[list[str]]) -> list[str]:
     """Columns padded to their widest cell; the first left-aligned, the others right-aligned."""
     justify = ["left"] + ["right"] * (len(header) - 1)
     return table(header, list(rows), justify=justify, indent="  ").splitlines()
@@ -52,8 +52,8 @@ def models_section(r: dict) -> list[str]:
         return _failed(r, "floors")
     batch = next(iter(ip.values()))["batch"]
     head = ["in process (ONNX Runtime, CPU)", "size KB", "p50 ms", "p99 ms", f"rows/s @{batch}"]
-    return _rows(head, [[k, f"{v['size_bytes'] / 1e3:.0f}", _ms(v["batch1"]["p50_ms"]),
-                         _ms(v["batch1"]["p99_ms"]), _n(v["rows_per_s"])] for k, v in ip.items()])
+    return columns(head, [[k, f"{v['size_bytes'] / 1e3:.0f}", fmt_ms(v["batch1"]["p50_ms"]),
+                           fmt_ms(v["batch1"]["p99_ms"]), _n(v["rows_per_s"])] for k, v in ip.items()])
 
 
 def _peer(r: dict, section: str, key: str) -> tuple[str, dict | None, str | None]:
@@ -81,21 +81,21 @@ def batch1_section(r: dict) -> list[str]:
     rows, notes = [], []
     ip = get(r, "floors", "in_process", "edge INT8", "batch1")
     if ip:
-        rows.append(["in-process backend (edge INT8)", _ms(ip["p50_ms"]), _ms(ip["p99_ms"]),
+        rows.append(["in-process backend (edge INT8)", fmt_ms(ip["p50_ms"]), fmt_ms(ip["p99_ms"]),
                      *["-"] * (len(counts) + 1)])
     for title, closed, status in systems:
         if not closed:
             rows.append(_absent(title, status, len(head), notes))
             continue
-        rows.append([title, _ms(get(closed, "1", "p50_ms")), _ms(get(closed, "1", "p99_ms")),
+        rows.append([title, fmt_ms(get(closed, "1", "p50_ms")), fmt_ms(get(closed, "1", "p99_ms")),
                      *[_n(get(closed, str(n), "per_s")) for n in counts],
                      "" if closed is agent else _x(get(agent, "16", "per_s"), get(closed, "16", "per_s"))])
-    lines = _rows(head, rows) + notes
+    lines = columns(head, rows) + notes
     echo1 = get(r, "floors", "echo", "kserve", "1", "p50_ms")
     if ip and echo1 is not None and get(agent, "1", "p50_ms") is not None:
         floor = ip["p50_ms"] + echo1
-        lines.append(f"  agent p50 at 1 client {_ms(agent['1']['p50_ms'])} ms vs in-process "
-                     f"{_ms(ip['p50_ms'])} + KServe v2 echo {_ms(echo1)} = {_ms(floor)} ms: "
+        lines.append(f"  agent p50 at 1 client {fmt_ms(agent['1']['p50_ms'])} ms vs in-process "
+                     f"{fmt_ms(ip['p50_ms'])} + KServe v2 echo {fmt_ms(echo1)} = {fmt_ms(floor)} ms: "
                      f"{_x(agent['1']['p50_ms'], floor)}")
     return lines + _failed(r, "floors", "agent", "peers")
 
@@ -108,11 +108,11 @@ def open_loop_section(r: dict) -> list[str]:
     head = ["open loop on the agent", "rate/s", "sent/s", "answered", "shed", "other errors", "p50 ms",
             "p99 ms", "p99/unloaded", "RSS MB before/peak"]
     rows = [[f"{o['factor']:g}x capacity", _n(o["rate_per_s"]), _n(o["offered_per_s"]), str(o["answered"]),
-             str(o["shed"]), str(o["other_errors"]), _ms(o["p50_ms"]), _ms(o["p99_ms"]),
-             _x(o["p99_ms"], unloaded), f"{_mb(o['rss_before_bytes'])}/{_mb(o['rss_peak_bytes'])}"]
+             str(o["shed"]), str(o["other_errors"]), fmt_ms(o["p50_ms"]), fmt_ms(o["p99_ms"]),
+             _x(o["p99_ms"], unloaded), f"{fmt_mb(o['rss_before_bytes'])}/{fmt_mb(o['rss_peak_bytes'])}"]
             for o in agent["open"].values()]
     return [f"  capacity (best closed loop): {_n(agent['capacity_per_s'])} calls/s; unloaded p99 "
-            f"{_ms(unloaded)} ms; shed = RESOURCE_EXHAUSTED", *_rows(head, rows)]
+            f"{fmt_ms(unloaded)} ms; shed = RESOURCE_EXHAUSTED", *columns(head, rows)]
 
 
 def gateway_section(r: dict) -> list[str]:
@@ -131,8 +131,8 @@ def gateway_section(r: dict) -> list[str]:
             continue
         ratio = "" if closed is on else _x(get(on, "64", "per_s"), get(closed, "64", "per_s"))
         rows.append([title, *[_n(get(closed, str(n), "per_s")) for n in streams],
-                     _ms(get(closed, "64", "p99_ms")), ratio])
-    lines = _rows(head, rows) + notes
+                     fmt_ms(get(closed, "64", "p99_ms")), ratio])
+    lines = columns(head, rows) + notes
     cloud = get(r, "floors", "in_process", "cloud FP32")
     if cloud:
         lines.append(f"  cloud model in process at batch {cloud['batch']}: {_n(cloud['rows_per_s'])} rows/s")
@@ -145,14 +145,14 @@ def slow_cloud_section(r: dict) -> list[str]:
         return _failed(r, "slow_cloud")
     a, b, e = s["edge_only_alone"], s["edge_only_beside_escalations"], s["escalations"]
     head = [f"edge-only client, cloud {s['cloud_rtt_ms']:g} ms away", "p50 ms", "p99 ms", "calls/s"]
-    lines = _rows(head, [
-        ["alone", _ms(a["p50_ms"]), _ms(a["p99_ms"]), _n(a["per_s"])],
-        [f"beside {s['escalating_clients']} escalating clients", _ms(b["p50_ms"]), _ms(b["p99_ms"]),
+    lines = columns(head, [
+        ["alone", fmt_ms(a["p50_ms"]), fmt_ms(a["p99_ms"]), _n(a["per_s"])],
+        [f"beside {s['escalating_clients']} escalating clients", fmt_ms(b["p50_ms"]), fmt_ms(b["p99_ms"]),
          _n(b["per_s"])],
         ["beside / alone", _x(b["p50_ms"], a["p50_ms"]), _x(b["p99_ms"], a["p99_ms"]), ""]])
     errors = ", ".join(f"{k} {v}" for k, v in e["errors"].items()) or "none"
     lines.append(f"  the escalating clients: {e['ok']} answered ({_n(e['per_s'])}/s), p50 "
-                 f"{_ms(e['p50_ms'])} ms, {e['degraded']} degraded, errors: {errors}")
+                 f"{fmt_ms(e['p50_ms'])} ms, {e['degraded']} degraded, errors: {errors}")
     return lines
 
 
@@ -163,9 +163,9 @@ def cascade_section(r: dict) -> list[str]:
     cloud = get(c, "modes", "cloud only", "mean_ms")
     head = [f"{c['images']} images, {c['wan_ms']:g} ms WAN", "accuracy", "to cloud", "mean ms", "p99 ms",
             "mean/cloud-only", "bytes upstream"]
-    return _rows(head, [[mode, f"{m['accuracy']:.2%}", f"{m['to_cloud']:.1%}", _ms(m["mean_ms"]),
-                         _ms(m["p99_ms"]), _x(m["mean_ms"], cloud), f"{m['upstream_bytes']:,}"]
-                        for mode, m in c["modes"].items()])
+    return columns(head, [[mode, f"{m['accuracy']:.2%}", f"{m['to_cloud']:.1%}", fmt_ms(m["mean_ms"]),
+                           fmt_ms(m["p99_ms"]), _x(m["mean_ms"], cloud), f"{m['upstream_bytes']:,}"]
+                          for mode, m in c["modes"].items()])
 
 
 def frames_section(r: dict) -> list[str]:
@@ -190,20 +190,20 @@ def start_section(r: dict) -> list[str]:
     rows = []
     if "ready_s" in c:
         rows.append([f"edge agent, to READY=1 (median of {len(c['starts'])})", f"{c['ready_s']:.2f}",
-                     _mb(c["rss_bytes"])])
+                     fmt_mb(c["rss_bytes"])])
     for title, data in [("KServe v2 echo, to SERVING", get(r, "floors", "echo")),
                         ("FastAPI + uvicorn, to /health", get(r, "peers", "fastapi")),
                         ("MLServer, to model ready", get(r, "peers", "mlserver"))]:
         if data and data.get("startup_s") is not None:
-            rows.append([title, f"{data['startup_s']:.2f}", _mb(data.get("rss_bytes"))])
+            rows.append([title, f"{data['startup_s']:.2f}", fmt_mb(data.get("rss_bytes"))])
     head = ["start-up (RSS: the agent's at READY, the others' after their load)", "seconds", "RSS MB"]
-    return _rows(head, rows) + _failed(r, "cold_start")
+    return columns(head, rows) + _failed(r, "cold_start")
 
 
 def _figure(g: Goal, v: float | None) -> str:
     if v is None:
         return "-"
-    return {"ms": f"{_ms(v)} ms", "/s": f"{_n(v)}/s", "bytes": f"{_mb(v)} MB"}.get(g.unit, f"{v:g}")
+    return {"ms": f"{fmt_ms(v)} ms", "/s": f"{_n(v)}/s", "bytes": f"{fmt_mb(v)} MB"}.get(g.unit, f"{v:g}")
 
 
 def targets_section(r: dict) -> list[str]:
@@ -213,7 +213,7 @@ def targets_section(r: dict) -> list[str]:
         limit = f"{g.op} {g.limit:g}{'x' if g.relative else ''}"
         rows.append([g.name, _figure(g, g.figure), _figure(g, g.baseline), value, limit,
                      {True: "met", False: "NOT MET", None: "n/a"}[g.met]])
-    return _rows(["target (issue 9)", "figure", "baseline", "ratio", "target", ""], rows)
+    return columns(["target (issue 9)", "figure", "baseline", "ratio", "target", ""], rows)
 
 
 def format_table(r: dict) -> str:

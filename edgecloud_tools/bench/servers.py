@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from edgecloud.endpoint import free_loopback_port
@@ -86,27 +87,28 @@ def stop(service: ServiceProcess) -> None:
 
 
 def agent(workdir: Path, model: Path, name: str, *, cloud: int | None = None,
-          env: dict[str, str] | None = None, config: str = "") -> ServiceProcess:
+          env: dict[str, str] | None = None, config: Path | None = None,
+          device_id: str | None = None, metrics_port: int | None = None) -> ServiceProcess:
     """The edge agent on ``model``; with ``cloud`` (a port on 127.0.0.1) it escalates there, with no
     escalation rate limit in the way (``--max-per-s``), so every row that wants the cloud asks it.
-    ``config`` is TOML for what has no flag (e.g. ``[cloud] max_in_flight``)."""
+    ``config`` is a TOML file under the flags, for what has no flag."""
     port = free_loopback_port()
-    flags = []
-    if config:
-        (workdir / f"{name}.toml").write_text(config)
-        flags += ["--config", str(workdir / f"{name}.toml")]
-    flags += ["--model", str(model), "--listen", f"127.0.0.1:{port}", "--state-dir", str(workdir / name),
-             "--device-id", f"bench-{name}", "--log-level", "WARNING",
-             "--metrics-listen", f"127.0.0.1:{free_loopback_port()}"]
+    flags = ["--model", str(model), "--listen", f"127.0.0.1:{port}", "--state-dir", str(workdir / name),
+             "--device-id", device_id or f"bench-{name}", "--log-level", "WARNING",
+             "--metrics-listen", f"127.0.0.1:{metrics_port or free_loopback_port()}"]
+    if config is not None:
+        flags += ["--config", str(config)]
     if cloud is not None:
         flags += ["--cloud", f"127.0.0.1:{cloud}", "--cloud-model", CLOUD_NAME, "--max-per-s", "100000"]
     return ServiceProcess("edge-agent", flags, port, workdir / f"{name}.log", env=env)
 
 
 def gateway(workdir: Path, repository: Path, name: str, *, batching: bool = True,
-            store: bool = False) -> ServiceProcess:
+            store: bool = False, config: Path | None = None,
+            ready: Callable[[], bool] | None = None) -> ServiceProcess:
     """The cloud gateway on a copy of ``repository``; without ``batching`` the cloud model's
-    ``max_batch_size`` is 0 (each request runs alone), else the gateway's defaults."""
+    ``max_batch_size`` is 0 (each request runs alone), else the gateway's defaults. ``config`` is a
+    TOML file under the flags (TLS, auth); ``ready`` replaces the plaintext health check."""
     repo = workdir / f"{name}-repository"
     shutil.copytree(repository, repo, ignore=shutil.ignore_patterns(".releases"))
     if not batching:
@@ -115,7 +117,9 @@ def gateway(workdir: Path, repository: Path, name: str, *, batching: bool = True
     flags = ["--model-repository", str(repo), "--listen", f"127.0.0.1:{port}", "--log-level", "WARNING"]
     if store:
         flags += ["--store", str(workdir / f"{name}-hard-examples.db")]
-    return ServiceProcess("cloud-gateway", flags, port, workdir / f"{name}.log")
+    if config is not None:
+        flags += ["--config", str(config)]
+    return ServiceProcess("cloud-gateway", flags, port, workdir / f"{name}.log", ready=ready)
 
 
 def echo(workdir: Path) -> ServiceProcess:

@@ -26,8 +26,10 @@ def slow_cloud(bench: Bench) -> dict:
     plan, pool = bench.plan, bench.pool
     gateway = servers.gateway(bench.workdir, bench.models.repository, "gw-slow", store=True)
     with gateway, DelayProxy(gateway.port, SLOW_CLOUD_MS) as proxy:
+        config = bench.workdir / "agent-slow-cloud.toml"
+        config.write_text(SIZED_FOR_ESCALATIONS)
         agent = servers.agent(bench.workdir, bench.models.edge, "agent-slow-cloud", cloud=proxy.port,
-                              config=SIZED_FOR_ESCALATIONS)
+                              config=config)
         with agent:
             edge = bench.target("triton", agent.port, bench.models.edge_name,
                                 params={str(AgentRequest.ESCALATE): "never"})
