@@ -174,12 +174,12 @@ def frames_section(r: dict) -> list[str]:
         return _failed(r, "frames")
     p, a, up = f["in_process"], f["agent"], f["upstream"]
     h, w = p["frame"]["size"]
-    lines = _rows([f"{w}x{h} JPEG frames (~{p['frame']['mean_bytes']:,} bytes)", "p50 ms", "p99 ms"], [
-        ["decode + pre-process, in process", _ms(p["decode_preprocess"]["p50_ms"]),
-         _ms(p["decode_preprocess"]["p99_ms"])],
-        ["the edge model on the row it gives", _ms(p["model"]["p50_ms"]), _ms(p["model"]["p99_ms"])],
-        [f"through the agent, {a['clients']} clients ({_n(a['per_s'])} frames/s)", _ms(a["p50_ms"]),
-         _ms(a["p99_ms"])]])
+    lines = columns([f"{w}x{h} JPEG frames (~{p['frame']['mean_bytes']:,} bytes)", "p50 ms", "p99 ms"], [
+        ["decode + pre-process, in process", fmt_ms(p["decode_preprocess"]["p50_ms"]),
+         fmt_ms(p["decode_preprocess"]["p99_ms"])],
+        ["the edge model on the row it gives", fmt_ms(p["model"]["p50_ms"]), fmt_ms(p["model"]["p99_ms"])],
+        [f"through the agent, {a['clients']} clients ({_n(a['per_s'])} frames/s)", fmt_ms(a["p50_ms"]),
+         fmt_ms(a["p99_ms"])]])
     lines.append(f"  upstream bytes per escalated row: original frame {up['frame']['bytes_per_row']:,}, "
                  f"tensor {up['tensor']['bytes_per_row']:,}")
     return lines
