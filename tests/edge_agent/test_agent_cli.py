@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -63,3 +64,16 @@ def test_flags_override_file_and_sigterm_stops_cleanly(tmp_path):
         np.testing.assert_allclose(reply.outputs["logits"], reference_logits(model, x), rtol=1e-5)
     assert agent.proc.returncode == 0
     assert "event=agent_stopped" in agent.log_path.read_text()
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
+    model = linear_classifier(tmp_path / "m.onnx")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_agent("--model", str(model), "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path),
+                         "--metrics-listen", "")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (f"edge-agent: configuration error: listen 127.0.0.1:{port}: "
+                                            "cannot bind (address in use or not permitted)")
