@@ -81,7 +81,8 @@ class EdgeAgent:
         if self.replayer:
             self.replayer.start()
         if cfg.fleet.name:
-            self.fleet = FleetLink(cfg.mqtt, cfg.fleet.name, cfg.agent.device_id, self._model_info)
+            self.fleet = FleetLink(cfg.mqtt, cfg.fleet.name, cfg.agent.device_id, self._model_info,
+                                   cfg.fleet.group)
             self.updater = Updater(cfg, self.slot, self.fleet, startup).start()  # subscribes before connect
             self.fleet.start()
         readings = self._readings()

@@ -51,6 +51,9 @@ class Status(Body):
     agent_version: str
     model: str | None = Field(description="served model name")
     active_version: Version | None = Field(description="release version serving now")
+    group: Annotated[str | None, Field(pattern=ID_PATTERN.pattern,
+                                       description="the group whose desired release it follows"),
+                     Omitted] = None
 
 
 class Reported(Body):

@@ -715,6 +715,7 @@ def test_a_rollback_cuts_a_running_watch_window_short(fleet: Fleet) -> None:
         fleet.watcher.wait_report("edge-1", "active", 1)
         load.wait("1", load.versions["1"] + 20)
     assert cut["data"] == {"model": NAME, "version": 2}
+    assert fleet.watcher.of(TopicKind.STATUS, "edge-1")[-1]["group"] == GROUP  # fleet status counts it there
     assert load.failures == [] and served_version(agent.port) == "1"
     assert "rolled_back" not in fleet.watcher.states("edge-1", 2)  # no verdict on v2: it was replaced
     state = state_file(fleet, "edge-1")
