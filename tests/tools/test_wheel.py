@@ -102,6 +102,15 @@ def test_an_installed_wheel_runs_the_demo_outside_a_checkout(installed: Path, tm
     assert not list(Path(models).rglob(".releases"))
 
 
+def test_an_installed_wheel_runs_a_bench_stage_into_the_current_directory(installed: Path,
+                                                                          tmp_path: Path) -> None:
+    bench = run(installed / "bin" / "edgecloud", "bench", "--quick", "--only", "cold_start",
+                "--no-peer-install", cwd=tmp_path, env=clean_env(installed))
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    result = json.loads((tmp_path / "bench" / "results" / "bench.json").read_text())
+    assert result["cold_start"]["starts"] and "error" not in result["cold_start"]
+
+
 def test_an_installed_wheel_calibrates_but_never_writes_into_its_package(installed: Path,
                                                                          tmp_path: Path) -> None:
     edgecloud = installed / "bin" / "edgecloud"
