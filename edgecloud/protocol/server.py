@@ -158,8 +158,8 @@ def _add_services(server, kserve: KServeServicer, extra_services: ExtraServices)
 
 
 def _bind(server, listen: Endpoint, tls: ServerTLS | None) -> int:
-    """The port bound; ConfigError (exit 2, one line) when it cannot be: grpcio raises RuntimeError for
-    that since 1.6x, and returned 0 before."""
+    """The port bound; ConfigError (exit 2, one line) when it cannot be (grpcio raises RuntimeError
+    for it; older releases returned 0)."""
     target = listen.grpc_target
     refused = ConfigError(f"listen {listen}: cannot bind (address in use or not permitted)")
     try:
