@@ -36,7 +36,7 @@ from edgecloud_tools.toolchain.evaluate import (
     calibrate_cascade,
     classifier_card,
 )
-from edgecloud_tools.toolchain.labelled import INPUTS_KEY, LABEL_KEYS, load_labelled
+from edgecloud_tools.toolchain.labelled import INPUTS_KEY, LABEL_KEYS, LabelledSet, load_labelled
 from edgecloud_tools.toolchain.plot import tradeoff_png
 
 #: the policy a model without a card is calibrated for
@@ -89,26 +89,29 @@ def _policy(args: argparse.Namespace, card: ModelCard | None) -> str:
 
 
 def _updated_card(args: argparse.Namespace, card: ModelCard | None, edge: Scored,
-                  cal: CascadeCalibration, labels: tuple[str, ...] | None) -> ModelCard:
+                  cal: CascadeCalibration, data: LabelledSet | None) -> ModelCard:
     metrics = {**(card.metrics if card else {}), **cal.metrics}
     if card is not None:
         return replace(card.with_calibration(cal.calibration, cal.calibrated_on), metrics=metrics)
+    labels = None  # the synthetic set's; own data: its label_names, else the class indices
+    if data is not None:
+        classes = edge.val.reshape(len(edge.val), -1).shape[1]
+        labels = data.label_names or tuple(str(i) for i in range(classes))
     return classifier_card(args.model, edge, cal.calibration, metrics, name=_served_name(args.model),
                            version=0, source={"tool": "edgecloud calibrate"},
                            calibrated_on=cal.calibrated_on, labels=labels)
 
 
-def _splits(args: argparse.Namespace, card: ModelCard | None) -> tuple[Splits, tuple[str, ...] | None]:
-    """The synthetic "val" and "test" splits, or ``--data`` split into a fit and a held-out part; and
-    the class names a card written from scratch gets (None: the synthetic set's)."""
+def _splits(args: argparse.Namespace, card: ModelCard | None) -> tuple[Splits, LabelledSet | None]:
+    """The synthetic "val" and "test" splits, or ``--data`` split into a fit and a held-out part (and
+    the data, whose class names a card written from scratch takes)."""
     if args.data is None:
         return Splits.make(args.n, int(card.metrics.get("n", args.n)) if card else args.n), None
     data = load_labelled(args.data)
     fit, held_out = data.split(args.held_out)
     print(f"{args.data}: {len(data.labels)} rows labelled by {data.labelled_by!r}; fitting on {len(fit[1])}, "
           f"measuring on {len(held_out[1])}", file=sys.stderr)
-    names = data.label_names or tuple(str(i) for i in range(int(data.labels.max()) + 1))
-    return Splits(fit, held_out, (f"{args.data.name}:fit", f"{args.data.name}:held_out")), names
+    return Splits(fit, held_out, (f"{args.data.name}:fit", f"{args.data.name}:held_out")), data
 
 
 def _score(splits: Splits, model: Path, output: str | None) -> Scored:
@@ -138,7 +141,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         target = {"target_accuracy": args.target_accuracy}
     else:
         target = {"target_accuracy": TARGET_ACCURACY}
-    splits, labels = _splits(args, card)
+    splits, data = _splits(args, card)
     score_output = card.calibration.score_output if card else None  # None: the model's first output
     edge, cloud = _score(splits, args.model, score_output), _score(splits, args.cloud, None)
     cal = calibrate_cascade(splits, edge, cloud, policy, target, cloud_model=_served_name(args.cloud),
@@ -155,7 +158,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                             f"{args.model.name} with {_served_name(args.cloud)} on {test_name}")
         print(f"  plot written: {path}")
     if not args.dry_run:
-        path = _updated_card(args, card, edge, cal, labels).save(args.model)
+        path = _updated_card(args, card, edge, cal, data).save(args.model)
         print(f"  card written: {path}")
     return 0
 

@@ -318,6 +318,9 @@ def test_calibrate_takes_the_hard_examples_an_export_wrote(tmp_path: Path,
     assert "hard.npz: 200 rows labelled by 'cloud_prediction'; fitting on 100, measuring on 100" in err
     assert "cloud 100.00%" in out  # the cloud's own answers are the labels
     assert ModelCard.load(edge) is None  # --dry-run
+    assert _calibrate("--model", str(edge), "--cloud", str(cloud), "--data", str(exported),
+                      "--target-escalation", "0.5") == 0
+    assert ModelCard.load(edge).labels == ("0", "1", "2", "3")  # no label_names: the model's class indices
 
 
 def test_calibrate_says_what_is_wrong_with_the_data(tmp_path: Path) -> None:
