@@ -35,7 +35,7 @@ from edgecloud.engine.builder import installed_tensorrt_version
 from edgecloud.engine.sidecar import check_compatible, device_model, read_sidecar
 from edgecloud.errors import ConfigError, EdgecloudError
 from edgecloud.files import file_sha256
-from edgecloud.modelcard import read_card
+from edgecloud.modelcard import read_card, served_name
 from edgecloud.mqtt.client import MqttClient, MqttError
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
@@ -190,26 +190,40 @@ def check_clocks(device: Device) -> Check:
 
 
 # -- the network, with the configured certificates --------------------------------------------------
+def cloud_model(device: Device) -> str | None:
+    """The model the agent asks the cloud for: ``cloud.model``, else the edge model's served name."""
+    config, path = device.config, serving_model(device)
+    if config.cloud.model or config.model.name:
+        return config.cloud.model or config.model.name
+    try:
+        return served_name(path) if path is not None and path.is_file() else None
+    except EdgecloudError:
+        return None
+
+
 def check_cloud(device: Device) -> Check:
+    """The cloud answers ModelMetadata of the agent's cloud model through the configured TLS and token
+    (health alone when the model cannot be told)."""
     cloud = device.config.cloud
     if cloud.target is None:
         return skipped("cloud", "no cloud.target configured (this device never escalates)")
-    name = cloud.model or device.config.model.name or "the edge model's name"
+    name = cloud_model(device)
     fix = "check cloud.target, cloud.tls (ca, cert, key) and cloud.token_file"
     try:
         channel = open_channel(cloud.target, cloud.tls, what="cloud.target")
-    except ConfigError as e:
-        return fail("cloud", str(e))
-    with KServeClient(cloud.target, channel, bearer_metadata(cloud.token_file)) as client:
+        metadata = bearer_metadata(cloud.token_file)
+    except (ConfigError, OSError) as e:
+        return fail("cloud", f"{e}: {fix}")
+    with KServeClient(cloud.target, channel, metadata) as client:
         try:
-            if cloud.model or device.config.model.name:
+            if name is not None:
                 client.metadata(name, cloud.model_version, timeout=device.timeout_s)
             elif not client.serving(timeout=device.timeout_s):
                 return fail("cloud", f"{cloud.target} is not serving: {fix}")
         except grpc.RpcError as e:
             return fail("cloud", f"{cloud.target}: {e.code().name} ({e.details()}): {fix}")
     how = "TLS" if cloud.tls else "plaintext"
-    return ok("cloud", f"{cloud.target} answers over {how}" + (f", model {name!r}" if cloud.model else ""))
+    return ok("cloud", f"{cloud.target} answers over {how}" + (f" for model {name!r}" if name else ""))
 
 
 def check_broker(device: Device) -> Check:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -126,17 +127,17 @@ class FleetView:
     def sorted_rows(self) -> list[DeviceRow]:
         return [self.rows[d] for d in sorted(self.rows)]
 
-    def releases(self) -> list[Desired]:
-        """Each desired release with the devices it applies to sorted by where they stand with it:
-        groups first, then devices, by name."""
-        for desired in self.desired.values():
-            desired.devices.clear()
+    def releases(self) -> list[Standing]:
+        """Each desired release with the devices it applies to, by where they stand with it: groups
+        first, then devices, by name."""
+        devices: dict[Target, dict[str, list[str]]] = {target: {} for target in self.desired}
         for row in self.sorted_rows():
             desired = (self.desired.get(Target(False, row.device))
                        or (self.desired.get(Target(True, row.group)) if row.group else None))
             if desired is not None:
-                desired.devices.setdefault(desired.standing(row), []).append(row.device)
-        return sorted(self.desired.values(), key=lambda d: (not d.target.group, d.target.name))
+                devices[desired.target].setdefault(desired.standing(row), []).append(row.device)
+        return [Standing(self.desired[t], {s: tuple(d) for s, d in devices[t].items()})
+                for t in sorted(self.desired, key=lambda t: (not t.group, t.name))]
 
 
 @dataclass(frozen=True)
@@ -154,16 +155,15 @@ class Target:
 STANDINGS = ("active", "pending", "rolled_back", "failed")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Desired:
-    """A release retained on a desired topic, and the devices it applies to by standing."""
+    """A release retained on a desired topic, as published."""
 
     target: Target
     model: str
     version: int
     rollback: bool
     issued_at: datetime
-    devices: dict[str, list[str]] = field(default_factory=dict)
 
     def standing(self, row: DeviceRow) -> str:
         """``active`` once it serves this version, ``rolled_back`` / ``failed`` when its report for this
@@ -173,3 +173,11 @@ class Desired:
         if row.update_version == self.version and row.update_state in ("rolled_back", "failed"):
             return row.update_state
         return "pending"
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A desired release and the devices it applies to, by standing (one of :data:`STANDINGS`)."""
+
+    release: Desired
+    devices: Mapping[str, tuple[str, ...]]

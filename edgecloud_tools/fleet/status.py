@@ -9,7 +9,7 @@ import time
 
 from edgecloud.clock import format_time
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
-from edgecloud.mqtt.fleet_view import STANDINGS, Desired, DeviceRow, FleetView
+from edgecloud.mqtt.fleet_view import STANDINGS, DeviceRow, FleetView, Standing
 from edgecloud.mqtt.topics import TopicKind
 
 
@@ -47,14 +47,16 @@ def render_table(rows: list[DeviceRow]) -> str:
     return _columns(lines)
 
 
-def render_releases(releases: list[Desired]) -> str:
+def render_releases(releases: list[Standing]) -> str:
     """One line per retained desired release: the devices it is active on, pending on (a rollback not
     taken yet included), and rolled back or failed on."""
     header = ("RELEASE", "MODEL", "VERSION", "ISSUED", *(s.upper().replace("_", " ") for s in STANDINGS))
     lines = [header]
-    for r in releases:
+    for standing in releases:
+        r = standing.release
         lines.append((str(r.target), r.model, f"{r.version}{' (rollback)' if r.rollback else ''}",
-                      format_time(r.issued_at), *(", ".join(r.devices.get(s, ())) or "-" for s in STANDINGS)))
+                      format_time(r.issued_at),
+                      *(", ".join(standing.devices.get(s, ())) or "-" for s in STANDINGS)))
     return _columns(lines)
 
 

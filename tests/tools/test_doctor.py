@@ -57,7 +57,7 @@ def test_a_reachable_cloud_and_broker_with_its_ca_are_ok(tmp_path, cloud, broker
         tmp_path, cloud={"target": f"127.0.0.1:{cloud.port}", "model": "clf"},
         fleet={"name": "plant-1"}, mqtt=broker.mqtt_section()))))
     assert checks["model"].status == "ok" and "clf v3, backend onnxruntime" in checks["model"].message
-    assert checks["cloud"].status == "ok", checks["cloud"]
+    assert checks["cloud"].status == "ok" and "for model 'clf'" in checks["cloud"].message, checks["cloud"]
     assert checks["broker"].status == "ok" and "over TLS" in checks["broker"].message, checks["broker"]
     assert checks["certificate mqtt.tls.ca"].status == "ok"
     assert checks["disk"].status == "ok" and checks["clock skew"].status == "ok"
@@ -88,6 +88,10 @@ def test_what_is_wrong_is_one_line_each_saying_what_to_fix(tmp_path) -> None:
     skew = checks["clock skew"]
     assert skew.status == "FAIL" and "behind the newest release" in skew.message, skew
     assert all("\n" not in str(c) for c in checks.values())
+
+    lost = cfg.model_copy(update={"cloud": cfg.cloud.model_copy(update={"token_file": tmp_path / "gone"})})
+    (cloud,) = [c for c in run_checks(Device(lost, timeout_s=1)) if c.name == "cloud"]
+    assert cloud.status == "FAIL" and "gone" in cloud.message  # a missing token file, not a traceback
 
     Path(cfg.model.path).unlink()
     (model,) = [c for c in run_checks(Device(cfg, timeout_s=1)) if c.name == "model"]
