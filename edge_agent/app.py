@@ -82,7 +82,8 @@ class EdgeAgent:
         for unit in self.units:
             unit.start()
         if cfg.fleet.name:
-            self.fleet = FleetLink(cfg.mqtt, cfg.fleet.name, cfg.agent.device_id, self.host.served)
+            self.fleet = FleetLink(cfg.mqtt, cfg.fleet.name, cfg.agent.device_id, self.host.served,
+                                   cfg.fleet.group)
             for unit in self.units:  # each subscribes before the link connects
                 unit.follow(self.fleet, self.host.owner(unit))
             self.fleet.start()

@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "edgecloud_tools.bench.command",
     "edgecloud_tools.certs",
     "edgecloud_tools.demo",
+    "edgecloud_tools.doctor",
     "edgecloud_tools.examples_cli",
     "edgecloud_tools.faults.command",
     "edgecloud_tools.engine_cli",

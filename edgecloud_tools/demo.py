@@ -44,7 +44,15 @@ from edgecloud_tools.cli import positive_int
 from edgecloud_tools.demo_fleet import WATCH_S, DemoFleet, UpdateOutcome
 from edgecloud_tools.output import stderr_line, table
 from edgecloud_tools.services import ServiceProcess
-from edgecloud_tools.toolchain import CLOUD_NAME, EDGE_INT8, EDGE_V2_INT8, MODELS_ENV, REPOSITORY, models_dir
+from edgecloud_tools.toolchain import (
+    CLOUD_NAME,
+    EDGE_INT8,
+    EDGE_V2_INT8,
+    MODELS_ENV,
+    REPOSITORY,
+    check_found,
+    models_dir,
+)
 
 DEVICE = "demo-line-1"
 UPDATE_TIMEOUT_S = 60.0
@@ -255,6 +263,7 @@ def format_update(u: dict) -> list[str]:
 def run_demo(args: argparse.Namespace) -> int:
     from edgecloud_tools.toolchain.dataset import make_split  # numpy only; the demo needs no torch
 
+    check_found(edge_model=args.edge_model, update_model=args.update_model, repository=args.repository)
     images, labels = make_split("test", args.n)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="edgecloud-demo-"))
     gw_port, agent_port, metrics_port = free_loopback_port(), free_loopback_port(), free_loopback_port()
@@ -318,7 +327,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wan-ms", type=int, default=30, help="emulated WAN delay at the cloud (default 30)")
     p.add_argument("--deadline-ms", type=int, default=300, help="agent's escalation deadline")
     p.add_argument("--edge-model", type=Path, default=models / EDGE_INT8,
-                   help=f"edge model (default: {EDGE_INT8} under ${MODELS_ENV} or ./models)")
+                   help=f"edge model (default: {EDGE_INT8} under ${MODELS_ENV}, else ./models, else the "
+                        "packaged models)")
     p.add_argument("--update-model", type=Path, default=models / EDGE_V2_INT8,
                    help="edge model published as a signed release half-way (needs mosquitto)")
     p.add_argument("--no-update", dest="update_model", action="store_const", const=None,

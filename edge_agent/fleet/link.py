@@ -37,9 +37,11 @@ def as_int_version(version: str | None) -> int | None:
 class FleetLink:
     """One MQTT connection for one device of one fleet."""
 
-    def __init__(self, mqtt: MqttConfig, fleet: str, device: str, model_info: ModelInfo) -> None:
+    def __init__(self, mqtt: MqttConfig, fleet: str, device: str, model_info: ModelInfo,
+                 group: str | None = None) -> None:
         self.topics = FleetTopics(fleet)
         self.device = device
+        self.group = group
         self._model_info = model_info
         if not mqtt.client_id:  # a stable id lets a persistent session survive reconnects
             mqtt = mqtt.model_copy(update={"client_id": f"edge-agent-{device}"})
@@ -54,7 +56,8 @@ class FleetLink:
         first = next((m for m in models if m.ready), models[0] if models else None)
         payload = Status(device=self.device, state=state, agent_version=__version__,
                          model=first.name if first else None,
-                         active_version=first.active_version if first else None, models=models)
+                         active_version=first.active_version if first else None, models=models,
+                         group=self.group)
         return Outgoing(self.topics.status(self.device), payload, qos=1, retain=True)
 
     def on(self, topic: Topic | Wildcard, handler: Handler) -> None:

@@ -21,6 +21,9 @@ step is persisted before it is reported (``state.py``, so a restart knows where 
 - The swap is one reference change in the ModelSlot: calls in flight finish on the model they began
   with, and the replaced model is closed only when the next update starts (or at stop), long after
   the watch window. The window judges the new model against the previous one (see ``watch.py``).
+- Another desired release arriving during the window (``fleet rollback``, a newer version) cuts it
+  short at once, with no verdict: the new model stays active, the previous slot is kept, and the
+  follower handles the new release right away instead of after ``watch_s``.
 - Downloads authenticate like escalations: the cloud's TLS settings and bearer token.
 """
 
@@ -70,6 +73,10 @@ class Stopping(Exception):
     """The agent is stopping: abandon the update where it stands."""
 
 
+class Superseded(Exception):
+    """Another desired release (a rollback, a newer one) arrived during the watch window."""
+
+
 def slot_suffix(artifact: Artifact) -> str:
     """The suffix of the slot file a release's artifact is downloaded to, by its format."""
     return release_backends()[artifact.format].suffixes[0]
@@ -93,6 +100,8 @@ class Applier:
         self.runtime = Runtime.detect(config, slot.model.path)
         self.engines = EngineCache(store.root / "engines")
         self._stopping = stopping
+        #: set by the follower when another desired release arrives, and at stop: ends the watch window
+        self.watch_cut = threading.Event()
         self._retired: list[EdgeModel] = []  # replaced models, closed at the next update or at stop
 
     def verify(self, envelope: Envelope) -> ReleasePayload:
@@ -222,6 +231,13 @@ class Applier:
             self._save(active=before.active, previous=before.previous, pending=None)
             self._retired.append(replaced)
             raise
+        except Superseded:
+            self._save(pending=None)
+            self._retired.append(replaced)
+            log.info("event=update_watch_cut_short device=%s model=%s version=%d reason=new_desired_release",
+                     self.device, release.model, release.version)
+            self.reporter.event("update.watch_cut_short", model=release.model, version=release.version)
+            return
         if reason is None:
             self._save(pending=None)
             self._retired.append(replaced)
@@ -237,10 +253,16 @@ class Applier:
         self.store.prune(self.state)
 
     def _watch(self, previous: EdgeModel, new: EdgeModel) -> str | None:
-        """Wait out the window, then judge the new model's calls against the previous model's."""
+        """Wait out the window, then judge the new model's calls against the previous model's;
+        Superseded when :attr:`watch_cut` ends it early."""
         update = self.config.update
-        if self._stopping.wait(update.watch_s):
+        if self._stopping.is_set():  # set before the follower cleared watch_cut for this release
             raise Stopping
+        cut = self.watch_cut.wait(update.watch_s)
+        if self._stopping.is_set():
+            raise Stopping
+        if cut:
+            raise Superseded
         before, after = figures(previous), figures(new)
         log.info("event=update_watch_done device=%s version=%s calls=%d errors=%d latency=%s "
                  "previous_calls=%d previous_errors=%d previous_latency=%s", self.device, new.version,

@@ -15,6 +15,8 @@
   A topic holding another model's release holds none for this one.
 - A desired message is handled once; one that failed for a passing reason (a cut download, an
   internal error) is tried again with exponential backoff, until another message replaces it.
+- A new effective desired message while one is being handled cuts its watch window short
+  (``Applier.watch_cut``): a rollback takes effect at once, not after ``watch_s``.
 
 How one release is applied is ``apply.py``'s business.
 """
@@ -60,6 +62,10 @@ class _Retry(NamedTuple):
     due: float
 
 
+def _key(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
 class Follower:
     """Follows the desired release topics of one device and hands each new release to the applier."""
 
@@ -78,6 +84,7 @@ class Follower:
         self._desired: dict[str, bytes | None] = {"device": None, "group": None}
         self._wake = threading.Event()
         self._settled: set[str] = set()  # desired messages (by hash) handled for good
+        self._handling = ""  # hash of the desired message the update thread took last
         self._retry = _Retry("", 0, 0.0)  # of the desired message that failed for a passing reason
 
     def subscribe(self) -> None:
@@ -99,6 +106,9 @@ class Follower:
         with self._lock:
             self._desired[source] = raw
             device_set = self._desired["device"] is not None
+            raw = self._effective_locked()
+            if raw and _key(raw) != self._handling:
+                self.applier.watch_cut.set()
         if not message.payload:
             log.info("event=update_desired_cleared device=%s source=%s", self.device, source)
         elif raw is not None and source == "group" and device_set:
@@ -109,9 +119,16 @@ class Follower:
         if state is ConnectionState.CONNECTED:
             self._wake.set()  # a report kept while the broker was away goes out now
 
-    def _effective(self) -> bytes | None:
+    def _effective_locked(self) -> bytes | None:
+        return self._desired["device"] or self._desired["group"]
+
+    def _take(self) -> tuple[bytes | None, str]:
+        """The effective desired message and its hash, now the one handled (a later one cuts its watch)."""
         with self._lock:
-            return self._desired["device"] or self._desired["group"]
+            raw = self._effective_locked()
+            self._handling = _key(raw) if raw else ""
+            self.applier.watch_cut.clear()
+            return raw, self._handling
 
     # -- the update thread ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -120,8 +137,7 @@ class Follower:
         while not self._stopping.is_set():
             self._wake.clear()
             self.reporter.flush()
-            raw = self._effective()
-            key = hashlib.sha256(raw).hexdigest() if raw else ""
+            raw, key = self._take()
             if not raw or key in self._settled:
                 self._wake.wait()
                 continue

@@ -77,6 +77,7 @@ class Updater:
     def stop(self) -> None:
         """Abandon any update in progress (its state stays persisted) and close replaced models."""
         self._stopping.set()
+        self.applier.watch_cut.set()
         self.follower.wake()
         if self._thread.is_alive():
             self._thread.join(STOP_JOIN_S)

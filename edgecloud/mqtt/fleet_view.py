@@ -1,22 +1,27 @@
 """The fleet as its retained topics describe it: one row per device (online, model, update state,
-escalation rate, last seen), folded from status, reported and telemetry messages. Read by the fleet
-collector and by ``edgecloud fleet status``.
+escalation rate, last seen), folded from status, reported and telemetry messages, and the releases
+desired for groups and devices with where each stands. Read by the fleet collector and by
+``edgecloud fleet status``.
 
 Status and reported are retained, so every device that ever spoke shows up at once; telemetry is
 not, so the escalation rate appears only for devices that report during the listening window.
+A desired release is shown as published (its signature is the devices' to check), and a device
+counts for it by its own desired topic, else by the group its status names.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from edgecloud.clock import parse_time
 from edgecloud.mqtt.client import Message
-from edgecloud.mqtt.topics import FleetTopics, TopicKind
+from edgecloud.mqtt.topics import FleetTopics, ParsedTopic, TopicKind
+from edgecloud.release import Envelope, ReleasePayload, ReleaseRejected
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +30,7 @@ log = logging.getLogger(__name__)
 class DeviceRow:
     device: str
     online: bool | None = None
+    group: str | None = None
     model: str | None = None
     active_version: int | None = None
     update_state: str | None = None
@@ -74,14 +80,32 @@ class FleetView:
     def __init__(self, fleet: str) -> None:
         self.topics = FleetTopics(fleet)
         self.rows: dict[str, DeviceRow] = {}
+        self.desired: dict[Target, Desired] = {}
 
     def apply(self, message: Message) -> None:
         parsed = self.topics.parse(message.topic)
-        if parsed is None or not parsed.device:
+        if parsed is None:
+            return
+        if parsed.kind in (TopicKind.GROUP_DESIRED, TopicKind.DEVICE_DESIRED):
+            self.fold_desired(parsed, message.payload)
             return
         body = json_object(message)
-        if body is not None:
+        if body is not None and parsed.device:
             self.fold(parsed.kind, parsed.device, body)
+
+    def fold_desired(self, parsed: ParsedTopic, payload: bytes) -> None:
+        """A retained desired message: a release for the group or device, or cleared (empty)."""
+        target = Target(parsed.kind is TopicKind.GROUP_DESIRED, parsed.group or parsed.device)
+        if not payload:
+            self.desired.pop(target, None)
+            return
+        try:
+            release = ReleasePayload.from_dict(Envelope.from_json(payload).payload)
+        except ReleaseRejected as e:
+            log.debug("event=fleet_desired_unreadable topic=%s reason=%s", target, e)
+            return
+        self.desired[target] = Desired(target, release.model, release.version, release.allow_downgrade,
+                                       release.issued_at)
 
     def fold(self, kind: TopicKind, device: str, body: dict[str, Any]) -> None:
         """Fold one decoded message of ``kind`` from ``device`` into its row."""
@@ -89,6 +113,7 @@ class FleetView:
         row.seen(body.get("at"))
         if kind is TopicKind.STATUS:
             row.online = body.get("state") == "online"
+            row.group = body.get("group", row.group)
             row.model = body.get("model", row.model)
             row.active_version = body.get("active_version", row.active_version)
         elif kind is TopicKind.REPORTED:
@@ -101,3 +126,58 @@ class FleetView:
 
     def sorted_rows(self) -> list[DeviceRow]:
         return [self.rows[d] for d in sorted(self.rows)]
+
+    def releases(self) -> list[Standing]:
+        """Each desired release with the devices it applies to, by where they stand with it: groups
+        first, then devices, by name."""
+        devices: dict[Target, dict[str, list[str]]] = {target: {} for target in self.desired}
+        for row in self.sorted_rows():
+            desired = (self.desired.get(Target(False, row.device))
+                       or (self.desired.get(Target(True, row.group)) if row.group else None))
+            if desired is not None:
+                devices[desired.target].setdefault(desired.standing(row), []).append(row.device)
+        return [Standing(self.desired[t], {s: tuple(d) for s, d in devices[t].items()})
+                for t in sorted(self.desired, key=lambda t: (not t.group, t.name))]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Whom a desired topic addresses: a group, or one device."""
+
+    group: bool
+    name: str
+
+    def __str__(self) -> str:
+        return f"{'group' if self.group else 'device'} {self.name}"
+
+
+#: where a device stands with the release desired for it
+STANDINGS = ("active", "pending", "rolled_back", "failed")
+
+
+@dataclass(frozen=True)
+class Desired:
+    """A release retained on a desired topic, as published."""
+
+    target: Target
+    model: str
+    version: int
+    rollback: bool
+    issued_at: datetime
+
+    def standing(self, row: DeviceRow) -> str:
+        """``active`` once it serves this version, ``rolled_back`` / ``failed`` when its report for this
+        version says so, else ``pending`` (not taken yet, or on its way)."""
+        if row.active_version == self.version and row.model in (None, self.model):
+            return "active"
+        if row.update_version == self.version and row.update_state in ("rolled_back", "failed"):
+            return row.update_state
+        return "pending"
+
+
+@dataclass(frozen=True)
+class Standing:
+    """A desired release and the devices it applies to, by standing (one of :data:`STANDINGS`)."""
+
+    release: Desired
+    devices: Mapping[str, tuple[str, ...]]

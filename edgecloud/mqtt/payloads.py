@@ -62,6 +62,9 @@ class Status(Body):
     active_version: Version | None = Field(description="release version serving now")
     models: Annotated[tuple[ServedModel, ...] | None, Omitted] = Field(
         None, description="every served model (model and active_version above name the first that serves)")
+    group: Annotated[str | None, Field(pattern=ID_PATTERN.pattern,
+                                       description="the group whose desired release it follows"),
+                     Omitted] = None
 
 
 class Reported(Body):

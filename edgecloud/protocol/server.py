@@ -255,11 +255,17 @@ def _add_services(server, kserve: KServeServicer, extra_services: ExtraServices)
 
 
 def _bind(server, listen: Endpoint, tls: ServerTLS | None) -> int:
+    """The port bound; ConfigError (exit 2, one line) when it cannot be (grpcio raises RuntimeError
+    for it; older releases returned 0)."""
     target = listen.grpc_target
-    port = (server.add_secure_port(target, tls.credentials()) if tls
-            else server.add_insecure_port(target))
+    refused = ConfigError(f"listen {listen}: cannot bind (address in use or not permitted)")
+    try:
+        port = (server.add_secure_port(target, tls.credentials()) if tls
+                else server.add_insecure_port(target))
+    except RuntimeError:
+        raise refused from None
     if not listen.unix_path and port == 0:
-        raise ConfigError(f"listen {listen}: cannot bind (address in use or not permitted)")
+        raise refused
     return port
 
 

@@ -50,7 +50,7 @@ from edgecloud_tools.bench.plots import plot
 from edgecloud_tools.bench.report import format_table
 from edgecloud_tools.bench.slow_cloud import slow_cloud
 from edgecloud_tools.bench.targets import goals
-from edgecloud_tools.toolchain import CLOUD, EDGE_FP32, EDGE_INT8, REPOSITORY, models_dir
+from edgecloud_tools.toolchain import CLOUD, EDGE_FP32, EDGE_INT8, REPOSITORY, check_found, models_dir
 
 
 def floors(bench: Bench) -> dict:
@@ -99,6 +99,7 @@ def run_stages(bench: Bench, names: list[str]) -> dict:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    check_found(edge=args.edge, edge_fp32=args.edge_fp32, repository=args.repository)
     plan = dataclasses.replace(QUICK if args.quick else FULL,
                                make_peers=not args.quick and not args.no_peer_install)
     models = Models(edge=args.edge, edge_fp32=args.edge_fp32, repository=args.repository,

@@ -46,7 +46,7 @@ from edgecloud.release import (
     sign_release,
 )
 from edgecloud.signing import load_private_key
-from edgecloud_tools.fleet.status import collect, render_table
+from edgecloud_tools.fleet.status import collect, render_releases, render_table
 
 DEFAULT_EXPIRY = timedelta(days=30)
 CALIBRATION_KEYS = ("policy", "temperature", "threshold", "score_output", "scores")
@@ -225,13 +225,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                               "earlier model file and its version.")
     _release_arguments(rollback)
     rollback.set_defaults(func=run_publish, allow_downgrade=True)
-    status = actions.add_parser("status", help="show devices from their retained topics",
-                                description="Listen to status, reported and telemetry topics "
-                                            "and print a table.")
+    status = actions.add_parser("status", help="show devices and desired releases from their retained topics",
+                                description="Listen to status, reported, telemetry and desired topics "
+                                            "and print the devices and the releases retained for them "
+                                            "(active, pending, rolled back or failed on which devices).")
     _mqtt_arguments(status)
     status.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
                         help="how long to collect messages (default 2)")
     status.set_defaults(func=run_status)
+    clear = actions.add_parser("clear", help="remove the release retained for a group or a device",
+                               description="Publish an empty retained message on the desired topic: a "
+                                           "device cleared follows its group's release again.")
+    target = clear.add_mutually_exclusive_group(required=True)
+    target.add_argument("--group", help="the group whose desired release goes")
+    target.add_argument("--device", help="the device whose own desired release goes")
+    _mqtt_arguments(clear)
+    clear.set_defaults(func=run_clear)
 
 
 def _mqtt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -317,7 +326,29 @@ def run_publish(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    rows = collect(mqtt_config_from_args(args), args.fleet, listen_s=args.wait,
+    view = collect(mqtt_config_from_args(args), args.fleet, listen_s=args.wait,
                    connect_timeout_s=args.timeout)
+    rows, releases = view.sorted_rows(), view.releases()
     print(render_table(rows) if rows else f"no devices have reported in fleet {args.fleet}")
+    print()
+    print(render_releases(releases) if releases else f"no release is retained in fleet {args.fleet}")
+    return 0
+
+
+def clear_release(mqtt: MqttConfig, topic: Topic, timeout_s: float = 10.0) -> None:
+    """Remove the release retained on a desired topic (an empty retained message): a device then
+    follows its group's release again, a group's devices keep what they serve."""
+    with MqttClient(mqtt) as client:
+        client.wait_connected(timeout_s)
+        client.publish(topic, b"", qos=1, retain=True, timeout=timeout_s)
+
+
+def run_clear(args: argparse.Namespace) -> int:
+    try:
+        topics = FleetTopics(args.fleet)
+        topic = topics.device_desired(args.device) if args.device else topics.group_desired(args.group)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    clear_release(mqtt_config_from_args(args), topic, timeout_s=args.timeout)
+    print(f"cleared the release retained on {topic}")
     return 0

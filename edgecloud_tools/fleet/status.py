@@ -1,5 +1,5 @@
-"""``edgecloud fleet status``: the fleet's devices, collected by listening to their retained topics for a
-moment, printed as a table.
+"""``edgecloud fleet status``: the fleet's devices and the releases desired for them, collected by
+listening to their retained topics for a moment, printed as two tables.
 """
 
 from __future__ import annotations
@@ -9,19 +9,21 @@ import time
 
 from edgecloud.clock import format_time
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
-from edgecloud.mqtt.fleet_view import DeviceRow, FleetView
+from edgecloud.mqtt.fleet_view import STANDINGS, DeviceRow, FleetView, Standing
 from edgecloud.mqtt.topics import TopicKind
 from edgecloud_tools.output import table
 
 
 def collect(config: MqttConfig, fleet: str, listen_s: float = 2.0,
-            connect_timeout_s: float = 10.0) -> list[DeviceRow]:
-    """Subscribe to the fleet's status, reported and telemetry topics for ``listen_s`` seconds."""
+            connect_timeout_s: float = 10.0) -> FleetView:
+    """Subscribe to the fleet's status, reported, telemetry and desired topics for ``listen_s``
+    seconds."""
     view = FleetView(fleet)
     inbox: queue.Queue[Message] = queue.Queue()
     with MqttClient(config, on_message=inbox.put) as client:
         client.wait_connected(connect_timeout_s)
-        for kind in (TopicKind.STATUS, TopicKind.REPORTED, TopicKind.TELEMETRY):
+        for kind in (TopicKind.STATUS, TopicKind.REPORTED, TopicKind.TELEMETRY, TopicKind.GROUP_DESIRED,
+                     TopicKind.DEVICE_DESIRED):
             client.subscribe(view.topics.every(kind))
         deadline = time.monotonic() + listen_s
         while (remaining := deadline - time.monotonic()) > 0:
@@ -31,7 +33,7 @@ def collect(config: MqttConfig, fleet: str, listen_s: float = 2.0,
                 break
     while not inbox.empty():
         view.apply(inbox.get_nowait())
-    return view.sorted_rows()
+    return view
 
 
 def render_table(rows: list[DeviceRow]) -> str:
@@ -43,4 +45,17 @@ def render_table(rows: list[DeviceRow]) -> str:
         lines.append((row.device, online, row.model or "-",
                       "-" if row.active_version is None else str(row.active_version), row.update,
                       escalation, format_time(row.last_seen) if row.last_seen else "-"))
+    return table(header, lines)
+
+
+def render_releases(releases: list[Standing]) -> str:
+    """One line per retained desired release: the devices it is active on, pending on (a rollback not
+    taken yet included), and rolled back or failed on."""
+    header = ("RELEASE", "MODEL", "VERSION", "ISSUED", *(s.upper().replace("_", " ") for s in STANDINGS))
+    lines = []
+    for standing in releases:
+        r = standing.release
+        lines.append((str(r.target), r.model, f"{r.version}{' (rollback)' if r.rollback else ''}",
+                      format_time(r.issued_at),
+                      *(", ".join(standing.devices.get(s, ())) or "-" for s in STANDINGS)))
     return table(header, lines)

@@ -30,7 +30,15 @@ import torch
 
 from edgecloud.calibration import CalibrationError, CascadeOutcome, fit_temperature
 from edgecloud.modelcard import CARD_SUFFIX, CardCalibration
-from edgecloud_tools.toolchain import CLOUD, CLOUD_NAME, EDGE_FP32, EDGE_INT8, EDGE_V2_INT8, models_dir
+from edgecloud_tools.toolchain import (
+    CLOUD,
+    CLOUD_NAME,
+    EDGE_FP32,
+    EDGE_INT8,
+    EDGE_V2_INT8,
+    check_writable,
+    own_models_dir,
+)
 from edgecloud_tools.toolchain.dataset import make_split
 from edgecloud_tools.toolchain.evaluate import (
     TARGET_ACCURACY,
@@ -253,7 +261,9 @@ def _install(stage: Path, out: Path) -> None:
 
 def build(out: Path | None = None, recipe: Recipe | None = None, targets: Targets | None = None) -> int:
     """Run the whole build; 0 when every target holds and the artifacts are installed in ``out``
-    (default: :func:`models_dir`)."""
+    (default: :func:`own_models_dir`, never the packaged models)."""
+    out = Path(out) if out is not None else own_models_dir()
+    check_writable(out, "the built models")
     recipe, targets = recipe or Recipe(), targets or Targets()
     started = time.perf_counter()
     log(f"generating data: train {recipe.n_train}, val {recipe.n_val}, test {recipe.n_test}")
@@ -272,7 +282,7 @@ def build(out: Path | None = None, recipe: Recipe | None = None, targets: Target
         print(f"\nbuild FAILED after {elapsed:.0f} s; targets missed:", *misses, sep="\n  ")
         print(f"rejected artifacts kept in {b.stage}")
         return 1
-    _install(b.stage, Path(out) if out is not None else models_dir())
+    _install(b.stage, out)
     shutil.rmtree(b.stage)
     print(f"\nall targets met; installed in {out} ({elapsed:.0f} s)")
     return 0
@@ -281,8 +291,8 @@ def build(out: Path | None = None, recipe: Recipe | None = None, targets: Target
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgecloud_tools.toolchain.build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=models_dir(),
-                        help="models directory (default: $EDGECLOUD_MODELS or ./models)")
+    parser.add_argument("--out", type=Path, default=own_models_dir(),
+                        help="models directory (default: $EDGECLOUD_MODELS, else ./models)")
     return build(parser.parse_args(argv).out)
 
 

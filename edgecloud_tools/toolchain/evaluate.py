@@ -3,7 +3,7 @@ from their logits. numpy and onnxruntime only: ``edgecloud calibrate`` runs wher
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,12 @@ class ModelOutputs:
     outputs: tuple[TensorSpec, ...]
 
 
+#: called after each batch with (rows done, rows in all sets)
+Progress = Callable[[int, int], None]
+
+
 def model_logits(path: Path, *image_sets: np.ndarray, output: str | None = None, batch_size: int = 500,
-                 threads: int = 0) -> ModelOutputs:
+                 threads: int = 0, progress: Progress | None = None) -> ModelOutputs:
     """Output ``output`` (default: the first) of the ONNX model at ``path`` for each image set, in
     batches; one ONNX Runtime session serves every set, since loading a model costs more than a split."""
     backend = OrtBackend(OrtConfig(intra_op_threads=threads))
@@ -58,9 +62,17 @@ def model_logits(path: Path, *image_sets: np.ndarray, output: str | None = None,
         name = backend.inputs[0].name
         for images in image_sets:
             check_inputs(backend.inputs, {name: images}, str(path))
-        sets = tuple(np.concatenate([backend.infer({name: images[i:i + batch_size]})[output]
-                                     for i in range(0, len(images), batch_size)]) for images in image_sets)
-        return ModelOutputs(sets, backend.inputs, backend.outputs)
+        total, done = sum(len(images) for images in image_sets), 0
+        sets = []
+        for images in image_sets:
+            batches = []
+            for i in range(0, len(images), batch_size):
+                batches.append(backend.infer({name: images[i:i + batch_size]})[output])
+                done += len(batches[-1])
+                if progress is not None:
+                    progress(done, total)
+            sets.append(np.concatenate(batches))
+        return ModelOutputs(tuple(sets), backend.inputs, backend.outputs)
     finally:
         backend.close()
 
@@ -83,18 +95,20 @@ class Scored:
 
 @dataclass(frozen=True)
 class Splits:
-    """(images, labels) of the split a cascade is fitted on ("val") and of the held-out one ("test")."""
+    """(images, labels) of the split a cascade is fitted on ("val") and of the held-out one ("test"),
+    and their names as the card records them."""
 
     val: tuple[np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray]
+    names: tuple[str, str] = ("val", "test")
 
     @classmethod
     def make(cls, n_val: int, n_test: int) -> Splits:
         return cls(make_split("val", n_val), make_split("test", n_test))
 
-    def score(self, path: Path, output: str | None = None) -> Scored:
+    def score(self, path: Path, output: str | None = None, progress: Progress | None = None) -> Scored:
         """The model at ``path`` on both splits."""
-        run = model_logits(path, self.val[0], self.test[0], output=output)
+        run = model_logits(path, self.val[0], self.test[0], output=output, progress=progress)
         val, test = run.sets
         return Scored(val, test, accuracy(test, self.test[1]), run.inputs, run.outputs)
 
@@ -155,9 +169,9 @@ def calibrate_cascade(splits: Splits, edge: Scored, cloud: Scored, policy: str, 
     fit = fit_cascade(edge.val, cloud.val, val_labels, policy, target.get("target_accuracy"),
                       target.get("target_escalation"), scores)
     held_out = cascade_on(edge.test, cloud.test, test_labels, fit)
-    calibrated_on = {"split": "val", "n": len(val_labels), "cloud_model": cloud_model, **target,
+    calibrated_on = {"split": splits.names[0], "n": len(val_labels), "cloud_model": cloud_model, **target,
                      "accuracy": fit.outcome.accuracy, "escalation_rate": fit.outcome.escalation}
-    metrics = {"split": "test", "n": len(test_labels), "accuracy": edge.test_accuracy,
+    metrics = {"split": splits.names[1], "n": len(test_labels), "accuracy": edge.test_accuracy,
                "cloud_accuracy": cloud.test_accuracy, "cascade_accuracy": held_out.accuracy,
                "escalation_rate": held_out.escalation, "threshold": fit.threshold}
     calibration = CardCalibration(policy, fit.temperature, fit.threshold, score_output, scores)
@@ -166,14 +180,18 @@ def calibrate_cascade(splits: Splits, edge: Scored, cloud: Scored, policy: str, 
 
 def classifier_card(model: Path, scored: Scored, calibration: CardCalibration, metrics: Mapping[str, Any],
                     *, name: str, version: int, source: Mapping[str, Any],
-                    calibrated_on: Mapping[str, Any] | None = None) -> ModelCard:
-    """A new card for a classifier of the synthetic data set, with the contract it was scored through,
-    the range of its patches (a row outside it is never answered confidently at the edge) and the
-    preprocess that makes such a patch from a camera's gray frame (docs/design.md §10)."""
+                    calibrated_on: Mapping[str, Any] | None = None,
+                    labels: tuple[str, ...] | None = None) -> ModelCard:
+    """A new card for a classifier, with the contract it was scored through. Without ``labels``, one of
+    the synthetic data set: its labels, the range of its patches (a row outside it is never answered
+    confidently at the edge) and the preprocess that makes such a patch from a camera's gray frame
+    (docs/design.md §10)."""
+    synthetic = labels is None
+    guards = (InputGuard(scored.inputs[0].name, range=PIXEL_RANGE),) if synthetic else ()
+    preprocess = (Preprocess(input=scored.inputs[0].name, frames=FRAMES_INPUT, color="gray",
+                             size=(SIZE, SIZE)) if synthetic else None)
     return ModelCard.describe(model, name=name, version=version, task="classification", inputs=scored.inputs,
-                              outputs=scored.outputs, labels=LABELS, calibration=calibration,
-                              metrics=dict(metrics), source=dict(source),
+                              outputs=scored.outputs, labels=LABELS if labels is None else labels,
+                              calibration=calibration, metrics=dict(metrics), source=dict(source),
                               calibrated_on=None if calibrated_on is None else dict(calibrated_on),
-                              guards=(InputGuard(scored.inputs[0].name, range=PIXEL_RANGE),),
-                              preprocess=Preprocess(input=scored.inputs[0].name, frames=FRAMES_INPUT,
-                                                    color="gray", size=(SIZE, SIZE)))
+                              guards=guards, preprocess=preprocess)

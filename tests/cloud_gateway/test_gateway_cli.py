@@ -3,6 +3,7 @@ load exits 1, flags override the file, and SIGTERM stops it cleanly."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -59,3 +60,15 @@ def test_flags_override_the_file_and_sigterm_stops_cleanly(tmp_path):
     with HardExampleStore(store) as kept:
         assert [(e.request_id, e.row, e.reason) for e in kept.examples()] == [("r", 3, "audit"),
                                                                                ("r", 4, "audit")]
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
+    linear_classifier(tmp_path / "repo" / "clf" / "1" / "model.onnx")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_gateway("--model-repository", str(tmp_path / "repo"), "--listen", f"127.0.0.1:{port}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (f"cloud-gateway: configuration error: listen 127.0.0.1:{port}: "
+                                            "cannot bind (address in use or not permitted)")

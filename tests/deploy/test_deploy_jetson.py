@@ -5,6 +5,7 @@ a temporary prefix in its dry run (idempotent, --uninstall), the unit it renders
 from __future__ import annotations
 
 import configparser
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -128,20 +129,55 @@ def _systemd_analyze_usable(tmp_path: Path) -> bool:
     return run("systemd-analyze", "verify", probe, check=False).returncode == 0
 
 
-def test_systemd_analyze_verifies_the_rendered_unit(tmp_path):
-    if not _systemd_analyze_usable(tmp_path):
-        pytest.skip("systemd-analyze is missing or cannot verify units here")
+def _rendered_unit(tmp_path: Path) -> Path:
+    """The unit install.sh's dry run renders, with a stand-in ExecStart (verify wants it to exist)."""
     prefix = tmp_path / "root"
     run(INSTALL, "--dry-run", "--prefix", prefix)
-    # The dry run does not create the venv; verify wants ExecStart to exist, so stand one in.
     executable = prefix / "opt/edge-agent/venv/bin/edge-agent"
     executable.parent.mkdir(parents=True)
     executable.write_text("#!/bin/sh\nexit 0\n")
     executable.chmod(0o755)
-    rendered = prefix / "etc/systemd/system/edge-agent.service"
+    return prefix / "etc/systemd/system/edge-agent.service"
+
+
+def test_systemd_analyze_verifies_the_rendered_unit(tmp_path):
+    if not _systemd_analyze_usable(tmp_path):
+        pytest.skip("systemd-analyze is missing or cannot verify units here")
+    rendered = _rendered_unit(tmp_path)
     result = run("systemd-analyze", "verify", rendered, check=False)
     # verify exits 0 even for unknown keys or bad values, so any message about our unit is a failure
     assert result.returncode == 0 and rendered.name not in result.stdout + result.stderr, result.stderr
+
+
+def test_systemd_analyze_security_scores_the_unit_at_most_3(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    result = run("systemd-analyze", "security", "--offline=yes", _rendered_unit(tmp_path), check=False)
+    score = re.search(r"Overall exposure level for edge-agent\.service: (\d+\.\d+)", result.stdout)
+    if score is None:
+        pytest.skip(f"systemd-analyze cannot score a unit file offline here (needs systemd >= 250): "
+                    f"{result.stderr}")
+    assert float(score[1]) <= 3.0, result.stdout
+
+
+# The GPU's device nodes, after NVIDIA's list for Jetson containers: JetPack 5 and JetPack 6 names.
+GPU_NODES = {"/dev/nvhost-ctrl", "/dev/nvhost-ctrl-gpu", "/dev/nvhost-gpu", "/dev/nvhost-as-gpu",
+             "/dev/nvgpu/igpu0/ctrl", "/dev/nvgpu/igpu0/channel", "/dev/nvgpu/igpu0/as", "/dev/nvmap",
+             "/dev/host1x-fence", "/dev/nvhost-nvdla0"}
+
+
+def test_the_sandbox_keeps_what_cuda_and_tensorrt_need():
+    text = (DEPLOY / "edge-agent.service").read_text()
+    s = unit(DEPLOY / "edge-agent.service")["Service"]
+    allowed = dict(re.findall(r"^DeviceAllow=(\S+) (\w+)$", text, re.MULTILINE))
+    assert s["DevicePolicy"] == "closed" and set(allowed) >= GPU_NODES, GPU_NODES - set(allowed)
+    assert set(allowed.values()) == {"rw"}
+    # CUDA JIT-compiles and TensorRT generates code; video-group nodes; the driver reads /proc files
+    for key in ("MemoryDenyWriteExecute", "PrivateUsers", "ProcSubset", "PrivateDevices"):
+        assert key not in s, key
+    assert s["SupplementaryGroups"] == "video"
+    assert "CUDA_CACHE_PATH=/var/lib/edge-agent/cuda-cache" in text  # ProtectHome hides ~/.nv
+    assert s["CapabilityBoundingSet"] == "" and s["SystemCallErrorNumber"] == "EPERM"
 
 
 def test_example_config_for_a_jetson():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -76,3 +77,16 @@ def test_the_cloud_target_may_name_every_replica_through_dns():
         build(AgentConfig, {"cloud": {"target": "dns:gateway:9001"}})
     with pytest.raises(ConfigError, match=r"agent\.listen"):  # a name to call, not an address to bind
         build(AgentConfig, {"agent": {"listen": "dns:///localhost:8001"}})
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
+    model = linear_classifier(tmp_path / "m.onnx")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_agent("--model", str(model), "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path),
+                         "--metrics-listen", "")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (f"edge-agent: configuration error: listen 127.0.0.1:{port}: "
+                                            "cannot bind (address in use or not permitted)")

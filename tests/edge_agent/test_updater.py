@@ -701,3 +701,33 @@ def test_sigkill_at_each_step_restarts_on_the_last_good_model(fleet: Fleet, step
         else:
             assert "reason=verified_file_present" in log
     assert fleet.watcher.reports("edge-1")[-1]["state"] in ("active", "rolled_back")
+
+
+def test_a_rollback_cuts_a_running_watch_window_short(fleet: Fleet) -> None:
+    agent = fleet.agent("edge-1", update={"watch_s": 600.0})
+    with Load(agent.port) as load:
+        load.wait("1")
+        fleet.publish(fleet.model(2), 2)
+        fleet.watcher.wait_report("edge-1", "active", 2)
+        load.wait("2")
+        fleet.publish(fleet.base, 1, allow_downgrade=True)  # fleet rollback, 600 s before the verdict
+        cut = fleet.watcher.wait_event("edge-1", "update.watch_cut_short")
+        fleet.watcher.wait_report("edge-1", "active", 1)
+        load.wait("1", load.versions["1"] + 20)
+    assert cut["data"] == {"model": NAME, "version": 2}
+    assert fleet.watcher.of(TopicKind.STATUS, "edge-1")[-1]["group"] == GROUP  # fleet status counts it there
+    assert load.failures == [] and served_version(agent.port) == "1"
+    assert "rolled_back" not in fleet.watcher.states("edge-1", 2)  # no verdict on v2: it was replaced
+    state = state_file(fleet, "edge-1")
+    assert state["active"]["version"] == 1 and state["pending"]["step"] == "watching"
+    assert state["rolled_back"] == []
+
+
+def test_the_same_release_delivered_again_does_not_cut_its_watch_short(fleet: Fleet, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="edge_agent.update")
+    agent = fleet.agent("edge-1", update={"watch_s": 1.0})
+    published = fleet.publish(fleet.model(2), 2)
+    fleet.watcher.wait_report("edge-1", "active", 2)
+    fleet.send(TOPICS.group_desired(GROUP), published.envelope.to_json())  # a reconnect's retained copy
+    fleet.watcher.wait_event("edge-1", "update.watch_passed")
+    assert "event=update_watch_cut_short" not in caplog.text and served_version(agent.port) == "2"

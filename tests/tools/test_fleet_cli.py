@@ -232,3 +232,43 @@ def test_fleet_view_folds_telemetry_and_ignores_junk() -> None:
     assert [r.device for r in rows] == ["cam-1"]
     table = render_table(rows)
     assert "12.5%" in table and "downloading v5 40%" in table and "4" in table
+
+
+def test_status_shows_pending_and_rolled_back_releases_and_clear_removes_one(
+        broker, gateway, key, model, capsys) -> None:
+    def status(device: str, group: str, active: int) -> tuple[Any, Status]:
+        return TOPICS.status(device), Status(device=device, state="online", agent_version="0.1.0",
+                                             model="inspection", active_version=active, group=group)
+
+    with MqttClient(broker.mqtt_config()) as devices:
+        devices.wait_connected(5)
+        for topic, body in [
+            status("cam-1", "line-a", 5), status("cam-2", "line-a", 4), status("cam-3", "line-a", 4),
+            status("cam-4", "line-b", 4),
+            (TOPICS.reported("cam-2"), Reported(device="cam-2", model="inspection", version=5,
+                                                state="rolled_back", active_version=4,
+                                                reason="error_rate: 12 of 40 calls failed")),
+        ]:
+            devices.publish(topic, body, retain=True)
+    releases = (("publish", 5, "--group", "line-a"), ("rollback", 3, "--device", "cam-4"))
+    for action, version, *target in releases:
+        assert cli.main(["fleet", action, *release_args(model, key, version, *target, "--gateway", gateway),
+                         *broker_args(broker)]) == 0
+    capsys.readouterr()
+    assert cli.main(["fleet", "status", *broker_args(broker), "--wait", "0.3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = out.index(next(line for line in out if line.startswith("RELEASE")))
+    assert out[at].split() == ["RELEASE", "MODEL", "VERSION", "ISSUED", "ACTIVE", "PENDING", "ROLLED", "BACK",
+                               "FAILED"]
+    group, device = out[at + 1].split(), out[at + 2].split()
+    assert group[:4] == ["group", "line-a", "inspection", "5"]
+    assert group[5:] == ["cam-1", "cam-3", "cam-2", "-"]  # active, pending, rolled back, failed
+    assert device[:5] == ["device", "cam-4", "inspection", "3", "(rollback)"]
+    assert device[6:] == ["-", "cam-4", "-", "-"]  # a rollback not taken yet
+
+    assert cli.main(["fleet", "clear", "--device", "cam-4", *broker_args(broker)]) == 0
+    assert "edgecloud/plant-1/devices/cam-4/model/desired" in capsys.readouterr().out
+    assert cli.main(["fleet", "status", *broker_args(broker), "--wait", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "device cam-4" not in out and "group line-a" in out
+    assert cli.main(["fleet", "clear", "--group", "no/such", *broker_args(broker)]) == 2

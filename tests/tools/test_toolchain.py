@@ -16,14 +16,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from cloud_gateway.hard_examples import HardExample, write_training_set
 from edgecloud.confidence import make_policy
-from edgecloud.errors import EdgecloudError, InvalidInput, ModelLoadError
+from edgecloud.errors import ConfigError, EdgecloudError, InvalidInput, ModelLoadError
 from edgecloud.modelcard import ModelCard, card_path
-from edgecloud_tools.toolchain import cli
+from edgecloud_tools.toolchain import MODELS_ENV, cli, models_dir, own_models_dir, packaged_models_dir
 from edgecloud_tools.toolchain.dataset import LABELS, SIZE, make_split
 from edgecloud_tools.toolchain.evaluate import accuracy, model_logits
 from edgecloud_tools.toolchain.quantize import check_tensorrt_ready, quantize_int8
 from tests.conftest import EDGE_INT8, EDGE_V2_INT8, MODELS, ROOT
+from tests.support.onnx_models import linear_classifier
 
 EDGE_FP32 = MODELS / "edge" / "inspection-edge-fp32.onnx"
 CLOUD = MODELS / "repository" / "inspection" / "1" / "model.onnx"
@@ -256,3 +258,96 @@ def test_calibrate_rejects_a_count_below_one() -> None:
     with pytest.raises(SystemExit) as exit_info:
         _calibrate("--model", "m.onnx", "--cloud", "c.onnx", "--n", "0")
     assert exit_info.value.code == 2
+
+
+# -- edgecloud calibrate --data ----------------------------------------------------------------------
+def _pair(tmp_path: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
+    """Any pair of classifiers (not the demo's: another input name and shape), and rows labelled by the
+    cloud with a few labels flipped, so that neither model is always right."""
+    edge = linear_classifier(tmp_path / "edge.onnx", features=6, seed=2, input_name="reading")
+    cloud = linear_classifier(tmp_path / "cloud.onnx", features=6, seed=1, scale=3.0, input_name="reading")
+    x = np.random.default_rng(5).standard_normal((600, 6)).astype(np.float32)
+    labels = model_logits(cloud, x).sets[0].argmax(1)
+    flipped = np.random.default_rng(6).random(600) < 0.05
+    return edge, cloud, x, np.where(flipped, (labels + 1) % 4, labels)
+
+
+def test_calibrate_on_own_data_writes_a_card_for_any_model_pair(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    edge, cloud, x, labels = _pair(tmp_path)
+    data = tmp_path / "mine.npz"
+    np.savez(data, inputs=x, labels=labels, label_names=np.array(["ok", "warm", "hot", "fault"]))
+    plot = tmp_path / "plots" / "tradeoff.png"
+    assert _calibrate("--model", str(edge), "--cloud", str(cloud), "--data", str(data), "--held-out", "0.25",
+                      "--target-escalation", "0.4", "--plot", str(plot)) == 0
+    out, err = capsys.readouterr()
+    assert "mine.npz: 600 rows labelled by 'labels'; fitting on 450, measuring on 150" in err
+    assert "scoring edge.onnx: 600/600 rows" in err and "scoring cloud.onnx: 600/600 rows" in err
+    assert "mine.npz:held_out (n=150)" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = ModelCard.load(edge)
+    schema = json.loads((ROOT / "protos" / "schemas" / "model_card.schema.json").read_text())
+    jsonschema.validate(json.loads(card_path(edge).read_text()), schema)
+    assert card.labels == ("ok", "warm", "hot", "fault") and card.guards == ()
+    assert card.inputs[0].name == "reading"
+    assert (card.calibrated_on["split"], card.calibrated_on["n"]) == ("mine.npz:fit", 450)
+    assert card.calibrated_on["escalation_rate"] <= 0.4
+    assert (card.metrics["split"], card.metrics["n"]) == ("mine.npz:held_out", 150)
+    assert card.metrics["cloud_accuracy"] < 1  # measured against the labels, not the cloud's answers
+    again = card.calibration
+    assert _calibrate("--model", str(edge), "--cloud", str(cloud), "--data", str(data), "--held-out", "0.25",
+                      "--target-escalation", "0.4") == 0
+    assert ModelCard.load(edge).calibration == again  # the same file splits the same way
+
+
+def test_calibrate_takes_the_hard_examples_an_export_wrote(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    edge, cloud, x, _ = _pair(tmp_path)
+    logits = model_logits(cloud, x).sets[0]
+    exported = tmp_path / "hard.npz"
+    write_training_set([HardExample(request_id=f"r{i}", row=0, inputs={"reading": row},
+                                    cloud_outputs={"logits": logits[i]}, device="press-7",
+                                    reason="low_confidence",
+                                    deferred=False, edge_model_version="1", cloud_model="cloud",
+                                    cloud_model_version="1", edge_prediction=0, edge_confidence=0.4,
+                                    created_at=1.0e9 + i)
+                        for i, row in enumerate(x[:200])], exported)
+    assert _calibrate("--model", str(edge), "--cloud", str(cloud), "--data", str(exported),
+                      "--target-escalation", "0.5", "--dry-run") == 0
+    out, err = capsys.readouterr()
+    assert "hard.npz: 200 rows labelled by 'cloud_prediction'; fitting on 100, measuring on 100" in err
+    assert "cloud 100.00%" in out  # the cloud's own answers are the labels
+    assert ModelCard.load(edge) is None  # --dry-run
+    assert _calibrate("--model", str(edge), "--cloud", str(cloud), "--data", str(exported),
+                      "--target-escalation", "0.5") == 0
+    assert ModelCard.load(edge).labels == ("0", "1", "2", "3")  # no label_names: the model's class indices
+
+
+def test_calibrate_says_what_is_wrong_with_the_data(tmp_path: Path) -> None:
+    edge, cloud, x, labels = _pair(tmp_path)
+    cases = {"no labels": ({"inputs": x}, "no labels"),
+             "two candidates": ({"a": x, "b": x, "labels": labels}, "cannot tell which array"),
+             "float labels": ({"inputs": x, "labels": labels.astype(np.float32)}, "must be integers"),
+             "too few rows": ({"inputs": x[:1], "labels": labels[:1]}, "no rows to fit on")}
+    for name, (arrays, message) in cases.items():
+        data = tmp_path / f"{name}.npz"
+        np.savez(data, **arrays)
+        with pytest.raises(ConfigError, match=message):
+            _calibrate("--model", str(edge), "--cloud", str(cloud), "--data", str(data), "--dry-run")
+    with pytest.raises(ConfigError, match=r"not a readable \.npz"):
+        _calibrate("--model", str(edge), "--cloud", str(cloud), "--data", str(tmp_path / "none.npz"))
+    with pytest.raises(ConfigError, match=r"--cloud .*: not found"):
+        _calibrate("--model", str(edge), "--cloud", str(tmp_path / "none.onnx"), "--dry-run")
+
+
+def test_models_are_found_through_the_environment_then_here_then_the_package(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(MODELS_ENV, raising=False)
+    packaged = packaged_models_dir()
+    assert models_dir() == packaged and (packaged / "edge" / "inspection-edge-int8.onnx").is_file()
+    assert own_models_dir() == Path("models")  # where models build writes by default
+    (tmp_path / "models").mkdir()
+    assert models_dir() == Path("models")
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "elsewhere"))
+    assert models_dir() == own_models_dir() == tmp_path / "elsewhere"  # named, even before it exists
