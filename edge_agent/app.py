@@ -55,6 +55,7 @@ class EdgeAgent:
         """The unit serving (or failing to serve) model ``name``."""
         return next(unit for unit in self.units if unit.name == name)
 
+    @property
     def rest_port(self) -> int:
         return self.server.rest_port if self.server else 0
 

@@ -59,6 +59,10 @@ class ModelStats(Stats):
         super().audit()
         self.totals.audit()
 
+    def upstream(self, size: int) -> None:
+        super().upstream(size)
+        self.totals.upstream(size)
+
 
 @dataclass
 class ModelUnit:

@@ -150,13 +150,13 @@ def test_escalated_frames_reach_the_gateway_as_sent_and_are_stored_as_frames(tmp
             assert client.metadata("cam").inputs[-1].name == "frames"
             r = client.infer("cam", {"frames": np.array(data, dtype=np.object_)}, escalate="always",
                              request_id="cam-1")
-            sent = agent.cascade.stats.upstream_bytes
+            sent = agent.primary.cascade.stats.upstream_bytes
             # a tensor request cannot escalate to a cloud whose tensor input differs: refused per call
             x = tensor_of(scene(23, 16, 16), (16, 16))
             tensor = client.infer("cam", {"image": x}, escalate="always")
             again = client.infer("cam", {"frames": np.array(data[:1], dtype=np.object_)}, escalate="always",
                                  request_id="cam-2")
-            assert agent.spool.depth() == 0
+            assert agent.primary.spool.depth() == 0
         stored = sorted(cloud.stored(), key=lambda e: (e.request_id, e.row))
     finally:
         cloud.stop()
@@ -202,7 +202,7 @@ def test_background_escalation_answers_before_the_cloud_and_the_row_is_stored(tm
             by_default = client.infer("cam", {"frames": data}, request_id="bg-2")  # the model's default
             assert proxy.arrived.acquire(timeout=20)
             assert cloud.stored() == [], "the cloud has not answered yet"
-            waited = agent.cascade.stats.snapshot()["latency_totals"]
+            waited = agent.primary.cascade.stats.snapshot()["latency_buckets"]
             proxy.let_go.set()
             assert wait_for(lambda: len(cloud.stored()) == 2, timeout=20)
     finally:
@@ -215,7 +215,8 @@ def test_background_escalation_answers_before_the_cloud_and_the_row_is_stored(tm
         assert p[AgentResponse.SOURCE] == "edge" and p[AgentResponse.ESCALATED] is True
         assert p[AgentResponse.DEGRADED] is False and p[AgentResponse.ESCALATED_ROWS] == 0
         np.testing.assert_allclose(r.outputs["logits"], edge_logits, rtol=1e-4, atol=1e-4)
-    assert waited["edge"]["count"] == 2 and waited["escalated"]["count"] == 0  # none waited for the cloud
+    # none waited for the cloud (the buckets are cumulative: the last holds every call)
+    assert waited["edge"]["counts"][-1] == 2 and waited["escalated"]["counts"][-1] == 0
     stored = cloud.stored()
     assert {e.request_id for e in stored} == {"bg-1", "bg-2"}
     assert {e.reason for e in stored} == {"low_confidence"}
@@ -242,7 +243,7 @@ def test_a_still_stream_escalates_once_per_window_and_streams_are_independent(tm
             b = ask(same[0], "line-1/cam-b")
             plain = client.infer("cam", {"frames": np.array([same[0]], dtype=np.object_)})  # no stream
             metrics = Scrape(agent.metrics.port)
-            counters = agent.cascade.stats.snapshot()["counters"]
+            counters = agent.primary.cascade.stats.snapshot()["counters"]
         stored = cloud.stored()
     finally:
         cloud.stop()
@@ -294,7 +295,7 @@ def test_a_model_swapped_in_without_a_card_keeps_the_frames_input(tmp_path, mode
     with start_agent(tmp_path / "edge", edge) as agent:
         client = Client(agent.port)
         before = client.infer("cam", {"frames": frame})
-        agent.slot.swap(load_edge_model(agent.config, bare, version="2"))
+        agent.primary.slot.swap(load_edge_model(agent.config, bare, version="2"))
         after = client.infer("cam", {"frames": frame})
     spec = Preprocess.model_validate(EDGE_PRE)
     tensor = decode_frames(frame, spec, "FP32").tensor.reshape(1, -1)
