@@ -57,6 +57,8 @@ class Admission:
         """Hold a slot for the block, waiting up to ``timeout`` seconds (the call's remaining deadline;
         None waits as long as it takes) for a turn. ResourceExhausted when both bounds are full,
         DeadlineExceeded when the turn does not come in time."""
+        if timeout is not None and timeout >= threading.TIMEOUT_MAX:
+            timeout = None  # a call without a deadline: gRPC gives its remaining time as ~2**63 ns
         ticket = self._arrive()
         if ticket is not None:
             try:

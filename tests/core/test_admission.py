@@ -106,3 +106,26 @@ def test_a_cancelled_coroutine_leaves_the_queue_and_the_next_waiter_gets_the_slo
     assert asyncio.run(scenario()) == ["first", "last"]
     figures = admission.figures()
     assert (figures.in_flight, figures.queued, figures.shed) == (0, 0, 0)
+
+
+def test_a_call_without_a_deadline_waits_its_turn():
+    """gRPC gives a call without a deadline ~2**63 ns of remaining time, beyond what a wait may take."""
+    admission = gate(1, 1)
+    release = threading.Event()
+
+    def hold() -> None:
+        with admission.admitted():
+            release.wait(10)
+
+    def no_deadline() -> str:
+        with admission.admitted(timeout=9223372036.854776):
+            return "answered"
+
+    with ThreadPoolExecutor(2) as pool:
+        held = pool.submit(hold)
+        assert wait_for(lambda: admission.figures().in_flight == 1)
+        waiting = pool.submit(no_deadline)
+        assert wait_for(lambda: admission.figures().queued == 1)
+        release.set()
+        assert waiting.result(10) == "answered"
+        held.result(10)
