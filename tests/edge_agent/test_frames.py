@@ -321,3 +321,17 @@ def test_a_cloud_without_frames_gets_the_edge_models_tensor(tmp_path, models):
     np.testing.assert_allclose(r.outputs["logits"], reference_logits(plain, tensor.reshape(1, -1)), atol=1e-4)
     assert len(stored) == 1 and set(stored[0].inputs) == {"image"}
     np.testing.assert_allclose(stored[0].inputs["image"], tensor[0], atol=1e-6)
+
+
+def test_the_config_overrides_the_cards_preprocess_key_by_key(tmp_path, models):
+    """``[model] preprocess`` (and ``[models.<name>] preprocess``) changes what it names and keeps the rest."""
+    edge, _ = models
+    frame = np.array([encode(scene(61, 48, 64), "PNG")], dtype=np.object_)
+    with start_agent(tmp_path / "edge", edge, model={"preprocess": {"resize": "letterbox"}}) as agent:
+        model = agent.primary.slot.model
+        answer = Client(agent.port).infer("cam", {"frames": frame})
+    assert model.preprocess.resize == "letterbox"
+    assert (model.preprocess.color, tuple(model.preprocess.size)) == ("gray", (16, 16))  # from the card
+    tensor = decode_frames(frame, Preprocess.model_validate({**EDGE_PRE, "resize": "letterbox"}),
+                           "FP32").tensor.reshape(1, -1)
+    np.testing.assert_allclose(answer.outputs["logits"], reference_logits(edge, tensor), rtol=1e-4, atol=1e-4)
