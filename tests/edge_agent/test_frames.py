@@ -324,7 +324,7 @@ def test_a_cloud_without_frames_gets_the_edge_models_tensor(tmp_path, models):
 
 
 def test_the_config_overrides_the_cards_preprocess_key_by_key(tmp_path, models):
-    """``[model] preprocess`` (or ``[models.<name>] preprocess``) changes the keys it names, keeps the rest."""
+    """``[model] preprocess`` (or a model table's) changes the keys it names and keeps the rest."""
     edge, _ = models
     frame = np.array([encode(scene(61, 48, 64), "PNG")], dtype=np.object_)
     with start_agent(tmp_path / "edge", edge, model={"preprocess": {"resize": "letterbox"}}) as agent:
