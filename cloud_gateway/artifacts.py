@@ -32,6 +32,7 @@ from edgecloud.artifacts import CHUNK_BYTES, check_name
 from edgecloud.backends import release_backends
 from edgecloud.files import atomic_open, atomic_write, file_sha256
 from edgecloud.mqtt.topics import check_id
+from edgecloud.protocol.servicer import abort
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,8 @@ class ArtifactServicer(pb_grpc.ArtifactServiceServicer):
         try:
             path = self.store.find(request.name, request.version)
         except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return
         if self.authenticator is not None:  # before NOT_FOUND: other fleets' versions stay unseen
             try:
                 identity = self.authenticator.of_context(context)
@@ -178,14 +180,17 @@ class ArtifactServicer(pb_grpc.ArtifactServiceServicer):
             except AuthRefused as e:
                 log.warning("event=artifact_download_refused name=%s version=%d code=%s reason=%r peer=%s",
                             request.name, request.version, e.code.name, str(e), context.peer())
-                context.abort(e.code, str(e))
+                abort(context, e.code, str(e))
+                return
         if path is None:
-            context.abort(grpc.StatusCode.NOT_FOUND,
+            abort(context, grpc.StatusCode.NOT_FOUND,
                           f"no release file for {request.name} version {request.version}")
+            return
         size = path.stat().st_size
         if request.offset > size:
-            context.abort(grpc.StatusCode.OUT_OF_RANGE,
+            abort(context, grpc.StatusCode.OUT_OF_RANGE,
                           f"offset {request.offset} is past the end ({size} bytes)")
+            return
         sha256 = self.store.sha256(path)
         log.info("event=artifact_download name=%s version=%d offset=%d size=%d peer=%s", request.name,
                  request.version, request.offset, size, context.peer())
@@ -206,20 +211,24 @@ class ArtifactServicer(pb_grpc.ArtifactServiceServicer):
     def Upload(self, request_iterator: Iterator[pb.UploadChunk],  # noqa: N802
                context: grpc.ServicerContext) -> pb.UploadResult:
         if not self.allow_upload:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "uploads are disabled on this gateway")
+            abort(context, grpc.StatusCode.PERMISSION_DENIED, "uploads are disabled on this gateway")
+            return
         header = next(request_iterator, None)
         if header is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty upload")
+            return
         blocks = itertools.chain([header.data], (chunk.data for chunk in request_iterator))
         try:
             path, existed = self.store.add(header.name, header.version, header.format, header.total_size,
                                            header.sha256, blocks, self.max_upload_bytes, header.fleet)
         except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return
         except UploadRefused as e:
             log.warning("event=artifact_upload_refused name=%s version=%d code=%s reason=%r", header.name,
                         header.version, e.code.name, str(e))
-            context.abort(e.code, str(e))
+            abort(context, e.code, str(e))
+            return
         log.info("event=artifact_uploaded name=%s version=%d size=%d existed=%s fleet=%s path=%s",
                  header.name, header.version, header.total_size, existed, header.fleet or "none", path)
         return pb.UploadResult(name=header.name, version=header.version, size=header.total_size,

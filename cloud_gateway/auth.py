@@ -35,7 +35,7 @@ from edgecloud._generated.edgecloud.v1 import artifacts_pb2 as artifacts_pb
 from edgecloud.errors import ConfigError
 from edgecloud.mqtt.topics import check_id
 from edgecloud.protocol.rest import RestPeer
-from edgecloud.protocol.servicer import bearer_token
+from edgecloud.protocol.servicer import abort, bearer_token
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +221,16 @@ def _guarded(handler: grpc.RpcMethodHandler,
                 try:
                     admit(context)
                 except AuthRefused as e:
-                    context.abort(e.code, str(e))
+                    abort(context, e.code, str(e))
+                    return
                 yield from behaviour(request, context)
         else:
             def guarded(request, context: grpc.ServicerContext, behaviour=behaviour):
                 try:
                     admit(context)
                 except AuthRefused as e:
-                    context.abort(e.code, str(e))
+                    abort(context, e.code, str(e))
+                    return
                 return behaviour(request, context)
 
         return make(guarded, request_deserializer=handler.request_deserializer,

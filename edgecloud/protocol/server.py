@@ -13,6 +13,7 @@ each admitted call on a thread as over gRPC.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import ssl
 import threading
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -39,6 +41,7 @@ from edgecloud.protocol.servicer import (
     InferenceHost,
     KServeCore,
     KServeServicer,
+    abort,
 )
 from edgecloud.protocol.statistics import InferenceStatistics
 
@@ -242,16 +245,116 @@ def _options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 def _add_services(server, kserve: KServeServicer, extra_services: ExtraServices) -> health.HealthServicer:
-    """KServe v2, health checking, ``extra_services`` and reflection of them all."""
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)
+    """KServe v2, health checking, ``extra_services`` and reflection of them all, each method refusing a
+    message it cannot decode with INVALID_ARGUMENT (:class:`_Tolerant`)."""
+    tolerant = _Tolerant(server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, tolerant)
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, tolerant)
     for add in extra_services:
-        add(server)
+        add(tolerant)
     names = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
     names += [getattr(add, "service_name", "") for add in extra_services if getattr(add, "service_name", "")]
-    reflection.enable_server_reflection(names, server)
+    reflection.enable_server_reflection(names, tolerant)
     return health_servicer
+
+
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """What a method's deserializer gives for bytes that are no message of its type."""
+
+    error: str
+
+    @property
+    def message(self) -> str:
+        return f"the request is not a valid protobuf message of this method: {self.error}"
+
+
+class _Tolerant:
+    """The server, as the generated ``add_*_to_server`` functions see it: each method handler they
+    register gets a deserializer that turns undecodable bytes (e.g. a string field that is not UTF-8)
+    into a refusal with INVALID_ARGUMENT, where gRPC would answer INTERNAL ("Exception deserializing
+    request!") for the client's mistake."""
+
+    def __init__(self, server) -> None:
+        self._server = server
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self._server.add_registered_method_handlers(service, {n: _tolerant(h) for n, h in handlers.items()})
+
+    def add_generic_rpc_handlers(self, generic_handlers) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_TolerantGeneric(g) for g in generic_handlers))
+
+    def __getattr__(self, name: str):
+        return getattr(self._server, name)
+
+
+class _TolerantGeneric(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+
+    def service(self, handler_call_details):
+        handler = self._inner.service(handler_call_details)
+        return None if handler is None else _tolerant(handler)
+
+
+def _tolerant(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    deserialize = handler.request_deserializer
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except DecodeError as e:
+            return _Undecodable(str(e))
+
+    serialize = handler.response_serializer
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(_checked_stream(handler.stream_stream), parse, serialize)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(_checked_stream(handler.stream_unary), parse, serialize)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(_checked_unary(handler.unary_stream), parse, serialize)
+    return grpc.unary_unary_rpc_method_handler(_checked_unary(handler.unary_unary), parse, serialize)
+
+
+def _checked_unary(behaviour: Callable) -> Callable:
+    if inspect.iscoroutinefunction(behaviour):
+        async def checked_async(request, context):
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return await behaviour(request, context)
+        return checked_async
+
+    def checked(request, context):
+        if isinstance(request, _Undecodable):
+            return abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return behaviour(request, context)
+    return checked
+
+
+def _checked_stream(behaviour: Callable) -> Callable:
+    """A stream with an undecodable message ends with INVALID_ARGUMENT there: its framing is broken."""
+    if inspect.iscoroutinefunction(behaviour):
+        async def each_async(requests, context):
+            async for request in requests:
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                yield request
+
+        async def checked_async(requests, context):
+            return await behaviour(each_async(requests, context), context)
+        return checked_async
+
+    def each(requests, context):
+        for request in requests:
+            if isinstance(request, _Undecodable):
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                return
+            yield request
+
+    def checked(requests, context):
+        return behaviour(each(requests, context), context)
+    return checked
 
 
 def _bind(server, listen: Endpoint, tls: ServerTLS | None) -> int:

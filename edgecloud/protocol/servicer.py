@@ -127,7 +127,15 @@ def call_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
-    context.abort(*call_status(exc))
+    abort(context, *call_status(exc))
+
+
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with ``code``; the handler returns right after. The threaded server's
+    ``context.abort`` raises, but grpc.aio's, given to a synchronous handler (the gateway's metadata,
+    downloads, uploads), only sets the status and returns: a handler that went on would do the work
+    it refused."""
+    context.abort(code, message)
 
 
 #: a request's wire form → InferRequest, checked against the contract of the model it names
@@ -235,10 +243,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelMetadata(self, request, context):  # noqa: N802
         try:
-            meta = self.host.model_metadata(request.name, request.version)
+            return metadata_to_pb(self.host.model_metadata(request.name, request.version))
         except Exception as e:
-            _abort(context, e)
-        return metadata_to_pb(meta)
+            return _abort(context, e)
 
     def ModelConfig(self, request, context):  # noqa: N802
         try:
@@ -257,7 +264,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             figures = self.core.model_statistics(request.name, request.version)
         except Exception as e:
-            _abort(context, e)
+            return _abort(context, e)
         return pb.ModelStatisticsResponse(model_stats=[_statistics_pb(*f) for f in figures])
 
     def _infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:

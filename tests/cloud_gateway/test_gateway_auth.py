@@ -12,6 +12,8 @@ import pytest
 
 from cloud_gateway import Gateway, gateway_config
 from cloud_gateway.auth import token_hash
+from edgecloud._generated.edgecloud.v1 import artifacts_pb2 as artifacts_pb
+from edgecloud._generated.edgecloud.v1 import artifacts_pb2_grpc as artifacts_grpc
 from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud.artifacts import TransportTLS, download, upload
 from edgecloud.client import KServeClient
@@ -273,3 +275,40 @@ def test_fleet_publish_uploads_with_an_operator_credential(tmp_path, repo, fleet
         assert publish(OPERATOR, 4) == 0, capsys.readouterr().err
         assert gw.repository is not None
         assert (repo / ".releases" / "edge" / "4" / "fleets").read_text() == "plant-1\n"
+
+
+def test_a_refused_download_sends_not_one_chunk(tmp_path, repo, fleet_pki, caplog):
+    """grpc.aio's abort only sets the status of a synchronous handler: the refusal must also stop it
+    (it read and logged the download it refused)."""
+    caplog.set_level(logging.INFO, logger="cloud_gateway")
+    v2 = release_file(tmp_path, 2)
+    with mtls_gateway(repo, fleet_pki, tmp_path / "hard.db") as gw:
+        operator = identity_tls(fleet_pki, OPERATOR)
+        assert not upload(Endpoint("127.0.0.1", gw.port), v2, name="edge", version=2, fleet="plant-a",
+                          tls=operator).existed
+        channel = identity_channel(gw.port, fleet_pki, "press-2")  # fleet plant-b
+        stub = artifacts_grpc.ArtifactServiceStub(channel)
+        received = []
+        with pytest.raises(grpc.RpcError) as refused:
+            for chunk in stub.Download(artifacts_pb.DownloadRequest(name="edge", version=2), timeout=10):
+                received.append(len(chunk.data))
+        channel.close()
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert received == []
+    assert "event=artifact_download_refused" in caplog.text
+    assert "event=artifact_download " not in caplog.text
+
+
+def test_a_refused_upload_stores_nothing(tmp_path, repo, fleet_pki):
+    """The operator's certificate with a device's token is refused, and the handler does not run on."""
+    v2 = release_file(tmp_path, 2)
+    tokens = tokens_file(tmp_path, {"press-1": "plant-a"})
+    with mtls_gateway(repo, fleet_pki, tmp_path / "hard.db", tokens_file=str(tokens)) as gw:
+        endpoint = Endpoint("127.0.0.1", gw.port)
+        operator = identity_tls(fleet_pki, OPERATOR)
+        with pytest.raises(grpc.RpcError) as refused:
+            upload(endpoint, v2, name="edge", version=2, fleet="plant-a", tls=operator,
+                   token=TOKENS["press-1"])
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert not upload(endpoint, v2, name="edge", version=2, fleet="plant-a", tls=operator,
+                          token=TOKENS[OPERATOR]).existed

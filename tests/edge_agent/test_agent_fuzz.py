@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgecloud.protocol.codec import params_from_pb
 from tests.support.fuzz import FUZZ, infer_requests
@@ -127,5 +128,31 @@ def test_fuzzed_requests_over_rest_are_answered_or_refused_as_client_mistakes(se
 
     burst()
     assert seen.get(400) and seen.get(404), seen
+    loud = [r for r in records if r.levelno > logging.INFO or r.exc_info]
+    assert not loud, [r.getMessage() for r in loud]
+
+
+@pytest.mark.parametrize("target", ["agent", "gateway"])
+def test_bytes_that_are_no_message_are_refused_as_invalid_argument(servers, records, target):
+    """Undecodable bytes (a string field that is not UTF-8, a truncated varint…) are the client's
+    mistake: INVALID_ARGUMENT from every method, never INTERNAL, and nothing logged loudly."""
+    channel = servers[target].channel
+    calls = [channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+             for method in ("ModelInfer", "ModelMetadata", "ModelReady")]
+
+    @settings(FUZZ, max_examples=60)
+    @given(st.binary(min_size=1, max_size=64))
+    def burst(garbage):
+        for call in calls:
+            try:
+                call(garbage, timeout=10)
+            except grpc.RpcError as e:
+                assert e.code() in CLIENT_MISTAKES, (e.code(), e.details(), garbage)
+
+    burst()
+    with pytest.raises(grpc.RpcError) as refused:
+        calls[0](b"\x0a\x02\xff\xfe", timeout=10)  # model_name: two bytes that are not UTF-8
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf message" in refused.value.details()
     loud = [r for r in records if r.levelno > logging.INFO or r.exc_info]
     assert not loud, [r.getMessage() for r in loud]
