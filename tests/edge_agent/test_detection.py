@@ -12,6 +12,7 @@ import pytest
 
 from edgecloud.preprocess import Preprocess, decode_frames
 from edgecloud.protocol.parameters import DETECTIONS, AgentResponse
+from edgecloud_tools import cli
 from tests.support.detectors import LABELS, detection_card, grid_detector, run_detector
 from tests.support.images import encode
 from tests.support.net import wait_for
@@ -214,3 +215,43 @@ def test_a_cloud_detector_of_another_contract_is_refused_and_the_edge_serves_on(
         np.testing.assert_allclose(r.outputs["scores"][0], edge_out["scores"][row], atol=1e-6)
         boxes = json.loads(r.outputs[DETECTIONS][0])
         assert [d["label"] for d in boxes] == [LABELS[c] for c, _, _ in above(edge_out, row)]
+
+
+def test_the_export_of_escalated_frames_is_a_coco_detection_set(tmp_path, detectors):
+    """The store keeps the cloud's boxes with each escalated frame; the export writes the frames as
+    images and the boxes >= T, in the frames' own pixels, as COCO [x, y, w, h] with the labels."""
+    edge, cloud_model = detectors
+    big = [np.kron(frame(s), np.ones((3, 4, 1), dtype=np.uint8)) for s in range(6)]  # 48 x 64
+    data = [encode(p, "PNG") for p in big]
+    cloud = GatewayCloud(tmp_path / "cloud", cloud_model, "line")
+    card = cloud.repository / "line" / "1" / "model.onnx.card.json"
+    card.write_text(json.dumps({**detection_card(score_threshold=T), "preprocess": CLOUD_PRE}))
+    cloud.start()
+    try:
+        with start_agent(tmp_path / "edge", edge, cloud.port, cloud={"max_per_s": 100000}) as agent:
+            r = Client(agent.port).infer("line", {"frames": np.array(data, dtype=np.object_)},
+                                         escalate="always")
+        assert r.parameters[AgentResponse.SOURCE] == "cloud"
+    finally:
+        cloud.stop()
+    out = tmp_path / "set.npz"
+    assert cli.main(["examples", "export", "--store", str(cloud.store_path), "--out", str(out),
+                     "--detection-card", str(card)]) == 0
+    folder = tmp_path / "set.frames"
+    coco = json.loads((folder / "coco.json").read_text())
+    assert coco["categories"] == [{"id": i + 1, "name": name} for i, name in enumerate(LABELS)]
+    assert [(im["width"], im["height"]) for im in coco["images"]] == [(64, 48)] * len(data)
+    cloud_out = run_detector(cloud_model, tensor(data))
+    by_image: dict[int, list] = {}
+    for a in coco["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    for image in coco["images"]:
+        assert (folder / image["file_name"]).read_bytes() in data
+        row = data.index((folder / image["file_name"]).read_bytes())
+        expected = sorted((c, x1 * 4, y1 * 3, (x2 - x1) * 4, (y2 - y1) * 3)
+                          for c, _, (x1, y1, x2, y2) in above(cloud_out, row))
+        got = sorted((a["category_id"] - 1, *a["bbox"]) for a in by_image.get(image["id"], []))
+        assert [g[0] for g in got] == [e[0] for e in expected]
+        np.testing.assert_allclose(np.array(got, dtype=float).reshape(-1, 5),
+                                   np.array(expected, dtype=float).reshape(-1, 5), atol=2e-3)
+    assert len(coco["annotations"]) == sum(len(above(cloud_out, i)) for i in range(len(data))) > 0
