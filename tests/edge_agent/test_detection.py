@@ -10,6 +10,8 @@ import json
 import numpy as np
 import pytest
 
+from edge_agent.serving.slot import load_edge_model
+from edgecloud.errors import ModelLoadError
 from edgecloud.preprocess import Preprocess, decode_frames
 from edgecloud.protocol.parameters import DETECTIONS, AgentResponse
 from edgecloud_tools import cli
@@ -255,3 +257,23 @@ def test_the_export_of_escalated_frames_is_a_coco_detection_set(tmp_path, detect
         np.testing.assert_allclose(np.array(got, dtype=float).reshape(-1, 5),
                                    np.array(expected, dtype=float).reshape(-1, 5), atol=2e-3)
     assert len(coco["annotations"]) == sum(len(above(cloud_out, i)) for i in range(len(data))) > 0
+
+
+def test_a_detection_card_picks_box_mean_and_a_release_keeps_the_detection_outputs(tmp_path, detectors):
+    """A detection card's default policy reads its scores; a model swapped in without a card (as a
+    release brings it) is still served as the detector; a card naming an output the model lacks is a
+    load error naming the key."""
+    edge, _ = detectors
+    bare = grid_detector(tmp_path / "release" / "line.onnx", gain=1.3)  # no card beside it
+    bad = grid_detector(tmp_path / "bad.onnx", card=detection_card(outputs=("bbox", "scores", "classes")))
+    data = np.array(png_frames([3]), dtype=np.object_)
+    with start_agent(tmp_path / "edge", edge) as agent:
+        settings = agent.primary.slot.model.settings
+        assert (settings.policy_name, settings.score_output) == ("box_mean", "scores")
+        agent.primary.slot.swap(load_edge_model(agent.config, bare, version="2", release={"labels": LABELS}))
+        after = Client(agent.port).infer("line", {"frames": data}, outputs=(DETECTIONS,))
+        with pytest.raises(ModelLoadError, match=r"detection\.boxes: 'bbox' is not an output"):
+            load_edge_model(agent.config, bad)
+    assert after.model_version == "2"
+    want = above(run_detector(bare, tensor(list(data))), 0)
+    assert [d["label"] for d in json.loads(after.outputs[DETECTIONS][0])] == [LABELS[c] for c, _, _ in want]
