@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cloud_gateway.coco import COCO_FILE, DetectionExport, write_coco
 from edgecloud.errors import EdgecloudError
 from edgecloud.files import atomic_open, atomic_write
 
@@ -265,9 +266,9 @@ class HardExampleStore:
             yield HardExample(**values)
 
     def export(self, path: Path, since: float | None = None, reason: str | None = None,
-               model: str | None = None) -> int:
+               model: str | None = None, detection: DetectionExport | None = None) -> int:
         """Write the selected rows as a training set ``.npz`` (see :func:`write_training_set`)."""
-        return write_training_set(list(self.examples(since, reason, model)), path)
+        return write_training_set(list(self.examples(since, reason, model)), path, detection)
 
     def close(self) -> None:
         """Close the connection; safe to call twice."""
@@ -343,21 +344,37 @@ def _stack(examples: list[HardExample], kind: str, name: str) -> np.ndarray:
                          "export one cloud model at a time (--model)") from None
 
 
-def write_training_set(examples: list[HardExample], path: Path) -> int:
+def write_training_set(examples: list[HardExample], path: Path,
+                       detection: DetectionExport | None = None) -> int:
     """Write ``examples`` as a training set ``.npz`` (see :func:`training_arrays`), replacing the file
     atomically; returns the number of rows. Encoded frames go beside it as image files, under
     ``<path without .npz>.frames/<input>/<row>.jpg|png``, with :data:`LABELS_FILE` there naming each
-    file's cloud prediction, edge prediction and provenance."""
+    file's cloud prediction, edge prediction and provenance. With ``detection`` (the cloud
+    detector's card), :data:`COCO_FILE` there holds the cloud's boxes of every frame (``coco.py``)."""
     path = Path(path)
     folder = path.with_suffix(".frames")
     files = _write_frames(examples, folder)
     arrays = training_arrays(examples, files)
     if files:
         _write_labels(folder / LABELS_FILE, examples, files, arrays["cloud_prediction"])
+    if detection is not None and examples:
+        name = _detection_frames(files, detection)
+        write_coco(folder / COCO_FILE, [np.asarray(e.inputs[name]).reshape(-1)[0] for e in examples],
+                   files[name], [e.cloud_outputs for e in examples], detection)
     with atomic_open(path) as f:
         np.savez_compressed(f, **arrays)
     log.info("event=hard_examples_exported rows=%d path=%s", len(examples), path)
     return len(examples)
+
+
+def _detection_frames(files: Mapping[str, list[str]], detection: DetectionExport) -> str:
+    """The frame input a detection set's images come from: the card's frames input, else the only one."""
+    if detection.preprocess is not None and detection.preprocess.frames in files:
+        return detection.preprocess.frames
+    if len(files) != 1:
+        raise EdgecloudError(f"a detection set needs the stored frames, one input of them; frame inputs are "
+                             f"{sorted(files)}")
+    return next(iter(files))
 
 
 def _write_frames(examples: list[HardExample], folder: Path) -> dict[str, list[str]]:

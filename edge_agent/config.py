@@ -66,12 +66,17 @@ class ModelSection(Section):
 class CascadeSection(Section):
     """``[cascade]``: when a row goes to the cloud. Unset values come from the release or model card."""
 
-    policy: str | None = Field(None, description="max_prob | margin | entropy | package.module:function")
+    policy: str | None = Field(None, description="max_prob | margin | entropy | box_mean | box_low_share | "
+                               "package.module:function; default: max_prob, box_mean for a detection card")
     threshold: float | None = Field(None, ge=0, le=1, description="escalate when confidence < threshold")
     temperature: float | None = Field(None, gt=0)
     score_output: str | None = Field(None, description="output holding the class scores")
     scores: Literal["logits", "probabilities"] | None = None
     audit_rate: float = Field(0.0, ge=0, le=1, description="share of confident rows also sent, in background")
+    box_floor: float | None = Field(None, ge=0, le=1, description="box_low_share: boxes scoring below it are "
+                                    "not counted at all; default 0.1")
+    empty_audit_rate: float = Field(0.05, ge=0, le=1, description="detection: share of frames with no box "
+                                    "scoring >= the card's score_threshold also sent, in background")
     escalate: Literal["auto", "always", "never", "background"] = Field(
         "auto", description="the model's default for requests that do not set edgecloud.escalate; "
         "background: the edge answers at once, unsure rows go to the cloud without waiting")

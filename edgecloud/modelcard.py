@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from pydantic import Field, TypeAdapter, ValidationError
 
 from edgecloud.clock import now_text
+from edgecloud.confidence.detection import DetectionOutputs
 from edgecloud.confidence.probability import SCORE_KINDS
 from edgecloud.errors import ModelLoadError
 from edgecloud.files import atomic_write, file_sha256
@@ -28,6 +29,8 @@ from edgecloud.preprocess import Preprocess
 from edgecloud.tensors import TensorSpec
 
 CARD_SUFFIX = ".card.json"
+#: the task of a card whose ``detection`` section names the detector's outputs (docs/design.md §10)
+DETECTION_TASK = "detection"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -142,6 +145,40 @@ def card_preprocess(card: Mapping[str, Any], where: str = "model card") -> Prepr
         raise ModelCardError(f"{where}: preprocess: {problems}") from None
 
 
+_DETECTION = TypeAdapter(DetectionOutputs)
+
+
+def card_detection(card: Mapping[str, Any], where: str = "model card") -> DetectionOutputs | None:
+    """The outputs a detection card's ``detection`` section names (docs/design.md §10), None for a card
+    of another task; ModelCardError naming the key when the section is missing or malformed."""
+    if card.get("task") != DETECTION_TASK:
+        if "detection" in card:
+            raise ModelCardError(f"{where}: 'detection' is only for task {DETECTION_TASK!r}, "
+                                 f"not {card.get('task')!r}")
+        return None
+    if "detection" not in card:
+        raise ModelCardError(f"{where}: missing key 'detection' (task {DETECTION_TASK!r})")
+    try:
+        return _DETECTION.validate_python(card["detection"])
+    except ValidationError as e:
+        raise ModelCardError(_complaint(e, f"{where}: detection")) from None
+
+
+def check_detection_outputs(detection: DetectionOutputs, outputs: tuple[TensorSpec, ...],
+                            where: str = "model card") -> None:
+    """ModelCardError naming the key when ``detection`` names an output the model lacks, or one of
+    another datatype than boxes FP32, scores FP32, classes INT64."""
+    kinds = {o.name: o.datatype for o in outputs}
+    for key, name, datatype in (("boxes", detection.boxes, "FP32"), ("scores", detection.scores, "FP32"),
+                                ("classes", detection.classes, "INT64")):
+        if name not in kinds:
+            raise ModelCardError(f"{where}: detection.{key}: {name!r} is not an output of the model; "
+                                 f"outputs are {list(kinds)}")
+        if kinds[name] != datatype:
+            raise ModelCardError(f"{where}: detection.{key}: output {name!r} is {kinds[name]}, "
+                                 f"expected {datatype}")
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """A model card; ``load``/``save`` address it by the model's path, not the card's."""
@@ -164,6 +201,8 @@ class ModelCard:
     guards: tuple[InputGuard, ...] = ()
     #: how encoded frames become the model's input (None: it takes tensors only)
     preprocess: Preprocess | None = None
+    #: a detector's outputs and score threshold (task "detection"; None for another task)
+    detection: DetectionOutputs | None = None
 
     @classmethod
     def describe(cls, model_path: Path, **fields: Any) -> ModelCard:
@@ -194,12 +233,16 @@ class ModelCard:
             raise ModelCardError(f"{where} is not a JSON object")
         try:
             # guards are read from the inputs, preprocess by its own model
-            card = _CARD.validate_python({**data, "guards": (), "preprocess": None})
+            card = _CARD.validate_python({**data, "guards": (), "preprocess": None, "detection": None})
         except ValidationError as e:
             raise ModelCardError(_complaint(e, where)) from None
         except ModelCardError as e:  # the calibration's own ranges
             raise ModelCardError(f"{where}: {e}") from None
-        return replace(card, guards=input_guards(data, where), preprocess=card_preprocess(data, where))
+        detection = card_detection(data, where)
+        if detection is not None:
+            check_detection_outputs(detection, card.outputs, where)
+        return replace(card, guards=input_guards(data, where), preprocess=card_preprocess(data, where),
+                       detection=detection)
 
     def to_dict(self) -> dict[str, Any]:
         guards = {g.name: g for g in self.guards}
@@ -213,6 +256,8 @@ class ModelCard:
             out["calibrated_on"] = dict(self.calibrated_on)
         if self.preprocess is not None:
             out["preprocess"] = self.preprocess.model_dump(mode="json")
+        if self.detection is not None:
+            out["detection"] = self.detection.to_dict()
         out.update(metrics=dict(self.metrics), size=self.size, sha256=self.sha256,
                    created_at=self.created_at, source=dict(self.source))
         return out

@@ -82,6 +82,21 @@ class Preprocess(Section):
         h, w = self.size
         return (self.channels, h, w) if self.layout == "NCHW" else (h, w, self.channels)
 
+    def frame_box(self, box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
+        """A box (x1, y1, x2, y2) in the model input's pixels, in the pixels of the ``width`` x
+        ``height`` frame it was made from (undoing the stretch or the letterbox), clipped to it."""
+        h, w = self.size
+        if self.resize == "stretch":
+            sx, sy, ox, oy = width / w, height / h, 0.0, 0.0
+        else:
+            ratio = min(w / width, h / height)
+            inner = (max(1, round(width * ratio)), max(1, round(height * ratio)))
+            ox, oy = (w - inner[0]) // 2, (h - inner[1]) // 2
+            sx, sy = width / inner[0], height / inner[1]
+        x1, y1, x2, y2 = ((box[0] - ox) * sx, (box[1] - oy) * sy, (box[2] - ox) * sx, (box[3] - oy) * sy)
+        return (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width),
+                min(max(y2, 0.0), height))
+
     @property
     def frames_spec(self) -> TensorSpec:
         """The frames input as ModelMetadata lists it: BYTES, one frame per row."""

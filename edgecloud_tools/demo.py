@@ -41,6 +41,7 @@ from edgecloud.modelcard import served_name
 from edgecloud.protocol.parameters import AgentRequest, AgentResponse
 from edgecloud_tools.broker import INSTALL_HINT, mosquitto_path
 from edgecloud_tools.cli import positive_int
+from edgecloud_tools.demo_detection import DETECTION_EDGE, DETECTION_REPOSITORY, run_detection_demo
 from edgecloud_tools.demo_fleet import WATCH_S, DemoFleet, UpdateOutcome
 from edgecloud_tools.output import stderr_line, table
 from edgecloud_tools.services import ServiceProcess
@@ -261,8 +262,12 @@ def format_update(u: dict) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.task == "detection":
+        return run_detection_demo(args, args.models)
     from edgecloud_tools.toolchain.dataset import make_split  # numpy only; the demo needs no torch
 
+    args.edge_model = args.edge_model or args.models / EDGE_INT8
+    args.repository = args.repository or args.models / REPOSITORY
     check_found(edge_model=args.edge_model, update_model=args.update_model, repository=args.repository)
     images, labels = make_split("test", args.n)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="edgecloud-demo-"))
@@ -326,17 +331,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=positive_int, default=500, help="images to stream (default 500)")
     p.add_argument("--wan-ms", type=int, default=30, help="emulated WAN delay at the cloud (default 30)")
     p.add_argument("--deadline-ms", type=int, default=300, help="agent's escalation deadline")
-    p.add_argument("--edge-model", type=Path, default=models / EDGE_INT8,
-                   help=f"edge model (default: {EDGE_INT8} under ${MODELS_ENV}, else ./models, else the "
-                        "packaged models)")
+    p.add_argument("--task", choices=("classification", "detection"), default="classification",
+                   help="classification (default), or defect detection: mAP of edge, cloud and cascade "
+                        "and a PNG of boxes")
+    p.add_argument("--edge-model", type=Path,
+                   help=f"edge model (default: {EDGE_INT8}, for detection {DETECTION_EDGE}, under "
+                        f"${MODELS_ENV}, else ./models, else the packaged models)")
     p.add_argument("--update-model", type=Path, default=models / EDGE_V2_INT8,
                    help="edge model published as a signed release half-way (needs mosquitto)")
     p.add_argument("--no-update", dest="update_model", action="store_const", const=None,
                    help="skip the update part")
-    p.add_argument("--repository", type=Path, default=models / REPOSITORY,
-                   help="the cloud's model repository (copied, never written)")
+    p.add_argument("--repository", type=Path,
+                   help=f"the cloud's model repository (copied, never written; default: {REPOSITORY}, for "
+                        f"detection {DETECTION_REPOSITORY})")
+    p.add_argument("--data", type=Path, help="detection: held-out frames as a COCO-style JSON with the "
+                   "images beside it (default: the toolchain's held-out detection split)")
+    p.add_argument("--png", type=Path, help="detection: where the PNG of frames with boxes goes "
+                   "(default: detections.png in the workdir)")
     p.add_argument("--camera", type=int, default=100, metavar="N",
                    help="frames the camera-style client sends at the end (default 100; 0 = skip)")
     p.add_argument("--workdir", type=Path, help="where logs and state go (default: a new temp dir)")
     p.add_argument("--json", type=Path, help="also write the summary as JSON here")
-    p.set_defaults(func=run_demo)
+    p.set_defaults(func=run_demo, models=models)

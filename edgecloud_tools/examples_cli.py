@@ -5,7 +5,10 @@ The file holds one stacked array per model input, every cloud output as ``cloud.
 ``edge_confidence``, ``request_id``, ``row``, ``device``, ``reason``, ``deferred``, versions and
 ``created_at`` (UNIX seconds). Load it with ``numpy.load(path)``. Escalated camera frames (an input
 whose every row is one encoded JPEG or PNG) are written as image files under ``<out>.frames/<input>/``,
-with ``labels.csv`` there, and the ``.npz`` holds their file names (docs/design.md §10).
+with ``labels.csv`` there, and the ``.npz`` holds their file names (docs/design.md §10). With
+``--detection-card`` (the cloud detector's model card), ``coco.json`` there is a detection training
+set: the images, the cloud's boxes above the card's score threshold in COCO ``[x, y, w, h]`` frame
+pixels, and the card's labels as categories.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cloud_gateway.coco import DetectionExport
 from cloud_gateway.hard_examples import HardExample, HardExampleStore, write_training_set
 from edgecloud.errors import ConfigError, EdgecloudError
 
@@ -46,6 +50,7 @@ def run_export(args: argparse.Namespace) -> int:
         if not store.is_file():
             raise ConfigError(f"--store {store}: no such store (the gateway's [store] path)")
     since = parse_since(args.since) if args.since else None
+    detection = DetectionExport.from_card(args.detection_card) if args.detection_card else None
     examples: dict[tuple[str, str, int, str], HardExample] = {}
     try:
         for path in args.store:  # one store per gateway replica; a row stored twice (same key) counts once
@@ -53,7 +58,7 @@ def run_export(args: argparse.Namespace) -> int:
                 for example in store.examples(since, args.reason, args.model):
                     examples.setdefault(example.key, example)
         rows = sorted(examples.values(), key=lambda e: e.created_at)
-        count = write_training_set(rows, args.out)
+        count = write_training_set(rows, args.out, detection)
     except (OSError, sqlite3.Error) as e:
         raise EdgecloudError(f"export to {args.out} failed: {e}") from e
     print(f"exported {count} hard examples from {len(args.store)} store(s) to {args.out}", file=sys.stderr)
@@ -70,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a gateway's hard-example store (SQLite); repeat for every replica's store")
     e.add_argument("--out", type=Path, required=True, help="training set to write (.npz)")
     e.add_argument("--since", help="only rows stored since: RFC 3339 time or an age (12h, 7d)")
-    e.add_argument("--reason", help="only rows sent for this reason: low_confidence, audit, forced")
+    e.add_argument("--reason", help="only rows sent for this reason: low_confidence, audit, empty_frame, "
+                   "forced")
     e.add_argument("--model", help="only rows answered by this cloud model (needed when several are stored)")
+    e.add_argument("--detection-card", type=Path, help="the cloud detector's model card: also write the "
+                   "cloud's boxes of the frames as COCO JSON (coco.json beside the images)")
     e.set_defaults(func=run_export)

@@ -44,8 +44,11 @@ from edgecloud.errors import InvalidInput, ModelNotFound
 from edgecloud.guards import InputContract
 from edgecloud.preprocess import decode_frames
 from edgecloud.protocol.codec import InferRequest, InferResponse, ModelMetadata
+from edgecloud.protocol.detections import detections_output, top_label
 from edgecloud.protocol.outputs import select_outputs
 from edgecloud.protocol.parameters import (
+    AUDIT_REASONS,
+    DETECTIONS,
     AgentRequest,
     AgentResponse,
     CloudRequest,
@@ -60,6 +63,7 @@ log = logging.getLogger(__name__)
 ESCALATE_MODES = ("auto", "always", "never", "background")
 CONFIDENCE_OUTPUT = TensorSpec(str(AgentResponse.CONFIDENCE), "FP32", (-1,))
 SOURCE_OUTPUT = TensorSpec(str(AgentResponse.SOURCE), "BYTES", (-1,))
+DETECTIONS_OUTPUT = TensorSpec(DETECTIONS, "BYTES", (-1,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,9 +175,9 @@ class Cascade:
 
     def model_metadata(self, name: str, version: str) -> ModelMetadata:
         model = self._model_for(name, version)
+        extras = (CONFIDENCE_OUTPUT, SOURCE_OUTPUT) + ((DETECTIONS_OUTPUT,) if model.detection else ())
         return ModelMetadata(name=model.name, versions=(model.version,), platform=model.backend.platform,
-                             inputs=model.served_inputs,
-                             outputs=(*model.outputs, CONFIDENCE_OUTPUT, SOURCE_OUTPUT))
+                             inputs=model.served_inputs, outputs=(*model.outputs, *extras))
 
     def input_contract(self, name: str, version: str) -> InputContract:
         return self._model_for(name, version).contract
@@ -292,8 +296,10 @@ class Cascade:
     def _upstream(self, call: _Call, rows: np.ndarray, reason: EscalationReason) -> InferRequest:
         model, confidence = call.model, call.confidence
         scores = call.outputs[model.settings.score_output]
-        summary = EdgeSummary(rows=rows.tolist(),
-                              prediction=scores.reshape(scores.shape[0], -1)[rows].argmax(axis=1).tolist(),
+        # a detector's answer is its boxes, not one class: the store keeps the cloud's boxes instead
+        prediction = None if model.detection else (
+            scores.reshape(scores.shape[0], -1)[rows].argmax(axis=1).tolist())
+        summary = EdgeSummary(rows=rows.tolist(), prediction=prediction,
                               confidence=[round(float(c), 6) for c in confidence[rows]], reason=reason)
         params = {CloudRequest.REQUEST_ID: call.request_id, CloudRequest.DEVICE_ID: self.device_id,
                   CloudRequest.EDGE_MODEL_VERSION: model.version,
@@ -343,13 +349,28 @@ class Cascade:
         return values
 
     def _maybe_audit(self, call: _Call, wants: np.ndarray) -> None:
-        """Send a random share of confident rows to the cloud in the background (drift watching)."""
-        if not self.audit_rate or self.link is None:
+        """Send a random share of confident rows to the cloud in the background (drift watching); for a
+        detector, first a share (``empty_audit_rate``) of its frames with no box at all, since a score
+        rule never escalates a missed defect."""
+        if self.link is None:
             return
-        confident = np.flatnonzero(~wants)
-        rows = confident[np.array([self._random.random() < self.audit_rate for _ in confident], dtype=bool)]
-        if rows.size:
-            self._in_background(call, rows, "audit")
+        confident = ~wants
+        detection = call.model.detection
+        if detection is not None:
+            empty = np.flatnonzero(confident & detection.empty(call.outputs))
+            chosen = self._sample(empty, self.slot.flags.empty_audit_rate)
+            confident[empty] = False  # an empty frame is audited at its own share
+            if chosen.size:
+                self._in_background(call, chosen, "empty_frame")
+        chosen = self._sample(np.flatnonzero(confident), self.audit_rate)
+        if chosen.size:
+            self._in_background(call, chosen, "audit")
+
+    def _sample(self, rows: np.ndarray, share: float) -> np.ndarray:
+        """Each of ``rows`` with probability ``share``."""
+        if not share or not rows.size:
+            return rows[:0]
+        return rows[np.array([self._random.random() < share for _ in rows], dtype=bool)]
 
     def _in_background(self, call: _Call, rows: np.ndarray, reason: EscalationReason) -> None:
         """Send ``rows`` to the cloud without the client waiting (audits, ``escalate=background``), at
@@ -357,16 +378,16 @@ class Cascade:
         cloud fails, is spooled, so the store still gets it; an audit that finds none is skipped."""
         upstream = self._upstream(call, rows, reason)
         if not self._background_slots.acquire(blocking=False):
-            if reason != "audit" and self.spool is not None:
+            if reason not in AUDIT_REASONS and self.spool is not None:
                 self.spool.put(upstream)
             return
-        if reason != "audit":
+        if reason not in AUDIT_REASONS:
             self.stats.upstream(upstream_bytes(upstream))
 
         def send() -> None:
             try:
                 reply = self.link.ask(call.model, upstream, max(self.deadline_s, 5.0))
-                if reason == "audit":
+                if reason in AUDIT_REASONS:
                     self.stats.audit()
                 else:
                     self._remember(call, rows, {spec.name: self._cloud_output(reply.outputs, spec, rows.size)
@@ -382,9 +403,13 @@ class Cascade:
     @staticmethod
     def _select_outputs(call: _Call, from_cloud: np.ndarray) -> dict[str, np.ndarray]:
         """The outputs a client asked for by name (all the model's when it named none), with the
-        per-row confidence and source as extra outputs."""
+        per-row confidence and source, and a detector's boxes as JSON, as extra outputs; made from
+        the outputs the cloud's answers were merged into."""
         extras = {CONFIDENCE_OUTPUT.name: lambda: call.confidence,
                   SOURCE_OUTPUT.name: lambda: np.where(from_cloud, b"cloud", b"edge").astype(np.object_)}
+        if call.model.detection is not None:
+            extras[DETECTIONS_OUTPUT.name] = lambda: detections_output(call.outputs, call.model.detection,
+                                                                       call.model.labels)
         return select_outputs(call.model.name, call.request.outputs, call.outputs, call.model.labels, extras)
 
     @staticmethod
@@ -398,7 +423,10 @@ class Cascade:
                   AgentResponse.DEGRADED: degraded, AgentResponse.MODEL_VERSION: model.version,
                   AgentResponse.ESCALATED_ROWS: answered, AgentResponse.RATE_LIMITED_ROWS: rate_limited}
         scores = call.outputs[model.settings.score_output]
-        if model.labels and scores.shape[0]:
+        if model.detection is not None:
+            if scores.shape[0]:
+                params[AgentResponse.LABEL] = top_label(call.outputs, model.detection, model.labels)
+        elif model.labels and scores.shape[0]:
             top = int(scores.reshape(scores.shape[0], -1)[0].argmax())
             if top < len(model.labels):
                 params[AgentResponse.LABEL] = model.labels[top]

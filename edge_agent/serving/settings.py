@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import CascadeSection
-from edgecloud.confidence import ConfidencePolicy, make_policy
+from edgecloud.confidence import DEFAULT_BOX_FLOOR, ConfidencePolicy, DetectionOutputs, make_policy
 from edgecloud.errors import ModelLoadError
 from edgecloud.modelcard import served_name
 from edgecloud.tensors import TensorSpec
 
 DEFAULT_POLICY = "max_prob"
+DEFAULT_DETECTION_POLICY = "box_mean"
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_SCORES = "logits"
@@ -52,26 +53,32 @@ class CascadeSettings:
     score_output: str
     scores: str
     policy: ConfidencePolicy = field(compare=False, repr=False)
+    #: a detector's outputs, from its card (None: not a detector)
+    detection: DetectionOutputs | None = None
 
     @classmethod
     def resolve(cls, flags: CascadeSection, release: Mapping[str, Any], card: Mapping[str, Any],
-                outputs: tuple[TensorSpec, ...]) -> CascadeSettings:
+                outputs: tuple[TensorSpec, ...],
+                detection: DetectionOutputs | None = None) -> CascadeSettings:
         """Each value from the first that sets it: ``[cascade]`` (flags over file), the release's
-        calibration, the card's, the default (for the score output: the model's first output)."""
+        calibration, the card's, the default (for the score output: the model's first output, a
+        detector's scores; for the policy: ``max_prob``, ``box_mean`` for a detector)."""
         layers = (flags.model_dump(), release, card)
-        score_output = first_set("score_output", layers, outputs[0].name)
+        score_output = first_set("score_output", layers, outputs[0].name if detection is None else
+                                 detection.scores)
         if score_output not in {o.name for o in outputs}:
             raise ModelLoadError(f"score output {score_output!r} is not an output of the model; "
                                  f"outputs are {[o.name for o in outputs]}")
-        name = first_set("policy", layers, DEFAULT_POLICY)
+        name = first_set("policy", layers, DEFAULT_POLICY if detection is None else DEFAULT_DETECTION_POLICY)
         scores = first_set("scores", layers, DEFAULT_SCORES)
         temperature = float(first_set("temperature", layers, DEFAULT_TEMPERATURE))
+        floor = float(first_set("box_floor", layers, DEFAULT_BOX_FLOOR))
         try:
-            policy = make_policy(name, score_output, scores, temperature)
+            policy = make_policy(name, score_output, scores, temperature, detection, floor)
         except ValueError as e:
             raise ModelLoadError(str(e)) from e
         return cls(name, float(first_set("threshold", layers, DEFAULT_THRESHOLD)), temperature, score_output,
-                   scores, policy)
+                   scores, policy, detection)
 
 
 @dataclass(frozen=True, slots=True)

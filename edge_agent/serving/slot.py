@@ -14,9 +14,16 @@ from edge_agent.config import AgentConfig, CascadeSection
 from edge_agent.serving.settings import CascadeSettings, Identity, calibration
 from edgecloud.backends import backend_key_for, open_backend
 from edgecloud.backends.base import Backend
+from edgecloud.confidence import DetectionOutputs
 from edgecloud.errors import ModelLoadError
 from edgecloud.guards import InputContract
-from edgecloud.modelcard import card_preprocess, input_guards, read_card
+from edgecloud.modelcard import (
+    card_detection,
+    card_preprocess,
+    check_detection_outputs,
+    input_guards,
+    read_card,
+)
 from edgecloud.preprocess import Preprocess
 from edgecloud.tensors import TensorSpec
 
@@ -40,10 +47,29 @@ class EdgeModel:
     release_calibration: Mapping[str, Any] = field(default_factory=dict, repr=False)
     card_calibration: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
+    @property
+    def detection(self) -> DetectionOutputs | None:
+        """A detector's outputs and score threshold (its card's ``detection``; None: not a detector)."""
+        return self.settings.detection
+
     def reconfigured(self, flags: CascadeSection) -> EdgeModel:
         """This model with cascade settings re-resolved from new config values (SIGHUP)."""
         settings = CascadeSettings.resolve(flags, self.release_calibration, self.card_calibration,
-                                           self.outputs)
+                                           self.outputs, self.detection)
+        return replace(self, settings=settings)
+
+    def as_detector(self, detection: DetectionOutputs, flags: CascadeSection) -> EdgeModel:
+        """This model read as the detector ``detection`` describes (a release travels without its card,
+        so a swapped-in model keeps the detection outputs of the one it replaces), unless its outputs
+        do not fit them (logged; it stays as it is)."""
+        try:
+            check_detection_outputs(detection, self.outputs, f"model {self.name!r}")
+            settings = CascadeSettings.resolve(flags, self.release_calibration, self.card_calibration,
+                                               self.outputs, detection)
+        except ModelLoadError as e:
+            log.warning("event=detection_outputs_dropped name=%s version=%s error=%r", self.name,
+                        self.version, str(e))
+            return self
         return replace(self, settings=settings)
 
     def with_preprocess(self, preprocess: Preprocess) -> EdgeModel:
@@ -92,8 +118,11 @@ def load_edge_model(config: AgentConfig, path: Path | None = None, version: str 
         if check is not None:
             check(backend)
         release_cal, card_cal = calibration(release), calibration(card)
+        detection = card_detection(card, f"model card of {path}")
+        if detection is not None:
+            check_detection_outputs(detection, backend.outputs, f"model card of {path}")
         settings = CascadeSettings.resolve(config.cascade if flags is None else flags, release_cal, card_cal,
-                                           backend.outputs)
+                                           backend.outputs, detection)
         served = Identity.resolve(path, config.model.name, version, release, card)
         guards = input_guards(card, f"model card of {path}")
         preprocess = card_preprocess(card, f"model card of {path}")
@@ -145,6 +174,8 @@ class ModelSlot:
         no longer fits them (logged)."""
         with self._lock:
             old, new = self._model, model.reconfigured(self._flags)
+            if new.detection is None and old.detection is not None:
+                new = new.as_detector(old.detection, self._flags)
             if new.preprocess is None and old.preprocess is not None:
                 try:
                     new = new.with_preprocess(old.preprocess)

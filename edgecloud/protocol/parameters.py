@@ -67,10 +67,15 @@ class AgentResponse(Parameter):
     ESCALATED = "escalated", bool  # the cascade asked the cloud
     DEGRADED = "degraded", bool  # the cloud was wanted but not reached in time
     MODEL_VERSION = "model_version", str  # edge model version that answered
-    LABEL = "label", str  # top-1 label of row 0, when the model card names labels
+    LABEL = "label", str  # top-1 label of row 0 (a detector's: its top box's, or "none"), given labels
     ESCALATED_ROWS = "escalated_rows", int  # rows the cloud answered
     RATE_LIMITED_ROWS = "rate_limited_rows", int  # rows over the rate limit, answered by the edge
     REUSED = "reused", bool  # a recent cloud answer for a nearly identical frame of the stream was reused
+
+
+#: a detector's per-row output, made only when a client asks for it by name (an output, not a
+#: parameter): BYTES [N], per frame a JSON list of {"label", "score", "box"} (docs/design.md §10)
+DETECTIONS = PREFIX + "detections"
 
 
 class CloudRequest(Parameter):
@@ -83,7 +88,9 @@ class CloudRequest(Parameter):
     DEFERRED = "deferred", bool  # replayed from the spool, no client waits for the answer
 
 
-EscalationReason = Literal["low_confidence", "audit", "forced"]
+EscalationReason = Literal["low_confidence", "audit", "empty_frame", "forced"]
+#: reasons of rows sent in the background to watch the edge, with no client waiting for them
+AUDIT_REASONS = ("audit", "empty_frame")
 
 
 class EdgeSummary(BaseModel):
