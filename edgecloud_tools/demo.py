@@ -18,6 +18,7 @@ many frames of the still stream reused the cloud's answer.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import shutil
@@ -142,6 +143,8 @@ def counters(metrics_port: int) -> dict[str, float]:
 def camera(agent_port: int, metrics_port: int, model: str, n: int) -> dict:
     """Run the camera client against the agent; its JSON, with the bytes the agent sent upstream per
     row it escalated meanwhile."""
+    if importlib.util.find_spec("tritonclient") is None:
+        return {"skipped": "needs tritonclient, the client local apps use: pip install 'edgecloud[bench]'"}
     before = counters(metrics_port)
     proc = subprocess.run([sys.executable, "-m", "edgecloud_tools.camera_client", "--url",
                            f"127.0.0.1:{agent_port}", "--model", model, "--n", str(n)],
@@ -157,6 +160,8 @@ def camera(agent_port: int, metrics_port: int, model: str, n: int) -> dict:
 
 
 def format_camera(c: dict) -> list[str]:
+    if "skipped" in c:
+        return [f"camera client skipped: {c['skipped']}"]
     if "error" in c:
         return [f"camera client failed: {c['error']}"]
     sizes = ", ".join(f"{w}x{h}" for h, w in c["sizes"])

@@ -107,3 +107,15 @@ def test_update_model_without_a_card_version_is_a_config_error(tmp_path: Path) -
     with pytest.raises(ConfigError, match="no integer version"):
         DemoFleet(tmp_path / "fleet", "device", model, "127.0.0.1:1")
     assert not (tmp_path / "fleet").exists()
+
+
+def test_the_camera_client_says_what_it_needs_where_tritonclient_is_absent(monkeypatch) -> None:
+    """A plain ``pip install edgecloud`` has no tritonclient: the camera part says how to get it."""
+    from edgecloud_tools import demo
+
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tritonclient" else real(name, *a))
+    lines = demo.format_camera(demo.camera(1, 1, "inspection-edge", 10))
+    assert lines == ["camera client skipped: needs tritonclient, the client local apps use: "
+                     "pip install 'edgecloud[bench]'"]
