@@ -50,7 +50,8 @@ def write_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...],
         # the TorchScript exporter is deprecated in favour of dynamo, which cannot write opset 17
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT_NAME],
-                          output_names=list(output_names), opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                          output_names=list(output_names), opset_version=OPSET, do_constant_folding=True,
+                          dynamo=False,
                           dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *output_names)})
     proto = cap_ir_version(onnx.load(str(path)))
     onnx.checker.check_model(proto, full_check=True)
