@@ -68,9 +68,11 @@ def f1_score_threshold(edge: Detections, truth_boxes: Sequence[np.ndarray],
         iou = box_iou(b[order], truth_boxes[i]) * (c[order, None] == truth_classes[i][None, :])
         taken = np.zeros(len(truth_boxes[i]), dtype=bool)
         for d, row in zip(order, iou):
-            best = int(np.argmax(np.where(taken, -1.0, row))) if len(row) else 0
-            hit = bool(len(row)) and not taken[best] and row[best] >= MATCH_IOU
-            taken[best] |= hit
+            free = np.where(taken, -1.0, row)
+            best = int(np.argmax(free)) if len(row) else -1
+            hit = best >= 0 and free[best] >= MATCH_IOU
+            if hit:
+                taken[best] = True
             scores.append(s[d])
             hits.append(hit)
     n_truth = sum(len(t) for t in truth_boxes)

@@ -38,11 +38,13 @@ class Detections:
 
 def average_precision(tp: np.ndarray, scores: np.ndarray, n_truth: int) -> float:
     """AP of one class at one IoU threshold: ``tp`` says which detections matched, ``n_truth`` > 0."""
+    if not len(scores):
+        return 0.0
     order = np.argsort(-scores, kind="stable")
     hits = np.cumsum(tp[order])
     recall = hits / n_truth
     precision = hits / np.arange(1, len(hits) + 1)
-    envelope = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
     at = np.searchsorted(recall, RECALL_POINTS, side="left")
     return float(np.mean(np.where(at < len(envelope), envelope[np.minimum(at, len(envelope) - 1)], 0.0)))
 
