@@ -170,7 +170,7 @@ def _write_cards(b: Build) -> None:
     metrics = {"split": "test", "n": r.n_test, **_map_figures(cloud), **_map_figures(cloud, suffix="_fp32")}
     write_detector_card(b.stage / DET_CLOUD, cloud, name=DET_CLOUD_NAME, version=1, threshold=0.0,
                         score_threshold=t, metrics=metrics,
-                        source=_source(b, "Detector(width=24, depth=2)", r.cloud_training, False))
+                        source=_source(b, "Detector(width=16, depth=2)", r.cloud_training, False))
     for rel in (DET_EDGE_FP32, DET_EDGE_INT8):
         _edge_card(b, rel)
 

@@ -71,11 +71,18 @@ def extent(shape: np.ndarray, level: float = BOX_LEVEL) -> np.ndarray:
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
 
 
-def render_detection(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One [64, 64] float32 patch in [0, 1], its boxes [m, 4] and classes [m] (0 to 3 defects)."""
-    image = surface(rng, DET_SIZE)
-    boxes: list[np.ndarray] = []
-    classes: list[int] = []
+@dataclass(frozen=True)
+class Defect:
+    """One defect as drawn: its class, its box, and its signed layer over the whole patch."""
+
+    cls: int
+    box: np.ndarray
+    layer: np.ndarray
+
+
+def draw_defects(rng: np.random.Generator) -> list[Defect]:
+    """Zero to three defects placed on a 64×64 patch, overlapping by at most :data:`MAX_OVERLAP`."""
+    defects: list[Defect] = []
     for _ in range(int(rng.integers(0, MAX_DEFECTS + 1))):
         label = int(rng.integers(1, len(LABELS)))
         contrast = defect_contrast(rng, label)
@@ -84,15 +91,24 @@ def render_detection(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, 
         for _ in range(_PLACEMENT_TRIES):
             ox, oy = rng.integers(0, DET_SIZE - SIZE + 1, 2)
             box = local + np.array([ox, oy, ox, oy], dtype=np.float32)
-            if not boxes or box_iou(box, np.array(boxes)).max() <= MAX_OVERLAP:
+            if not defects or box_iou(box, np.array([d.box for d in defects])).max() <= MAX_OVERLAP:
                 break
         else:
             continue  # no room left on this patch
-        image[oy:oy + SIZE, ox:ox + SIZE] += contrast * shape
-        boxes.append(box)
-        classes.append(label - 1)
-    return (sensor_noise(rng, image), np.array(boxes, dtype=np.float32).reshape(-1, 4),
-            np.array(classes, dtype=np.int64))
+        layer = np.zeros((DET_SIZE, DET_SIZE))
+        layer[oy:oy + SIZE, ox:ox + SIZE] = contrast * shape
+        defects.append(Defect(label - 1, box, layer))
+    return defects
+
+
+def render_detection(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One [64, 64] float32 patch in [0, 1], its boxes [m, 4] and classes [m] (0 to 3 defects)."""
+    image = surface(rng, DET_SIZE)
+    defects = draw_defects(rng)
+    for d in defects:
+        image = image + d.layer
+    return (sensor_noise(rng, image), np.array([d.box for d in defects], dtype=np.float32).reshape(-1, 4),
+            np.array([d.cls for d in defects], dtype=np.int64))
 
 
 def make_detection_split(split: str, n: int) -> DetectionSplit:

@@ -49,13 +49,13 @@ class Detector(nn.Module):
 
 
 def edge_detector() -> Detector:
-    """The edge detector: ~12k parameters, a few MFLOPs a 64×64 frame."""
+    """The edge detector: ~15k parameters, a few MFLOPs a 64×64 frame."""
     return Detector(width=8)
 
 
 def cloud_detector() -> Detector:
-    """The cloud detector: wider and two convolutions a stage, ~25× the edge one's parameters."""
-    return Detector(width=24, depth=2)
+    """The cloud detector: twice as wide and two convolutions a stage, ~7× the edge one's parameters."""
+    return Detector(width=16, depth=2)
 
 
 class Decoded(nn.Module):
