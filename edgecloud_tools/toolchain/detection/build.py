@@ -83,6 +83,9 @@ QUICK = Recipe(n_train=600, n_val=150, n_test=150, n_quant_calibration=64,
 
 @dataclass
 class Build:
+    """The state of one detection build: data, staging directory, scored detectors, the cascade chosen
+    on "val" and what it does on "test", per edge detector."""
+
     recipe: Recipe
     stage: Path
     data: dict[str, DetectionSplit]
