@@ -66,3 +66,8 @@ EDGE_FP32 = Path("edge/inspection-edge-fp32.onnx")
 EDGE_INT8 = Path("edge/inspection-edge-int8.onnx")
 EDGE_V2_INT8 = Path("edge/inspection-edge-v2-int8.onnx")
 
+#: the name the cloud detector is served under in the repository, and the detectors' files
+DET_CLOUD_NAME = "inspection-detect"
+DET_CLOUD = REPOSITORY / DET_CLOUD_NAME / "1" / "model.onnx"
+DET_EDGE_FP32 = Path("detection/inspection-detect-edge-fp32.onnx")
+DET_EDGE_INT8 = Path("detection/inspection-detect-edge-int8.onnx")

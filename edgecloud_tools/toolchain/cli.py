@@ -45,11 +45,18 @@ DEFAULT_POLICY = "max_prob"
 
 def run_build(args: argparse.Namespace) -> int:
     check_writable(args.out, "the built models")  # before importing torch, which may be missing
+    if args.quick and args.task != "detection":
+        raise EdgecloudError("--quick builds the detectors only: give --task detection")
     try:
-        from edgecloud_tools.toolchain.build import build
+        if args.task == "detection":
+            from edgecloud_tools.toolchain.detection.build import build_detection
+        else:
+            from edgecloud_tools.toolchain.build import build
     except ImportError as e:
         raise EdgecloudError("models build needs torch and onnx: pip install 'edgecloud[train]' "
                              f"({e})") from e
+    if args.task == "detection":
+        return build_detection(args.out, quick=args.quick)
     return build(args.out)
 
 
@@ -175,10 +182,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     build = actions.add_parser(
         "build", help="generate data, train, export, quantize, calibrate, write artifacts and cards",
-        description="Rebuild the demo models; exit 1 when a target is missed (nothing is installed then).")
+        description="Rebuild the demo models (the classifiers, or with --task detection the detectors); "
+                    "exit 1 when a target is missed (nothing is installed then).")
     build.add_argument("--out", type=Path, default=own_models_dir(),
                        help="models directory (default: $EDGECLOUD_MODELS, else ./models in the current "
                             "directory; never the packaged models)")
+    build.add_argument("--task", choices=("classification", "detection"), default="classification",
+                       help="the classifiers (default) or the edge and cloud detectors")
+    build.add_argument("--quick", action="store_true",
+                       help="detectors only: a small split and short training, in a minute or two; format, "
+                            "contract and budget are checked, the quality targets are not")
     build.set_defaults(func=run_build)
     path = actions.add_parser("path", help="print the models directory the tools use",
                               description=f"${MODELS_ENV}, else ./models, else the packaged demo models.")

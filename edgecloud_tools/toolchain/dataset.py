@@ -12,6 +12,7 @@ Each sample is rendered from its own seed (split seed, index), so ``make_split(s
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -38,9 +39,6 @@ def _upsampler(size: int, coarse: int) -> np.ndarray:
     return m
 
 
-_UP = _upsampler(SIZE, _COARSE)
-
-
 def _segment_distance(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Distance of every pixel centre to the segment p–q (points as (x, y))."""
     dx, dy = q - p
@@ -58,13 +56,22 @@ def _line_profile(distance: np.ndarray, width: float) -> np.ndarray:
     return np.exp(-0.5 * (distance / width) ** 2)
 
 
-def _surface(rng: np.random.Generator) -> np.ndarray:
-    """A defect-free surface: level, gradient, mottling and a brushed grain."""
+@functools.cache
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (y, x) of a ``size`` patch and its mottling upsampler."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    return y, x, _upsampler(size, _COARSE)
+
+
+def surface(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
+    """A defect-free ``size``×``size`` surface: level, gradient, mottling and a brushed grain."""
+    y, x, up = _grid(size)
+    middle = (size - 1) / 2
     angle = rng.uniform(0, 2 * np.pi)
-    gradient = rng.uniform(0.0, 0.25) * ((_X - 15.5) * np.cos(angle) + (_Y - 15.5) * np.sin(angle)) / SIZE
-    mottle = _UP @ rng.normal(0.0, rng.uniform(0.01, 0.05), (_COARSE, _COARSE)) @ _UP.T
+    gradient = rng.uniform(0.0, 0.25) * ((x - middle) * np.cos(angle) + (y - middle) * np.sin(angle)) / size
+    mottle = up @ rng.normal(0.0, rng.uniform(0.01, 0.05), (_COARSE, _COARSE)) @ up.T
     g_angle = rng.uniform(0, np.pi)
-    along = _X * np.cos(g_angle) + _Y * np.sin(g_angle)
+    along = x * np.cos(g_angle) + y * np.sin(g_angle)
     grain = rng.uniform(0.0, 0.04) * np.sin(2 * np.pi * rng.uniform(0.15, 0.45) * along
                                              + rng.uniform(0, 2 * np.pi))
     return rng.uniform(0.3, 0.7) + gradient + mottle + grain
@@ -96,19 +103,29 @@ def _crack(rng: np.random.Generator) -> np.ndarray:
     return _line_profile(_polyline_distance(np.array(points)), rng.uniform(0.5, 0.9))
 
 
-_DEFECTS = {1: _scratch, 2: _spot, 3: _crack}
+#: label → the shape of that defect on a [32, 32] canvas, 1 on the defect fading to 0 beside it
+DEFECTS = {1: _scratch, 2: _spot, 3: _crack}
+
+
+def defect_contrast(rng: np.random.Generator, label: int) -> float:
+    """The signed contrast of one defect: mostly clear, one in five faint, close to the noise floor;
+    cracks are dark."""
+    contrast = rng.uniform(0.10, 0.15) if rng.random() < 0.2 else rng.uniform(0.15, 0.35)
+    return -contrast if label == 3 or rng.random() < 0.5 else contrast
+
+
+def sensor_noise(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """``image`` with per-sample sensor noise, clipped to :data:`PIXEL_RANGE`, as float32."""
+    image = image + rng.normal(0.0, rng.uniform(0.01, 0.04), image.shape)
+    return np.clip(image, *PIXEL_RANGE).astype(np.float32)
 
 
 def render(rng: np.random.Generator, label: int) -> np.ndarray:
     """One [32, 32] float32 patch in [0, 1] of class ``label``, difficulty drawn from ``rng``."""
-    image = _surface(rng)
+    image = surface(rng)
     if label:
-        # contrast is mostly clear; one defect in five is faint, close to the noise floor
-        contrast = rng.uniform(0.10, 0.15) if rng.random() < 0.2 else rng.uniform(0.15, 0.35)
-        sign = -1.0 if label == 3 or rng.random() < 0.5 else 1.0  # cracks are dark
-        image = image + sign * contrast * _DEFECTS[label](rng)
-    image = image + rng.normal(0.0, rng.uniform(0.01, 0.04), (SIZE, SIZE))
-    return np.clip(image, *PIXEL_RANGE).astype(np.float32)
+        image = image + defect_contrast(rng, label) * DEFECTS[label](rng)
+    return sensor_noise(rng, image)
 
 
 def make_split(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:

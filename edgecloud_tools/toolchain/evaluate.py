@@ -3,7 +3,7 @@ from their logits. numpy and onnxruntime only: ``edgecloud calibrate`` runs wher
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,46 +35,63 @@ TARGET_ACCURACY = 0.9875
 
 @dataclass(frozen=True)
 class ModelOutputs:
-    """One output of a model for each of several image sets, and the model's contract."""
+    """Some outputs of a model (by name) for each of several image sets, and the model's contract."""
 
-    sets: tuple[np.ndarray, ...]
+    named: tuple[dict[str, np.ndarray], ...]
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    #: the output :attr:`sets` gives
+    first: str
+
+    @property
+    def sets(self) -> tuple[np.ndarray, ...]:
+        """The first requested output, per image set."""
+        return tuple(named[self.first] for named in self.named)
 
 
 #: called after each batch with (rows done, rows in all sets)
 Progress = Callable[[int, int], None]
 
 
-def model_logits(path: Path, *image_sets: np.ndarray, output: str | None = None, batch_size: int = 500,
-                 threads: int = 0, progress: Progress | None = None) -> ModelOutputs:
-    """Output ``output`` (default: the first) of the ONNX model at ``path`` for each image set, in
+def model_outputs(path: Path, *image_sets: np.ndarray, names: Sequence[str] | None = None,
+                  batch_size: int = 500, threads: int = 0, progress: Progress | None = None) -> ModelOutputs:
+    """Outputs ``names`` (default: the first) of the ONNX model at ``path`` for each image set, in
     batches; one ONNX Runtime session serves every set, since loading a model costs more than a split."""
     backend = OrtBackend(OrtConfig(intra_op_threads=threads))
     backend.load(Path(path))
     try:
         if len(backend.inputs) != 1:
             raise ModelLoadError(f"{path}: expected one input, the model has {len(backend.inputs)}")
-        names = [o.name for o in backend.outputs]
-        output = output or names[0]
-        if output not in names:
-            raise ModelLoadError(f"{path}: no output {output!r}; the model's outputs are {names}")
+        known = [o.name for o in backend.outputs]
+        names = list(names or known[:1])
+        for output in names:
+            if output not in known:
+                raise ModelLoadError(f"{path}: no output {output!r}; the model's outputs are {known}")
         name = backend.inputs[0].name
         for images in image_sets:
             check_inputs(backend.inputs, {name: images}, str(path))
         total, done = sum(len(images) for images in image_sets), 0
         sets = []
         for images in image_sets:
-            batches = []
+            batches: dict[str, list[np.ndarray]] = {output: [] for output in names}
             for i in range(0, len(images), batch_size):
-                batches.append(backend.infer({name: images[i:i + batch_size]})[output])
-                done += len(batches[-1])
+                result = backend.infer({name: images[i:i + batch_size]})
+                for output in names:
+                    batches[output].append(result[output])
+                done += len(result[names[0]])
                 if progress is not None:
                     progress(done, total)
-            sets.append(np.concatenate(batches))
-        return ModelOutputs(tuple(sets), backend.inputs, backend.outputs)
+            sets.append({output: np.concatenate(parts) for output, parts in batches.items()})
+        return ModelOutputs(tuple(sets), backend.inputs, backend.outputs, names[0])
     finally:
         backend.close()
+
+
+def model_logits(path: Path, *image_sets: np.ndarray, output: str | None = None, batch_size: int = 500,
+                 threads: int = 0, progress: Progress | None = None) -> ModelOutputs:
+    """Output ``output`` (default: the first) of the ONNX model at ``path`` for each image set."""
+    return model_outputs(path, *image_sets, names=None if output is None else [output], batch_size=batch_size,
+                         threads=threads, progress=progress)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -10,6 +10,7 @@ In eval mode it folds BatchNorm into the convolutions, which is what INT8 quanti
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,24 +35,34 @@ def cap_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def export_onnx(model: nn.Module, path: Path, check_images: np.ndarray) -> Path:
-    """Export ``model`` to ``path`` and check it: onnx.checker, then ONNX Runtime against torch on
-    ``check_images`` (same argmax, logits within 1e-3)."""
+def write_onnx(model: nn.Module, path: Path, input_shape: tuple[int, ...],
+               output_names: Sequence[str]) -> Path:
+    """Export ``model`` in eval mode to ``path`` with input :data:`INPUT_NAME` of ``input_shape`` and a
+    dynamic batch on the input and every output, at :data:`OPSET` and IR ≤ :data:`MAX_IR_VERSION`,
+    checked by onnx.checker."""
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
-    dummy = torch.zeros(2, 1, SIZE, SIZE)
+    dummy = torch.zeros(*input_shape)
     with warnings.catch_warnings():
         # the TorchScript exporter is deprecated in favour of dynamo, which cannot write opset 17
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          opset_version=OPSET, do_constant_folding=True, dynamo=False,
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT_NAME],
+                          output_names=list(output_names), opset_version=OPSET, do_constant_folding=True,
+                          dynamo=False,
+                          dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *output_names)})
     proto = cap_ir_version(onnx.load(str(path)))
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
+    return path
+
+
+def export_onnx(model: nn.Module, path: Path, check_images: np.ndarray) -> Path:
+    """Export ``model`` to ``path`` and check it: onnx.checker, then ONNX Runtime against torch on
+    ``check_images`` (same argmax, logits within 1e-3)."""
+    write_onnx(model, path, (2, 1, SIZE, SIZE), [OUTPUT_NAME])
     _check_against_torch(model, path, check_images)
     return path
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from edgecloud_tools.toolchain.dataset import LABELS
 
 
-def _conv(cin: int, cout: int) -> list[nn.Module]:
+def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
@@ -25,10 +25,10 @@ class EdgeNet(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            *_conv(1, w), nn.MaxPool2d(2),
-            *_conv(w, 2 * w), nn.MaxPool2d(2),
-            *_conv(2 * w, 4 * w), nn.MaxPool2d(2),
-            *_conv(4 * w, 4 * w),
+            *conv_bn_relu(1, w), nn.MaxPool2d(2),
+            *conv_bn_relu(w, 2 * w), nn.MaxPool2d(2),
+            *conv_bn_relu(2 * w, 4 * w), nn.MaxPool2d(2),
+            *conv_bn_relu(4 * w, 4 * w),
             nn.AdaptiveMaxPool2d(1), nn.Flatten())
         self.head = nn.Linear(4 * w, classes)
 
@@ -43,9 +43,9 @@ class CloudNet(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            *_conv(1, w), *_conv(w, w), nn.MaxPool2d(2),
-            *_conv(w, 2 * w), *_conv(2 * w, 2 * w), nn.MaxPool2d(2),
-            *_conv(2 * w, 4 * w), *_conv(4 * w, 4 * w),
+            *conv_bn_relu(1, w), *conv_bn_relu(w, w), nn.MaxPool2d(2),
+            *conv_bn_relu(w, 2 * w), *conv_bn_relu(2 * w, 2 * w), nn.MaxPool2d(2),
+            *conv_bn_relu(2 * w, 4 * w), *conv_bn_relu(4 * w, 4 * w),
             nn.AdaptiveMaxPool2d(1), nn.Flatten())
         self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(4 * w, classes))
 

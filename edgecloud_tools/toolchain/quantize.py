@@ -103,7 +103,8 @@ def _output_channels(node: onnx.NodeProto, weight: np.ndarray) -> int:
     return weight.shape[-1]  # MatMul with a constant B [K, N]
 
 
-def _format_problems(model: onnx.ModelProto) -> list[str]:
+def format_problems(model: onnx.ModelProto) -> list[str]:
+    """What breaks the format rules ONNX Runtime 1.23 and TensorRT 10.3 need: IR, opset, standard ops."""
     problems = []
     if model.ir_version > MAX_IR_VERSION:
         problems.append(f"IR version {model.ir_version} > {MAX_IR_VERSION}")
@@ -170,7 +171,7 @@ def check_tensorrt_ready(path: Path) -> list[str]:
     graph = model.graph
     constants = _constants(graph)
     producers = {out: node for node in graph.node for out in node.output}
-    problems = _format_problems(model)
+    problems = format_problems(model)
     if not any(node.op_type in QDQ_OPS for node in graph.node):
         problems.append("no QuantizeLinear/DequantizeLinear nodes: the graph is not quantized")
     for node in graph.node:

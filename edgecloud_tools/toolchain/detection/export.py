@@ -1,0 +1,98 @@
+"""A detector to ONNX with its decoding inside the graph, and the check of the detection contract
+(docs/design.md §10): input ``image`` FP32 [-1, 1, H, W]; outputs ``boxes`` FP32 [-1, K, 4],
+``scores`` FP32 [-1, K] and ``classes`` INT64 [-1, K]; opset, IR and ops as for classification; and
+the graph loads and runs in ONNX Runtime. torch is imported by :func:`export_detector` only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+from edgecloud.backends.ort_session import OrtBackend
+from edgecloud.errors import EdgecloudError
+from edgecloud_tools.toolchain.detection.dataset import DET_SIZE
+from edgecloud_tools.toolchain.export import INPUT_NAME, write_onnx
+from edgecloud_tools.toolchain.quantize import format_problems
+
+if TYPE_CHECKING:
+    from edgecloud_tools.toolchain.detection.nets import Detector
+
+BOXES, SCORES, CLASSES = "boxes", "scores", "classes"
+OUTPUTS = (BOXES, SCORES, CLASSES)
+
+
+def contract_problems(path: Path) -> list[str]:
+    """How the ONNX file at ``path`` breaks the detection contract or the format rules ([] = none)."""
+    problems = format_problems(onnx.load(str(path)))
+    backend = OrtBackend()
+    try:
+        backend.load(Path(path))
+    except EdgecloudError as e:
+        return [*problems, f"ONNX Runtime cannot load it: {e}"]
+    try:
+        inputs, outputs = backend.inputs, {o.name: o for o in backend.outputs}
+        image = inputs[0] if len(inputs) == 1 else None
+        if image is None or image.name != INPUT_NAME or image.datatype != "FP32" or len(image.shape) != 4 \
+                or image.shape[:2] != (-1, 1):
+            problems.append(f"inputs {[(i.name, i.datatype, i.shape) for i in inputs]}: want one "
+                            f"{INPUT_NAME!r} FP32 [-1, 1, H, W]")
+        if sorted(outputs) != sorted(OUTPUTS):
+            return [*problems, f"outputs {sorted(outputs)}: want exactly {list(OUTPUTS)}"]
+        k = outputs[SCORES].shape[1] if len(outputs[SCORES].shape) == 2 else -1
+        want = {BOXES: ("FP32", (-1, k, 4)), SCORES: ("FP32", (-1, k)), CLASSES: ("INT64", (-1, k))}
+        if k < 1:
+            problems.append(f"{SCORES} has shape {list(outputs[SCORES].shape)}: want [-1, K] with a fixed K")
+        for name, (datatype, shape) in want.items():
+            got = outputs[name]
+            if (got.datatype, got.shape) != (datatype, shape):
+                problems.append(f"{name}: {got.datatype} {list(got.shape)}, want {datatype} {list(shape)}")
+        if not problems:
+            problems += _run_problems(backend, image.shape)
+    finally:
+        backend.close()
+    return problems
+
+
+def _run_problems(backend: OrtBackend, shape: tuple[int, ...]) -> list[str]:
+    """Run two frames: the outputs' values must be what the contract says."""
+    height, width = (d if d > 0 else DET_SIZE for d in shape[2:])
+    frames = np.random.default_rng(0).uniform(0, 1, (2, 1, height, width)).astype(np.float32)
+    out = backend.infer({INPUT_NAME: frames})
+    scores, boxes = out[SCORES], out[BOXES]
+    problems = []
+    if not (np.all(scores >= 0) and np.all(scores <= 1) and np.all(np.diff(scores, axis=1) <= 1e-6)):
+        problems.append("scores are not within [0, 1] in descending order")
+    if not (np.all(boxes[..., 2] >= boxes[..., 0]) and np.all(boxes[..., 3] >= boxes[..., 1])):
+        problems.append("boxes are not (x1, y1, x2, y2) with x1 <= x2, y1 <= y2")
+    return problems
+
+
+def export_detector(detector: Detector, path: Path, check_images: np.ndarray) -> Path:
+    """Export ``detector`` with its decoding to ``path``; check the contract and that ONNX Runtime
+    agrees with torch on ``check_images`` (scores within 1e-3, confident boxes within 0.05 px)."""
+    import torch
+
+    from edgecloud_tools.toolchain.detection.nets import Decoded
+
+    model = Decoded(detector).eval()
+    write_onnx(model, path, (2, 1, DET_SIZE, DET_SIZE), OUTPUTS)
+    problems = contract_problems(path)
+    if problems:
+        raise RuntimeError(f"{path}: " + "; ".join(problems))
+    backend = OrtBackend()
+    backend.load(Path(path))
+    try:
+        got = backend.infer({INPUT_NAME: check_images})
+    finally:
+        backend.close()
+    with torch.no_grad():
+        want = dict(zip(OUTPUTS, (t.numpy() for t in model(torch.from_numpy(check_images)))))
+    sure = want[SCORES] > 0.1
+    if not (np.allclose(got[SCORES], want[SCORES], atol=1e-3)
+            and np.allclose(got[BOXES][sure], want[BOXES][sure], atol=0.05)):
+        raise RuntimeError(f"{path}: ONNX Runtime disagrees with torch (max |score diff| "
+                           f"{np.abs(got[SCORES] - want[SCORES]).max():.2e})")
+    return Path(path)
