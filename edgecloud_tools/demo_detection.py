@@ -39,13 +39,13 @@ from edgecloud.preprocess import Preprocess
 from edgecloud.protocol.parameters import AgentRequest, AgentResponse
 from edgecloud_tools.output import stderr_line, table
 from edgecloud_tools.services import ServiceProcess
-from edgecloud_tools.toolchain import MODELS_ENV
+from edgecloud_tools.toolchain import DET_CLOUD_NAME, DET_EDGE_INT8, MODELS_ENV, REPOSITORY
+from edgecloud_tools.toolchain.detection.metrics import Detections, MeanAP, mean_ap
 
 DEVICE = "demo-line-1"
 #: where the toolchain puts the detectors, relative to a models directory
-DETECTION_DIR = Path("detection")
-DETECTION_EDGE = DETECTION_DIR / "edge" / "defects-edge-int8.onnx"
-DETECTION_REPOSITORY = DETECTION_DIR / "repository"
+DETECTION_EDGE = DET_EDGE_INT8
+DETECTION_REPOSITORY = REPOSITORY
 #: the toolchain's held-out detection split (module, function), used when no --data is given
 SPLIT = ("edgecloud_tools.toolchain.detection.dataset", "make_detection_split")
 #: frames drawn in the PNG, and the colours of the boxes
@@ -95,16 +95,14 @@ class Detector:
         return cls(outputs, preprocess, tuple(card.get("labels") or ()))
 
 
-def cloud_model(repository: Path) -> tuple[str, Path]:
-    """The one model of the cloud's repository: its name and its newest version's file."""
-    names = sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(names) != 1:
-        raise ConfigError(f"--repository {repository}: expected one detector, found "
-                          f"{[p.name for p in names]}")
-    versions = sorted((p for p in names[0].iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+def cloud_model(repository: Path, name: str = DET_CLOUD_NAME) -> tuple[str, Path]:
+    """The cloud detector ``name`` of the repository: its name and its newest version's file."""
+    versions = sorted((p for p in (repository / name).glob("*") if p.name.isdigit()),
+                      key=lambda p: int(p.name))
     if not versions or not (versions[-1] / "model.onnx").is_file():
-        raise ConfigError(f"--repository {repository}: {names[0].name} has no <version>/model.onnx")
-    return names[0].name, versions[-1] / "model.onnx"
+        raise ConfigError(f"--repository {repository}: no {name}/<version>/model.onnx (the cloud "
+                          "detector)")
+    return name, versions[-1] / "model.onnx"
 
 
 def coco_held_out(path: Path, n: int) -> HeldOut:
@@ -184,44 +182,10 @@ def stream(client: KServeClient, model: str, data: HeldOut, name: str, mode: str
     return run
 
 
-def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
-    x1, y1 = np.maximum(box[0], others[:, 0]), np.maximum(box[1], others[:, 1])
-    x2, y2 = np.minimum(box[2], others[:, 2]), np.minimum(box[3], others[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
-    return inter / np.maximum((box[2] - box[0]) * (box[3] - box[1]) + areas - inter, 1e-12)
-
-
-def demo_map50(run: DetectionRun, data: HeldOut, classes: int) -> float:
-    """The demo's own mAP@0.5, COCO-style (greedy matching in score order, 101 recall points, mean over
-    the classes with ground truth; score-0 padding ignored). Kept small and here until the toolchain's
-    metric is one the demo can import."""
-    aps = []
-    for c in range(classes):
-        hits, scores, n_truth = [], [], 0
-        for boxes, score, cls, truth, truth_cls in zip(run.boxes, run.scores, run.classes, data.boxes,
-                                                       data.classes):
-            true = truth[truth_cls == c]
-            n_truth += len(true)
-            mine = np.flatnonzero((cls == c) & (score > 0))
-            taken = np.zeros(len(true), dtype=bool)
-            for d in mine[np.argsort(-score[mine], kind="stable")]:
-                iou = np.where(taken, -1.0, _iou(boxes[d], true)) if len(true) else np.zeros(0)
-                best = int(np.argmax(iou)) if iou.size else -1
-                matched = best >= 0 and iou[best] >= 0.5
-                if matched:
-                    taken[best] = True
-                hits.append(matched)
-                scores.append(score[d])
-        if not n_truth:
-            continue
-        order = np.argsort(-np.array(scores), kind="stable")
-        tp = np.cumsum(np.array(hits, dtype=bool)[order])
-        recall, precision = tp / n_truth, tp / np.arange(1, len(tp) + 1)
-        envelope = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
-        at = np.searchsorted(recall, np.linspace(0, 1, 101), side="left")
-        aps.append(float(np.mean([envelope[a] if a < len(envelope) else 0.0 for a in at])))
-    return float(np.mean(aps)) if aps else float("nan")
+def run_map(run: DetectionRun, data: HeldOut, classes: int) -> MeanAP:
+    """COCO-style mAP of one pass over the frames (the toolchain's metric, numpy only)."""
+    answers = Detections(np.stack(run.boxes), np.stack(run.scores), np.stack(run.classes))
+    return mean_ap(answers, data.boxes, data.classes, classes)
 
 
 def _ms(values: Sequence[float], q: float | None = None) -> float | None:
@@ -235,7 +199,9 @@ def summarize(runs: dict[str, DetectionRun], data: HeldOut, classes: int) -> dic
     out: dict = {"frames": len(data.frames), "failed_requests": sum(len(r.failed) for r in runs.values())}
     for key, run in runs.items():
         complete = len(run.boxes) == len(data.frames)
-        out[key] = {"map50": round(demo_map50(run, data, classes), 4) if complete else None,
+        found = run_map(run, data, classes) if complete else None
+        out[key] = {"map50": round(found.map50, 4) if found else None,
+                    "map50_95": round(found.map50_95, 4) if found else None,
                     "escalated": round(float(np.mean(run.escalated)), 4) if run.escalated else 0.0,
                     "degraded": int(sum(run.degraded)), "mean_ms": _ms(run.latency_s),
                     "p50_ms": _ms(run.latency_s, 50), "p99_ms": _ms(run.latency_s, 99)}
@@ -246,13 +212,14 @@ def format_table(s: dict, wan_ms: int) -> str:
     def cell(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    rows = [(label, cell(s[key]["map50"], ".3f"), cell(share, ".1%"), cell(s[key]["mean_ms"], ".1f"))
+    rows = [(label, cell(s[key]["map50"], ".3f"), cell(s[key]["map50_95"], ".3f"), cell(share, ".1%"),
+             cell(s[key]["mean_ms"], ".1f"))
             for key, label, share in (
                 ("edge", "edge only (escalate=never)", None),
                 ("cloud", f"cloud only (every frame over a {wan_ms} ms WAN)", 1.0),
                 ("cascade", "cascade (edge + unsure frames to the cloud)", s["cascade"]["escalated"]))]
-    lines = table(("", "mAP@0.5", "to cloud", "mean ms"), rows,
-                  justify=("left", "right", "right", "right")).splitlines()
+    lines = table(("", "mAP@0.5", "mAP@.5:.95", "to cloud", "mean ms"), rows,
+                  justify=("left", "right", "right", "right", "right")).splitlines()
     c = s["cascade"]
     lines += ["", f"cascade latency: p50 {cell(c['p50_ms'], '.1f')} ms, p99 {cell(c['p99_ms'], '.1f')} ms; "
                   f"degraded answers: {c['degraded']} of {s['frames']}",
@@ -262,11 +229,12 @@ def format_table(s: dict, wan_ms: int) -> str:
 
 def draw(path: Path, data: HeldOut, edge: DetectionRun, cloud: DetectionRun, thresholds: dict[str, float],
          labels: Sequence[str], scale: int = 4) -> Path:
-    """A PNG of the first few frames side by side, enlarged: true boxes green, the edge's (above its
-    score threshold) orange, the cloud's blue."""
-    count = min(PNG_FRAMES, len(edge.boxes), len(cloud.boxes))
+    """A PNG of a few frames side by side, enlarged, those with defects first: true boxes green, the
+    edge's (above its score threshold) orange, the cloud's blue."""
+    answered = range(min(len(edge.boxes), len(cloud.boxes)))
+    shown = sorted(answered, key=lambda i: len(data.boxes[i]) == 0)[:PNG_FRAMES]  # stable: in order
     tiles = []
-    for i in range(count):
+    for i in shown:
         with Image.open(io.BytesIO(data.frames[i])) as image:
             tile = image.convert("RGB")
         tile = tile.resize((tile.width * scale, tile.height * scale), Image.Resampling.NEAREST)
@@ -282,7 +250,7 @@ def draw(path: Path, data: HeldOut, edge: DetectionRun, cloud: DetectionRun, thr
                 name = labels[int(classes[k])] if 0 <= int(classes[k]) < len(labels) else str(int(classes[k]))
                 pen.text((float(box[0]) * scale + 2, float(box[1]) * scale + 1), name, fill=COLOURS[who])
         tiles.append(tile)
-    width = sum(t.width for t in tiles) + 4 * max(count - 1, 0)
+    width = sum(t.width for t in tiles) + 4 * max(len(tiles) - 1, 0)
     canvas = Image.new("RGB", (max(width, 1), max((t.height for t in tiles), default=1) + 14), "white")
     x = 0
     for tile in tiles:
@@ -299,8 +267,8 @@ def run_detection_demo(args: argparse.Namespace, models: Path) -> int:
     repository = Path(args.repository or models / DETECTION_REPOSITORY)
     for flag, path in (("edge-model", edge_model), ("repository", repository)):
         if not path.exists():
-            raise ConfigError(f"--{flag} {path}: no detection model there (the toolchain builds them under "
-                              f"{DETECTION_DIR}/ of the models directory: ${MODELS_ENV}, else ./models)")
+            raise ConfigError(f"--{flag} {path}: no detection model there (`edgecloud models build "
+                              f"--task detection` builds them into ${MODELS_ENV}, else ./models)")
     cloud_name, cloud_file = cloud_model(repository)
     detectors = {"edge": Detector.of(edge_model), "cloud": Detector.of(cloud_file)}
     data = coco_held_out(args.data, args.n) if args.data else split_held_out(args.n)
@@ -310,6 +278,7 @@ def run_detection_demo(args: argparse.Namespace, models: Path) -> int:
     gw_port, agent_port = free_loopback_port(), free_loopback_port()
     print(f"edgecloud demo --task detection: {len(data.frames)} held-out frames, WAN {args.wan_ms} ms, "
           f"logs in {workdir}", file=sys.stderr)
+    shutil.rmtree(workdir / "repository", ignore_errors=True)  # a workdir given again: a fresh copy
     copied = shutil.copytree(repository, workdir / "repository", ignore=shutil.ignore_patterns(".releases"))
     gateway = ServiceProcess("cloud-gateway", [
         "--model-repository", str(copied), "--listen", f"127.0.0.1:{gw_port}",

@@ -17,7 +17,7 @@ from PIL import Image
 
 from edgecloud_tools import cli
 from edgecloud_tools.demo_detection import DETECTION_EDGE, DETECTION_REPOSITORY
-from edgecloud_tools.toolchain import MODELS_ENV
+from edgecloud_tools.toolchain import DET_CLOUD_NAME, MODELS_ENV
 from tests.support.detectors import LABELS, detection_card, grid_detector, run_detector
 from tests.support.images import encode
 
@@ -36,8 +36,8 @@ def models_and_data(tmp_path: Path) -> tuple[Path, Path]:
     models = tmp_path / "models"
     edge = grid_detector(models / DETECTION_EDGE, card=detection_card(
         "defects-edge", T, calibration={"policy": "box_mean", "threshold": 0.86}))
-    cloud = grid_detector(models / DETECTION_REPOSITORY / "defects" / "1" / "model.onnx", gain=1.2, bias=0.05,
-                          card=detection_card("defects", T))
+    cloud = grid_detector(models / DETECTION_REPOSITORY / DET_CLOUD_NAME / "1" / "model.onnx", gain=1.2,
+                          bias=0.05, card=detection_card(DET_CLOUD_NAME, T))
     assert edge.is_file()
     data = tmp_path / "data"
     data.mkdir()

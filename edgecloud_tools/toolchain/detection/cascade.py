@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgecloud.calibration import CalibrationError
+from edgecloud.confidence.detection import box_mean as runtime_box_mean
 from edgecloud_tools.toolchain.detection.dataset import box_iou
 from edgecloud_tools.toolchain.detection.metrics import Detections, MeanAP, mean_ap
 
@@ -25,12 +26,9 @@ MATCH_IOU = 0.5
 
 
 def box_mean(scores: np.ndarray, score_threshold: float) -> np.ndarray:
-    """Confidence [N] of frames whose boxes score ``scores`` [N, K]: the mean of the scores >= t,
-    1.0 for a frame without one."""
-    kept = scores >= score_threshold
-    count = kept.sum(axis=1)
-    total = np.where(kept, scores, 0.0).sum(axis=1)
-    return np.where(count > 0, total / np.maximum(count, 1), 1.0)
+    """Confidence [N] of frames whose boxes score ``scores`` [N, K]: the runtime's own ``box_mean``
+    policy (the mean of the scores >= t, 1.0 for a frame without one), which reads no floor."""
+    return runtime_box_mean(scores, score_threshold, floor=0.0)
 
 
 def escalated(confidence: np.ndarray, threshold: float) -> np.ndarray:
