@@ -8,13 +8,13 @@ box the cell's own pixels shrunk by ``score`` pixels on each side.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from tests.support.onnx_models import save_graph
 
 LABELS = ["scratch", "spot", "crack"]
 OUTPUTS = ("boxes", "scores", "classes")
@@ -65,15 +65,7 @@ def grid_detector(path: Path, size: tuple[int, int] = (16, 16), grid: int = 4, g
          helper.make_tensor_value_info(scores_name, TensorProto.FLOAT, ["N", k]),
          helper.make_tensor_value_info(classes_name, TensorProto.INT64, ["N", k])],
         initializer=[numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    if card is not None:
-        path.with_name(path.name + ".card.json").write_text(json.dumps(card))
-    return path
+    return save_graph(graph, path, card)
 
 
 def run_detector(path: Path, image: np.ndarray) -> dict[str, np.ndarray]:

@@ -10,6 +10,19 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
+def save_graph(graph, path: Path, card: dict | None = None) -> Path:
+    """``graph`` as a checked ONNX model (opset 17, IR 8, what every supported runtime loads) at
+    ``path``, with ``card`` beside it when given."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    if card is not None:
+        path.with_name(path.name + ".card.json").write_text(json.dumps(card))
+    return path
+
 def linear_classifier(path: Path, features: int = 8, classes: int = 4, seed: int = 0, scale: float = 1.0,
                       input_name: str = "x", output_name: str = "logits",
                       card: dict | None = None, input_type: int = TensorProto.FLOAT) -> Path:
@@ -30,15 +43,7 @@ def linear_classifier(path: Path, features: int = 8, classes: int = 4, seed: int
         [helper.make_tensor_value_info(input_name, input_type, ["N", features])],
         [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", classes])],
         initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    if card is not None:
-        path.with_name(path.name + ".card.json").write_text(json.dumps(card))
-    return path
+    return save_graph(graph, path, card)
 
 
 def spread_classifier(path: Path, hidden: int = 256, spread: int = 16, card: dict | None = None) -> Path:
@@ -61,15 +66,7 @@ def spread_classifier(path: Path, hidden: int = 256, spread: int = 16, card: dic
         initializer=[numpy_helper.from_array(np.array([1], np.int64), "axis1"),
                      numpy_helper.from_array(np.array([1, spread, 1], np.int64), "spread"),
                      *(numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items())])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    if card is not None:
-        path.with_name(path.name + ".card.json").write_text(json.dumps(card))
-    return path
+    return save_graph(graph, path, card)
 
 
 def reference_logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -101,12 +98,4 @@ def image_classifier(path: Path, size: tuple[int, int] = (16, 16), channels: int
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
          *([helper.make_tensor_value_info("seen", TensorProto.FLOAT, shape)] if echo else [])],
         initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    if card is not None:
-        path.with_name(path.name + ".card.json").write_text(json.dumps(card))
-    return path
+    return save_graph(graph, path, card)
