@@ -41,9 +41,9 @@ class Replayer:
                 break
             self.spool.remove(key)
             sent += 1
+            self.replayed += 1  # counted as it leaves the spool: a reader never sees it gone and uncounted
             log.info("event=replayed request_id=%s rows=%d", request.id,
                      next(iter(request.inputs.values())).shape[0])
-        self.replayed += sent
         return sent
 
     def _run(self) -> None:

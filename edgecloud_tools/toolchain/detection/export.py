@@ -70,15 +70,30 @@ def _run_problems(backend: OrtBackend, shape: tuple[int, ...]) -> list[str]:
     return problems
 
 
+def declare_k(path: Path, k: int) -> Path:
+    """Write the fixed K into the declared shape of every output. The exporter leaves it symbolic
+    (``TopKscores_dim_1``): ONNX Runtime 1.32 infers 10 from the graph, 1.23 (JetPack's Python) reports
+    -1, and the contract check needs K in the metadata to compare an edge detector with its cloud."""
+    proto = onnx.load(str(path))
+    for output in proto.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) >= 2:
+            dims[1].Clear()
+            dims[1].dim_value = k
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+    return Path(path)
+
+
 def export_detector(detector: Detector, path: Path, check_images: np.ndarray) -> Path:
     """Export ``detector`` with its decoding to ``path``; check the contract and that ONNX Runtime
     agrees with torch on ``check_images`` (scores within 1e-3, confident boxes within 0.05 px)."""
     import torch
 
-    from edgecloud_tools.toolchain.detection.nets import Decoded
+    from edgecloud_tools.toolchain.detection.nets import TOP_K, Decoded
 
     model = Decoded(detector).eval()
-    write_onnx(model, path, (2, 1, DET_SIZE, DET_SIZE), OUTPUTS)
+    declare_k(write_onnx(model, path, (2, 1, DET_SIZE, DET_SIZE), OUTPUTS), TOP_K)
     problems = contract_problems(path)
     if problems:
         raise RuntimeError(f"{path}: " + "; ".join(problems))
