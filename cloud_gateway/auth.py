@@ -218,24 +218,25 @@ def _guarded(handler: grpc.RpcMethodHandler,
                 return await behaviour(request, context)
         elif attribute.endswith("_stream"):  # a generator, as grpc.aio runs a sync stream's handler
             def guarded(request, context: grpc.ServicerContext, behaviour=behaviour):
-                try:
-                    admit(context)
-                except AuthRefused as e:
-                    abort(context, e.code, str(e))
-                    return
-                yield from behaviour(request, context)
+                if _admitted(admit, context):
+                    yield from behaviour(request, context)
         else:
             def guarded(request, context: grpc.ServicerContext, behaviour=behaviour):
-                try:
-                    admit(context)
-                except AuthRefused as e:
-                    abort(context, e.code, str(e))
-                    return
-                return behaviour(request, context)
+                return behaviour(request, context) if _admitted(admit, context) else None
 
         return make(guarded, request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer)
     raise TypeError(f"unknown handler kind: {handler!r}")
+
+
+def _admitted(admit: Callable[[grpc.ServicerContext], None], context: grpc.ServicerContext) -> bool:
+    """Whether ``admit`` lets the call in; a refusal ends it (and the handler must not run on)."""
+    try:
+        admit(context)
+    except AuthRefused as e:
+        abort(context, e.code, str(e))
+        return False
+    return True
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

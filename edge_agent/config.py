@@ -19,6 +19,7 @@ from edgecloud.config import AdmissionSection, MetricsSection, RestSection, Sect
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.mqtt.client import MqttConfig
 from edgecloud.preprocess import DEFAULT_MAX_PIXELS
+from edgecloud.release import DEFAULT_BUDGET_BYTES
 
 DEFAULT_LISTEN = "127.0.0.1:8001"
 
@@ -54,7 +55,7 @@ class ModelSection(Section):
     name: str | None = Field(None, description="served name; default: the model card's, else the file stem")
     backend: str | None = Field(None, description="backend key; default: chosen by file suffix")
     warmup_rows: int = Field(1, ge=1, description="batch size of the warm-up run")
-    budget_bytes: int = Field(1_000_000_000, gt=0, description="largest model file accepted")
+    budget_bytes: int = Field(DEFAULT_BUDGET_BYTES, gt=0, description="largest model file accepted")
     max_batch_rows: int | None = Field(None, ge=1, description="rows one request may carry; default: sized "
                                        "to the model (its fixed batch size, else 4 MiB of input)")
     allow_nonfinite: bool | None = Field(None, description="accept NaN and ±Inf in floating-point inputs; "

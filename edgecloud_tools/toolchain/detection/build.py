@@ -25,6 +25,7 @@ import torch
 
 from edgecloud.calibration import CalibrationError
 from edgecloud.modelcard import CARD_SUFFIX
+from edgecloud.release import DEFAULT_BUDGET_BYTES
 from edgecloud_tools.toolchain import DET_CLOUD, DET_CLOUD_NAME, DET_EDGE_FP32, DET_EDGE_INT8, check_writable
 from edgecloud_tools.toolchain.build import log
 from edgecloud_tools.toolchain.detection.card import ScoredDetector, score_detector, write_detector_card
@@ -50,7 +51,7 @@ DETECTORS = (DET_EDGE_FP32, DET_EDGE_INT8, DET_CLOUD)
 class Targets:
     """What the shipped detectors must reach on the held-out split (mAP@0.5), or the build fails."""
 
-    budget_bytes: int = 1_000_000_000
+    budget_bytes: int = DEFAULT_BUDGET_BYTES
     edge_int8_map50: float = 0.80
     int8_max_drop: float = 0.03
     cloud_map50: float = 0.90
