@@ -74,12 +74,14 @@ class EdgeAgent:
         return_large_blocks()  # memory comes back after a large batch (edgecloud/heap.py)
         self._open_units()
         self.host = ModelHost(self.units)
-        # each call [admission] lets in has a thread of its own, and escalations hold fewer admission
-        # slots (cloud.max_in_flight) than there are: edge answers always find one
+        # each call [admission] lets in has a thread of its own, and so does each escalation waiting on
+        # the cloud, which gave its admission slot back: edge answers always find a slot and a thread
         rest = RestOptions(parse_endpoint(cfg.rest.listen)) if cfg.rest.listen else None
+        escalating = sum(unit.config.cloud.max_in_flight for unit in self.units
+                         if unit.slot is not None and unit.config.cloud.target)
         self.server = start_server(self.host, listen, admission=Admission("agent", cfg.admission),
                                    max_message_bytes=cfg.agent.max_message_bytes, workers=cfg.agent.workers,
-                                   rest=rest)
+                                   waiting=escalating, rest=rest)
         for unit in self.units:
             unit.start()
         if cfg.fleet.name:

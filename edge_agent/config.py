@@ -42,8 +42,9 @@ class AgentSection(Section):
     listen: str = Field(DEFAULT_LISTEN, description="HOST:PORT or unix:/path of the local API")
     state_dir: Path = Field(Path("/var/lib/edge-agent"), description="spool, slots, update state")
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="largest accepted request")
-    workers: int = Field(8, gt=0, description="gRPC threads for calls other than inference (health, "
-                         "metadata, refusals); each call [admission] lets in has its own")
+    workers: int = Field(4, gt=0, description="gRPC threads for calls other than inference (health, "
+                         "metadata, refusals); each call [admission] lets in, and each escalation "
+                         "waiting on the cloud, has its own")
 
     _listen = field_validator("listen")(_endpoint)
 
@@ -117,9 +118,10 @@ class CloudSection(Section):
     model: str | None = Field(None, description="cloud model name; default: the edge model's name")
     model_version: str = ""
     deadline_ms: int = Field(300, gt=0, description="per-call deadline for an escalation")
-    max_in_flight: int = Field(8, gt=0, description="escalations waiting on the cloud at once, below "
-                               "admission.max_in_flight so edge answers always find a slot; a call beyond "
-                               "them is answered by the edge at once (degraded) and spooled")
+    max_in_flight: int = Field(8, gt=0, description="escalations waiting on the cloud at once, each on a "
+                               "thread of its own and outside admission, so edge answers always find a "
+                               "slot; a call beyond them is answered by the edge at once (degraded) and "
+                               "spooled")
     max_per_s: float = Field(50.0, gt=0, description="escalation rate limit (rows per second)")
     burst: float | None = Field(None, gt=0, description="token bucket size; default: max_per_s")
     failure_threshold: int = Field(3, ge=1, description="consecutive failures that open the circuit")

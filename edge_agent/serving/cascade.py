@@ -2,14 +2,16 @@
 call, and never let the cloud's absence become the client's error.
 
 An escalation waits for the cloud on its request's gRPC thread, so escalations in flight are bounded
-(``cloud.max_in_flight`` slots) and the server runs that many threads beyond ``agent.workers``: calls
-answered at the edge always find a thread, however slow a live cloud is. A call that finds every slot
-taken is answered by the edge at once (``degraded``), its rows counted as ``in_flight_limited`` and its
-case spooled. Chosen by measurement (2 cores, a 250 ms cloud, 16 escalating clients): an
-``escalate=never`` caller's p50 was 96-290 ms with escalations on 8 request threads, 38-276 ms with an
-escalation executor the request thread waits on (it still holds the thread), 0.86-1.5 ms with the
-slots and 0.8-1.1 ms with a grpc.aio prototype, which would have turned the shared servicer
-asynchronous and run every edge model call on one event loop.
+(``cloud.max_in_flight`` slots) and the server runs that many threads beyond ``agent.workers`` and the
+admission bounds; an escalating call gives its admission slot back before it waits
+(:func:`~edgecloud.protocol.admission.release_slot`), so admission bounds the work done on the device
+and edge answers always find a slot and a thread, however slow a live cloud is. A call that finds every
+escalation slot taken is answered by the edge at once (``degraded``), its rows counted as
+``in_flight_limited`` and its case spooled. Chosen by measurement (2 cores, a 250 ms cloud, 16
+escalating clients): an ``escalate=never`` caller's p50 was 96-290 ms with escalations on 8 request
+threads, 38-276 ms with an escalation executor the request thread waits on (it still holds the
+thread), 0.86-1.5 ms with the slots and 0.8-1.1 ms with a grpc.aio prototype, which would have turned
+the shared servicer asynchronous and run every edge model call on one event loop.
 
 Encoded frames (docs/design.md §10) are decoded into the model's input first, at most
 ``frames.max_decoding`` requests at a time; the cloud gets the original encoded bytes of the unsure
@@ -43,6 +45,7 @@ from edgecloud import __version__
 from edgecloud.errors import InvalidInput, ModelNotFound
 from edgecloud.guards import InputContract
 from edgecloud.preprocess import decode_frames
+from edgecloud.protocol.admission import release_slot
 from edgecloud.protocol.codec import InferRequest, InferResponse, ModelMetadata
 from edgecloud.protocol.detections import detections_output, top_label
 from edgecloud.protocol.outputs import select_outputs
@@ -220,6 +223,7 @@ class Cascade:
         elif sent.size:
             reason = "forced" if options.escalate == "always" else "low_confidence"
             if self._slots.acquire(blocking=False):
+                release_slot()  # the wait on the cloud is bounded by these slots, not by admission
                 try:
                     degraded = not self._escalate(call, sent, reason)
                 finally:

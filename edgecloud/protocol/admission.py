@@ -6,6 +6,11 @@ A refusal is not an outage: only ModelInfer is admitted, so health checks, Serve
 metadata keep answering while calls are shed. A slot that frees passes straight to the oldest waiter,
 so a waiter never races a newcomer for it. Waiters are futures, so the same queue serves the threaded
 server (a thread blocks on its turn) and the asyncio one (a coroutine awaits it).
+
+Admission bounds the work a call does on this machine. A call about to wait on something else (the
+agent's escalation, waiting on the cloud) gives its slot back with :func:`release_slot`, so a slow but
+live cloud holds none of the slots edge answers need; what waits on the cloud is bounded by the
+cascade's own escalation slots.
 """
 
 from __future__ import annotations
@@ -17,10 +22,36 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager, contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from edgecloud.config import AdmissionSection
 from edgecloud.errors import DeadlineExceeded, ResourceExhausted
+
+
+class _Held:
+    """The slot an admitted call holds, given back once: by :func:`release_slot` or at the call's end."""
+
+    __slots__ = ("admission",)
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission: Admission | None = admission
+
+    def give_back(self) -> None:
+        admission, self.admission = self.admission, None
+        if admission is not None:
+            admission._leave()
+
+
+_held: ContextVar[_Held | None] = ContextVar("edgecloud_admission_held", default=None)
+
+
+def release_slot() -> None:
+    """Give the current call's admission slot to the next waiter now, before the call waits on
+    something other than this machine; a no-op outside an admitted call or after the first time."""
+    held = _held.get()
+    if held is not None:
+        held.give_back()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +97,13 @@ class Admission:
             except FutureTimeout:
                 self._withdraw(ticket)
                 raise DeadlineExceeded("deadline passed while queued for admission") from None
+        held = _Held(self)
+        token = _held.set(held)
         try:
             yield
         finally:
-            self._leave()
+            _held.reset(token)
+            held.give_back()
 
     @asynccontextmanager
     async def admitted_async(self) -> AsyncIterator[None]:

@@ -51,7 +51,7 @@ def test_gateway_operators_need_client_authentication_and_valid_names() -> None:
 
 def test_admission_defaults_per_service_and_bad_bounds_name_the_key() -> None:
     agent, gateway = build(AgentConfig, {}).admission, build(GatewayConfig, {}).admission
-    assert (agent.max_in_flight, agent.max_queue) == (16, 16)
+    assert (agent.max_in_flight, agent.max_queue) == (4, 8)
     assert (gateway.max_in_flight, gateway.max_queue) == (256, 256)
     assert build(AgentConfig, {"admission": {"max_queue": 0}}).admission.max_queue == 0
     with pytest.raises(ConfigError, match=r"admission.max_in_flight: .*greater than 0"):

@@ -29,8 +29,9 @@ def gated_agent(tmp_path):
     model = linear_classifier(tmp_path / "clf.onnx")
     started = []
 
-    def start(**admission):
-        agent = start_agent(tmp_path / "state", model, model={"backend": GATED}, admission=admission)
+    def start(workers: int = 4, **admission):
+        agent = start_agent(tmp_path / "state", model, model={"backend": GATED}, admission=admission,
+                            agent={"workers": workers})
         started.append(agent)
         GATE.reset()  # forget the warm-up run
         return agent
@@ -73,7 +74,8 @@ def test_a_local_app_beyond_the_bounds_is_refused_at_once_and_health_stays_servi
 
 
 def test_a_burst_beyond_the_bounds_sheds_exactly_the_excess(gated_agent):
-    agent = gated_agent(max_in_flight=3, max_queue=2)
+    # threads enough for every call of the burst to reach admission (gRPC refuses beyond them itself)
+    agent = gated_agent(workers=12, max_in_flight=3, max_queue=2)
     GATE.close()
     calls = fire(agent.port, "clf", {"x": ROW}, 12)
     admission = agent.server.admission

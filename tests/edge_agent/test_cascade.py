@@ -302,3 +302,35 @@ def test_escalations_held_by_a_slow_cloud_leave_edge_answers_free(tmp_path, mode
     assert metrics.value("edgecloud_in_flight_limited_rows_total") == 1
     assert metrics.value("edgecloud_degraded_rows_total") == 1
     assert metrics.value("edgecloud_spool_depth") == 1
+
+
+def test_an_escalation_waiting_on_the_cloud_gives_its_admission_slot_back(tmp_path, models, x):
+    """Admission bounds the work done on the device: with one call admitted at a time and none queued,
+    two escalations held at a slow cloud hold no admission slot, and an ``escalate=never`` call is
+    admitted and answered meanwhile. (With the slot held through the wait, it was refused at once with
+    RESOURCE_EXHAUSTED, and so was the second escalation.)"""
+    edge, cloud_model = models
+    cloud = _HeldCloud(cloud_model)
+    server = start_server(cloud, parse_endpoint("127.0.0.1:0"))
+    settings = {"admission": {"max_in_flight": 1, "max_queue": 0}, "spool": {"replay_interval_s": 3600},
+                "cloud": {"max_per_s": 100000, "deadline_ms": 60000, "max_in_flight": 2}}
+    try:
+        with start_agent(tmp_path / "edge", edge, server.port, **settings) as agent, \
+                ThreadPoolExecutor(2) as pool:
+            held = []
+            for _ in range(2):
+                held.append(pool.submit(Client(agent.port).infer, "clf", {"x": x[:1]}, escalate="always",
+                                        timeout=60))
+                assert cloud.arrived.acquire(timeout=20), "the escalation never reached the cloud"
+            figures = agent.server.admission.figures()
+            edge_only = Client(agent.port).infer("clf", {"x": x}, escalate="never", timeout=20)
+            assert not any(f.done() for f in held), "the escalations are still waiting at the cloud"
+            cloud.let_go.set()
+            answers = [f.result(timeout=30) for f in held]
+    finally:
+        cloud.let_go.set()
+        server.stop(0)
+    assert (figures.in_flight, figures.queued, figures.shed) == (0, 0, 0)
+    assert edge_only.parameters[AgentResponse.SOURCE] == "edge"
+    np.testing.assert_allclose(edge_only.outputs["logits"], reference_logits(edge, x), rtol=1e-4, atol=1e-4)
+    assert [a.parameters[AgentResponse.SOURCE] for a in answers] == ["cloud", "cloud"]
