@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -63,7 +64,22 @@ Header = tuple[str, Sequence[int]]
 
 def check_headers(specs: Sequence[TensorSpec], headers: Mapping[str, Header], model: str = "") -> int:
     """Validate the headers of a full input set against ``specs`` and return the batch size (rows of
-    dim 0); a request without rows is refused, since nothing can answer it."""
+    dim 0); a request without rows is refused, since nothing can answer it.
+
+    A set of headers that passed is remembered (a client sends the same shapes call after call), so
+    the hot path pays one lookup instead of the walk; a refusal is never remembered."""
+    key = (tuple(specs), tuple((name, datatype, tuple(shape)) for name, (datatype, shape) in headers.items()),
+           model)
+    return _checked_headers(*key)
+
+
+@lru_cache(maxsize=1024)
+def _checked_headers(specs: tuple[TensorSpec, ...], headers: tuple[tuple[str, str, tuple[int, ...]], ...],
+                     model: str) -> int:
+    return _check_headers(specs, {name: (datatype, shape) for name, datatype, shape in headers}, model)
+
+
+def _check_headers(specs: Sequence[TensorSpec], headers: Mapping[str, Header], model: str) -> int:
     names = {s.name for s in specs}
     unknown = sorted(set(headers) - names)
     if unknown:

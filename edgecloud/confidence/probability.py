@@ -101,4 +101,17 @@ class ProbabilityPolicy:
                                         self.temperature)
 
     def __call__(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        if self.name == "max_prob" and self.scores == "logits":
+            return _top_softmax(outputs[self.score_output], self.temperature)
         return POLICIES[self.name](self.probabilities(outputs))
+
+
+def _top_softmax(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """max softmax(z/T) per row, the default policy on logits, in four array operations: after the
+    shift by the row's maximum the top term is exp(0) = 1, so the top probability is 1 / sum(exp)."""
+    z = np.asarray(scores)
+    z = z.reshape(z.shape[0], -1).astype(np.float64 if z.dtype == np.float64 else np.float32, copy=False)
+    shifted = z - z.max(axis=-1, keepdims=True)
+    if temperature != 1.0:
+        shifted /= temperature
+    return 1.0 / np.exp(shifted, out=shifted).sum(axis=-1)

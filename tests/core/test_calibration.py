@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis.extra.numpy import array_shapes, arrays
 
 from edgecloud.calibration import (
     CalibrationError,
@@ -147,3 +150,16 @@ def test_served_probabilities_are_the_calibrated_ones(kind: str, temperature: fl
         agent = make_policy(policy, "s", kind, temperature)({"s": scores})
         np.testing.assert_allclose(agent, confidence(scores.astype(np.float64), policy, temperature, kind),
                                    rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits=arrays(np.float32, array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=12),
+                     elements=st.floats(-60, 60, width=32)),
+       temperature=st.sampled_from([0.3, 1.0, 1.7, 4.0]))
+def test_the_served_top_probability_is_the_top_calibrated_probability(logits, temperature) -> None:
+    """The agent's shortcut for ``max_prob`` on logits (1 / sum(exp), no full softmax) gives what the
+    calibrated probabilities' maximum gives."""
+    served = make_policy("max_prob", "logits", "logits", temperature)({"logits": logits})
+    full = calibrated_probabilities(logits, "logits", temperature).max(axis=-1)
+    assert served.shape == (logits.shape[0],)
+    np.testing.assert_allclose(served, full, rtol=1e-5, atol=1e-7)
