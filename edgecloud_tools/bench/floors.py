@@ -54,18 +54,23 @@ def in_process(bench: Bench) -> dict:
 
 
 def echoes(bench: Bench) -> dict:
-    """The KServe v2 echo at every concurrency of the agent and the gateway, the bare echo at the agent's."""
+    """The KServe v2 echo at every concurrency of the agent and the gateway; the bare echo, and the edge
+    model served bare, at the agent's."""
     plan = bench.plan
-    service = servers.echo(bench.workdir)
+    service = servers.echo(bench.workdir, bench.models.edge)
     with service:
         kserve = bench.target("triton", service.port, "echo")
         bare = bench.target("bare", service.port, "echo", method=BARE_METHOD)
-        out: dict = {"startup_s": round(service.startup_s or 0.0, 3), "kserve": {}, "bare": {}}
+        model = bench.target("triton", service.port, bench.models.edge_name)
+        out: dict = {"startup_s": round(service.startup_s or 0.0, 3), "kserve": {}, "bare": {}, "model": {}}
         for n in sorted({*plan.concurrency, *plan.streams}):
             progress(f"KServe v2 echo, {n} concurrent")
             out["kserve"][str(n)] = bench.closed(kserve, n).summary()
         for n in plan.concurrency:
             progress(f"bare gRPC echo, {n} concurrent")
             out["bare"][str(n)] = bench.closed(bare, n).summary()
+        for n in plan.concurrency:
+            progress(f"edge model served bare, {n} concurrent")
+            out["model"][str(n)] = bench.closed(model, n).summary()
         out["rss_bytes"] = servers.rss_bytes(service.proc.pid)
     return out

@@ -9,6 +9,7 @@ from edgecloud_tools.bench.targets import get
 
 #: one colour per system in every plot
 COLORS = {"in-process backend": "#7f7f7f", "bare gRPC echo": "#17becf", "KServe v2 echo": "#1f77b4",
+          "edge model served bare": "#8c564b",
           "edge agent": "#d62728", "FastAPI + uvicorn": "#ff7f0e", "MLServer": "#9467bd",
           "gateway, batching on": "#d62728", "gateway, batching off": "#2ca02c",
           "MLServer, adaptive batching": "#9467bd"}
@@ -42,6 +43,7 @@ def latency_cdf(plt, r: dict, path: Path) -> None:
     _cdf(left, get(floors, "in_process", "edge INT8", "batch1", "cdf"), "in-process backend")
     _cdf(left, get(floors, "echo", "bare", "1", "cdf"), "bare gRPC echo")
     _cdf(left, get(floors, "echo", "kserve", "1", "cdf"), "KServe v2 echo")
+    _cdf(left, get(floors, "echo", "model", "1", "cdf"), "edge model served bare")
     _cdf(left, get(agent, "closed", "1", "cdf"), "edge agent", linewidth=2.5)
     _cdf(left, get(peers, "fastapi", "closed", "1", "cdf"), "FastAPI + uvicorn")
     _cdf(left, get(peers, "mlserver", "closed", "1", "cdf"), "MLServer")
@@ -60,6 +62,7 @@ def throughput(plt, r: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     _series(left, get(floors, "echo", "bare"), "bare gRPC echo", linestyle="--")
     _series(left, get(floors, "echo", "kserve"), "KServe v2 echo", linestyle="--")
+    _series(left, get(floors, "echo", "model"), "edge model served bare", linestyle="--")
     _series(left, agent.get("closed"), "edge agent", linewidth=2.5)
     _series(left, get(peers, "fastapi", "closed"), "FastAPI + uvicorn")
     _series(left, get(peers, "mlserver", "closed"), "MLServer")

@@ -75,6 +75,7 @@ def batch1_section(r: dict) -> list[str]:
     agent = get(r, "agent", "closed") or {}
     systems = [("bare gRPC echo", get(r, "floors", "echo", "bare"), None),
                ("KServe v2 echo (our stubs)", get(r, "floors", "echo", "kserve"), None),
+               ("edge model served bare (KServe v2)", get(r, "floors", "echo", "model"), None),
                ("edge agent", agent, None), _peer(r, "peers", "fastapi"), _peer(r, "peers", "mlserver")]
     head = ["batch 1, closed loop", "p50 ms @1", "p99 ms @1", *[f"calls/s @{n}" for n in counts],
             "agent/this @16"]

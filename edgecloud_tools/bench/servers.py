@@ -122,9 +122,11 @@ def gateway(workdir: Path, repository: Path, name: str, *, batching: bool = True
     return ServiceProcess("cloud-gateway", flags, port, workdir / f"{name}.log", ready=ready)
 
 
-def echo(workdir: Path) -> ServiceProcess:
-    """The KServe v2 echo and the bare gRPC echo (:mod:`edgecloud_tools.bench.echo`)."""
+def echo(workdir: Path, model: Path | None = None) -> ServiceProcess:
+    """The KServe v2 echo and the bare gRPC echo (:mod:`edgecloud_tools.bench.echo`), with ``model``
+    served bare beside them."""
     port = free_loopback_port()
     command = [sys.executable, "-m", "edgecloud_tools.bench.echo", "--port", str(port)]
+    command += ["--model", str(model)] if model is not None else []
     return ServiceProcess("echo", [], port, workdir / "echo.log", command=command)
 
