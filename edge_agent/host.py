@@ -26,7 +26,7 @@ from edge_agent.fleet.link import FleetLink, as_int_version
 from edge_agent.fleet.readings import ModelReadings, circuit_state
 from edge_agent.serving.cascade import Cascade
 from edge_agent.serving.slot import ModelSlot
-from edge_agent.serving.stats import CallRecord, Stats
+from edge_agent.serving.stats import CallRecord, Stats, confidence_bins
 from edge_agent.update.report import one_line
 from edge_agent.update.startup import Startup
 from edge_agent.update.updater import Updater
@@ -48,8 +48,9 @@ class ModelStats(Stats):
         self.totals = totals
 
     def record(self, call: CallRecord) -> None:
-        super().record(call)
-        self.totals.record(call)
+        bins = confidence_bins(call.confidences)
+        self.add(call, bins)
+        self.totals.add(call, bins)
 
     def error(self) -> None:
         super().error()

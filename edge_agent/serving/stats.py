@@ -35,6 +35,13 @@ class CallRecord:
 PATHS = ("edge", "escalated")
 
 
+def confidence_bins(confidences: Sequence[float]) -> list[int]:
+    """The histogram bin of each confidence (a NaN falls in none; one below 0 or above 1 in the first
+    or last)."""
+    return [min(max(bisect_right(CONFIDENCE_EDGES, c) - 1, 0), _LAST_BIN)
+            for c in confidences if not isnan(c)]
+
+
 class Stats:
     """Thread-safe running totals plus the last ``window`` latencies of edge and escalated calls.
 
@@ -65,10 +72,11 @@ class Stats:
         self._mark = self._interval_mark()
 
     def record(self, call: CallRecord) -> None:
-        """Count one call: integer counters and a bisect per row, no numpy on the hot path (a NaN
-        confidence falls in no bin; one below 0 or above 1 in the first or last)."""
-        bins = [min(max(bisect_right(CONFIDENCE_EDGES, c) - 1, 0), _LAST_BIN)
-                for c in call.confidences if not isnan(c)]
+        """Count one call: integer counters and a bisect per row, no numpy on the hot path."""
+        self.add(call, confidence_bins(call.confidences))
+
+    def add(self, call: CallRecord, bins: Sequence[int]) -> None:
+        """:meth:`record` with the histogram bins of its confidences already found."""
         with self._lock:
             self.requests += 1
             self.rows += call.rows

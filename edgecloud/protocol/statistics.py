@@ -41,9 +41,16 @@ class InferenceStatistics:
         self._lock = threading.Lock()
         self._figures: dict[tuple[str, str], ModelFigures] = {}
 
+    def _figures_of(self, key: tuple[str, str]) -> ModelFigures:
+        """The figures of ``key``, made on its first call only (under the lock)."""
+        figures = self._figures.get(key)
+        if figures is None:
+            figures = self._figures[key] = ModelFigures()
+        return figures
+
     def success(self, name: str, version: str, rows: int, elapsed_ns: int) -> None:
         with self._lock:
-            figures = self._figures.setdefault((name, version), ModelFigures())
+            figures = self._figures_of((name, version))
             figures.success_count += 1
             figures.success_ns += elapsed_ns
             figures.inference_count += rows
@@ -53,7 +60,7 @@ class InferenceStatistics:
 
     def failure(self, name: str, version: str, elapsed_ns: int) -> None:
         with self._lock:
-            figures = self._figures.setdefault((name, version), ModelFigures())
+            figures = self._figures_of((name, version))
             figures.fail_count += 1
             figures.fail_ns += elapsed_ns
 
