@@ -210,7 +210,7 @@ class Cascade:
         if confidence.shape[0] != rows:
             raise InvalidInput(f"confidence policy {model.settings.policy_name!r} gave "
                                f"{confidence.shape[0]} values for {rows} rows")
-        confidence = model.contract.guard_confidence(inputs, confidence)
+        confidence = model.contract.guard_confidence(inputs, confidence, request.in_range)
         call = _Call(model, request, dict(outputs), confidence, thumbnails, options.stream)
 
         wants = self._wants_cloud(confidence, options)

@@ -53,6 +53,8 @@ class InferRequest:
     id: str = ""
     parameters: Mapping[str, ParamValue] = field(default_factory=dict)
     outputs: tuple[RequestedOutput, ...] = ()
+    #: inputs whose values the model's contract found inside their declared ranges when decoding
+    in_range: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,11 +269,11 @@ def decode_request(msg: pb.ModelInferRequest, contract: InputContract | None = N
             inputs[tensor.name] = tensor_from_raw(raw[i], datatype, shape, tensor.name)
         else:
             inputs[tensor.name] = _tensor_from_contents(tensor, shape)
-    if contract is not None:
-        contract.check_values(inputs)
+    in_range = contract.check_values(inputs) if contract is not None else frozenset()
     outputs = tuple(RequestedOutput(o.name, params_from_pb(o.parameters)) for o in msg.outputs)
     return InferRequest(model_name=msg.model_name, model_version=msg.model_version, id=msg.id,
-                        inputs=inputs, parameters=params_from_pb(msg.parameters), outputs=outputs)
+                        inputs=inputs, parameters=params_from_pb(msg.parameters), outputs=outputs,
+                        in_range=in_range)
 
 
 def encode_request(req: InferRequest) -> pb.ModelInferRequest:

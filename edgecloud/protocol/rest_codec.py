@@ -149,8 +149,7 @@ def decode_rest_request(document: dict, binary: memoryview, model: str, version:
         offset += size
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data follow the inputs that claim any")
-    if contract is not None:
-        contract.check_values(inputs)
+    in_range = contract.check_values(inputs) if contract is not None else frozenset()
     outputs = []
     for entry in document.get("outputs") or ():
         item = _object(entry, "each requested output")
@@ -164,7 +163,7 @@ def decode_rest_request(document: dict, binary: memoryview, model: str, version:
         raise InvalidInput("'id' must be a string")
     return InferRequest(model_name=model, model_version=version, id=request_id, inputs=inputs,
                         parameters={k: v for k, v in params.items() if k != BINARY_OUTPUTS},
-                        outputs=tuple(outputs))
+                        outputs=tuple(outputs), in_range=in_range)
 
 
 def binary_outputs(document: dict) -> tuple[bool, dict[str, bool]]:

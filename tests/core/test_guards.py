@@ -66,6 +66,28 @@ def test_rows_outside_a_declared_range_get_confidence_zero() -> None:
     assert contract.guard_confidence({"image": inside}, confidence) is confidence
 
 
+def test_an_input_inside_its_range_is_read_once() -> None:
+    """check_values names the inputs it found inside their ranges, and guard_confidence takes its word
+    for them; an input with NaN or ±Inf is outside any range, so it is still refused."""
+    contract = InputContract.build("m", (IMAGE, COUNT), [InputGuard("image", range=(0, 1))])
+    counts = np.zeros((2, 1), dtype=np.int64)
+    inside = np.full((2, 1, 32, 32), 0.5, dtype=np.float32)
+    assert contract.check_values({"image": inside, "count": counts}) == frozenset({"image"})
+    outside = inside.copy()
+    outside[1, 0, 0, 0] = 2.0
+    assert contract.check_values({"image": outside, "count": counts}) == frozenset()
+    confidence = np.array([0.9, 0.9], dtype=np.float32)
+    np.testing.assert_array_equal(contract.guard_confidence({"image": outside}, confidence),
+                                  np.array([0.9, 0.0], dtype=np.float32))
+    # the word of check_values, as a request carries it, spares the second reading
+    assert contract.guard_confidence({"image": outside}, confidence, frozenset({"image"})) is confidence
+    for bad in (np.nan, np.inf, -np.inf):
+        frames = inside.copy()
+        frames[1, 0, 3, 3] = bad
+        with pytest.raises(InvalidInput, match=f"row 1 holds {bad}"):
+            contract.check_values({"image": frames, "count": counts})
+
+
 def test_row_cap_is_sized_to_the_model_unless_configured() -> None:
     assert default_max_rows((IMAGE,)) == DEFAULT_BATCH_BYTES // (32 * 32 * 4) == 1024
     assert default_max_rows((TensorSpec("x", "FP32", (8, 3)),)) == 8  # a fixed batch size is the cap
