@@ -125,7 +125,7 @@ def start_server(host: InferenceHost, listen: Endpoint, *, admission: Admission 
     that many at once (RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!"), before it takes a thread:
     without that bound calls would wait in the pool's unbounded queue before admission could shed
     them, and the smaller the bound, the sooner a flood is refused rather than queued inside gRPC
-    (measured on 2 cores at 1.5x capacity: answered p99 0.9 s with 40 threads, 0.23 s with 16).
+    (measured on 2 cores at 1.5x capacity: answered p99 0.9 s with 40 threads, 0.23-0.32 s with 16).
     ``extra_services`` are callables ``add(server)`` that register more servicers (e.g. downloads);
     ``interceptors`` are ``grpc.ServerInterceptor``s run before every call
     of every service (e.g. the gateway's bearer-token check). ``rest`` serves KServe v2 REST as well,
