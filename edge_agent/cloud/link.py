@@ -81,6 +81,8 @@ class CloudLink:
         self._last_error = ""
         self._lock = threading.Lock()
         self._edge: EdgeModel | None = None  # the model the next background check is for
+        self._checks: list[threading.Thread] = []  # background checks, joined by close()
+        self._closed = False
 
     def model_name(self, edge: EdgeModel) -> str:
         return self.cfg.model or edge.name
@@ -94,12 +96,24 @@ class CloudLink:
         """Check ``edge``'s contract in the background, before an escalation needs it; a cloud that
         cannot be reached now is checked when the channel connects, or inline by the first escalation."""
         self._edge = edge
-        threading.Thread(target=self._check_quietly, args=(edge,), name="cloud-contract", daemon=True).start()
+        with self._lock:
+            if self._closed:
+                return
+            self._checks = [t for t in self._checks if t.is_alive()]
+            check = threading.Thread(target=self._check_quietly, args=(edge,), name="cloud-contract",
+                                     daemon=True)
+            self._checks.append(check)
+        check.start()
 
     def _check_quietly(self, edge: EdgeModel) -> None:
         try:
             self._check_contract(edge, CHECK_TIMEOUT_S)
+        except ValueError:
+            if not self._closed:  # gRPC's word for a call on a closed channel
+                raise
         except grpc.RpcError as e:
+            if self._closed:
+                return
             log.info("event=cloud_check_deferred cloud_model=%s error=%s", self.model_name(edge),
                      e.code().name)
         except CloudIncompatible:
@@ -190,5 +204,12 @@ class CloudLink:
                 self.prepare(edge)
 
     def close(self) -> None:
+        """Close the channel, which ends a background check under way, and wait for those checks: none
+        logs after the agent stopped."""
+        with self._lock:
+            self._closed = True
+            checks = list(self._checks)
         self._channel.unsubscribe(self._connectivity)
         self._client.close()
+        for check in checks:
+            check.join(timeout=CHECK_TIMEOUT_S)

@@ -5,6 +5,8 @@ waiting out gRPC's grown backoff or the circuit's ``reset_s``."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -90,3 +92,29 @@ def _edge_and_cloud(tmp_path):
     edge = linear_classifier(tmp_path / "edge.onnx", seed=0, card={"name": "clf", "version": 1})
     cloud = GatewayCloud(tmp_path / "cloud", linear_classifier(tmp_path / "cloud.onnx", seed=1), "clf")
     return edge, cloud.start()
+
+
+def test_closing_the_link_ends_its_background_check(tmp_path, caplog) -> None:
+    """Contract checks waiting on a cloud 5 s away (the agent's own and a second link's) end when their
+    links close, so no check outlives the agent and logs after it stopped."""
+    caplog.set_level(logging.INFO, logger="edge_agent.cloud")
+    edge, cloud = _edge_and_cloud(tmp_path)
+    try:
+        with DelayProxy(cloud.port, rtt_ms=5000) as proxy:
+            with start_agent(tmp_path / "agent", edge, proxy.port) as agent:
+                link = CloudLink(agent.primary.config.cloud)
+                link.prepare(agent.primary.slot.model)
+                assert _checks_alive() >= 2
+                started = time.monotonic()
+                link.close()
+                closed_in = time.monotonic() - started
+                assert link.state.compatible is None  # the check was cut short
+            assert _checks_alive() == 0
+    finally:
+        cloud.stop()
+    assert closed_in < 2.0, f"close() waited {closed_in:.1f} s for the check"
+    assert "event=cloud_check_deferred" not in caplog.text
+
+
+def _checks_alive() -> int:
+    return sum(t.name == "cloud-contract" and t.is_alive() for t in threading.enumerate())
