@@ -18,6 +18,7 @@ from edgecloud_tools.bench import servers
 from edgecloud_tools.bench.echo import BARE_METHOD
 from edgecloud_tools.bench.plan import Bench, progress
 from edgecloud_tools.bench.stats import cdf, latency_summary, timed_calls
+from edgecloud_tools.toolchain import CLOUD_NAME
 from edgecloud_tools.toolchain.dataset import make_split
 
 #: rows per run in the batched figure: the gateway's default max_batch_size
@@ -54,15 +55,18 @@ def in_process(bench: Bench) -> dict:
 
 
 def echoes(bench: Bench) -> dict:
-    """The KServe v2 echo at every concurrency of the agent and the gateway; the bare echo, and the edge
-    model served bare, at the agent's."""
+    """The KServe v2 echo at every concurrency of the agent and the gateway; the bare echo and the edge
+    model served bare at the agent's, the cloud model served bare at the gateway's."""
     plan = bench.plan
-    service = servers.echo(bench.workdir, bench.models.edge)
+    m = bench.models
+    service = servers.echo(bench.workdir, {m.edge_name: m.edge, CLOUD_NAME: m.cloud})
     with service:
         kserve = bench.target("triton", service.port, "echo")
         bare = bench.target("bare", service.port, "echo", method=BARE_METHOD)
-        model = bench.target("triton", service.port, bench.models.edge_name)
-        out: dict = {"startup_s": round(service.startup_s or 0.0, 3), "kserve": {}, "bare": {}, "model": {}}
+        model = bench.target("triton", service.port, m.edge_name)
+        cloud = bench.target("triton", service.port, CLOUD_NAME)
+        out: dict = {"startup_s": round(service.startup_s or 0.0, 3), "kserve": {}, "bare": {}, "model": {},
+                     "cloud_model": {}}
         for n in sorted({*plan.concurrency, *plan.streams}):
             progress(f"KServe v2 echo, {n} concurrent")
             out["kserve"][str(n)] = bench.closed(kserve, n).summary()
@@ -72,5 +76,8 @@ def echoes(bench: Bench) -> dict:
         for n in plan.concurrency:
             progress(f"edge model served bare, {n} concurrent")
             out["model"][str(n)] = bench.closed(model, n).summary()
+        for n in plan.streams:
+            progress(f"cloud model served bare, {n} concurrent")
+            out["cloud_model"][str(n)] = bench.closed(cloud, n).summary()
         out["rss_bytes"] = servers.rss_bytes(service.proc.pid)
     return out

@@ -9,7 +9,7 @@ from edgecloud_tools.bench.targets import get
 
 #: one colour per system in every plot
 COLORS = {"in-process backend": "#7f7f7f", "bare gRPC echo": "#17becf", "KServe v2 echo": "#1f77b4",
-          "edge model served bare": "#8c564b",
+          "edge model served bare": "#8c564b", "cloud model served bare": "#8c564b",
           "edge agent": "#d62728", "FastAPI + uvicorn": "#ff7f0e", "MLServer": "#9467bd",
           "gateway, batching on": "#d62728", "gateway, batching off": "#2ca02c",
           "MLServer, adaptive batching": "#9467bd"}
@@ -71,6 +71,7 @@ def throughput(plt, r: dict, path: Path) -> None:
     _series(right, get(gateway, "no_batching", "closed"), "gateway, batching off")
     _series(right, get(gateway, "mlserver_adaptive", "closed"), "MLServer, adaptive batching")
     _series(right, get(floors, "echo", "kserve"), "KServe v2 echo", linestyle="--")
+    _series(right, get(floors, "echo", "cloud_model"), "cloud model served bare", linestyle="--")
     _axes(right, "cloud model, single-row streams: calls/s", "concurrent streams", "calls/s", log2=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -122,7 +122,8 @@ def gateway_section(r: dict) -> list[str]:
     systems = [("gateway, dynamic batching on", on, None),
                ("gateway, dynamic batching off", get(r, "gateway", "no_batching", "closed"), None),
                _peer(r, "gateway", "mlserver_adaptive"),
-               ("KServe v2 echo (floor)", get(r, "floors", "echo", "kserve"), None)]
+               ("KServe v2 echo (floor)", get(r, "floors", "echo", "kserve"), None),
+               ("cloud model served bare, unbatched", get(r, "floors", "echo", "cloud_model"), None)]
     head = ["cloud model, single-row streams", *[f"calls/s @{n}" for n in streams], "p99 ms @64",
             "on/this @64"]
     rows, notes = [], []

@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from edgecloud.endpoint import free_loopback_port
@@ -122,11 +122,12 @@ def gateway(workdir: Path, repository: Path, name: str, *, batching: bool = True
     return ServiceProcess("cloud-gateway", flags, port, workdir / f"{name}.log", ready=ready)
 
 
-def echo(workdir: Path, model: Path | None = None) -> ServiceProcess:
-    """The KServe v2 echo and the bare gRPC echo (:mod:`edgecloud_tools.bench.echo`), with ``model``
-    served bare beside them."""
+def echo(workdir: Path, models: Mapping[str, Path] | None = None) -> ServiceProcess:
+    """The KServe v2 echo and the bare gRPC echo (:mod:`edgecloud_tools.bench.echo`), with ``models``
+    (name → file) served bare beside them."""
     port = free_loopback_port()
     command = [sys.executable, "-m", "edgecloud_tools.bench.echo", "--port", str(port)]
-    command += ["--model", str(model)] if model is not None else []
+    for name, path in (models or {}).items():
+        command += ["--model", f"{name}={path}"]
     return ServiceProcess("echo", [], port, workdir / "echo.log", command=command)
 

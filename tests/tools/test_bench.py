@@ -48,7 +48,7 @@ def test_quick_run_measures_every_stage(quick_run) -> None:
         assert model["rows_per_s"] > 0 and 0 < model["batch1"]["p50_ms"] <= model["batch1"]["p99_ms"]
     plan = result["plan"]
     for kind, counts in (("kserve", {*plan["concurrency"], *plan["streams"]}), ("bare", plan["concurrency"]),
-                         ("model", plan["concurrency"])):
+                         ("model", plan["concurrency"]), ("cloud_model", plan["streams"])):
         for n in counts:
             point = floors["echo"][kind][str(n)]
             assert point["ok"] > 0 and point["errors"] == {}, (kind, n, point)
