@@ -36,11 +36,13 @@ def _read(request: InferRequest, key: CloudRequest, default: Any) -> Any:
 
 def read_collaboration(request: InferRequest, rows: int) -> Collaboration:
     """The collaboration parameters of ``request`` (``rows`` = its batch size). Without
-    ``edgecloud.request_id`` the request's own id is used, else a fresh one."""
+    ``edgecloud.request_id`` the request's own id is used, else, for an escalation (which is kept under
+    it), a fresh one; a plain call without either has none."""
     deferred = _read(request, CloudRequest.DEFERRED, False)
     summary_text = str(_read(request, CloudRequest.EDGE_SUMMARY, ""))
+    request_id = str(_read(request, CloudRequest.REQUEST_ID, "")) or request.id
     return Collaboration(
-        request_id=str(_read(request, CloudRequest.REQUEST_ID, "")) or request.id or uuid.uuid4().hex,
+        request_id=request_id or (uuid.uuid4().hex if summary_text else ""),
         device_id=str(_read(request, CloudRequest.DEVICE_ID, "")),
         edge_model_version=str(_read(request, CloudRequest.EDGE_MODEL_VERSION, "")),
         deferred=deferred,
