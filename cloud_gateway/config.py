@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from edgecloud.backends.options import BackendOptions, required_keys, section_name
 from edgecloud.config import (
     AdmissionSection,
+    HealthSection,
     MetricsSection,
     RestSection,
     Section,
@@ -106,20 +107,6 @@ class TLSSection(Section):
         if self.client_ca is not None and self.cert is None:
             raise ValueError("client_ca needs cert and key (mutual TLS is TLS first)")
         return self
-
-
-class HealthSection(Section):
-    """``[health]``: a plaintext port serving only gRPC health checks, for kubelet's probes (the main
-    port needs TLS off loopback; see ``edgecloud/protocol/health_port.py``)."""
-
-    listen: str | None = Field(None, description="HOST:PORT, e.g. 0.0.0.0:9002; unset = off")
-
-    @field_validator("listen")
-    @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and parse_endpoint(value).unix_path:
-            raise ValueError("a unix socket cannot be probed by kubelet; give HOST:PORT")
-        return value
 
 
 class AuthSection(Section):

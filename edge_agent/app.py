@@ -20,6 +20,7 @@ from edgecloud.errors import ModelLoadError
 from edgecloud.exposition import MetricsServer
 from edgecloud.heap import return_large_blocks
 from edgecloud.protocol.admission import Admission
+from edgecloud.protocol.health_port import HealthPort, start_health_port
 from edgecloud.protocol.server import RestOptions, RunningServer, start_server
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class EdgeAgent:
         self.fleet: FleetLink | None = None
         self.telemetry: Telemetry | None = None
         self.metrics: MetricsServer | None = None
+        self.health_port: HealthPort | None = None
         self._stopped = threading.Event()
 
     @property
@@ -82,6 +84,8 @@ class EdgeAgent:
         self.server = start_server(self.host, listen, admission=Admission("agent", cfg.admission),
                                    max_message_bytes=cfg.agent.max_message_bytes, workers=cfg.agent.workers,
                                    waiting=escalating, rest=rest)
+        if cfg.health.listen:  # probes that never queue behind inference, even in a flood
+            self.health_port = start_health_port(self.server.health, parse_endpoint(cfg.health.listen))
         for unit in self.units:
             unit.start()
         if cfg.fleet.name:
@@ -169,7 +173,9 @@ class EdgeAgent:
             if unit.cascade:
                 unit.cascade.accepting = False
         if self.server:
-            self.server.stop(grace)
+            self.server.stop(grace)  # health says NOT_SERVING on both ports from here
+        if self.health_port is not None:
+            self.health_port.stop()
         for unit in self.units:
             unit.stop()
         if self.telemetry:  # after the drain, so the last message counts every call

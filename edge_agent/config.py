@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from edgecloud.artifacts import check_name
 from edgecloud.backends.options import BackendOptions
 from edgecloud.channel import ClientTLS
-from edgecloud.config import AdmissionSection, MetricsSection, RestSection, Section
+from edgecloud.config import AdmissionSection, HealthSection, MetricsSection, RestSection, Section
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.mqtt.client import MqttConfig
 from edgecloud.preprocess import DEFAULT_MAX_PIXELS
@@ -192,6 +192,7 @@ class AgentConfig(Section):
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
     metrics: AgentMetricsSection = Field(default_factory=AgentMetricsSection)
     rest: RestSection = Field(default_factory=RestSection)
+    health: HealthSection = Field(default_factory=HealthSection)
     models: dict[str, ServedModelSection] = Field(default_factory=dict, description="several models, "
                                                   "``[models.<name>]`` tables; instead of [model]")
 

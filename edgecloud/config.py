@@ -84,6 +84,22 @@ class RestSection(Section):
         return value
 
 
+class HealthSection(Section):
+    """``[health]``: a plaintext port serving only gRPC health checks, beside the main port
+    (``edgecloud/protocol/health_port.py``): for probes that cannot speak the main port's TLS
+    (kubelet's), and for probes that must not queue behind inference (a threaded server refuses any call
+    beyond its threads in a flood, health checks too)."""
+
+    listen: str | None = Field(None, description="HOST:PORT, e.g. 0.0.0.0:9002; unset = off")
+
+    @field_validator("listen")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and parse_endpoint(value).unix_path:
+            raise ValueError("a unix socket cannot be probed by kubelet; give HOST:PORT")
+        return value
+
+
 class AdmissionSection(Section):
     """``[admission]``: how many inference calls run at once and how many more may wait for a turn;
     a call beyond both gets RESOURCE_EXHAUSTED at once instead of a wait (docs/design.md §2).

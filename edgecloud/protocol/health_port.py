@@ -1,11 +1,13 @@
-"""A plaintext port that serves nothing but ``grpc.health.v1``, for probes that cannot speak TLS.
+"""A plaintext port that serves nothing but ``grpc.health.v1``, for probes that cannot speak TLS or
+must not queue behind inference.
 
 Kubelet's gRPC probes are plaintext, and the gateway refuses plaintext off loopback, so a pod whose
-probes dialled its TLS port would never become Ready. This port answers the same health servicer as
-the main port (SERVING once every model is loaded, NOT_SERVING while draining) and carries no
-inference, metadata or downloads: plaintext reveals only that status (docs/design.md §9). A native
-probe is one gRPC call from kubelet; an exec probe would start a Python process in the pod every few
-seconds.
+probes dialled its TLS port would never become Ready. On the agent, gRPC refuses any call beyond the
+main server's threads in a flood, health checks included; this port has threads of its own, so a probe
+keeps reading SERVING while inference is shed. It answers the same health servicer as the main port
+(SERVING once every model is loaded, NOT_SERVING while draining) and carries no inference, metadata
+or downloads: plaintext reveals only that status (docs/design.md §9). A native probe is one gRPC call
+from kubelet; an exec probe would start a Python process every few seconds.
 """
 
 from __future__ import annotations

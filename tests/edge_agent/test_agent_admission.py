@@ -4,13 +4,16 @@ say SERVING; a burst sheds exactly the calls beyond the bounds; ``/metrics`` sho
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgecloud._generated.inference import grpc_service_pb2 as pb
+from edgecloud._generated.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.plugins.backends import GATE
 from tests.support.fleet import Scrape
 from tests.support.net import wait_for
@@ -84,3 +87,51 @@ def test_a_burst_beyond_the_bounds_sheds_exactly_the_excess(gated_agent):
     GATE.open()
     assert codes(calls) == Counter({grpc.StatusCode.OK: 5, grpc.StatusCode.RESOURCE_EXHAUSTED: 7})
     assert Scrape(agent.metrics.port).value("edgecloud_requests_total") == 5
+
+
+def test_the_health_port_says_serving_while_every_thread_of_the_main_port_is_taken(tmp_path):
+    """In a flood gRPC refuses any call beyond the main server's threads, health checks too; the health
+    port ([health] listen) has threads of its own and keeps saying SERVING; it closes with the agent."""
+    model = linear_classifier(tmp_path / "clf.onnx")
+    agent = start_agent(tmp_path / "state", model, agent={"workers": 1},
+                        admission={"max_in_flight": 1, "max_queue": 0}, health={"listen": "127.0.0.1:0"})
+    release = threading.Event()
+    request = pb.ModelInferRequest(model_name="clf")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 8])
+    request.raw_input_contents.append(ROW.tobytes())
+
+    def held():  # one call, then a stream that holds its server thread until it ends
+        yield request
+        release.wait(30)
+
+    streams = []
+    try:
+        assert agent.health_port is not None and agent.health_port.port not in (0, agent.port)
+        with grpc.insecure_channel(f"127.0.0.1:{agent.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(2):  # both threads: each stream answered once, so its handler is running
+                streams.append(stub.ModelStreamInfer(held(), timeout=30))
+                assert not next(streams[-1]).error_message
+            refused = _health_code(agent.port)
+            assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED
+            with Client(agent.health_port.port) as probe:
+                assert probe.serving()
+            release.set()
+            for stream in streams:
+                assert list(stream) == []  # nothing more, ended cleanly
+            with Client(agent.port) as main:
+                assert wait_for(main.serving, timeout=10)
+    finally:
+        release.set()
+        port = agent.health_port.port if agent.health_port else 0
+        agent.stop(grace=0)
+    assert _health_code(port) == grpc.StatusCode.UNAVAILABLE  # the health port is closed with the agent
+
+
+def _health_code(port: int) -> grpc.StatusCode:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.RpcError as e:
+            return e.code()
+    return grpc.StatusCode.OK
