@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from edgecloud.protocol.parameters import AgentRequest
 from edgecloud_tools.bench import servers
-from edgecloud_tools.bench.plan import OPEN_LOOP_FACTORS, Bench, progress
+from edgecloud_tools.bench.plan import CPU_STREAMS, OPEN_LOOP_FACTORS, Bench, progress
 
 #: a call of the open loop that gets no answer within this is counted as an error, not waited for
 OPEN_LOOP_TIMEOUT_S = 10.0
@@ -28,6 +28,8 @@ def agent_load(bench: Bench) -> dict:
         for n in plan.concurrency:
             progress(f"edge agent, closed loop, {n} concurrent")
             out["closed"][str(n)] = bench.closed(target, n).summary()
+        progress(f"edge agent, CPU per call at {CPU_STREAMS} clients")
+        out["cpu_us_per_call"] = bench.cpu_per_call(target, service.proc.pid)
         capacity = max(p["per_s"] for p in out["closed"].values())
         target = bench.target("bare", service.port, bench.models.edge_name, method=MODEL_INFER,
                               params={str(AgentRequest.ESCALATE): "never"})

@@ -16,7 +16,7 @@ from edgecloud.backends import open_backend
 from edgecloud.backends.ort_session import OrtConfig
 from edgecloud_tools.bench import servers
 from edgecloud_tools.bench.echo import BARE_METHOD
-from edgecloud_tools.bench.plan import Bench, progress
+from edgecloud_tools.bench.plan import CPU_STREAMS, Bench, progress
 from edgecloud_tools.bench.stats import cdf, latency_summary, timed_calls
 from edgecloud_tools.toolchain import CLOUD_NAME
 from edgecloud_tools.toolchain.dataset import make_split
@@ -79,5 +79,8 @@ def echoes(bench: Bench) -> dict:
         for n in plan.streams:
             progress(f"cloud model served bare, {n} concurrent")
             out["cloud_model"][str(n)] = bench.closed(cloud, n).summary()
+        progress(f"CPU per call at {CPU_STREAMS} clients: KServe v2 echo, edge model served bare")
+        out["cpu_us_per_call"] = {"kserve": bench.cpu_per_call(kserve, service.proc.pid),
+                                  "model": bench.cpu_per_call(model, service.proc.pid)}
         out["rss_bytes"] = servers.rss_bytes(service.proc.pid)
     return out

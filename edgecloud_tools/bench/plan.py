@@ -10,6 +10,7 @@ from pathlib import Path
 from edgecloud.backends import open_backend
 from edgecloud.modelcard import served_name
 from edgecloud_tools.bench.clients import ClientPool, Target
+from edgecloud_tools.bench.servers import cpu_seconds
 from edgecloud_tools.output import stderr_line
 
 
@@ -43,6 +44,8 @@ OPEN_LOOP_FACTORS = (1.5, 3.0)
 #: the slow cloud's added round trip, and the escalating clients beside the edge-only one
 SLOW_CLOUD_MS = 250.0
 ESCALATING_CLIENTS = 16
+#: the clients of the CPU-per-call figures (the throughput targets' concurrency)
+CPU_STREAMS = 16
 #: the emulated WAN of the cascade comparison (the demo's)
 WAN_MS = 30.0
 
@@ -75,6 +78,14 @@ class Bench:
 
     def closed(self, target: Target, streams: int):
         return self.pool.closed(target, streams, self.plan.duration_s, self.plan.warmup_s)
+
+    def cpu_per_call(self, target: Target, pid: int, streams: int = CPU_STREAMS) -> float | None:
+        """Microseconds of CPU the server ``pid`` spends per answered call, over a closed loop of
+        ``streams`` with no warm-up, so that every call made is counted."""
+        before = cpu_seconds(pid)
+        result = self.pool.closed(target, streams, self.plan.duration_s, 0.0)
+        used = cpu_seconds(pid) - before
+        return round(used / result.ok * 1e6, 1) if result.ok else None
 
 
 def model_input(path: Path) -> dict[str, str]:

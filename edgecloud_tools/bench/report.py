@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from edgecloud_tools.bench.plan import CPU_STREAMS
 from edgecloud_tools.bench.targets import Goal, get, goals
 from edgecloud_tools.output import table
 
@@ -98,6 +99,13 @@ def batch1_section(r: dict) -> list[str]:
         lines.append(f"  agent p50 at 1 client {fmt_ms(agent['1']['p50_ms'])} ms vs in-process "
                      f"{fmt_ms(ip['p50_ms'])} + KServe v2 echo {fmt_ms(echo1)} = {fmt_ms(floor)} ms: "
                      f"{_x(agent['1']['p50_ms'], floor)}")
+    cpu = [(title, value) for title, value in (
+        ("KServe v2 echo", get(r, "floors", "echo", "cpu_us_per_call", "kserve")),
+        ("edge model served bare", get(r, "floors", "echo", "cpu_us_per_call", "model")),
+        ("edge agent", get(r, "agent", "cpu_us_per_call"))) if value is not None]
+    if cpu:
+        lines.append(f"  server CPU per call at {CPU_STREAMS} clients: "
+                     + ", ".join(f"{title} {_n(value)} us" for title, value in cpu))
     return lines + _failed(r, "floors", "agent", "peers")
 
 

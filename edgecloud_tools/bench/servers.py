@@ -21,6 +21,7 @@ from edgecloud_tools.services import ServiceProcess
 from edgecloud_tools.toolchain import CLOUD_NAME
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def descendants(pid: int) -> list[int]:
@@ -50,6 +51,16 @@ def rss_bytes(pid: int) -> int:
         with contextlib.suppress(OSError, ValueError, IndexError):
             total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * _PAGE
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) that ``pid`` and its descendants have used so far."""
+    ticks = 0
+    for p in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / _CLOCK_TICKS
 
 
 class RssSampler:

@@ -54,6 +54,10 @@ def test_quick_run_measures_every_stage(quick_run) -> None:
             assert point["ok"] > 0 and point["errors"] == {}, (kind, n, point)
     for n in plan["concurrency"]:
         assert result["agent"]["closed"][str(n)]["ok"] > 0
+    # the server's CPU per call: some, and more for the agent than for the echo, which does nothing
+    cpu = {**floors["echo"]["cpu_us_per_call"], "agent": result["agent"]["cpu_us_per_call"]}
+    assert all(value and value > 0 for value in cpu.values()), cpu
+    assert cpu["agent"] > cpu["kserve"], cpu
     for n in plan["streams"]:
         for key in ("batching", "no_batching"):
             point = result["gateway"][key]["closed"][str(n)]
