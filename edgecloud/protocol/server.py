@@ -127,9 +127,9 @@ def start_server(host: InferenceHost, listen: Endpoint, *, admission: Admission 
     them, and the smaller the bound, the sooner a flood is refused rather than queued inside gRPC
     (measured on 2 cores at 1.5x capacity: answered p99 0.9 s with 40 threads, 0.23-0.32 s with 16).
     ``extra_services`` are callables ``add(server)`` that register more servicers (e.g. downloads);
-    ``interceptors`` are ``grpc.ServerInterceptor``s run before every call
-    of every service (e.g. the gateway's bearer-token check). ``rest`` serves KServe v2 REST as well,
-    its admitted calls on threads of their own, as many as over gRPC.
+    ``interceptors`` are ``grpc.ServerInterceptor``s run before every call of every service (e.g. the
+    gateway's bearer-token check). ``rest`` serves KServe v2 REST as well, its admitted calls on
+    threads of their own, as many as over gRPC.
     """
     _check_plaintext(listen, tls)
     if rest is not None:
