@@ -219,7 +219,7 @@ def start_async_server(host: AsyncInferenceHost, listen: Endpoint, *, admission:
         if rest_server is not None:
             loop.run(rest_server.stop())
         loop.run(server.stop(grace))
-        pool.shutdown(cancel_futures=True)  # while the loop runs: a sync handler may be waiting on it
+        loop.shutdown_pool(pool)
         loop.close()
 
     try:
@@ -400,11 +400,27 @@ class _LoopThread:
 
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(_unless_cancelled)
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def shutdown_pool(self, pool: futures.ThreadPoolExecutor) -> None:
+        """Shut down the pool of a stopped grpc.aio server, cancelling what its threads wait for.
+
+        grpc.aio hands a synchronous streaming handler's messages to and from the loop one at a time
+        (``run_coroutine_threadsafe(...).result()``). When the call ends with a peer that stopped
+        reading or sending, nothing on the loop completes that future, and the thread would wait for
+        ever: the cancellation raises in it instead, and is repeated for what it waits on next (its
+        ``finally`` hands over one more message)."""
+        joiner = threading.Thread(target=pool.shutdown, kwargs={"cancel_futures": True},
+                                  name=f"{self._thread.name}-pool-shutdown", daemon=True)
+        joiner.start()
+        while joiner.is_alive():
+            self.run(_cancel_other_tasks())
+            joiner.join(0.05)
 
     def close(self) -> None:
         """Wait for the loop's worker threads (``asyncio.to_thread``), then stop and close the loop."""
@@ -412,3 +428,16 @@ class _LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+async def _cancel_other_tasks() -> None:
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            task.cancel()
+
+
+def _unless_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's default report of an error nobody retrieved, except a cancellation: grpc.aio drops
+    the future of a streaming handler's thread when :meth:`_LoopThread.shutdown_pool` cancels it."""
+    if not isinstance(context.get("exception"), asyncio.CancelledError):
+        loop.default_exception_handler(context)
