@@ -1,8 +1,12 @@
 """Which release this device follows, and when it tries it (docs/design.md §7).
 
-- Two retained topics say what is desired: the device's own and its group's. A device desired release
-  wins over the group's until it is cleared with an empty retained message (the device topic is
-  subscribed first, so on connect its retained message arrives before the group's).
+- Retained topics say what is desired: the device's own and its group's, each as a topic per model
+  (``models/<name>/desired``) and as the one topic every model shares (``model/desired``). A device
+  desired release wins over the group's until it is cleared with an empty retained message (the
+  device topics are subscribed first, so on connect their retained messages arrive before the
+  group's). At one level the later issued of the model's own and the shared one wins, the model's own
+  on a tie: a release published by a tool that writes only the shared topic still takes effect. A
+  message whose ``issued_at`` cannot be read counts as the later, so it is refused with its reason.
 - MQTT handlers only record the newest desired message per topic, and one thread does updates, so a
   burst of releases coalesces into the latest one.
 - A device outside a release's rollout share stays put and logs it; that is not a failure. A release
@@ -12,7 +16,8 @@
 - With several models (docs/design.md §10) each has a follower of its own on the same topics, and a
   release updates the model it names and no other: a follower takes only the messages that name its
   model (the first model's also takes those naming no served model, to refuse them with a reason).
-  A topic holding another model's release holds none for this one.
+  A shared topic holding another model's release holds none for this one; the topics per model keep
+  each model's release when the next one for another model goes out.
 - A desired message is handled once; one that failed for a passing reason (a cut download, an
   internal error) is tried again with exponential backoff, until another message replaces it.
 - A new effective desired message while one is being handled cuts its watch window short
@@ -29,6 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import NamedTuple
 
 from edge_agent.fleet.link import FleetLink, as_int_version
@@ -36,6 +42,7 @@ from edge_agent.serving.slot import ModelSlot
 from edge_agent.update.apply import Applier, Stopping
 from edge_agent.update.report import Reporter, identity
 from edge_agent.update.state import Release
+from edgecloud.clock import parse_time
 from edgecloud.mqtt.client import ConnectionState, Message
 from edgecloud.release import Envelope, Reason, ReleasePayload, ReleaseRejected, in_rollout
 
@@ -45,13 +52,27 @@ RETRY_MIN_S = 0.5
 RETRY_MAX_S = 60.0
 
 
-def named_model(raw: bytes) -> str | None:
-    """The model a desired message names, read before it is verified; None when it names none."""
+def _unverified(raw: bytes, key: str) -> str | None:
+    """A string field of a desired message's payload, read before it is verified; None without."""
     try:
-        model = json.loads(raw)["payload"]["model"]
+        value = json.loads(raw)["payload"][key]
     except (ValueError, KeyError, TypeError):
         return None
-    return model if isinstance(model, str) else None
+    return value if isinstance(value, str) else None
+
+
+def named_model(raw: bytes) -> str | None:
+    """The model a desired message names, read before it is verified; None when it names none."""
+    return _unverified(raw, "model")
+
+
+def _issued(raw: bytes) -> datetime:
+    """When a desired message says it was issued (unverified). One that does not say is the latest:
+    it is then taken and refused with its reason, where it would otherwise hide behind its twin."""
+    try:
+        return parse_time(_unverified(raw, "issued_at") or "")
+    except ValueError:
+        return datetime.max.replace(tzinfo=timezone.utc)
 
 
 class _Retry(NamedTuple):
@@ -66,53 +87,64 @@ def _key(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-class Follower:
-    """Follows the desired release topics of one device and hands each new release to the applier."""
+#: where a desired message comes from, in the order they are subscribed: (scope, per model)
+SOURCES = (("device", True), ("device", False), ("group", True), ("group", False))
+Source = tuple[str, bool]
 
-    def __init__(self, fleet: FleetLink, device: str, group: str, slot: ModelSlot, applier: Applier,
-                 reporter: Reporter, stopping: threading.Event,
+
+class Follower:
+    """Follows the desired release topics of one device's model and hands each new release to the
+    applier."""
+
+    def __init__(self, fleet: FleetLink, device: str, group: str, model: str, slot: ModelSlot,
+                 applier: Applier, reporter: Reporter, stopping: threading.Event,
                  owns: Callable[[str | None], bool] = lambda _model: True) -> None:
         self.fleet = fleet
         self.device = device
         self.group = group
+        self.model = model
         self.slot = slot
         self.applier = applier
         self.reporter = reporter
         self._stopping = stopping
         self._owns = owns  # whether a message naming this model (None: naming none) is this follower's
         self._lock = threading.Lock()
-        self._desired: dict[str, bytes | None] = {"device": None, "group": None}
+        self._desired: dict[Source, bytes | None] = dict.fromkeys(SOURCES)
         self._wake = threading.Event()
         self._settled: set[str] = set()  # desired messages (by hash) handled for good
         self._handling = ""  # hash of the desired message the update thread took last
         self._retry = _Retry("", 0, 0.0)  # of the desired message that failed for a passing reason
 
     def subscribe(self) -> None:
-        """Device topic first; call before the link starts."""
+        """Device topics first; call before the link starts."""
         topics = self.fleet.topics
-        self.fleet.on(topics.device_desired(self.device), lambda m: self._on_desired("device", m))
-        self.fleet.on(topics.group_desired(self.group), lambda m: self._on_desired("group", m))
+        for scope, per_model in SOURCES:
+            desired = topics.device_desired if scope == "device" else topics.group_desired
+            topic = desired(self.device if scope == "device" else self.group, self.model if per_model else "")
+            self.fleet.on(topic, lambda m, source=(scope, per_model): self._on_desired(source, m))
         self.fleet.client.add_state_listener(self._connection)
 
     def wake(self) -> None:
         self._wake.set()
 
     # -- desired messages (FleetLink's worker thread) ---------------------------------------------------
-    def _on_desired(self, source: str, message: Message) -> None:
+    def _on_desired(self, source: Source, message: Message) -> None:
         raw = message.payload or None
+        where = f"device={self.device} model={self.model} source={source[0]}{'' if source[1] else '_shared'}"
         if raw is not None and not self._owns(named_model(raw)):
-            log.debug("event=update_desired_other_model device=%s source=%s", self.device, source)
+            log.debug("event=update_desired_other_model %s", where)
             raw = None
         with self._lock:
             self._desired[source] = raw
-            device_set = self._desired["device"] is not None
-            raw = self._effective_locked()
-            if raw and _key(raw) != self._handling:
+            device_set = any(self._desired[s] is not None for s in SOURCES if s[0] == "device")
+            effective = self._effective_locked()
+            if effective and _key(effective) != self._handling:
                 self.applier.watch_cut.set()
         if not message.payload:
-            log.info("event=update_desired_cleared device=%s source=%s", self.device, source)
-        elif raw is not None and source == "group" and device_set:
-            log.info("event=update_group_ignored device=%s reason=device_desired_set", self.device)
+            log.info("event=update_desired_cleared %s", where)
+        elif raw is not None and raw != effective:
+            reason = "device_desired_set" if source[0] == "group" and device_set else "older_than_other_topic"
+            log.info("event=update_desired_ignored %s reason=%s", where, reason)
         self._wake.set()
 
     def _connection(self, state: ConnectionState, _detail: str) -> None:  # paho's thread: no blocking
@@ -120,7 +152,13 @@ class Follower:
             self._wake.set()  # a report kept while the broker was away goes out now
 
     def _effective_locked(self) -> bytes | None:
-        return self._desired["device"] or self._desired["group"]
+        for scope in ("device", "group"):
+            own, shared = self._desired[(scope, True)], self._desired[(scope, False)]
+            if own and shared:
+                return own if _issued(own) >= _issued(shared) else shared
+            if own or shared:
+                return own or shared
+        return None
 
     def _take(self) -> tuple[bytes | None, str]:
         """The effective desired message and its hash, now the one handled (a later one cuts its watch)."""

@@ -55,8 +55,8 @@ class Updater:
         self.reporter = Reporter(fleet, self.device, slot)
         self.applier = Applier(config, slot, startup.store, startup.state, self.reporter,
                                FaultPoints(self.device), self._stopping, clock)
-        self.follower = Follower(fleet, self.device, config.fleet.group, slot, self.applier, self.reporter,
-                                 self._stopping, owns)
+        self.follower = Follower(fleet, self.device, config.fleet.group, slot.model.name, slot,
+                                 self.applier, self.reporter, self._stopping, owns)
         self._thread = threading.Thread(target=self._run, name=f"updater-{slot.model.name}", daemon=True)
 
     @property

@@ -6,7 +6,9 @@ desired for groups and devices with where each stands. Read by the fleet collect
 Status and reported are retained, so every device that ever spoke shows up at once; telemetry is
 not, so the escalation rate appears only for devices that report during the listening window.
 A desired release is shown as published (its signature is the devices' to check), and a device
-counts for it by its own desired topic, else by the group its status names.
+counts for it as the agent follows it: by its own desired topics, else by the group its status names;
+at each level the topic of the model it serves, else the one its models share. A release on the shared
+topic that its model's own topic holds as well is listed once.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class FleetView:
         parsed = self.topics.parse(message.topic)
         if parsed is None:
             return
-        if parsed.kind in (TopicKind.GROUP_DESIRED, TopicKind.DEVICE_DESIRED):
+        if parsed.kind.desired:
             self.fold_desired(parsed, message.payload)
             return
         body = json_object(message)
@@ -95,7 +97,7 @@ class FleetView:
 
     def fold_desired(self, parsed: ParsedTopic, payload: bytes) -> None:
         """A retained desired message: a release for the group or device, or cleared (empty)."""
-        target = Target(parsed.kind is TopicKind.GROUP_DESIRED, parsed.group or parsed.device)
+        target = Target(parsed.kind.scope == "groups", parsed.group or parsed.device, parsed.model)
         if not payload:
             self.desired.pop(target, None)
             return
@@ -129,15 +131,30 @@ class FleetView:
 
     def releases(self) -> list[Standing]:
         """Each desired release with the devices it applies to, by where they stand with it: groups
-        first, then devices, by name."""
-        devices: dict[Target, dict[str, list[str]]] = {target: {} for target in self.desired}
+        first, then devices, by name and model."""
+        shown = {t: self._twin(t) for t in self.desired}
+        devices: dict[Target, dict[str, list[str]]] = {t: {} for t in set(shown.values())}
         for row in self.sorted_rows():
-            desired = (self.desired.get(Target(False, row.device))
-                       or (self.desired.get(Target(True, row.group)) if row.group else None))
+            desired = next((self.desired[t] for t in self._followed(row) if t in self.desired), None)
             if desired is not None:
-                devices[desired.target].setdefault(desired.standing(row), []).append(row.device)
+                devices[shown[desired.target]].setdefault(desired.standing(row), []).append(row.device)
         return [Standing(self.desired[t], {s: tuple(d) for s, d in devices[t].items()})
-                for t in sorted(self.desired, key=lambda t: (not t.group, t.name))]
+                for t in sorted(devices, key=lambda t: (not t.group, t.name, t.model))]
+
+    def _twin(self, target: Target) -> Target:
+        """The model's own topic of a shared topic's release that it holds too; else ``target``."""
+        desired = self.desired[target]
+        twin = Target(target.group, target.name, desired.model)
+        if not target.model and twin in self.desired and self.desired[twin].same_release(desired):
+            return twin
+        return target
+
+    @staticmethod
+    def _followed(row: DeviceRow) -> list[Target]:
+        """The desired topics a device follows, in the order they win."""
+        levels = [(False, row.device)] + ([(True, row.group)] if row.group else [])
+        return [Target(group, name, model) for group, name in levels
+                for model in ((row.model, "") if row.model else ("",))]
 
 
 @dataclass(frozen=True)
@@ -146,6 +163,7 @@ class Target:
 
     group: bool
     name: str
+    model: str = ""  # the model's own topic; "" for the one its models share
 
     def __str__(self) -> str:
         return f"{'group' if self.group else 'device'} {self.name}"
@@ -164,6 +182,9 @@ class Desired:
     version: int
     rollback: bool
     issued_at: datetime
+
+    def same_release(self, other: Desired) -> bool:
+        return (self.model, self.version, self.issued_at) == (other.model, other.version, other.issued_at)
 
     def standing(self, row: DeviceRow) -> str:
         """``active`` once it serves this version, ``rolled_back`` / ``failed`` when its report for this

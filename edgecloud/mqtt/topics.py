@@ -88,11 +88,23 @@ class TopicKind(Enum):
     DEVICE_DESIRED = ("devices", "model/desired", True)
     REPORTED = ("devices", "model/reported", True)
     GROUP_DESIRED = ("groups", "model/desired", True)
+    #: one retained release per model, so a release for one model does not replace another's
+    DEVICE_MODEL_DESIRED = ("devices", "models/+/desired", True)
+    GROUP_MODEL_DESIRED = ("groups", "models/+/desired", True)
 
     def __init__(self, scope: str, suffix: str, retained: bool) -> None:
         self.scope = scope
         self.suffix = suffix
         self.retained = retained
+
+    @property
+    def per_model(self) -> bool:
+        """Whether the topic has a level naming the model (``+`` in :attr:`suffix`)."""
+        return "+" in self.suffix.split("/")
+
+    @property
+    def desired(self) -> bool:
+        return self.suffix.endswith("/desired")
 
     @property
     def qos(self) -> int:
@@ -107,6 +119,7 @@ class ParsedTopic:
     fleet: str
     device: str = ""
     group: str = ""
+    model: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +131,12 @@ class FleetTopics:
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
 
-    def topic(self, kind: TopicKind, name: str) -> Topic:
-        """The topic of ``kind`` for device (or group, for GROUP_DESIRED) ``name``."""
+    def topic(self, kind: TopicKind, name: str, model: str = "") -> Topic:
+        """The topic of ``kind`` for device (or group, for the groups' kinds) ``name``; ``model`` fills
+        the model level of a per-model kind."""
         check_id("group" if kind.scope == "groups" else "device", name)
-        return Topic(f"{ROOT}/{self.fleet}/{kind.scope}/{name}/{kind.suffix}")
+        suffix = kind.suffix.replace("+", check_id("model", model)) if kind.per_model else kind.suffix
+        return Topic(f"{ROOT}/{self.fleet}/{kind.scope}/{name}/{suffix}")
 
     def every(self, kind: TopicKind) -> Wildcard:
         """The filter matching ``kind`` for every device (or group) of the fleet."""
@@ -139,10 +154,16 @@ class FleetTopics:
     def reported(self, device: str) -> Topic:
         return self.topic(TopicKind.REPORTED, device)
 
-    def device_desired(self, device: str) -> Topic:
+    def device_desired(self, device: str, model: str = "") -> Topic:
+        """The device's desired topic: its own for ``model``, or the one every model shares."""
+        if model:
+            return self.topic(TopicKind.DEVICE_MODEL_DESIRED, device, model)
         return self.topic(TopicKind.DEVICE_DESIRED, device)
 
-    def group_desired(self, group: str) -> Topic:
+    def group_desired(self, group: str, model: str = "") -> Topic:
+        """The group's desired topic: its own for ``model``, or the one every model shares."""
+        if model:
+            return self.topic(TopicKind.GROUP_MODEL_DESIRED, group, model)
         return self.topic(TopicKind.GROUP_DESIRED, group)
 
     def parse(self, topic: Topic | str) -> ParsedTopic | None:
@@ -150,12 +171,18 @@ class FleetTopics:
         levels = str(topic).split("/")
         if len(levels) < 5 or levels[0] != ROOT or levels[1] != self.fleet:
             return None
-        scope, name, suffix = levels[2], levels[3], "/".join(levels[4:])
+        scope, name, suffix = levels[2], levels[3], levels[4:]
         if not ID_PATTERN.match(name):
             return None
         for kind in TopicKind:
-            if kind.scope == scope and kind.suffix == suffix:
-                if scope == "groups":
-                    return ParsedTopic(kind, self.fleet, group=name)
-                return ParsedTopic(kind, self.fleet, device=name)
+            want = kind.suffix.split("/")
+            if kind.scope != scope or len(want) != len(suffix):
+                continue
+            pairs = list(zip(suffix, want))
+            model = "".join(got for got, w in pairs if w == "+")
+            if any(w not in ("+", got) for got, w in pairs) or (kind.per_model
+                                                                 and not ID_PATTERN.match(model)):
+                continue
+            where = {"group": name} if scope == "groups" else {"device": name}
+            return ParsedTopic(kind, self.fleet, model=model, **where)
         return None

@@ -105,10 +105,12 @@ class Rig:
         publish_release(self.request(model, version, key, **fields), self.broker.mqtt_config(), now=now)
 
     def send(self, data: bytes) -> None:
-        """Raw bytes retained on the group's desired topic (a forged or unreadable release)."""
+        """Raw bytes retained on the model's desired topic of the group (a forged or unreadable
+        release), where they replace the release ``publish`` put there."""
         with MqttClient(self.broker.mqtt_config()) as client:
             client.wait_connected(5)
-            client.publish(self.topics.group_desired(GROUP), data, qos=1, retain=True)
+            client.publish(self.topics.group_desired(GROUP, self.f.models.edge_name), data, qos=1,
+                           retain=True)
 
     def report(self, since: int, version: int | None, states: tuple[str, ...],
                timeout_s: float) -> dict | None:

@@ -3,7 +3,10 @@
 Publishing uploads the model file to the gateway's release repository (or takes a URI where it
 already is), hashes it, takes calibration and labels from the model card beside it
 (``<file>.card.json``) with flags winning, signs the canonical payload and publishes the envelope
-retained with QoS 1 on the group's or the device's desired topic. A rollback is the same with
+retained with QoS 1 on the group's or the device's desired topics: the model's own
+(``models/<name>/desired``, which keeps it when the next release is for another model) and then the
+one every model shares (``model/desired``, which agents that predate the topics per model follow). A
+rollback is the same with
 ``allow_downgrade`` signed in, for an earlier version. The default rollout salt is the model name,
 so the devices chosen at a given percent stay the same from release to release (a stable canary
 ring); give ``--rollout-salt`` to pick another set.
@@ -34,6 +37,7 @@ from edgecloud.errors import ConfigError, EdgecloudError, ModelLoadError
 from edgecloud.files import file_sha256
 from edgecloud.modelcard import ModelCardError, read_card
 from edgecloud.mqtt.client import MqttClient, MqttConfig
+from edgecloud.mqtt.fleet_view import FleetView
 from edgecloud.mqtt.topics import FleetTopics, Topic
 from edgecloud.release import (
     Artifact,
@@ -82,7 +86,7 @@ class ReleaseRequest:
 
 @dataclass(frozen=True)
 class Published:
-    topic: Topic
+    topics: tuple[Topic, ...]
     envelope: Envelope
 
 
@@ -106,14 +110,15 @@ def default_publisher() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def _target_topic(request: ReleaseRequest) -> Topic:
+def _target_topics(request: ReleaseRequest) -> tuple[Topic, Topic]:
+    """The model's own desired topic of the group or device, and the one its models share."""
     if (request.group is None) == (request.device is None):
         raise ConfigError("give exactly one of --group or --device")
     try:
         topics = FleetTopics(request.fleet)
-        if request.device is not None:
-            return topics.device_desired(request.device)
-        return topics.group_desired(request.group or "")
+        desired = topics.device_desired if request.device is not None else topics.group_desired
+        target = request.device if request.device is not None else request.group or ""
+        return desired(target, request.name), desired(target)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -152,13 +157,15 @@ def _shipped_backend(model: Path) -> type[Backend]:
     return backend
 
 
-def build_release(request: ReleaseRequest, now: datetime | None = None) -> tuple[Topic, ReleasePayload]:
-    """Check the request, upload the artifact if needed, and assemble the payload to sign."""
-    topic = _target_topic(request)
+def build_release(request: ReleaseRequest,
+                  now: datetime | None = None) -> tuple[tuple[Topic, ...], ReleasePayload]:
+    """Check the request, upload the artifact if needed, and assemble the payload to sign; with the
+    topics to publish it on, in order."""
     try:
         check_name(request.name)
     except ValueError as e:
         raise ConfigError(f"--name: {e}") from None
+    topics = _target_topics(request)
     if request.version < 0:
         raise ConfigError(f"--version {request.version}: must be >= 0")
     if not request.model.is_file():
@@ -197,19 +204,20 @@ def build_release(request: ReleaseRequest, now: datetime | None = None) -> tuple
             allow_downgrade=request.allow_downgrade)
     except ReleaseRejected as e:
         raise ConfigError(e.detail) from None
-    return topic, payload
+    return topics, payload
 
 
 def publish_release(request: ReleaseRequest, mqtt: MqttConfig, *, now: datetime | None = None,
                     timeout_s: float = 10.0) -> Published:
     """Sign and publish ``request`` (retained, QoS 1); returns where and what was published."""
     key = load_private_key(request.key)  # fail on a bad key before uploading anything
-    topic, payload = build_release(request, now)
+    topics, payload = build_release(request, now)
     envelope = sign_release(payload, key)
     with MqttClient(mqtt) as client:
         client.wait_connected(timeout_s)
-        client.publish(topic, envelope.to_json(), qos=1, retain=True, timeout=timeout_s)
-    return Published(topic, envelope)
+        for topic in topics:  # the same bytes: a device takes them once
+            client.publish(topic, envelope.to_json(), qos=1, retain=True, timeout=timeout_s)
+    return Published(topics, envelope)
 
 
 # -- command line -----------------------------------------------------------------------------------------
@@ -234,11 +242,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="how long to collect messages (default 2)")
     status.set_defaults(func=run_status)
     clear = actions.add_parser("clear", help="remove the release retained for a group or a device",
-                               description="Publish an empty retained message on the desired topic: a "
-                                           "device cleared follows its group's release again.")
+                               description="Publish an empty retained message on the desired topics "
+                                           "(each model's own and the shared one): a device cleared "
+                                           "follows its group's release again.")
     target = clear.add_mutually_exclusive_group(required=True)
     target.add_argument("--group", help="the group whose desired release goes")
     target.add_argument("--device", help="the device whose own desired release goes")
+    clear.add_argument("--model", help="only this model's release (default: every model's)")
+    clear.add_argument("--wait", type=float, default=1.0, metavar="SECONDS",
+                       help="how long to listen for the releases retained (default 1)")
     _mqtt_arguments(clear)
     clear.set_defaults(func=run_clear)
 
@@ -318,7 +330,7 @@ def run_publish(args: argparse.Namespace) -> int:
         allow_downgrade=args.allow_downgrade, plan_target=plan_target)
     published = publish_release(request, mqtt_config_from_args(args), now=now, timeout_s=args.timeout)
     payload = published.envelope.payload
-    print(f"published {payload['model']} v{payload['version']} to {published.topic} "
+    print(f"published {payload['model']} v{payload['version']} to {' and '.join(map(str, published.topics))} "
           f"(key {published.envelope.key_id}, sha256 {payload['artifact']['sha256'][:12]}…, "
           f"{payload['artifact']['size']} bytes, uri {payload['artifact']['uri']}, "
           f"expires {payload['expires_at']}{', downgrade allowed' if request.allow_downgrade else ''})")
@@ -335,20 +347,37 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def clear_release(mqtt: MqttConfig, topic: Topic, timeout_s: float = 10.0) -> None:
-    """Remove the release retained on a desired topic (an empty retained message): a device then
-    follows its group's release again, a group's devices keep what they serve."""
+def clear_release(mqtt: MqttConfig, topics: list[Topic], timeout_s: float = 10.0) -> None:
+    """Remove the releases retained on desired ``topics`` (an empty retained message each): a device
+    then follows its group's release again, a group's devices keep what they serve."""
     with MqttClient(mqtt) as client:
         client.wait_connected(timeout_s)
-        client.publish(topic, b"", qos=1, retain=True, timeout=timeout_s)
+        for topic in topics:
+            client.publish(topic, b"", qos=1, retain=True, timeout=timeout_s)
+
+
+def cleared_topics(view: FleetView, group: str | None, device: str | None, model: str | None) -> list[Topic]:
+    """The desired topics ``fleet clear`` empties, from what ``view`` saw retained: with ``model``,
+    that model's own topic, and the shared topic while it holds that model's release; without, the
+    shared topic and every model's own."""
+    is_group, name = group is not None, group if group is not None else device or ""
+    desired = view.topics.group_desired if is_group else view.topics.device_desired
+    held = {t.model: d for t, d in view.desired.items() if (t.group, t.name) == (is_group, name)}
+    if model is not None:
+        shared = held.get("")
+        return [desired(name, model), *([desired(name)] if shared and shared.model == model else [])]
+    return [desired(name), *(desired(name, m) for m in sorted(held) if m)]
 
 
 def run_clear(args: argparse.Namespace) -> int:
-    try:
-        topics = FleetTopics(args.fleet)
-        topic = topics.device_desired(args.device) if args.device else topics.group_desired(args.group)
+    mqtt = mqtt_config_from_args(args)
+    try:  # a bad id fails before the broker is asked
+        cleared_topics(FleetView(args.fleet), args.group, args.device, args.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    clear_release(mqtt_config_from_args(args), topic, timeout_s=args.timeout)
-    print(f"cleared the release retained on {topic}")
+    view = collect(mqtt, args.fleet, listen_s=args.wait, connect_timeout_s=args.timeout)
+    topics = cleared_topics(view, args.group, args.device, args.model)
+    clear_release(mqtt, topics, timeout_s=args.timeout)
+    for topic in topics:
+        print(f"cleared the release retained on {topic}")
     return 0

@@ -22,9 +22,9 @@ def collect(config: MqttConfig, fleet: str, listen_s: float = 2.0,
     inbox: queue.Queue[Message] = queue.Queue()
     with MqttClient(config, on_message=inbox.put) as client:
         client.wait_connected(connect_timeout_s)
-        for kind in (TopicKind.STATUS, TopicKind.REPORTED, TopicKind.TELEMETRY, TopicKind.GROUP_DESIRED,
-                     TopicKind.DEVICE_DESIRED):
-            client.subscribe(view.topics.every(kind))
+        for kind in TopicKind:
+            if kind is not TopicKind.EVENTS:
+                client.subscribe(view.topics.every(kind))
         deadline = time.monotonic() + listen_s
         while (remaining := deadline - time.monotonic()) > 0:
             try:

@@ -67,9 +67,11 @@ def test_topics_are_the_design_table() -> None:
     assert str(TOPICS.group_desired("line-a")) == "edgecloud/plant-1/groups/line-a/model/desired"
     assert str(TOPICS.device_desired("d1")) == "edgecloud/plant-1/devices/d1/model/desired"
     assert str(TOPICS.reported("d1")) == "edgecloud/plant-1/devices/d1/model/reported"
+    assert str(TOPICS.group_desired("line-a", "weld")) == "edgecloud/plant-1/groups/line-a/models/weld/desired"
+    assert str(TOPICS.device_desired("d1", "weld")) == "edgecloud/plant-1/devices/d1/models/weld/desired"
     retained = {kind for kind in TopicKind if kind.retained}
     assert retained == {TopicKind.STATUS, TopicKind.GROUP_DESIRED, TopicKind.DEVICE_DESIRED,
-                        TopicKind.REPORTED}
+                        TopicKind.REPORTED, TopicKind.GROUP_MODEL_DESIRED, TopicKind.DEVICE_MODEL_DESIRED}
     assert all(kind.qos == 1 for kind in TopicKind)
 
 
@@ -100,12 +102,18 @@ def test_topic_and_wildcard_validation() -> None:
 
 def test_parse_maps_a_topic_back_to_its_kind() -> None:
     for kind in TopicKind:
-        parsed = TOPICS.parse(TOPICS.topic(kind, "x1"))
+        parsed = TOPICS.parse(TOPICS.topic(kind, "x1", "weld" if kind.per_model else ""))
         assert parsed is not None and parsed.kind is kind
-        assert (parsed.group if kind is TopicKind.GROUP_DESIRED else parsed.device) == "x1"
+        assert (parsed.group if kind.scope == "groups" else parsed.device) == "x1"
+        assert parsed.model == ("weld" if kind.per_model else "")
+        assert TOPICS.every(kind).matches(TOPICS.topic(kind, "x1", "weld" if kind.per_model else ""))
     assert TOPICS.parse("edgecloud/other/devices/d1/status") is None
     assert TOPICS.parse("edgecloud/plant-1/devices/d1/unknown") is None
     assert TOPICS.parse("edgecloud/plant-1/devices/+/status") is None
+    assert TOPICS.parse("edgecloud/plant-1/groups/g/models/+/desired") is None
+    assert TOPICS.parse("edgecloud/plant-1/groups/g/models/weld/reported") is None
+    with pytest.raises(ValueError, match="model id"):
+        TOPICS.group_desired("g", "a b")
 
 
 # -- payloads -------------------------------------------------------------------------------------------

@@ -214,28 +214,47 @@ def fleet(broker: LocalBroker, tmp_path: Path) -> Iterator[Fleet]:
     assert not fleet.watcher.invalid, fleet.watcher.invalid
 
 
-def test_a_release_updates_the_model_it_names_and_no_other(fleet, broker, tmp_path):
-    device = "edge-multi"
-    models, edge = {}, tmp_path / "edge"
-    edge.mkdir()
-    for name in ("a", "b"):
+def fleet_models(fleet: Fleet, edge: Path, names: str = "ab") -> dict[str, Path]:
+    """Models named ``names``, each the fleet's base model (its contract, version 1 by its card)."""
+    models = {}
+    edge.mkdir(exist_ok=True)
+    for name in names:
         models[name] = edge / f"{name}.onnx"
-        shutil.copyfile(fleet.base, models[name])  # the base model's contract, version 1 by its card
+        shutil.copyfile(fleet.base, models[name])
         shutil.copyfile(fleet.base.with_name(fleet.base.name + ".card.json"),
                         models[name].with_name(models[name].name + ".card.json"))
+    return models
+
+
+def fleet_agent(fleet: Fleet, device: str, models: dict[str, Path], **sections: Any) -> EdgeAgent:
+    merged = fleet.sections(device)
+    merged["agent"].update(listen="127.0.0.1:0", state_dir=str(fleet.state_dir(device)))
+    config = models_config(fleet.state_dir(device), {name: {"path": str(p)} for name, p in models.items()},
+                           **merged, **sections)
+    agent = EdgeAgent(config).start()
+    fleet.agents.append(agent)
+    return agent
+
+
+def publish_v2(fleet: Fleet, broker: LocalBroker, tmp_path: Path, name: str, version: int = 2) -> None:
+    v2 = linear_classifier(tmp_path / "releases" / f"{name}-v{version}.onnx", seed=version)
+    request = ReleaseRequest(model=v2, name=name, version=version, key=fleet.key.private, fleet=FLEET,
+                             group=GROUP, gateway=f"127.0.0.1:{fleet.cloud.port}")
+    publish_release(request, broker.mqtt_config())
+
+
+def test_a_release_updates_the_model_it_names_and_no_other(fleet, broker, tmp_path):
+    device = "edge-multi"
+    edge = tmp_path / "edge"
+    models = fleet_models(fleet, edge)
     broken = edge / "c.onnx"
     broken.write_bytes(b"\0" * 64)
     telemetry, topic = Recorder(), f"edgecloud/{FLEET}/devices/{device}/telemetry"
     listener = MqttClient(broker.mqtt_config(), on_message=telemetry).start()
     listener.wait_connected(5)
     listener.subscribe(topic)
-    sections = fleet.sections(device)
-    sections["agent"].update(listen="127.0.0.1:0", state_dir=str(fleet.state_dir(device)))
-    config = models_config(fleet.state_dir(device), {name: {"path": str(p)} for name, p in models.items()}
-                           | {"c": {"path": str(broken)}},
-                           **sections, telemetry={"interval_s": 0.2}, metrics={"listen": "127.0.0.1:0"})
-    agent = EdgeAgent(config).start()
-    fleet.agents.append(agent)
+    agent = fleet_agent(fleet, device, models | {"c": broken}, telemetry={"interval_s": 0.2},
+                        metrics={"listen": "127.0.0.1:0"})
     try:
         untouched = agent.unit("a").slot.model
         x = np.zeros((1, 8), dtype=np.float32)
@@ -249,10 +268,7 @@ def test_a_release_updates_the_model_it_names_and_no_other(fleet, broker, tmp_pa
             ("a", 1, True), ("b", 1, True), ("c", None, False)]
         assert status["models"][2]["error"] and (status["model"], status["active_version"]) == ("a", 1)
 
-        v2 = linear_classifier(tmp_path / "releases" / "b-v2.onnx", seed=2)
-        publish_release(ReleaseRequest(model=v2, name="b", version=2, key=fleet.key.private, fleet=FLEET,
-                                       group=GROUP, gateway=f"127.0.0.1:{fleet.cloud.port}"),
-                        broker.mqtt_config())
+        publish_v2(fleet, broker, tmp_path, "b")
         fleet.watcher.wait_report(device, "active", 2)
         assert wait_for(lambda: agent.unit("b").slot.model.version == "2")
         assert agent.unit("a").slot.model is untouched  # the same loaded model, never swapped
@@ -264,9 +280,7 @@ def test_a_release_updates_the_model_it_names_and_no_other(fleet, broker, tmp_pa
         assert not (fleet.state_dir(device) / "served" / "a" / "models").exists()
 
         # a release naming no served model is refused by the first model's updater, with the reason
-        publish_release(ReleaseRequest(model=v2, name="zzz", version=5, key=fleet.key.private, fleet=FLEET,
-                                       group=GROUP, gateway=f"127.0.0.1:{fleet.cloud.port}"),
-                        broker.mqtt_config())
+        publish_v2(fleet, broker, tmp_path, "zzz", version=5)
         failed = fleet.watcher.wait_report(device, "failed", 5)
         assert failed["model"] == "zzz" and "contract_mismatch" in failed["reason"]
         assert agent.unit("b").slot.model.version == "2" and agent.unit("a").slot.model is untouched
@@ -280,6 +294,18 @@ def test_a_release_updates_the_model_it_names_and_no_other(fleet, broker, tmp_pa
         assert message["counters"]["requests"] == 2 and message["models"][2]["error"]
     finally:
         listener.close()
+
+
+def test_a_device_offline_while_each_model_was_released_takes_every_release(fleet, broker, tmp_path):
+    """Each release stays retained on its model's own topic: b's, published after a's, does not
+    replace it, as it did when the models shared one topic."""
+    device = "edge-late"
+    for name in "ab":
+        publish_v2(fleet, broker, tmp_path, name)
+    agent = fleet_agent(fleet, device, fleet_models(fleet, tmp_path / "edge"))
+    assert wait_for(lambda: {(r["model"], r["version"]) for r in fleet.watcher.reports(device)
+                             if r["state"] == "active"} == {("a", 2), ("b", 2)}, 30)
+    assert [agent.unit(name).slot.model.version for name in "ab"] == ["2", "2"]
 
 
 def test_a_reload_applies_each_models_own_cascade_overrides(tmp_path):

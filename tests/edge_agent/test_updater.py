@@ -631,9 +631,25 @@ def test_device_desired_wins_over_group(fleet: Fleet) -> None:
     fleet.watcher.wait_report("edge-1", "active", 2)
     fleet.watcher.wait_event("edge-1", "update.watch_passed")
     assert fleet.watcher.states("edge-1", 3) == []  # the group release was never considered
-    fleet.send(TOPICS.device_desired("edge-1"), b"")  # cleared: the group's release applies
+    for topic in (TOPICS.device_desired("edge-1", NAME), TOPICS.device_desired("edge-1")):
+        fleet.send(topic, b"")  # cleared, as `fleet clear --device` does: the group's release applies
     fleet.watcher.wait_report("edge-1", "active", 3)
     assert served_version(agent.port) == "3"
+
+
+def test_the_later_issued_of_the_models_topic_and_the_shared_one_wins(fleet: Fleet) -> None:
+    """A release on the shared topic only (as a publisher that predates the topics per model writes
+    it) moves the device on, and a stale one there does not shadow the model's own."""
+    agent = fleet.agent("edge-1")
+    start = utc_now() - timedelta(minutes=5)
+    fleet.publish(fleet.model(2), 2, now=start)  # the model's own topic and the shared one
+    fleet.watcher.wait_report("edge-1", "active", 2)
+    for version, topic in ((3, TOPICS.group_desired(GROUP)), (4, TOPICS.group_desired(GROUP, NAME))):
+        _, payload = build_release(fleet.request(fleet.model(version), version),
+                                   start + timedelta(minutes=version))
+        fleet.send(topic, fleet.sign(payload).to_json())
+        fleet.watcher.wait_report("edge-1", "active", version)
+    assert served_version(agent.port) == "4"
 
 
 def test_rollout_percent_is_honoured(fleet: Fleet, caplog) -> None:

@@ -28,7 +28,7 @@ from edgecloud.mqtt.topics import FleetTopics
 from edgecloud.release import Envelope, verify_envelope
 from edgecloud.signing import TrustStore, key_id, load_public_key
 from edgecloud_tools import cli
-from edgecloud_tools.fleet.status import render_table
+from edgecloud_tools.fleet.status import collect, render_table
 
 if TYPE_CHECKING:
     from edgecloud_tools.broker import LocalBroker
@@ -272,3 +272,27 @@ def test_status_shows_pending_and_rolled_back_releases_and_clear_removes_one(
     out = capsys.readouterr().out
     assert "device cam-4" not in out and "group line-a" in out
     assert cli.main(["fleet", "clear", "--group", "no/such", *broker_args(broker)]) == 2
+
+
+def test_each_model_keeps_its_release_and_clear_takes_one_models_or_every_one(
+        broker, gateway, key, model, capsys) -> None:
+    for name, version in (("inspection", 5), ("weld", 2)):
+        args = release_args(model, key, version, "--group", "line-a", "--gateway", gateway)
+        args[args.index("--name") + 1] = name
+        assert cli.main(["fleet", "publish", *args, *broker_args(broker)]) == 0
+
+    def listed() -> list[tuple[str, str, int]]:
+        view = collect(broker.mqtt_config(), "plant-1", listen_s=0.3)
+        return [(str(s.release.target), s.release.model, s.release.version) for s in view.releases()]
+
+    # weld's is on its own topic and on the shared one (where it replaced inspection's): listed once
+    assert listed() == [("group line-a", "inspection", 5), ("group line-a", "weld", 2)]
+    capsys.readouterr()
+    assert cli.main(["fleet", "clear", "--group", "line-a", "--model", "weld", *broker_args(broker)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["cleared the release retained on edgecloud/plant-1/groups/line-a/models/weld/desired",
+                   "cleared the release retained on edgecloud/plant-1/groups/line-a/model/desired"]
+    assert listed() == [("group line-a", "inspection", 5)]
+    assert cli.main(["fleet", "clear", "--group", "line-a", *broker_args(broker)]) == 0
+    assert "groups/line-a/models/inspection/desired" in capsys.readouterr().out
+    assert listed() == []
