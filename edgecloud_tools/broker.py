@@ -66,7 +66,9 @@ class LocalBroker:
     """One mosquitto process on ``HOST``; a context manager that starts and stops it."""
 
     def __init__(self, workdir: Path, *, users: Mapping[str, str] | None = None,
-                 tls: BrokerTLS | None = None) -> None:
+                 tls: BrokerTLS | None = None, acl_file: Path | None = None) -> None:
+        """``users``: name → password (no anonymous clients then); ``acl_file``: mosquitto's
+        ``acl_file``, what each user may read and write."""
         exe = mosquitto_path()
         if exe is None:
             raise RuntimeError(f"mosquitto is not installed: {INSTALL_HINT}")
@@ -74,6 +76,7 @@ class LocalBroker:
         self.workdir = Path(workdir)
         self.users = dict(users or {})
         self.tls = tls
+        self.acl_file = acl_file
         self.host = HOST
         self.port = free_loopback_port()
         self.log_path = self.workdir / "mosquitto.log"
@@ -90,6 +93,8 @@ class LocalBroker:
             password_file = self.workdir / "passwords"
             password_file.write_text("".join(password_line(u, p) + "\n" for u, p in self.users.items()))
             lines.append(f"password_file {password_file}")
+        if self.acl_file:
+            lines.append(f"acl_file {self.acl_file}")
         if self.tls:
             lines += [f"cafile {self.tls.ca}", f"certfile {self.tls.cert}", f"keyfile {self.tls.key}"]
         path = self.workdir / "mosquitto.conf"

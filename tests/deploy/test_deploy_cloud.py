@@ -4,6 +4,7 @@ gateway's own config rules (the ConfigMap's gateway.toml is loaded as the gatewa
 
 from __future__ import annotations
 
+import queue
 from pathlib import Path, PurePosixPath
 
 import kubernetes_validate
@@ -13,6 +14,8 @@ import yaml
 from cloud_gateway.config import GatewayConfig
 from edgecloud.config import build, read_toml
 from edgecloud.endpoint import parse_endpoint
+from edgecloud.mqtt.client import Message, MqttClient, MqttError
+from edgecloud.mqtt.topics import FleetTopics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "cloud"
 MANIFESTS = sorted((DEPLOY / "k8s").glob("*.yaml"))
@@ -141,3 +144,38 @@ def test_production_mosquitto_conf_is_tls_passwords_persistence():
     assert settings["listener"] == ["8883"]
     assert {"cafile", "certfile", "keyfile", "password_file"} <= set(settings)
     assert settings["persistence"] == ["true"]
+
+
+def test_the_acl_lets_a_device_read_every_release_desired_for_it_and_set_none(broker_factory) -> None:
+    """deploy/cloud/acl.example on a real mosquitto: a device writes its own status, telemetry, events
+    and reports, reads its own and its group's desired topics, shared and per model, reads no other
+    device's, and cannot write a release for itself."""
+    users = {"press-7": "device-secret", "operator": "operator-secret"}
+    broker = broker_factory(users=users, acl_file=DEPLOY / "acl.example")
+    topics = FleetTopics("plant-1")
+    desired = [topics.device_desired("press-7", "weld"), topics.device_desired("press-7"),
+               topics.group_desired("line-1", "weld"), topics.group_desired("line-1")]
+    others = topics.device_desired("press-8", "weld")
+    with MqttClient(broker.mqtt_config(username="operator", password=users["operator"])) as operator:
+        operator.wait_connected(5)
+        for i, topic in enumerate([*desired, others]):
+            operator.publish(topic, f"release {i}".encode(), qos=1, retain=True, timeout=5)
+    inbox: queue.Queue[Message] = queue.Queue()
+    config = broker.mqtt_config(username="press-7", password=users["press-7"])
+    with MqttClient(config, on_message=inbox.put) as device:
+        device.wait_connected(5)
+        for topic in [*desired, others]:
+            device.subscribe(topic)
+        for topic in (topics.status("press-7"), topics.telemetry("press-7"), topics.events("press-7"),
+                      topics.reported("press-7")):
+            device.publish(topic, b"{}", qos=1, timeout=5)  # acknowledged: the broker took it
+        with pytest.raises(MqttError, match="refused by broker: Not authorized"):
+            device.publish(desired[0], b"set by the device itself", qos=1, retain=True, timeout=5)
+        received: dict[str, list[bytes]] = {}
+        while len(received) <= len(desired):  # the retained ones, and one it should not get
+            try:
+                message = inbox.get(timeout=1.5)
+            except queue.Empty:
+                break
+            received.setdefault(message.topic, []).append(message.payload)
+    assert received == {str(topic): [f"release {i}".encode()] for i, topic in enumerate(desired)}
