@@ -336,8 +336,11 @@ def run_checks(device: Device) -> list[Check]:
 
 def run_doctor(args: argparse.Namespace) -> int:
     logging.disable(logging.WARNING)  # the report says what went wrong; the clients' own logs repeat it
-    config = build(AgentConfig, read_toml(args.config), str(args.config))
-    checks = run_checks(Device(config, args.unit, args.timeout))
+    try:
+        config = build(AgentConfig, read_toml(args.config), str(args.config))
+        checks = run_checks(Device(config, args.unit, args.timeout))
+    finally:  # as it was, for what runs next in this process
+        logging.disable(logging.NOTSET)
     for check in checks:
         print(check)
     failed = [c for c in checks if c.status == "FAIL"]

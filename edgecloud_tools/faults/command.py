@@ -97,8 +97,17 @@ def format_table(result: dict) -> str:
 
 
 def run_faults(args: argparse.Namespace) -> int:
+    logger = logging.getLogger("edgecloud")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the watcher's reconnects are the fault's
+    try:
+        return _run_faults(args)
+    finally:  # as it was, for what runs next in this process
+        logger.setLevel(level)
+
+
+def _run_faults(args: argparse.Namespace) -> int:
     plan = QUICK if args.quick else FULL
-    logging.getLogger("edgecloud").setLevel(logging.ERROR)  # the watcher's reconnects are the fault's
     names = args.only or list(FAULTS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
