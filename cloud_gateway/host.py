@@ -27,6 +27,7 @@ from edgecloud.errors import ModelNotFound, ModelUnavailable
 from edgecloud.guards import InputContract
 from edgecloud.protocol.codec import InferRequest, InferResponse, ModelMetadata
 from edgecloud.protocol.outputs import check_requested, select_outputs
+from edgecloud.protocol.parameters import CloudResponse
 from edgecloud.protocol.servicer import PeerInfo
 from edgecloud.tensors import check_inputs
 
@@ -82,9 +83,10 @@ class GatewayHost:
         check_requested(model.name, request.outputs, [o.name for o in model.outputs])
         collab = read_collaboration(request, rows)
         device = self._device(peer, collab.device_id)
-        inputs = request.inputs
+        inputs, params = request.inputs, {}
         if model.preprocess is not None and model.preprocess.frames in inputs:
             inputs = await asyncio.to_thread(model.model_inputs, inputs)
+            params[CloudResponse.INPUT_GEOMETRY] = str(model.preprocess.geometry)
         outputs = await model.run(inputs)
         if collab.summary is not None:  # SQLite writes: on a thread, off the event loop
             await asyncio.to_thread(self._keep, model, collab, device, request.inputs, outputs)
@@ -96,7 +98,8 @@ class GatewayHost:
         return InferResponse(model_name=model.name, model_version=str(model.version), id=request.id,
                              outputs=select_outputs(model.name, request.outputs,
                                                     {o.name: outputs[o.name] for o in model.outputs},
-                                                    model.config.labels))
+                                                    model.config.labels),
+                             parameters=params)
 
     def _device(self, peer: PeerInfo, claimed: str) -> str:
         proven = peer.common_name  # the auth interceptor refused a token naming another device

@@ -19,6 +19,7 @@ tests allow 3/255, and the logit difference that bound implies).
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -82,20 +83,15 @@ class Preprocess(Section):
         h, w = self.size
         return (self.channels, h, w) if self.layout == "NCHW" else (h, w, self.channels)
 
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.size, self.resize)
+
     def frame_box(self, box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
         """A box (x1, y1, x2, y2) in the model input's pixels, in the pixels of the ``width`` x
         ``height`` frame it was made from (undoing the stretch or the letterbox), clipped to it."""
-        h, w = self.size
-        if self.resize == "stretch":
-            sx, sy, ox, oy = width / w, height / h, 0.0, 0.0
-        else:
-            ratio = min(w / width, h / height)
-            inner = (max(1, round(width * ratio)), max(1, round(height * ratio)))
-            ox, oy = (w - inner[0]) // 2, (h - inner[1]) // 2
-            sx, sy = width / inner[0], height / inner[1]
-        x1, y1, x2, y2 = ((box[0] - ox) * sx, (box[1] - oy) * sy, (box[2] - ox) * sx, (box[3] - oy) * sy)
-        return (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width),
-                min(max(y2, 0.0), height))
+        x1, y1, x2, y2 = self.geometry.to_frame(np.asarray([box], dtype=np.float64), width, height)[0]
+        return float(x1), float(y1), float(x2), float(y2)
 
     @property
     def frames_spec(self) -> TensorSpec:
@@ -125,10 +121,74 @@ class Preprocess(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class Geometry:
+    """Where a frame's pixels land in a model input: its [H, W] and the resize. Boxes (x1, y1, x2, y2)
+    go between the two; ``str`` is the wire form, ``"letterbox 224x224"``."""
+
+    size: tuple[int, int]
+    resize: str
+
+    def __str__(self) -> str:
+        return f"{self.resize} {self.size[0]}x{self.size[1]}"
+
+    @classmethod
+    def parse(cls, text: str) -> Geometry:
+        """The geometry ``str`` wrote; ValueError for anything else."""
+        m = _GEOMETRY.match(text) if isinstance(text, str) else None
+        if not m or min(int(m[2]), int(m[3])) < 1:
+            raise ValueError(f"{text!r} is no frame geometry like 'letterbox 224x224'")
+        return cls((int(m[2]), int(m[3])), m[1])
+
+    def placement(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(inner width, inner height, left, top): where a ``width`` x ``height`` frame lands in the
+        input, resized to inner width x height with its top left corner at (left, top)."""
+        h, w = self.size
+        if self.resize == "stretch":
+            return w, h, 0, 0
+        ratio = min(w / width, h / height)
+        inner_w, inner_h = max(1, round(width * ratio)), max(1, round(height * ratio))
+        return inner_w, inner_h, (w - inner_w) // 2, (h - inner_h) // 2
+
+    def _scale_offset(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per box coordinate: frame = (input - offset) * scale."""
+        inner_w, inner_h, left, top = self.placement(width, height)
+        sx, sy = width / inner_w, height / inner_h
+        return np.array([sx, sy, sx, sy]), np.array([left, top, left, top], dtype=np.float64)
+
+    def to_frame(self, boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+        """Boxes [..., 4] in the input's pixels → in the ``width`` x ``height`` frame's, clipped to it."""
+        scale, offset = self._scale_offset(width, height)
+        return np.clip((boxes - offset) * scale, 0.0, np.array([width, height, width, height], dtype=float))
+
+    def from_frame(self, boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+        """Boxes [..., 4] in the ``width`` x ``height`` frame's pixels → in the input's, clipped to it."""
+        scale, offset = self._scale_offset(width, height)
+        h, w = self.size
+        return np.clip(boxes / scale + offset, 0.0, np.array([w, h, w, h], dtype=float))
+
+
+def remap_boxes(boxes: np.ndarray, scores: np.ndarray, sizes: np.ndarray, source: Geometry,
+                target: Geometry) -> np.ndarray:
+    """A detector's boxes [N, K, 4] in ``source``'s input pixels, in ``target``'s: frame by frame
+    through the frame's own pixels (``sizes`` [N, 2]: width, height). Padding (score 0) stays."""
+    out = np.array(boxes, copy=True)
+    for i, (width, height) in enumerate(sizes):
+        real = scores[i] > 0
+        frame = source.to_frame(out[i, real].astype(np.float64), int(width), int(height))
+        out[i, real] = target.from_frame(frame, int(width), int(height))
+    return out
+
+
+_GEOMETRY = re.compile(r"^(stretch|letterbox) ([0-9]{1,6})x([0-9]{1,6})$")
+
+
+@dataclass(frozen=True, slots=True)
 class Frames:
     """Decoded frames: the tensor they feed, and a grayscale thumbnail per row when asked for."""
 
     tensor: np.ndarray
+    #: (width, height) of each frame as it was sent, [N, 2]
+    sizes: np.ndarray
     thumbnails: np.ndarray | None = None
 
 
@@ -156,6 +216,8 @@ def _pixels(image: Image.Image, spec: Preprocess, row: int) -> Image.Image:
     """The frame decoded, in the spec's colour, at the spec's size."""
     h, w = spec.size
     mode = _MODES[spec.color]
+    # placed by the frame's own size, before a reduced DCT scale rounds it: boxes map back through it
+    inner_w, inner_h, left, top = spec.geometry.placement(image.width, image.height)
     try:
         if image.format == "JPEG":
             image.draft(mode, (w, h))  # decode at the smallest DCT scale still >= the model's size
@@ -165,10 +227,8 @@ def _pixels(image: Image.Image, spec: Preprocess, row: int) -> Image.Image:
         raise InvalidInput(f"frame row {row}: truncated or corrupt {image.format}: {e}") from None
     if spec.resize == "stretch":
         return image.resize((w, h), Image.Resampling.BILINEAR)
-    ratio = min(w / image.width, h / image.height)
-    inner = (max(1, round(image.width * ratio)), max(1, round(image.height * ratio)))
     canvas = Image.new(mode, (w, h))
-    canvas.paste(image.resize(inner, Image.Resampling.BILINEAR), ((w - inner[0]) // 2, (h - inner[1]) // 2))
+    canvas.paste(image.resize((inner_w, inner_h), Image.Resampling.BILINEAR), (left, top))
     return canvas
 
 
@@ -186,8 +246,11 @@ def decode_frames(frames: np.ndarray, spec: Preprocess, datatype: str, max_pixel
     h, w = spec.size
     batch = np.empty((rows.shape[0], h, w, spec.channels), dtype=np.uint8)
     thumbs = np.empty((rows.shape[0], THUMBNAIL, THUMBNAIL), dtype=np.float32) if thumbnails else None
+    sizes = np.empty((rows.shape[0], 2), dtype=np.int64)
     for i, data in enumerate(rows):
-        image = _pixels(_open(data, i, max_pixels), spec, i)
+        opened = _open(data, i, max_pixels)
+        sizes[i] = opened.size
+        image = _pixels(opened, spec, i)
         batch[i] = np.asarray(image).reshape(h, w, spec.channels)
         if thumbs is not None:
             thumbs[i] = thumbnail(image)
@@ -201,4 +264,4 @@ def decode_frames(frames: np.ndarray, spec: Preprocess, datatype: str, max_pixel
     dtype = NUMPY_OF[datatype]
     if dtype.kind == "u":
         values = np.clip(np.rint(values), 0, np.iinfo(dtype).max)
-    return Frames(np.ascontiguousarray(values, dtype=dtype), thumbs)
+    return Frames(np.ascontiguousarray(values, dtype=dtype), sizes, thumbs)

@@ -44,7 +44,7 @@ from edge_agent.serving.streams import StreamMemory
 from edgecloud import __version__
 from edgecloud.errors import InvalidInput, ModelNotFound
 from edgecloud.guards import InputContract
-from edgecloud.preprocess import decode_frames
+from edgecloud.preprocess import Frames, Geometry, decode_frames, remap_boxes
 from edgecloud.protocol.admission import release_slot
 from edgecloud.protocol.codec import InferRequest, InferResponse, ModelMetadata
 from edgecloud.protocol.detections import detections_output, top_label
@@ -55,6 +55,7 @@ from edgecloud.protocol.parameters import (
     AgentRequest,
     AgentResponse,
     CloudRequest,
+    CloudResponse,
     EdgeSummary,
     EscalationReason,
 )
@@ -103,6 +104,8 @@ class _Call:
     confidence: np.ndarray
     #: each frame's grayscale thumbnail, for a frames request that names its stream
     thumbnails: np.ndarray | None = None
+    #: each frame's (width, height), for a frames request
+    frame_sizes: np.ndarray | None = None
     stream: str = ""
     _request_id: str = ""
 
@@ -203,7 +206,7 @@ class Cascade:
         started = time.perf_counter()
         model = self._model_for(request.model_name, request.model_version)
         options = CascadeOptions.parse(request.parameters, model.settings.threshold, self.slot.flags.escalate)
-        inputs, thumbnails = self._model_inputs(model, request, bool(options.stream))
+        inputs, frames = self._model_inputs(model, request, bool(options.stream))
         rows = check_inputs(model.inputs, inputs, model.name)
         outputs = model.backend.infer(inputs)
         confidence = np.asarray(model.settings.policy(outputs), dtype=np.float32).reshape(-1)
@@ -211,7 +214,8 @@ class Cascade:
             raise InvalidInput(f"confidence policy {model.settings.policy_name!r} gave "
                                f"{confidence.shape[0]} values for {rows} rows")
         confidence = model.contract.guard_confidence(inputs, confidence, request.in_range)
-        call = _Call(model, request, dict(outputs), confidence, thumbnails, options.stream)
+        call = _Call(model, request, dict(outputs), confidence, frames and frames.thumbnails,
+                     frames and frames.sizes, options.stream)
 
         wants = self._wants_cloud(confidence, options)
         reused = self._reuse(call, wants, options.escalate)
@@ -249,9 +253,9 @@ class Cascade:
     # --- steps ----------------------------------------------------------------------------------
 
     def _model_inputs(self, model: EdgeModel, request: InferRequest,
-                      thumbnails: bool) -> tuple[Mapping[str, np.ndarray], np.ndarray | None]:
+                      thumbnails: bool) -> tuple[Mapping[str, np.ndarray], Frames | None]:
         """The model's inputs: the request's, with its frames (when it sent some) decoded into the
-        input they feed; and the frames' thumbnails when ``thumbnails`` asks for them."""
+        input they feed; and the decoded frames (with thumbnails when ``thumbnails`` asks for them)."""
         spec = model.preprocess
         if spec is None or spec.frames not in request.inputs:
             return request.inputs, None
@@ -261,7 +265,7 @@ class Cascade:
                                    thumbnails)
         inputs = {k: v for k, v in request.inputs.items() if k != spec.frames}
         inputs[spec.input] = frames.tensor
-        return inputs, frames.thumbnails
+        return inputs, frames
 
     def _reuse(self, call: _Call, wants: np.ndarray, mode: str) -> np.ndarray:
         """Rows wanting the cloud that take their stream's last cloud answer instead (the same scene,
@@ -319,9 +323,7 @@ class Cascade:
         self.stats.upstream(size)
         started = time.perf_counter()
         try:
-            reply = self.link.ask(call.model, upstream, self.deadline_s)
-            cloud_rows = {spec.name: self._cloud_output(reply.outputs, spec, rows.size)
-                          for spec in call.model.outputs}
+            cloud_rows = self._cloud_rows(call, self.link.ask(call.model, upstream, self.deadline_s), rows)
         except CloudError as e:
             self._degraded(call, upstream, rows.size, str(e), started,
                            keep=not isinstance(e, CloudIncompatible))
@@ -341,6 +343,26 @@ class Cascade:
         log.info("event=escalation request_id=%s rows=%d outcome=degraded error=%r spooled=%s "
                  "latency_ms=%.1f", call.request_id, rows, error, spooled,
                  (time.perf_counter() - started) * 1000)
+
+    def _cloud_rows(self, call: _Call, reply: InferResponse, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The cloud's answer for ``rows``, output by output; a detector's boxes in the edge model's
+        input pixels, when the cloud says its own input took the frames another way (another size, or
+        letterboxed)."""
+        cloud_rows = {spec.name: self._cloud_output(reply.outputs, spec, rows.size)
+                      for spec in call.model.outputs}
+        detection, spec = call.model.detection, call.model.preprocess
+        geometry = reply.parameters.get(CloudResponse.INPUT_GEOMETRY)
+        if detection is None or spec is None or call.frame_sizes is None or not geometry:
+            return cloud_rows
+        try:
+            cloud = Geometry.parse(str(geometry))
+        except ValueError as e:
+            raise CloudError(f"bad cloud answer: {CloudResponse.INPUT_GEOMETRY}: {e}") from None
+        if cloud != spec.geometry:
+            boxes, scores = cloud_rows[detection.boxes], cloud_rows[detection.scores]
+            cloud_rows[detection.boxes] = remap_boxes(boxes, scores, call.frame_sizes[rows], cloud,
+                                                      spec.geometry)
+        return cloud_rows
 
     @staticmethod
     def _cloud_output(outputs: Mapping[str, np.ndarray], spec: TensorSpec, rows: int) -> np.ndarray:
@@ -394,8 +416,7 @@ class Cascade:
                 if reason in AUDIT_REASONS:
                     self.stats.audit()
                 else:
-                    self._remember(call, rows, {spec.name: self._cloud_output(reply.outputs, spec, rows.size)
-                                                for spec in call.model.outputs})
+                    self._remember(call, rows, self._cloud_rows(call, reply, rows))
             except CloudError:
                 if self.spool is not None:
                     self.spool.put(upstream)

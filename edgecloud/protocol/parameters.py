@@ -88,6 +88,14 @@ class CloudRequest(Parameter):
     DEFERRED = "deferred", bool  # replayed from the spool, no client waits for the answer
 
 
+class CloudResponse(Parameter):
+    """Set by the gateway on its response."""
+
+    #: a frames request's answer: how the frames became the model's input, the pixels its boxes are in
+    #: (``Geometry`` of edgecloud.preprocess: ``"letterbox 224x224"``)
+    INPUT_GEOMETRY = "input_geometry", str
+
+
 EscalationReason = Literal["low_confidence", "audit", "empty_frame", "forced"]
 #: reasons of rows sent in the background to watch the edge, with no client waiting for them
 AUDIT_REASONS = ("audit", "empty_frame")

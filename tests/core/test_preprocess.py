@@ -7,10 +7,12 @@ import resource
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgecloud.errors import InvalidInput, ModelLoadError
 from edgecloud.modelcard import ModelCardError, card_preprocess
-from edgecloud.preprocess import Preprocess, decode_frames
+from edgecloud.preprocess import Geometry, Preprocess, decode_frames, remap_boxes
 from edgecloud.tensors import TensorSpec
 from tests.support.images import JPEG_TOLERANCE, encode, gif, png_header, scene, tensor_of
 
@@ -114,3 +116,57 @@ def test_a_cards_preprocess_is_read_and_a_bad_one_named():
     assert card_preprocess({}) is None
     with pytest.raises(ModelCardError, match="preprocess: layout"):
         card_preprocess({"preprocess": {**card["preprocess"], "layout": "CHW"}})
+
+
+# -- geometry: boxes between a frame's pixels and an input's ---------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["stretch", "letterbox"]), st.integers(4, 64), st.integers(4, 64), st.integers(1, 400),
+       st.integers(1, 400), st.lists(st.floats(0, 1), min_size=4, max_size=4))
+def test_a_box_in_a_frame_comes_back_from_the_input(resize, h, w, width, height, corners):
+    """from_frame then to_frame is the identity on boxes inside the frame; the wire form parses back."""
+    geometry = Geometry((h, w), resize)
+    x1, x2 = sorted(corners[:2])
+    y1, y2 = sorted(corners[2:])
+    box = np.array([[x1 * width, y1 * height, x2 * width, y2 * height]])
+    inside = geometry.from_frame(box, width, height)
+    assert np.all(inside >= 0) and np.all(inside[:, [0, 2]] <= w) and np.all(inside[:, [1, 3]] <= h)
+    np.testing.assert_allclose(geometry.to_frame(inside, width, height), box, rtol=1e-9, atol=1e-9)
+    assert Geometry.parse(str(geometry)) == geometry
+
+
+@pytest.mark.parametrize("text", ["", "letterbox", "fill 16x16", "letterbox 0x16", "stretch 16 x 16",
+                                  "letterbox 16x16 ", "stretch -1x4"])
+def test_a_geometry_that_is_none_is_refused(text):
+    with pytest.raises(ValueError, match="no frame geometry"):
+        Geometry.parse(text)
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+def test_boxes_land_where_the_frame_pixels_land(resize):
+    """A white rectangle in a 64 x 48 frame, decoded at 32 x 32: the input's white pixels are where
+    from_frame puts the rectangle, to the pixel (bilinear edges are grey)."""
+    pixels = np.zeros((48, 64, 1), dtype=np.uint8)
+    pixels[12:30, 8:40] = 255
+    spec = Preprocess(input="image", frames="frames", color="gray", size=(32, 32), resize=resize)
+    image = decode_frames(frames(encode(pixels, "PNG")), spec, "FP32").tensor[0, 0]
+    ys, xs = np.nonzero(image > 0.5)
+    found = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=float)
+    want = spec.geometry.from_frame(np.array([[8.0, 12.0, 40.0, 30.0]]), 64, 48)[0]
+    np.testing.assert_allclose(found, want, atol=1.0)
+    decoded = decode_frames(frames(encode(pixels, "PNG"), encode(pixels[:20], "PNG")), spec, "FP32")
+    assert decoded.sizes.tolist() == [[64, 48], [64, 20]]
+
+
+def test_remapped_boxes_go_through_each_frames_own_pixels_and_padding_stays():
+    cloud, edge = Geometry((32, 32), "letterbox"), Geometry((16, 16), "stretch")
+    boxes = np.array([[[0, 4, 32, 28], [8, 8, 16, 16]], [[0, 0, 32, 32], [0, 0, 0, 0]]], dtype=np.float32)
+    scores = np.array([[0.9, 0.4], [0.7, 0.0]], dtype=np.float32)
+    sizes = np.array([[64, 48], [32, 64]])
+    got = remap_boxes(boxes, scores, sizes, cloud, edge)
+    # frame 0 (64 x 48) sits at y 4..28 in the cloud's 32 x 32, so its full box is the edge's full input
+    np.testing.assert_allclose(got[0, 0], [0, 0, 16, 16], atol=1e-5)
+    # (8, 8)-(16, 16) is (16, 8)-(32, 24) in the frame: x / 4 and y / 3 in the edge's 16 x 16
+    np.testing.assert_allclose(got[0, 1], [4, 8 / 3, 8, 8], atol=1e-5)
+    # frame 1 (32 x 64) sits at x 8..24: the cloud's full box is clipped to the frame, the edge's full
+    np.testing.assert_allclose(got[1, 0], [0, 0, 16, 16], atol=1e-5)
+    assert got[1, 1].tolist() == [0, 0, 0, 0] and got.dtype == np.float32

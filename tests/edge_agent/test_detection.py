@@ -259,6 +259,38 @@ def test_the_export_of_escalated_frames_is_a_coco_detection_set(tmp_path, detect
     assert len(coco["annotations"]) == sum(len(above(cloud_out, i)) for i in range(len(data))) > 0
 
 
+def test_a_cloud_detector_taking_frames_another_way_answers_in_the_edges_pixels(tmp_path, detectors):
+    """The cloud takes frames letterboxed at 32 x 32, the edge stretched at 16 x 16: an escalated
+    frame's boxes are the cloud's, in the edge's input pixels (through the frame's own), as a
+    confident frame's are."""
+    edge, _ = detectors
+    cloud_model = grid_detector(tmp_path / "cloud32.onnx", size=(32, 32), gain=1.2, bias=0.05)
+    cloud_pre = {**CLOUD_PRE, "size": [32, 32], "resize": "letterbox"}
+    data = [encode(np.kron(frame(s), np.ones((3, 4, 1), dtype=np.uint8)), "PNG") for s in range(6)]  # 48 x 64
+    cloud = GatewayCloud(tmp_path / "cloud", cloud_model, "line")
+    card = cloud.repository / "line" / "1" / "model.onnx.card.json"
+    card.write_text(json.dumps({"name": "line", "preprocess": cloud_pre}))
+    cloud.start()
+    try:
+        with start_agent(tmp_path / "edge", edge, cloud.port, cloud={"max_per_s": 100000}) as agent:
+            r = Client(agent.port).infer("line", {"frames": np.array(data, dtype=np.object_)},
+                                         escalate="always")
+    finally:
+        cloud.stop()
+    assert r.parameters[AgentResponse.SOURCE] == "cloud"
+    x = decode_frames(np.array(data, dtype=np.object_), Preprocess.model_validate(cloud_pre), "FP32").tensor
+    cloud_out = run_detector(cloud_model, x)
+    np.testing.assert_allclose(r.outputs["scores"], cloud_out["scores"], atol=1e-5)
+    # letterboxed, a 64 x 48 frame is 32 x 24 at (0, 4) of the cloud's input: frame x = 2 x, frame
+    # y = 2 (y - 4), inside 0..48; stretched to 16 x 16, the edge's x is the frame's / 4, its y / 3
+    cloud_boxes = cloud_out["boxes"].astype(np.float64)
+    want = np.stack([cloud_boxes[..., 0] / 2, np.clip((cloud_boxes[..., 1] - 4) * 2, 0, 48) / 3,
+                     cloud_boxes[..., 2] / 2, np.clip((cloud_boxes[..., 3] - 4) * 2, 0, 48) / 3], axis=-1)
+    real = cloud_out["scores"] > 0
+    assert real.sum() > 50
+    np.testing.assert_allclose(r.outputs["boxes"][real], want[real], atol=1e-4)
+
+
 def test_a_detection_card_picks_box_mean_and_a_release_keeps_the_detection_outputs(tmp_path, detectors):
     """A detection card's default policy reads its scores; a model swapped in without a card (as a
     release brings it) is still served as the detector; a card naming an output the model lacks is a
