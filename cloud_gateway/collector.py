@@ -42,21 +42,34 @@ LABELS = ("fleet", "device")
 RECENT = 1024
 
 
-class TelemetryFigures(BaseModel):
-    """The telemetry fields this collector exposes, checked when a message arrives, so one device's
-    malformed message is dropped (and logged) instead of failing every later scrape."""
+class _Figures(BaseModel):
+    """Figures that telemetry gives for the device (every model's total) and for each model."""
 
     model_config = ConfigDict(extra="ignore")
+
+    model_version: int | None = None
+    counters: dict[str, int] = Field(default_factory=dict)
+    escalation_rate: float | None = Field(None, ge=0, le=1)
+    spool_depth: int | None = None
+    circuit_state: str | None = None
+
+
+class ModelFigures(_Figures):
+    """One served model's own figures (telemetry's ``models``)."""
+
+    name: str = Field(min_length=1)
+    ready: bool | None = None
+
+
+class TelemetryFigures(_Figures):
+    """The telemetry fields this collector exposes, checked when a message arrives, so one device's
+    malformed message is dropped (and logged) instead of failing every later scrape."""
 
     seq: int = Field(ge=0)
     at: str = ""
     model: str | None = None
-    model_version: int | None = None
-    counters: dict[str, int] = Field(default_factory=dict)
     latency_buckets: LatencyBuckets | None = None
-    escalation_rate: float | None = Field(None, ge=0, le=1)
-    spool_depth: int | None = None
-    circuit_state: str | None = None
+    models: list[ModelFigures] = Field(default_factory=list)
 
 
 @dataclass
@@ -168,8 +181,8 @@ class _Families:
         def gauge(name: str, documentation: str, *extra: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(DEVICE + name, documentation, labels=(*LABELS, *extra))
 
-        def counter(name: str, documentation: str) -> CounterMetricFamily:
-            return CounterMetricFamily(DEVICE + name, documentation, labels=LABELS)
+        def counter(name: str, documentation: str, *extra: str) -> CounterMetricFamily:
+            return CounterMetricFamily(DEVICE + name, documentation, labels=(*LABELS, *extra))
 
         self.online = gauge("online", "1 while the device's status is online (0 after its goodbye or Will)")
         self.model = gauge("model_version", "Version of the model the device serves", "model")
@@ -187,6 +200,14 @@ class _Families:
         self.messages = counter("telemetry_messages_total", "Telemetry messages received, without duplicates")
         self.duplicates = counter("telemetry_duplicate_messages_total", "Telemetry messages received again")
         self.missing = counter("telemetry_missing_messages_total", "Telemetry seqs never received")
+        # each model's own, beside the device's totals (other names, so that sums do not count twice)
+        self.model_ready = gauge("model_ready", "1 while the model serves, 0 while it is not ready", "model")
+        self.model_counters = {key: counter(f"model_{name}", f"{text} (the model's own, since its agent "
+                                            "started)", "model") for key, (name, text) in COUNTERS.items()}
+        self.model_escalation = gauge("model_escalation_ratio", "Share of the model's rows escalated over "
+                                      "the last telemetry interval", "model")
+        self.model_spool = gauge("model_spool_depth", "The model's cases waiting in the spool", "model")
+        self.model_circuit = gauge("model_circuit_open", "1 while the model's cloud circuit is open", "model")
 
     def add(self, fleet: str, row: DeviceRow, stream: DeviceTelemetry | None) -> None:
         labels = (fleet, row.device)
@@ -199,32 +220,56 @@ class _Families:
         if latest is not None:  # fresher than the status, which is only sent on connect
             model = latest.model if latest.model is not None else model
             version = latest.model_version if latest.model_version is not None else version
-        if version is not None:
+        if latest is not None and latest.models:
+            for served in latest.models:
+                if served.model_version is not None:
+                    self.model.add_metric((*labels, served.name), served.model_version)
+        elif version is not None:
             self.model.add_metric((*labels, model or ""), version)
         if stream is None or latest is None:
             return
         self._telemetry(labels, stream, latest)
+        for served in latest.models:
+            self._model(labels, served)
 
     def _telemetry(self, labels: tuple[str, str], stream: DeviceTelemetry, latest: TelemetryFigures) -> None:
-        for key, family in self.counters.items():
-            if key in latest.counters:
-                family.add_metric(labels, latest.counters[key])
-        self.escalation.add_metric(labels, latest.escalation_rate or 0.0)  # idle: 0, not gone
+        self._figures(labels, latest, self.counters, self.escalation)
         buckets = latest.latency_buckets
         if buckets is not None and tuple(buckets.le) == LATENCY_BUCKETS:  # other bounds cannot be summed
             for path in ("edge", "escalated"):
                 figures = getattr(buckets, path)
                 add_latency(self.latency, (*labels, path), figures.counts, figures.sum_s)
-        if latest.spool_depth is not None:
-            self.spool.add_metric(labels, latest.spool_depth)
-        if latest.circuit_state is not None:
-            self.circuit.add_metric(labels, int(latest.circuit_state == "open"))
+        self._states(labels, latest, self.spool, self.circuit)
         self.seq.add_metric(labels, stream.highest)
         self.messages.add_metric(labels, stream.messages)
         self.duplicates.add_metric(labels, stream.duplicates)
         self.missing.add_metric(labels, stream.missing)
 
+    def _model(self, device: tuple[str, str], served: ModelFigures) -> None:
+        labels = (*device, served.name)
+        if served.ready is not None:
+            self.model_ready.add_metric(labels, int(served.ready))
+        self._figures(labels, served, self.model_counters, self.model_escalation)
+        self._states(labels, served, self.model_spool, self.model_circuit)
+
+    @staticmethod
+    def _figures(labels: tuple[str, ...], figures: _Figures, counters: dict[str, CounterMetricFamily],
+                 escalation: GaugeMetricFamily) -> None:
+        for key, family in counters.items():
+            if key in figures.counters:
+                family.add_metric(labels, figures.counters[key])
+        escalation.add_metric(labels, figures.escalation_rate or 0.0)  # idle: 0, not gone
+
+    @staticmethod
+    def _states(labels: tuple[str, ...], figures: _Figures, spool: GaugeMetricFamily,
+                circuit: GaugeMetricFamily) -> None:
+        if figures.spool_depth is not None:
+            spool.add_metric(labels, figures.spool_depth)
+        if figures.circuit_state is not None:
+            circuit.add_metric(labels, int(figures.circuit_state == "open"))
+
     def all(self) -> Iterator[Metric]:
         yield from (self.online, self.model, self.last_seen, *self.counters.values(), self.escalation,
                     self.latency, self.spool, self.circuit, self.seq, self.messages, self.duplicates,
-                    self.missing)
+                    self.missing, self.model_ready, *self.model_counters.values(), self.model_escalation,
+                    self.model_spool, self.model_circuit)

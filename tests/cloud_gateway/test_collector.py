@@ -130,6 +130,34 @@ def test_an_idle_device_keeps_its_ratio_and_latency_series_at_zero_and_odd_bucke
     assert value("edgecloud_device_request_latency_seconds_count", "old", path="edge") is None
 
 
+def test_each_models_own_figures_are_series_of_their_own_beside_the_devices_totals() -> None:
+    collector = FleetCollector(build(MqttConfig, {}), FLEET)
+    registry = CollectorRegistry()
+    registry.register(collector)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"fleet": FLEET, "device": "cam-1", **labels})
+
+    models = [{"name": "clf", "model_version": 2, "ready": True, "counters": {"requests": 5},
+               "escalation_rate": 0.5, "spool_depth": 3, "circuit_state": "closed"},
+              {"name": "weld", "model_version": 7, "ready": True, "counters": {"requests": 2},
+               "escalation_rate": 0.0, "spool_depth": 0, "circuit_state": "open"},
+              {"name": "broken", "model_version": None, "ready": False, "counters": {"requests": 0},
+               "escalation_rate": None, "spool_depth": 0, "circuit_state": "closed"}]
+    collector.apply(telemetry("cam-1", 0, requests=7, models=models))
+    assert value("edgecloud_device_requests_total") == 7  # the device's total, as before
+    names = ("clf", "weld", "broken")
+    assert [value("edgecloud_device_model_requests_total", model=m) for m in names] == [5, 2, 0]
+    assert [value("edgecloud_device_model_version", model=m) for m in names] == [2, 7, None]
+    assert [value("edgecloud_device_model_ready", model=m) for m in names] == [1, 1, 0]
+    assert value("edgecloud_device_model_escalation_ratio", model="clf") == 0.5
+    assert value("edgecloud_device_model_escalation_ratio", model="broken") == 0  # idle: 0, not gone
+    assert value("edgecloud_device_model_spool_depth", model="clf") == 3
+    assert [value("edgecloud_device_model_circuit_open", model=m) for m in ("clf", "weld")] == [0, 1]
+    collector.apply(telemetry("cam-1", 1, requests=8, models=[{"name": ""}]))  # a model without a name
+    assert value("edgecloud_device_telemetry_seq") == 0  # dropped whole
+
+
 def test_gateway_collects_per_device_metrics_from_real_agents(broker: LocalBroker, tmp_path: Path) -> None:
     edge = linear_classifier(tmp_path / "edge.onnx", card={"name": "clf", "version": 3})
     cloud = GatewayCloud(tmp_path / "cloud", linear_classifier(tmp_path / "cloud.onnx", seed=1), "clf",
@@ -161,6 +189,8 @@ def test_gateway_collects_per_device_metrics_from_real_agents(broker: LocalBroke
             assert scrape.value("edgecloud_device_telemetry_messages_total", **labels) >= 1
             assert scrape.value("edgecloud_device_telemetry_missing_messages_total", **labels) == 0
         assert scrape.value("edgecloud_device_escalated_rows_total", device="d2") == 4
+        assert scrape.value("edgecloud_device_model_escalated_rows_total", device="d2", model="clf") == 4
+        assert scrape.value("edgecloud_device_model_ready", device="d1", model="clf") == 1
         assert scrape.value("edgecloud_device_cloud_answers_total", device="d2") == 4
         assert scrape.value("edgecloud_device_escalated_rows_total", device="d1") == 0
         latency = "edgecloud_device_request_latency_seconds_count"
