@@ -95,16 +95,22 @@ class Reporter:
         self.flush()
 
     def flush(self) -> None:
-        """Publish the latest report (retained); kept for the next connect when the broker is away."""
+        """Publish the latest report (retained) on the model's own topic, then on the one the models
+        share (which tools that predate the topics per model read); kept for the next connect when the
+        broker is away. A report on a release for a model not served here (refused) goes on the shared
+        topic only: the model's own keeps its last state."""
         with self._lock:
             payload = self._unsent
         if payload is None:
             return
+        model = self._slot.model.name
+        topics = [self.fleet.topics.reported(self.device, model)] if payload.model == model else []
         try:
-            self.fleet.publish(self.fleet.topics.reported(self.device), payload, retain=True)
+            for topic in (*topics, self.fleet.topics.reported(self.device)):
+                self.fleet.publish(topic, payload, retain=True)
         except MqttError as e:
             log.warning("event=update_report_not_sent device=%s state=%s error=%r", self.device,
-                        payload["state"], str(e))
+                        payload.state, str(e))
             return
         with self._lock:
             if self._unsent is payload:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -29,26 +29,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class DeviceRow:
-    device: str
-    online: bool | None = None
-    group: str | None = None
-    model: str | None = None
+class ModelState:
+    """Where one model of a device stands: the version it serves and its update."""
+
+    name: str
     active_version: int | None = None
+    ready: bool | None = None
     update_state: str | None = None
     update_version: int | None = None
     update_progress: float | None = None
     update_reason: str | None = None
     escalation_rate: float | None = None
-    last_seen: datetime | None = None
-
-    def seen(self, at: Any) -> None:
-        try:
-            moment = parse_time(at)
-        except ValueError:
-            return
-        if self.last_seen is None or moment > self.last_seen:
-            self.last_seen = moment
 
     @property
     def update(self) -> str:
@@ -62,6 +53,56 @@ class DeviceRow:
         if self.update_reason:
             text += f" ({self.update_reason})"
         return text
+
+    def fold_report(self, body: dict[str, Any]) -> None:
+        self.update_state, self.update_version = body.get("state"), body.get("version")
+        self.update_progress, self.update_reason = body.get("progress"), body.get("reason")
+        if body.get("active_version") is not None:
+            self.active_version = body["active_version"]
+
+
+@dataclass
+class DeviceRow:
+    """One device: online, group, last seen, and its models (``model`` names the first that serves,
+    whose figures the row's own ``active_version`` and ``update`` are)."""
+
+    device: str
+    online: bool | None = None
+    group: str | None = None
+    model: str | None = None
+    escalation_rate: float | None = None
+    last_seen: datetime | None = None
+    models: dict[str, ModelState] = field(default_factory=dict)
+
+    def seen(self, at: Any) -> None:
+        try:
+            moment = parse_time(at)
+        except ValueError:
+            return
+        if self.last_seen is None or moment > self.last_seen:
+            self.last_seen = moment
+
+    def state(self, model: str | None) -> ModelState:
+        """The state of ``model`` (made on first sight); the first model's for None."""
+        name = model or self.model or next(iter(self.models), "")
+        return self.models.setdefault(name, ModelState(name))
+
+    @property
+    def primary(self) -> ModelState | None:
+        return self.models.get(self.model or "") or next(iter(self.models.values()), None)
+
+    @property
+    def active_version(self) -> int | None:
+        return self.primary.active_version if self.primary else None
+
+    @property
+    def update(self) -> str:
+        return self.primary.update if self.primary else "-"
+
+
+def _objects(value: Any) -> list[dict[str, Any]]:
+    """The JSON objects of a list (a message's ``models``); [] for anything else."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
 def json_object(message: Message) -> dict[str, Any] | None:
@@ -93,7 +134,7 @@ class FleetView:
             return
         body = json_object(message)
         if body is not None and parsed.device:
-            self.fold(parsed.kind, parsed.device, body)
+            self.fold(parsed.kind, parsed.device, body, parsed.model)
 
     def fold_desired(self, parsed: ParsedTopic, payload: bytes) -> None:
         """A retained desired message: a release for the group or device, or cleared (empty)."""
@@ -109,22 +150,31 @@ class FleetView:
         self.desired[target] = Desired(target, release.model, release.version, release.allow_downgrade,
                                        release.issued_at)
 
-    def fold(self, kind: TopicKind, device: str, body: dict[str, Any]) -> None:
-        """Fold one decoded message of ``kind`` from ``device`` into its row."""
+    def fold(self, kind: TopicKind, device: str, body: dict[str, Any], model: str = "") -> None:
+        """Fold one decoded message of ``kind`` from ``device`` (about ``model``, for a per-model
+        topic) into its row."""
         row = self.rows.setdefault(device, DeviceRow(device))
         row.seen(body.get("at"))
         if kind is TopicKind.STATUS:
             row.online = body.get("state") == "online"
             row.group = body.get("group", row.group)
             row.model = body.get("model", row.model)
-            row.active_version = body.get("active_version", row.active_version)
-        elif kind is TopicKind.REPORTED:
-            row.update_state, row.update_version = body.get("state"), body.get("version")
-            row.update_progress, row.update_reason = body.get("progress"), body.get("reason")
-            if body.get("active_version") is not None:
-                row.active_version = body["active_version"]
+            row.state(None).active_version = body.get("active_version")
+            for served in _objects(body.get("models")):
+                if isinstance(served.get("name"), str) and served["name"]:
+                    state = row.state(served["name"])
+                    state.active_version, state.ready = served.get("active_version"), served.get("ready")
+        elif kind is TopicKind.MODEL_REPORTED:
+            row.state(model).fold_report(body)
+        elif kind is TopicKind.REPORTED:  # the shared topic: a report on a model not served here is the
+            # first model's refusal (and all there is from an agent that predates the per-model topics)
+            named = body.get("model")
+            row.state(named if named in row.models or not row.models else None).fold_report(body)
         elif kind is TopicKind.TELEMETRY:
             row.escalation_rate = body.get("escalation_rate", row.escalation_rate)
+            for served in _objects(body.get("models")):
+                if isinstance(served.get("name"), str) and served["name"]:
+                    row.state(served["name"]).escalation_rate = served.get("escalation_rate")
 
     def sorted_rows(self) -> list[DeviceRow]:
         return [self.rows[d] for d in sorted(self.rows)]
@@ -135,9 +185,11 @@ class FleetView:
         shown = {t: self._twin(t) for t in self.desired}
         devices: dict[Target, dict[str, list[str]]] = {t: {} for t in set(shown.values())}
         for row in self.sorted_rows():
-            desired = next((self.desired[t] for t in self._followed(row) if t in self.desired), None)
-            if desired is not None:
-                devices[shown[desired.target]].setdefault(desired.standing(row), []).append(row.device)
+            for state in row.models.values():
+                followed = (self.desired[t] for t in self._followed(row, state.name) if t in self.desired)
+                desired = next(followed, None)
+                if desired is not None:
+                    devices[shown[desired.target]].setdefault(desired.standing(state), []).append(row.device)
         return [Standing(self.desired[t], {s: tuple(d) for s, d in devices[t].items()})
                 for t in sorted(devices, key=lambda t: (not t.group, t.name, t.model))]
 
@@ -150,11 +202,11 @@ class FleetView:
         return target
 
     @staticmethod
-    def _followed(row: DeviceRow) -> list[Target]:
-        """The desired topics a device follows, in the order they win."""
+    def _followed(row: DeviceRow, model: str) -> list[Target]:
+        """The desired topics a device follows for ``model``, in the order they win."""
         levels = [(False, row.device)] + ([(True, row.group)] if row.group else [])
-        return [Target(group, name, model) for group, name in levels
-                for model in ((row.model, "") if row.model else ("",))]
+        return [Target(group, name, topic_model) for group, name in levels
+                for topic_model in ((model, "") if model else ("",))]
 
 
 @dataclass(frozen=True)
@@ -186,13 +238,13 @@ class Desired:
     def same_release(self, other: Desired) -> bool:
         return (self.model, self.version, self.issued_at) == (other.model, other.version, other.issued_at)
 
-    def standing(self, row: DeviceRow) -> str:
-        """``active`` once it serves this version, ``rolled_back`` / ``failed`` when its report for this
-        version says so, else ``pending`` (not taken yet, or on its way)."""
-        if row.active_version == self.version and row.model in (None, self.model):
+    def standing(self, state: ModelState) -> str:
+        """``active`` once the model serves this version, ``rolled_back`` / ``failed`` when its report
+        for this version says so, else ``pending`` (not taken yet, or on its way)."""
+        if state.active_version == self.version and state.name in ("", self.model):
             return "active"
-        if row.update_version == self.version and row.update_state in ("rolled_back", "failed"):
-            return row.update_state
+        if state.update_version == self.version and state.update_state in ("rolled_back", "failed"):
+            return state.update_state
         return "pending"
 
 

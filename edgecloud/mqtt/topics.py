@@ -91,6 +91,8 @@ class TopicKind(Enum):
     #: one retained release per model, so a release for one model does not replace another's
     DEVICE_MODEL_DESIRED = ("devices", "models/+/desired", True)
     GROUP_MODEL_DESIRED = ("groups", "models/+/desired", True)
+    #: one retained update report per model, so one model's report does not replace another's
+    MODEL_REPORTED = ("devices", "models/+/reported", True)
 
     def __init__(self, scope: str, suffix: str, retained: bool) -> None:
         self.scope = scope
@@ -151,7 +153,10 @@ class FleetTopics:
     def events(self, device: str) -> Topic:
         return self.topic(TopicKind.EVENTS, device)
 
-    def reported(self, device: str) -> Topic:
+    def reported(self, device: str, model: str = "") -> Topic:
+        """The device's update report: ``model``'s own, or the one its models share."""
+        if model:
+            return self.topic(TopicKind.MODEL_REPORTED, device, model)
         return self.topic(TopicKind.REPORTED, device)
 
     def device_desired(self, device: str, model: str = "") -> Topic:

@@ -9,7 +9,7 @@ import time
 
 from edgecloud.clock import format_time
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
-from edgecloud.mqtt.fleet_view import STANDINGS, DeviceRow, FleetView, Standing
+from edgecloud.mqtt.fleet_view import STANDINGS, DeviceRow, FleetView, ModelState, Standing
 from edgecloud.mqtt.topics import TopicKind
 from edgecloud_tools.output import table
 
@@ -37,14 +37,19 @@ def collect(config: MqttConfig, fleet: str, listen_s: float = 2.0,
 
 
 def render_table(rows: list[DeviceRow]) -> str:
+    """A line per device, or per model of a device that serves several (its first model first, each
+    with its own escalation rate)."""
     header = ("DEVICE", "ONLINE", "MODEL", "ACTIVE", "UPDATE", "ESCALATION", "LAST SEEN")
     lines = []
     for row in rows:
         online = "-" if row.online is None else ("yes" if row.online else "no")
-        escalation = "-" if row.escalation_rate is None else f"{row.escalation_rate:.1%}"
-        lines.append((row.device, online, row.model or "-",
-                      "-" if row.active_version is None else str(row.active_version), row.update,
-                      escalation, format_time(row.last_seen) if row.last_seen else "-"))
+        states = sorted(row.models.values(), key=lambda s: s is not row.primary) or [ModelState("")]
+        for state in states:
+            rate = state.escalation_rate if len(states) > 1 else row.escalation_rate
+            lines.append((row.device, online, state.name or row.model or "-",
+                          "-" if state.active_version is None else str(state.active_version), state.update,
+                          "-" if rate is None else f"{rate:.1%}",
+                          format_time(row.last_seen) if row.last_seen else "-"))
     return table(header, lines)
 
 

@@ -67,11 +67,14 @@ def test_topics_are_the_design_table() -> None:
     assert str(TOPICS.group_desired("line-a")) == "edgecloud/plant-1/groups/line-a/model/desired"
     assert str(TOPICS.device_desired("d1")) == "edgecloud/plant-1/devices/d1/model/desired"
     assert str(TOPICS.reported("d1")) == "edgecloud/plant-1/devices/d1/model/reported"
-    assert str(TOPICS.group_desired("line-a", "weld")) == "edgecloud/plant-1/groups/line-a/models/weld/desired"
+    assert str(TOPICS.group_desired("line-a", "weld")) == \
+        "edgecloud/plant-1/groups/line-a/models/weld/desired"
     assert str(TOPICS.device_desired("d1", "weld")) == "edgecloud/plant-1/devices/d1/models/weld/desired"
     retained = {kind for kind in TopicKind if kind.retained}
     assert retained == {TopicKind.STATUS, TopicKind.GROUP_DESIRED, TopicKind.DEVICE_DESIRED,
-                        TopicKind.REPORTED, TopicKind.GROUP_MODEL_DESIRED, TopicKind.DEVICE_MODEL_DESIRED}
+                        TopicKind.REPORTED, TopicKind.GROUP_MODEL_DESIRED, TopicKind.DEVICE_MODEL_DESIRED,
+                        TopicKind.MODEL_REPORTED}
+    assert str(TOPICS.reported("d1", "weld")) == "edgecloud/plant-1/devices/d1/models/weld/reported"
     assert all(kind.qos == 1 for kind in TopicKind)
 
 

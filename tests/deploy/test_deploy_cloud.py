@@ -167,7 +167,7 @@ def test_the_acl_lets_a_device_read_every_release_desired_for_it_and_set_none(br
         for topic in [*desired, others]:
             device.subscribe(topic)
         for topic in (topics.status("press-7"), topics.telemetry("press-7"), topics.events("press-7"),
-                      topics.reported("press-7")):
+                      topics.reported("press-7"), topics.reported("press-7", "weld")):
             device.publish(topic, b"{}", qos=1, timeout=5)  # acknowledged: the broker took it
         with pytest.raises(MqttError, match="refused by broker: Not authorized"):
             device.publish(desired[0], b"set by the device itself", qos=1, retain=True, timeout=5)

@@ -26,6 +26,7 @@ from edgecloud.mqtt.client import MqttClient
 from edgecloud.mqtt.topics import TopicKind
 from edgecloud.protocol.parameters import AgentResponse
 from edgecloud_tools.fleet.publish import ReleaseRequest, publish_release
+from edgecloud_tools.fleet.status import collect, render_table
 from tests.edge_agent.test_updater import GROUP, Fleet, toml
 from tests.support.fleet import FLEET, Recorder, Scrape, schema
 from tests.support.net import wait_for
@@ -306,6 +307,15 @@ def test_a_device_offline_while_each_model_was_released_takes_every_release(flee
     assert wait_for(lambda: {(r["model"], r["version"]) for r in fleet.watcher.reports(device)
                              if r["state"] == "active"} == {("a", 2), ("b", 2)}, 30)
     assert [agent.unit(name).slot.model.version for name in "ab"] == ["2", "2"]
+    # what `fleet status` reads back: each model's own state and report, each release active on it
+    view = collect(broker.mqtt_config(), FLEET, listen_s=0.5)
+    row = view.rows[device]
+    assert {(m.name, m.active_version, m.update) for m in row.models.values()} == {("a", 2, "active v2"),
+                                                                                  ("b", 2, "active v2")}
+    assert [(s.release.model, s.release.version, dict(s.devices)) for s in view.releases()] == [
+        ("a", 2, {"active": (device,)}), ("b", 2, {"active": (device,)})]
+    assert [line.split()[2:5] for line in render_table([row]).splitlines()[1:]] == [
+        ["a", "2", "active"], ["b", "2", "active"]]
 
 
 def test_a_reload_applies_each_models_own_cascade_overrides(tmp_path):

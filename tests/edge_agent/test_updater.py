@@ -529,6 +529,29 @@ def test_cut_download_resumes_from_its_offset(fleet: Fleet, caplog) -> None:
     assert re.search(rf"event=artifact_download name={NAME} version=2 offset={kept} ", caplog.text)
 
 
+def test_a_report_made_while_the_broker_is_away_is_kept_and_the_update_goes_on(fleet: Fleet, caplog) -> None:
+    """The download is cut while the broker is down: its failed report cannot go out, is kept, and
+    the update retries and ends active once both are back."""
+    caplog.set_level(logging.WARNING, logger="edge_agent.update")
+    gateway = StallingGateway(fleet.root / "artifacts").start(stall_after=3)
+    try:
+        agent = fleet.agent("edge-1")
+        stalling = gateway.stalling
+        assert stalling is not None
+        big = padded(fleet.model(2), fleet.root / "big" / "inspection.onnx", 1_000_000)
+        fleet.publish(big, 2, gateway=f"127.0.0.1:{gateway.port}")
+        assert stalling.stalled.wait(10)
+        fleet.broker.stop()
+        gateway.stop()  # the download fails; its report finds no broker
+        assert wait_for(lambda: "event=update_report_not_sent device=edge-1 state=failed" in caplog.text)
+        fleet.broker.restart()
+        gateway.start()  # same port; the agent retries with backoff
+        fleet.watcher.wait_report("edge-1", "active", 2, timeout=30)
+        assert served_version(agent.port) == "2"
+    finally:
+        gateway.stop()
+
+
 def test_release_failing_the_watch_window_is_rolled_back(fleet: Fleet) -> None:
     agent = fleet.agent("edge-1", update={"watch_s": 1.0})
     reading = np.full((1, 8), 1000.0, dtype=np.float32)  # fine for v1, out of range for the fragile v2
