@@ -140,9 +140,12 @@ class FleetTopics:
         suffix = kind.suffix.replace("+", check_id("model", model)) if kind.per_model else kind.suffix
         return Topic(f"{ROOT}/{self.fleet}/{kind.scope}/{name}/{suffix}")
 
-    def every(self, kind: TopicKind) -> Wildcard:
-        """The filter matching ``kind`` for every device (or group) of the fleet."""
-        return Wildcard(f"{ROOT}/{self.fleet}/{kind.scope}/+/{kind.suffix}")
+    def every(self, kind: TopicKind, name: str = "+") -> Wildcard:
+        """The filter matching ``kind`` for every device (or group) of the fleet, or for ``name``'s
+        alone (of every model, for a per-model kind)."""
+        if name != "+":
+            check_id("group" if kind.scope == "groups" else "device", name)
+        return Wildcard(f"{ROOT}/{self.fleet}/{kind.scope}/{name}/{kind.suffix}")
 
     def status(self, device: str) -> Topic:
         return self.topic(TopicKind.STATUS, device)

@@ -38,7 +38,7 @@ from edgecloud.files import file_sha256
 from edgecloud.modelcard import ModelCardError, read_card
 from edgecloud.mqtt.client import MqttClient, MqttConfig
 from edgecloud.mqtt.fleet_view import FleetView
-from edgecloud.mqtt.topics import FleetTopics, Topic
+from edgecloud.mqtt.topics import FleetTopics, Topic, TopicKind
 from edgecloud.release import (
     Artifact,
     Calibration,
@@ -371,11 +371,16 @@ def cleared_topics(view: FleetView, group: str | None, device: str | None, model
 
 def run_clear(args: argparse.Namespace) -> int:
     mqtt = mqtt_config_from_args(args)
+    group = args.group is not None
+    name = args.group if group else args.device
     try:  # a bad id fails before the broker is asked
         cleared_topics(FleetView(args.fleet), args.group, args.device, args.model)
+        kinds = ((TopicKind.GROUP_DESIRED, TopicKind.GROUP_MODEL_DESIRED) if group
+                 else (TopicKind.DEVICE_DESIRED, TopicKind.DEVICE_MODEL_DESIRED))
+        held = [FleetTopics(args.fleet).every(kind, name) for kind in kinds]
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    view = collect(mqtt, args.fleet, listen_s=args.wait, connect_timeout_s=args.timeout)
+    view = collect(mqtt, args.fleet, listen_s=args.wait, connect_timeout_s=args.timeout, filters=held)
     topics = cleared_topics(view, args.group, args.device, args.model)
     clear_release(mqtt, topics, timeout_s=args.timeout)
     for topic in topics:

@@ -6,25 +6,25 @@ from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Sequence
 
 from edgecloud.clock import format_time
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
 from edgecloud.mqtt.fleet_view import STANDINGS, DeviceRow, FleetView, ModelState, Standing
-from edgecloud.mqtt.topics import TopicKind
+from edgecloud.mqtt.topics import TopicKind, Wildcard
 from edgecloud_tools.output import table
 
 
-def collect(config: MqttConfig, fleet: str, listen_s: float = 2.0,
-            connect_timeout_s: float = 10.0) -> FleetView:
-    """Subscribe to the fleet's status, reported, telemetry and desired topics for ``listen_s``
-    seconds."""
+def collect(config: MqttConfig, fleet: str, listen_s: float = 2.0, connect_timeout_s: float = 10.0,
+            filters: Sequence[Wildcard] = ()) -> FleetView:
+    """Subscribe to the fleet's status, reported, telemetry and desired topics (or to ``filters``)
+    for ``listen_s`` seconds."""
     view = FleetView(fleet)
     inbox: queue.Queue[Message] = queue.Queue()
     with MqttClient(config, on_message=inbox.put) as client:
         client.wait_connected(connect_timeout_s)
-        for kind in TopicKind:
-            if kind is not TopicKind.EVENTS:
-                client.subscribe(view.topics.every(kind))
+        for wildcard in filters or [view.topics.every(k) for k in TopicKind if k is not TopicKind.EVENTS]:
+            client.subscribe(wildcard)
         deadline = time.monotonic() + listen_s
         while (remaining := deadline - time.monotonic()) > 0:
             try:

@@ -114,6 +114,10 @@ def test_parse_maps_a_topic_back_to_its_kind() -> None:
     assert TOPICS.parse("edgecloud/plant-1/devices/d1/unknown") is None
     assert TOPICS.parse("edgecloud/plant-1/devices/+/status") is None
     assert TOPICS.parse("edgecloud/plant-1/groups/g/models/+/desired") is None
+    every_model = TOPICS.every(TopicKind.DEVICE_MODEL_DESIRED, "d1")  # one device's, of every model
+    assert every_model.matches(TOPICS.device_desired("d1", "weld"))
+    assert not every_model.matches(TOPICS.device_desired("d2", "weld"))
+    assert not every_model.matches(TOPICS.device_desired("d1"))
     assert TOPICS.parse("edgecloud/plant-1/groups/g/models/weld/reported") is None
     with pytest.raises(ValueError, match="model id"):
         TOPICS.group_desired("g", "a b")
