@@ -160,10 +160,13 @@ class FleetView:
             row.group = body.get("group", row.group)
             row.model = body.get("model", row.model)
             row.state(None).active_version = body.get("active_version")
-            for served in _objects(body.get("models")):
-                if isinstance(served.get("name"), str) and served["name"]:
-                    state = row.state(served["name"])
-                    state.active_version, state.ready = served.get("active_version"), served.get("ready")
+            listed = [m for m in _objects(body.get("models")) if isinstance(m.get("name"), str) and m["name"]]
+            for served in listed:
+                state = row.state(served["name"])
+                state.active_version, state.ready = served.get("active_version"), served.get("ready")
+            if listed:  # the status says what it serves: no line for a model only a refusal named
+                names = {m["name"] for m in listed} | {row.model}
+                row.models = {name: state for name, state in row.models.items() if name in names}
         elif kind is TopicKind.MODEL_REPORTED:
             row.state(model).fold_report(body)
         elif kind is TopicKind.REPORTED:  # the shared topic: a report on a model not served here is the

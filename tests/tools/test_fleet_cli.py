@@ -296,3 +296,27 @@ def test_each_model_keeps_its_release_and_clear_takes_one_models_or_every_one(
     assert cli.main(["fleet", "clear", "--group", "line-a", *broker_args(broker)]) == 0
     assert "groups/line-a/models/inspection/desired" in capsys.readouterr().out
     assert listed() == []
+
+
+def test_the_fleet_view_keeps_a_state_per_model_and_only_for_models_served() -> None:
+    view = FleetView("plant-1")
+
+    def message(topic: Any, body: dict) -> Message:
+        return Message(str(topic), json.dumps(body).encode(), 1, True)
+
+    refused = {"device": "cam-1", "model": "zzz", "version": 5, "state": "failed", "active_version": 1,
+               "reason": "contract_mismatch: no such model"}
+    view.apply(message(TOPICS.reported("cam-1"), refused))  # before the status: a model not seen yet
+    view.apply(message(TOPICS.reported("cam-1", "b"), {"device": "cam-1", "model": "b", "version": 2,
+                                                        "state": "active", "active_version": 2}))
+    view.apply(message(TOPICS.status("cam-1"), {
+        "device": "cam-1", "state": "online", "model": "a", "active_version": 1,
+        "models": [{"name": "a", "active_version": 1, "ready": True},
+                   {"name": "b", "active_version": 2, "ready": True}]}))
+    row = view.rows["cam-1"]
+    assert {(m.name, m.active_version, m.update) for m in row.models.values()} == {
+        ("a", 1, "-"), ("b", 2, "active v2")}
+    view.apply(message(TOPICS.reported("cam-1"), refused))  # after it: the first model's refusal
+    assert row.models["a"].update == "failed v5 (contract_mismatch: no such model)"
+    assert [line.split()[:5] for line in render_table([row]).splitlines()[1:]] == [
+        ["cam-1", "yes", "a", "1", "failed"], ["cam-1", "yes", "b", "2", "active"]]
