@@ -64,6 +64,8 @@ def test_the_rules_fire_on_the_series_they_watch(tmp_path):
             {"series": "edgecloud_device_online{fleet=\"plant-a\", device=\"press-8\"}", "values": "1x20"},
             {"series": f"edgecloud_device_rows_total{{{labels}}}", "values": "0+100x30"},
             {"series": f"edgecloud_device_degraded_rows_total{{{labels}}}", "values": "0+20x30"},
+            {"series": f"edgecloud_device_model_ready{{{labels}, model=\"weld\"}}", "values": "0x20"},
+            {"series": f"edgecloud_device_model_ready{{{labels}, model=\"clf\"}}", "values": "1x20"},
             *({"series": "edgecloud_device_request_latency_seconds" + edge_fast % (labels, le), "values": v}
               for le, v in (("0.01", "0+0x30"), ("0.05", "0+0x30"), ("0.1", "0+50x30"), ("+Inf", "0+50x30"))),
         ],
@@ -76,6 +78,9 @@ def test_the_rules_fire_on_the_series_they_watch(tmp_path):
             {"eval_time": "25m", "alertname": "EdgecloudEdgeLatencyHigh",
              "exp_alerts": [_alert("EdgecloudEdgeLatencyHigh", "press-7: p99 of edge answers is 99.5ms")]},
             {"eval_time": "25m", "alertname": "EdgecloudCircuitOpen", "exp_alerts": []},
+            {"eval_time": "10m", "alertname": "EdgecloudModelNotReady",
+             "exp_alerts": [_alert("EdgecloudModelNotReady", "press-7: model weld is not serving",
+                                   model="weld")]},
         ]}]}
     path = tmp_path / "alerts_test.yml"
     path.write_text(yaml.safe_dump(tests))
@@ -83,15 +88,15 @@ def test_the_rules_fire_on_the_series_they_watch(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def _alert(name: str, summary: str) -> dict:
-    """The alert ``name`` for press-7 of plant-a as promtool must find it: its labels, the summary
-    rendered, and its description as the rules file says it."""
+def _alert(name: str, summary: str, **labels: str) -> dict:
+    """The alert ``name`` for press-7 of plant-a (and ``labels``) as promtool must find it: its
+    labels, the summary rendered, and its description as the rules file says it."""
     groups = yaml.safe_load(RULES.read_text())["groups"]
     rule = next(r for g in groups for r in g["rules"] if r["alert"] == name)
     annotations = {"summary": summary}
     if "description" in rule["annotations"]:
         annotations["description"] = rule["annotations"]["description"]
-    return {"exp_labels": {**rule["labels"], "fleet": "plant-a", "device": "press-7"},
+    return {"exp_labels": {**rule["labels"], "fleet": "plant-a", "device": "press-7", **labels},
             "exp_annotations": annotations}
 
 
@@ -109,7 +114,9 @@ def _collector_page() -> str:
     status = Status(device="press-7", state="online", agent_version="0", model="clf", active_version=1)
     collector.apply(Message(str(topics.status("press-7")), json.dumps(status.to_dict()).encode(), 1, True))
     telemetry = {"device": "press-7", "seq": 0, "at": "2025-06-01T12:00:00Z", "model": "clf",
-                 "model_version": 1, **stats.interval(), "spool_depth": 0, "circuit_state": "closed"}
+                 "model_version": 1, **stats.interval(), "spool_depth": 0, "circuit_state": "closed",
+                 "models": [{"name": "clf", "model_version": 1, "ready": True, **stats.interval(),
+                             "spool_depth": 0, "circuit_state": "closed"}]}
     collector.apply(Message(str(topics.telemetry("press-7")), json.dumps(telemetry).encode(), 1, False))
     registry = CollectorRegistry()
     registry.register(collector)
