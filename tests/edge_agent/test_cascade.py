@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -223,6 +225,38 @@ def test_cloud_answering_errors_degrades(tmp_path, models, x):
             _assert_degraded_calls(agent, edge, x, 0.3)
             state = agent.primary.link.state
             assert "overloaded" in state.error or state.circuit == "open"
+    finally:
+        server.stop(0)
+
+
+class _MangledHost(_OneModelHost):
+    """A KServe v2 server whose model answers, but not what was asked: a row short, or without its
+    output."""
+
+    def __init__(self, model_path, mangle: str):
+        super().__init__(model_path)
+        self.mangle = mangle
+
+    def infer(self, request, peer):
+        answered = self.backend.infer(request.inputs)
+        outputs = {n: v[1:] for n, v in answered.items()} if self.mangle == "row short" else {}
+        return InferResponse(model_name=request.model_name, model_version="1", id=request.id,
+                             outputs=outputs)
+
+
+@pytest.mark.parametrize("mangle, error", [("row short", r"output 'logits' has (\d+) rows, (\d+) were sent"),
+                                           ("no output", "output 'logits' missing")])
+def test_a_cloud_answering_what_was_not_asked_degrades_and_keeps_the_case(tmp_path, models, x, mangle,
+                                                                          error, caplog):
+    caplog.set_level(logging.INFO, logger="edge_agent.serving.cascade")
+    edge, cloud_model = models
+    server = start_server(_MangledHost(cloud_model, mangle), parse_endpoint("127.0.0.1:0"))
+    try:
+        with start_agent(tmp_path / "edge", edge, server.port, **SETTINGS) as agent:
+            _assert_degraded_calls(agent, edge, x, 0.3, calls=2)
+            found = re.search(f"bad cloud answer: {error}", caplog.text)
+            assert found and (mangle != "row short" or int(found[2]) == int(found[1]) + 1), caplog.text
+            assert agent.primary.spool.depth() == 2  # kept for a cloud that answers right
     finally:
         server.stop(0)
 
