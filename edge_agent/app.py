@@ -108,6 +108,7 @@ class EdgeAgent:
         """One unit per model. With several, one that does not load is reported and the others serve;
         the single model, or every one of several, not loading fails the start."""
         several = bool(self.config.models)
+        decoding = threading.BoundedSemaphore(self.config.frames.max_decoding)  # the agent's, every model's
         for view in self.config.served():
             try:
                 startup = load_startup(view)  # its update state's last good model, else the configured
@@ -118,7 +119,7 @@ class EdgeAgent:
                 continue
             unit = ModelUnit.loaded(view, startup, self.totals)
             self.units.append(unit)  # released by stop() from here on, should the rest fail
-            unit.build(self._circuit_changed)
+            unit.build(self._circuit_changed, decoding)
         if not any(unit.slot for unit in self.units):
             raise ModelLoadError("no model loaded: " + "; ".join(f"{u.name}: {u.error}" for u in self.units))
 

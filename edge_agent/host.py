@@ -12,6 +12,7 @@ the reason, and the others serve on.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -87,9 +88,11 @@ class ModelUnit:
         return cls(startup.model.name, config, ModelStats(totals), ModelSlot(startup.model, config.cascade),
                    startup=startup)
 
-    def build(self, on_circuit_change: Callable[[str, str, str], None]) -> None:
+    def build(self, on_circuit_change: Callable[[str, str, str], None],
+              decoding: threading.Semaphore | None = None) -> None:
         """The cloud link, spool, rate limit, replayer and cascade that serve the loaded model;
-        ``on_circuit_change(model, old, new)``: its cloud circuit changed."""
+        ``on_circuit_change(model, old, new)``: its cloud circuit changed; ``decoding``: the agent's
+        bound on frame decoding, shared by its models."""
         config, cloud, slot = self.config, self.config.cloud, self.slot
         assert slot is not None, "build() needs a loaded model"
         bucket = None
@@ -101,7 +104,7 @@ class ModelUnit:
             self.replayer = Replayer(self.spool, self.link, slot, config.spool.replay_interval_s)
         self.cascade = Cascade(slot, config.agent.device_id, self.link, self.spool, bucket,
                                cloud.deadline_ms / 1000.0, config.cascade.audit_rate, stats=self.stats,
-                               max_in_flight=cloud.max_in_flight, frames=config.frames)
+                               max_in_flight=cloud.max_in_flight, frames=config.frames, decoding=decoding)
 
     @classmethod
     def failed(cls, config: AgentConfig, totals: Stats, error: Exception) -> ModelUnit:

@@ -137,7 +137,10 @@ class Cascade:
     def __init__(self, slot: ModelSlot, device_id: str, link: CloudLink | None = None,
                  spool: Spool | None = None, bucket: TokenBucket | None = None,
                  deadline_s: float = 0.3, audit_rate: float = 0.0, stats: Stats | None = None,
-                 max_in_flight: int = 16, frames: FramesSection | None = None) -> None:
+                 max_in_flight: int = 16, frames: FramesSection | None = None,
+                 decoding: threading.Semaphore | None = None) -> None:
+        """``decoding``: the bound on requests decoding frames at once, shared by the agent's models
+        (``frames.max_decoding`` is the agent's); one of its own when not given."""
         self.slot = slot
         self.device_id = device_id
         self.link = link
@@ -153,7 +156,7 @@ class Cascade:
         self._background_slots = threading.BoundedSemaphore(8)
         self._random = random.Random()
         self.frames = frames or FramesSection()
-        self._decoding = threading.BoundedSemaphore(self.frames.max_decoding)
+        self.decoding = decoding or threading.BoundedSemaphore(self.frames.max_decoding)
         self.streams = StreamMemory(self.frames.reuse_window_s, self.frames.reuse_max_mad)
 
     # --- InferenceHost ------------------------------------------------------------------------
@@ -260,7 +263,7 @@ class Cascade:
         if spec is None or spec.frames not in request.inputs:
             return request.inputs, None
         fed = next(s for s in model.inputs if s.name == spec.input)
-        with self._decoding:
+        with self.decoding:
             frames = decode_frames(request.inputs[spec.frames], spec, fed.datatype, self.frames.max_pixels,
                                    thumbnails)
         inputs = {k: v for k, v in request.inputs.items() if k != spec.frames}

@@ -324,6 +324,7 @@ def test_a_reload_applies_each_models_own_cascade_overrides(tmp_path):
     models = {"a": {"path": str(edge_a)}, "b": {"path": str(edge_b), "cascade": {"threshold": 0.7}}}
     with EdgeAgent(models_config(tmp_path / "state", models, cascade={"threshold": 0.2})).start() as agent:
         assert [agent.unit(m).slot.model.settings.threshold for m in "ab"] == [0.2, 0.7]
+        assert agent.unit("a").cascade.decoding is agent.unit("b").cascade.decoding  # [frames]: the agent's
         models["a"]["cascade"] = {"threshold": 0.9}
         agent.reload_cascade(models_config(tmp_path / "state", models, cascade={"threshold": 0.3}))
         assert [agent.unit(m).slot.model.settings.threshold for m in "ab"] == [0.9, 0.7]
