@@ -36,7 +36,6 @@ from edgecloud.jsontypes import Bool, Int, Number, Str
 from edgecloud.signing import KEY_ID_PATTERN, TrustStore, canonical_json, sign, verify
 
 SCHEMA_VERSION = 1
-#: the edge budget (docs/design.md §9) for a model file, a release or an engine
 DEFAULT_BUDGET_BYTES = 1_000_000_000
 DEFAULT_CLOCK_SKEW_S = 300.0
 #: a device clock before this is taken as unset (no RTC battery, no NTP yet)

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from edgecloud.engine.builder import (
+    EDGE_BUDGET_BYTES,
     INSTALL_HINT,
     JETPACK6_TENSORRT,
     BuildOptions,
@@ -19,7 +20,6 @@ from edgecloud.engine.builder import (
 from edgecloud.engine.sidecar import EngineSidecar, device_model, write_sidecar
 from edgecloud.errors import BackendUnavailable, ConfigError
 from edgecloud.files import file_sha256
-from edgecloud.release import DEFAULT_BUDGET_BYTES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="largest batch of the profile (default 8)")
     p.add_argument("--dla-core", type=int, help="build for this DLA core, with GPU fallback (Orin)")
     p.add_argument("--workspace-mb", type=int, default=1024, help="builder workspace limit (default 1024)")
-    p.add_argument("--budget-bytes", type=int, default=DEFAULT_BUDGET_BYTES,
-                   help=f"refuse an engine larger than this (default {DEFAULT_BUDGET_BYTES})")
+    p.add_argument("--budget-bytes", type=int, default=EDGE_BUDGET_BYTES,
+                   help=f"refuse an engine larger than this (default {EDGE_BUDGET_BYTES})")
     p.add_argument("--print-trtexec", action="store_true",
                    help="only print the equivalent trtexec command (works without TensorRT; assumes "
                         f"TensorRT {JETPACK6_TENSORRT} when it is not installed)")
@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-batch", type=int, default=0, help="largest batch of the engine's profile")
     s.add_argument("--flag", action="append", default=[], dest="flags",
                    help="a build flag to record (repeatable), e.g. INT8, DLA_CORE=0")
-    s.add_argument("--budget-bytes", type=int, default=DEFAULT_BUDGET_BYTES)
+    s.add_argument("--budget-bytes", type=int, default=EDGE_BUDGET_BYTES)
     s.set_defaults(func=run_sidecar)
 
 

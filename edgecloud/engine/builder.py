@@ -18,10 +18,12 @@ from pathlib import Path
 from edgecloud.engine.sidecar import EngineSidecar, device_model, tensorrt_major, write_sidecar
 from edgecloud.errors import BackendUnavailable, ModelLoadError
 from edgecloud.files import atomic_write, file_sha256
-from edgecloud.release import DEFAULT_BUDGET_BYTES
 
 log = logging.getLogger(__name__)
 
+#: the edge budget (docs/design.md §9) for a model file or engine: edgecloud.release's
+#: DEFAULT_BUDGET_BYTES, not imported from there (release imports the backends, which import this)
+EDGE_BUDGET_BYTES = 1_000_000_000
 #: JetPack 6's TensorRT, assumed when the command line is printed where TensorRT is not installed
 JETPACK6_TENSORRT = "10.3.0"
 INSTALL_HINT = "backend tensorrt unavailable: needs JetPack's TensorRT and `pip install edgecloud[jetson]`"
@@ -39,7 +41,7 @@ class BuildOptions:
     opt_batch: int | None = None
     dla_core: int | None = None
     workspace_mb: int = 1024
-    budget_bytes: int = DEFAULT_BUDGET_BYTES
+    budget_bytes: int = EDGE_BUDGET_BYTES
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:

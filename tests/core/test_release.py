@@ -66,6 +66,13 @@ def rejected(reason: Reason, envelope: Envelope, trust: TrustStore, **kwargs) ->
     return info.value
 
 
+def test_the_engine_builder_holds_engines_to_the_budget_of_releases() -> None:
+    from edgecloud.engine.builder import EDGE_BUDGET_BYTES
+    from edgecloud.release import DEFAULT_BUDGET_BYTES
+
+    assert EDGE_BUDGET_BYTES == DEFAULT_BUDGET_BYTES
+
+
 def test_signed_envelope_verifies_and_matches_the_schema(keys) -> None:
     old, _, _, paths = keys
     envelope = sign_release(payload(), old)
