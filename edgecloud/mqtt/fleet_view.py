@@ -100,9 +100,11 @@ class DeviceRow:
         return self.primary.update if self.primary else "-"
 
 
-def _objects(value: Any) -> list[dict[str, Any]]:
-    """The JSON objects of a list (a message's ``models``); [] for anything else."""
-    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+def _named(value: Any) -> list[dict[str, Any]]:
+    """The JSON objects with a name of a list (a message's ``models``); [] for anything else."""
+    if not isinstance(value, list):
+        return []
+    return [v for v in value if isinstance(v, dict) and isinstance(v.get("name"), str) and v["name"]]
 
 
 def json_object(message: Message) -> dict[str, Any] | None:
@@ -160,7 +162,7 @@ class FleetView:
             row.group = body.get("group", row.group)
             row.model = body.get("model", row.model)
             row.state(None).active_version = body.get("active_version")
-            listed = [m for m in _objects(body.get("models")) if isinstance(m.get("name"), str) and m["name"]]
+            listed = _named(body.get("models"))
             for served in listed:
                 state = row.state(served["name"])
                 state.active_version, state.ready = served.get("active_version"), served.get("ready")
@@ -175,9 +177,8 @@ class FleetView:
             row.state(named if named in row.models or not row.models else None).fold_report(body)
         elif kind is TopicKind.TELEMETRY:
             row.escalation_rate = body.get("escalation_rate", row.escalation_rate)
-            for served in _objects(body.get("models")):
-                if isinstance(served.get("name"), str) and served["name"]:
-                    row.state(served["name"]).escalation_rate = served.get("escalation_rate")
+            for served in _named(body.get("models")):
+                row.state(served["name"]).escalation_rate = served.get("escalation_rate")
 
     def sorted_rows(self) -> list[DeviceRow]:
         return [self.rows[d] for d in sorted(self.rows)]
@@ -189,8 +190,7 @@ class FleetView:
         devices: dict[Target, dict[str, list[str]]] = {t: {} for t in set(shown.values())}
         for row in self.sorted_rows():
             for state in row.models.values():
-                followed = (self.desired[t] for t in self._followed(row, state.name) if t in self.desired)
-                desired = next(followed, None)
+                desired = self._followed(row, state.name)
                 if desired is not None:
                     devices[shown[desired.target]].setdefault(desired.standing(state), []).append(row.device)
         return [Standing(self.desired[t], {s: tuple(d) for s, d in devices[t].items()})
@@ -204,12 +204,20 @@ class FleetView:
             return twin
         return target
 
-    @staticmethod
-    def _followed(row: DeviceRow, model: str) -> list[Target]:
-        """The desired topics a device follows for ``model``, in the order they win."""
-        levels = [(False, row.device)] + ([(True, row.group)] if row.group else [])
-        return [Target(group, name, topic_model) for group, name in levels
-                for topic_model in ((model, "") if model else ("",))]
+    def _followed(self, row: DeviceRow, model: str) -> Desired | None:
+        """The release a device follows for ``model``, as its agent picks it: the device's over its
+        group's; at one level, the later issued of the model's own topic and the shared one (the
+        model's own on a tie), the shared one only when it names the model (or the device serves one)."""
+        for group, name in [(False, row.device)] + ([(True, row.group)] if row.group else []):
+            own = self.desired.get(Target(group, name, model)) if model else None
+            shared = self.desired.get(Target(group, name, ""))
+            if shared is not None and model and shared.model != model and len(row.models) > 1:
+                shared = None  # another model's: its follower takes it
+            if own is not None and shared is not None:
+                return own if own.issued_at >= shared.issued_at else shared
+            if own is not None or shared is not None:
+                return own or shared
+        return None
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from edgecloud.mqtt.client import Message, MqttClient
 from edgecloud.mqtt.fleet_view import FleetView
 from edgecloud.mqtt.payloads import Reported, Status
 from edgecloud.mqtt.topics import FleetTopics
-from edgecloud.release import Envelope, verify_envelope
-from edgecloud.signing import TrustStore, key_id, load_public_key
+from edgecloud.release import Envelope, sign_release, verify_envelope
+from edgecloud.signing import TrustStore, generate_key, key_id, load_public_key
 from edgecloud_tools import cli
 from edgecloud_tools.fleet.status import collect, render_table
 
@@ -320,3 +320,34 @@ def test_the_fleet_view_keeps_a_state_per_model_and_only_for_models_served() -> 
     assert row.models["a"].update == "failed v5 (contract_mismatch: no such model)"
     assert [line.split()[:5] for line in render_table([row]).splitlines()[1:]] == [
         ["cam-1", "yes", "a", "1", "failed"], ["cam-1", "yes", "b", "2", "active"]]
+
+
+def test_a_device_counts_under_the_release_its_agent_follows_for_each_model() -> None:
+    """For each model: the device's release over its group's; at one level the later issued of the
+    model's own topic and the shared one; the shared one not for another model's line."""
+    from tests.core.test_release import NOW, payload
+
+    view = FleetView("plant-1")
+    key = generate_key()
+
+    def retain(topic: Any, model: str, version: int, minutes: int) -> None:
+        release = payload(model=model, version=version, issued_at=NOW + timedelta(minutes=minutes))
+        view.apply(Message(str(topic), sign_release(release, key).to_json(), 1, True))
+
+    view.apply(Message(str(TOPICS.status("cam-1")), json.dumps({
+        "device": "cam-1", "state": "online", "model": "a", "active_version": 1, "group": "line-a",
+        "models": [{"name": "a", "active_version": 1, "ready": True},
+                   {"name": "b", "active_version": 3, "ready": True}]}).encode(), 1, True))
+    retain(TOPICS.group_desired("line-a", "a"), "a", 2, 0)
+    retain(TOPICS.group_desired("line-a", "b"), "b", 3, 1)
+    retain(TOPICS.group_desired("line-a"), "a", 4, 2)  # a's, later, by a publisher of the shared topic only
+
+    def standings() -> list[tuple[str, str, int, dict]]:
+        return [(str(s.release.target), s.release.model, s.release.version, dict(s.devices))
+                for s in view.releases()]
+
+    assert standings() == [("group line-a", "a", 4, {"pending": ("cam-1",)}),  # the later issued
+                           ("group line-a", "a", 2, {}),
+                           ("group line-a", "b", 3, {"active": ("cam-1",)})]  # not under a's shared
+    retain(TOPICS.device_desired("cam-1", "b"), "b", 5, 3)
+    assert ("device cam-1", "b", 5, {"pending": ("cam-1",)}) in standings()
