@@ -1,14 +1,13 @@
-"""The fleet as its retained topics describe it: one row per device (online, model, update state,
-escalation rate, last seen), folded from status, reported and telemetry messages, and the releases
-desired for groups and devices with where each stands. Read by the fleet collector and by
-``edgecloud fleet status``.
+"""The fleet as its retained topics describe it: one row per device (online, group, last seen) with
+a state per model it serves (active version, update state, escalation rate), folded from status,
+reported and telemetry messages, and the releases desired for groups and devices with where each
+stands. Read by the fleet collector and by ``edgecloud fleet status``.
 
 Status and reported are retained, so every device that ever spoke shows up at once; telemetry is
 not, so the escalation rate appears only for devices that report during the listening window.
-A desired release is shown as published (its signature is the devices' to check), and a device
-counts for it as the agent follows it: by its own desired topics, else by the group its status names;
-at each level the topic of the model it serves, else the one its models share. A release on the shared
-topic that its model's own topic holds as well is listed once.
+A desired release is shown as published (its signature is the devices' to check), and each model of
+a device counts for the release its agent follows (``edgecloud/update/follow.py``). A release on the
+shared topic that its model's own topic holds as well is listed once.
 """
 
 from __future__ import annotations
