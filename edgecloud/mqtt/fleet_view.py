@@ -6,7 +6,7 @@ stands. Read by the fleet collector and by ``edgecloud fleet status``.
 Status and reported are retained, so every device that ever spoke shows up at once; telemetry is
 not, so the escalation rate appears only for devices that report during the listening window.
 A desired release is shown as published (its signature is the devices' to check), and each model of
-a device counts for the release its agent follows (``edgecloud/update/follow.py``). A release on the
+a device counts for the release its agent follows (docs/design.md §7). A release on the
 shared topic that its model's own topic holds as well is listed once.
 """
 
