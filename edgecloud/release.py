@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import Enum
+from itertools import pairwise
 from typing import Annotated, Any, Literal, get_args
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -208,15 +209,79 @@ class Calibration:
 
 
 @dataclass(frozen=True, slots=True)
+class Gates:
+    """What a wave must show before the controller widens the rollout (docs/design.md §11); a gate
+    left out is not judged. Shares are fractions of 1; ``max_escalation_rise`` is relative (0.5: the
+    new version may escalate half as much again as the previous one)."""
+
+    soak_s: Annotated[Number | None, Field(ge=0, description="seconds a wave runs before it is judged"),
+                      Omitted] = None
+    min_devices: Annotated[Int | None, Field(ge=1, description="devices active on the new version "
+                                                               "before a wave is judged"), Omitted] = None
+    max_failed_share: Annotated[Number | None, Field(ge=0, le=1), Omitted] = None
+    max_agree_drop: Annotated[Number | None, Field(ge=0, le=1, description="audit agreement below the "
+                                                   "previous version's, absolute"), Omitted] = None
+    confidence: Annotated[Number | None, Field(gt=0, lt=1, description="of the one-sided tests (0.95 "
+                                                                       "when left out)"), Omitted] = None
+    max_escalation_rise: Annotated[Number | None, Field(ge=0), Omitted] = None
+    max_p95_ratio: Annotated[Number | None, Field(gt=0), Omitted] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {name: getattr(self, name) for name in GATE_KEYS}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+GATE_KEYS = ("soak_s", "min_devices", "max_failed_share", "max_agree_drop", "confidence",
+             "max_escalation_rise", "max_p95_ratio")
+#: the one-sided tests' confidence when the gates name none
+DEFAULT_CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True, slots=True)
 class Rollout:
-    """The share of devices (0-100 %) that take the release, chosen by a hash of salt and device id."""
+    """The share of devices (0-100 %) that take the release, chosen by a hash of salt and device id.
+
+    With ``waves`` (increasing percents ending at 100, docs/design.md §11) the share grows wave by wave
+    as signed wave commands say, and ``percent`` is the first wave; ``controller_key`` names the only
+    key allowed to sign those commands (16 hex digits; the device's trusted keys otherwise), and
+    ``controller_public_key`` (standard base64 of the raw 32-byte key) lets a device trust that key for
+    this release alone."""
 
     percent: Annotated[Number, Field(ge=0, le=100)] = 100.0
     salt: Str = ""
+    waves: Annotated[tuple[Number, ...] | None, Field(min_length=1), Omitted] = None
+    gates: Annotated[Gates | None, Omitted] = None
+    controller_key: Annotated[Str | None, Field(pattern=KEY_ID_PATTERN.pattern), Omitted] = None
+    controller_public_key: Annotated[Str | None, Field(pattern=r"^[A-Za-z0-9+/]{43}=$"), Omitted] = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.percent <= 100:
             raise _malformed("rollout.percent must be within [0, 100]")
+        if self.waves is not None:
+            waves = self.waves
+            if any(not 0 < w <= 100 for w in waves) or any(b <= a for a, b in pairwise(waves)):
+                raise _malformed(f"rollout.waves must increase within (0, 100], got {list(waves)}")
+            if waves[-1] != 100:
+                raise _malformed(f"rollout.waves must end at 100, got {list(waves)}")
+            if self.percent != waves[0]:
+                raise _malformed(f"rollout.percent ({self.percent:g}) must be the first wave "
+                                 f"({waves[0]:g})")
+
+    def wave_percent(self, wave: int) -> float:
+        """The share of wave ``wave`` (0-based); the plain percent without waves."""
+        return self.percent if self.waves is None else self.waves[wave]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"percent": self.percent, "salt": self.salt}
+        if self.waves is not None:
+            out["waves"] = list(self.waves)
+        if self.gates is not None:
+            out["gates"] = self.gates.to_dict()
+        if self.controller_key is not None:
+            out["controller_key"] = self.controller_key
+        if self.controller_public_key is not None:
+            out["controller_public_key"] = self.controller_public_key
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +312,7 @@ class ReleasePayload:
             "schema": self.schema, "model": self.model, "version": self.version,
             "publisher": self.publisher, "artifact": self.artifact.to_dict(),
             "calibration": self.calibration.to_dict(),
-            "rollout": {"percent": self.rollout.percent, "salt": self.rollout.salt},
+            "rollout": self.rollout.to_dict(),
             "issued_at": format_time(self.issued_at), "expires_at": format_time(self.expires_at),
             "allow_downgrade": self.allow_downgrade,
         }

@@ -93,6 +93,8 @@ class TopicKind(Enum):
     GROUP_MODEL_DESIRED = ("groups", "models/+/desired", True)
     #: one retained update report per model, so one model's report does not replace another's
     MODEL_REPORTED = ("devices", "models/+/reported", True)
+    #: the signed wave command of a model's rollout (docs/design.md §11): the name is the model's
+    ROLLOUT = ("models", "rollout", True)
 
     def __init__(self, scope: str, suffix: str, retained: bool) -> None:
         self.scope = scope
@@ -111,6 +113,10 @@ class TopicKind(Enum):
     @property
     def qos(self) -> int:
         return 1
+
+
+#: what the level after a scope names
+_ID_KINDS = {"devices": "device", "groups": "group", "models": "model"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +140,9 @@ class FleetTopics:
         check_id("fleet", self.fleet)
 
     def topic(self, kind: TopicKind, name: str, model: str = "") -> Topic:
-        """The topic of ``kind`` for device (or group, for the groups' kinds) ``name``; ``model`` fills
-        the model level of a per-model kind."""
-        check_id("group" if kind.scope == "groups" else "device", name)
+        """The topic of ``kind`` for device (or group, or model, by the kind's scope) ``name``;
+        ``model`` fills the model level of a per-model kind."""
+        check_id(_ID_KINDS[kind.scope], name)
         suffix = kind.suffix.replace("+", check_id("model", model)) if kind.per_model else kind.suffix
         return Topic(f"{ROOT}/{self.fleet}/{kind.scope}/{name}/{suffix}")
 
@@ -144,7 +150,7 @@ class FleetTopics:
         """The filter matching ``kind`` for every device (or group) of the fleet, or for ``name``'s
         alone (of every model, for a per-model kind)."""
         if name != "+":
-            check_id("group" if kind.scope == "groups" else "device", name)
+            check_id(_ID_KINDS[kind.scope], name)
         return Wildcard(f"{ROOT}/{self.fleet}/{kind.scope}/{name}/{kind.suffix}")
 
     def status(self, device: str) -> Topic:
@@ -174,6 +180,10 @@ class FleetTopics:
             return self.topic(TopicKind.GROUP_MODEL_DESIRED, group, model)
         return self.topic(TopicKind.GROUP_DESIRED, group)
 
+    def rollout(self, model: str) -> Topic:
+        """Where ``model``'s wave commands are retained."""
+        return self.topic(TopicKind.ROLLOUT, model)
+
     def parse(self, topic: Topic | str) -> ParsedTopic | None:
         """Map a topic of this fleet back to its kind and id; None for anything else."""
         levels = str(topic).split("/")
@@ -191,6 +201,6 @@ class FleetTopics:
             if any(w not in ("+", got) for got, w in pairs) or (kind.per_model
                                                                  and not ID_PATTERN.match(model)):
                 continue
-            where = {"group": name} if scope == "groups" else {"device": name}
-            return ParsedTopic(kind, self.fleet, model=model, **where)
+            where = {"model": model, _ID_KINDS[scope]: name}
+            return ParsedTopic(kind, self.fleet, **where)
         return None

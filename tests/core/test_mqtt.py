@@ -73,7 +73,9 @@ def test_topics_are_the_design_table() -> None:
     retained = {kind for kind in TopicKind if kind.retained}
     assert retained == {TopicKind.STATUS, TopicKind.GROUP_DESIRED, TopicKind.DEVICE_DESIRED,
                         TopicKind.REPORTED, TopicKind.GROUP_MODEL_DESIRED, TopicKind.DEVICE_MODEL_DESIRED,
-                        TopicKind.MODEL_REPORTED}
+                        TopicKind.MODEL_REPORTED, TopicKind.ROLLOUT}
+    assert str(TOPICS.rollout("weld")) == "edgecloud/plant-1/models/weld/rollout"
+    assert TOPICS.parse("edgecloud/plant-1/models/weld/rollout").model == "weld"
     assert str(TOPICS.reported("d1", "weld")) == "edgecloud/plant-1/devices/d1/models/weld/reported"
     assert all(kind.qos == 1 for kind in TopicKind)
 
@@ -107,8 +109,9 @@ def test_parse_maps_a_topic_back_to_its_kind() -> None:
     for kind in TopicKind:
         parsed = TOPICS.parse(TOPICS.topic(kind, "x1", "weld" if kind.per_model else ""))
         assert parsed is not None and parsed.kind is kind
-        assert (parsed.group if kind.scope == "groups" else parsed.device) == "x1"
-        assert parsed.model == ("weld" if kind.per_model else "")
+        named = {"groups": parsed.group, "devices": parsed.device, "models": parsed.model}
+        assert named[kind.scope] == "x1"
+        assert parsed.model == ("weld" if kind.per_model else "x1" if kind.scope == "models" else "")
         assert TOPICS.every(kind).matches(TOPICS.topic(kind, "x1", "weld" if kind.per_model else ""))
     assert TOPICS.parse("edgecloud/other/devices/d1/status") is None
     assert TOPICS.parse("edgecloud/plant-1/devices/d1/unknown") is None
