@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "edgecloud_tools.engine_cli",
     "edgecloud_tools.fleet.keys_cli",
     "edgecloud_tools.fleet.publish",
+    "edgecloud_tools.fleet.simulate",  # adds to publish's ``fleet`` command
     "edgecloud_tools.toolchain.cli",
 )
 

@@ -41,6 +41,10 @@ class Recorder:
         with self._lock:
             self._messages.append(message)
 
+    def messages(self) -> list[Message]:
+        with self._lock:
+            return list(self._messages)
+
     def bodies(self, topic: Any) -> list[Any]:
         with self._lock:
             return [m.json() for m in self._messages if m.topic == str(topic) and m.payload]
