@@ -69,7 +69,7 @@ class Waves:
         version = None
         try:
             envelope = Envelope.from_json(raw)
-            version = envelope.payload.get("version")
+            version = WaveCommand.from_dict(dict(envelope.payload)).version  # malformed before unknown
             release = next((r for r in held() if r.model == self.model and r.version == version), None)
             if release is None:  # tried again when a release arrives
                 raise CommandRefused(CommandReason.UNKNOWN_VERSION, f"no release of {self.model} version "
