@@ -1,4 +1,4 @@
-"""The wave commands of one model's rollout, as this device takes them (docs/design.md §11).
+"""The wave commands of one model's rollout, as this device takes them (docs/design.md §12).
 
 The retained ``models/<name>/rollout`` topic holds the newest signed command for the model. A command is
 taken once it verifies against a release this device holds (the desired one or the one it serves)

@@ -1,4 +1,4 @@
-"""Signed wave commands (docs/design.md §11): what a device takes, and every reason it refuses one."""
+"""Signed wave commands (docs/design.md §12): what a device takes, and every reason it refuses one."""
 
 from __future__ import annotations
 

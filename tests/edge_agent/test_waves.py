@@ -1,4 +1,4 @@
-"""Agents follow their model's wave commands (docs/design.md §11): real mosquitto, real gateway holding the
+"""Agents follow their model's wave commands (docs/design.md §12): real mosquitto, real gateway holding the
 release, real agents, signed releases with waves and signed commands sent as a controller would."""
 
 from __future__ import annotations
