@@ -1,6 +1,6 @@
 """One simulated device of ``edgecloud fleet simulate``: an MQTT v5 session (aiomqtt, so a thousand of
 them share one asyncio loop) that does on the fleet's topics what the agent does for the parts a
-rollout relies on (docs/design.md §6, §9, §11), with no model file behind it:
+rollout relies on (docs/design.md §6-§8, §12), with no model file behind it:
 
 - retained ``status``: online on every connect, offline as the Last Will and, published explicitly,
   when the device drops (a flaky one) or the simulation stops;
@@ -9,12 +9,13 @@ rollout relies on (docs/design.md §6, §9, §11), with no model file behind it:
   every release verified with :func:`edgecloud.release.verify_envelope` against the trusted keys, a
   refusal reported ``failed`` with its reason once;
 - the retained wave command of the model (``models/<name>/rollout``), checked with
-  :func:`edgecloud.rollout.verify_command` against the release it drives: a release is taken only
-  while the device is inside the current share (:func:`edgecloud.rollout.share`,
-  :func:`edgecloud.release.in_rollout`), and on ``halted`` a device that activated it goes back to the
-  version it served before and reports ``rolled_back`` / ``rollout_halted`` (on its return, for a
-  device that was offline). A refused command is logged and sent as a ``rollout.command_refused``
-  event, once;
+  :func:`edgecloud.rollout.verify_command` against the release it drives (the desired one or the one
+  serving): a release is taken only while the device is inside the current share
+  (:func:`edgecloud.rollout.share`, :func:`edgecloud.release.in_rollout`); on ``halted`` (a share of 0)
+  a device serving that version goes back to the one it served before and reports ``rolled_back`` with
+  ``rollout_halted[: <the command's reason>]`` (on its return, for a device that was offline), and a
+  later ``advancing`` that includes it brings it back. A refused command is logged and sent as a
+  ``rollout.command_refused`` event, once (as ``edge_agent/update/waves.py`` does);
 - ``models/<name>/reported`` and the shared ``model/reported`` through downloading → verifying →
   staged → active, a configurable pause per step (nothing is downloaded);
 - telemetry every interval while connected (:mod:`edgecloud_tools.fleet.sim_telemetry`). A device that
@@ -49,7 +50,14 @@ from edgecloud.release import (
     in_rollout,
     verify_envelope,
 )
-from edgecloud.rollout import ROLLOUT_HALTED, CommandRefused, WaveCommand, share, verify_command
+from edgecloud.rollout import (
+    ROLLOUT_HALTED,
+    CommandReason,
+    CommandRefused,
+    WaveCommand,
+    share,
+    verify_command,
+)
 from edgecloud.signing import TrustStore
 from edgecloud_tools.fleet.sim_telemetry import DeviceDraws, DeviceTelemetry, Truth
 
@@ -115,16 +123,17 @@ class SimDevice:
     rng: np.random.Generator
     active: int | None
     flaky: bool = False
-    previous: int | None = None
+    #: the version served before the active one, and its release (None for the initial version)
+    previous: tuple[int | None, ReleasePayload | None] | None = None
     telemetry: DeviceTelemetry = field(init=False)
     _client: aiomqtt.Client | None = field(default=None, init=False)
     _desired: dict[Source, Desired | None] = field(default_factory=lambda: dict.fromkeys(SOURCES), init=False)
     _command_raw: bytes = field(default=b"", init=False)
     _commands: dict[int, WaveCommand] = field(default_factory=dict, init=False)  # last taken, by version
-    _taken: set[tuple[str, int]] = field(default_factory=set, init=False)  # (command key, version) taken
-    _refused: set[str] = field(default_factory=set, init=False)  # command keys refused (reported once)
+    _tried: set[str] = field(default_factory=set, init=False)  # command keys taken or refused for good
+    _waiting: set[str] = field(default_factory=set, init=False)  # command keys whose release is not held
+    _active_release: ReleasePayload | None = field(default=None, init=False)
     _settled: set[str] = field(default_factory=set, init=False)  # desired keys failed for good
-    _rolled_back: set[tuple[int, datetime]] = field(default_factory=set, init=False)
     _unsent: dict[str, bytes] = field(default_factory=dict, init=False)  # retained reports, by topic
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
@@ -295,30 +304,46 @@ class SimDevice:
                 return own or shared
         return None
 
-    async def _command(self, release: ReleasePayload) -> WaveCommand | None:
-        """The wave command in force for ``release``: the retained one when it checks out, else the last
-        taken (None: none yet)."""
-        raw, last = self._command_raw, self._commands.get(release.version)
-        if not raw:
-            return last
+    def _held(self, desired: Desired | None) -> list[ReleasePayload]:
+        """The verified releases this device holds: the effective desired one and the one serving."""
+        return [r for r in (desired.payload if desired else None, self._active_release) if r is not None]
+
+    async def _take_command(self, held: list[ReleasePayload]) -> None:
+        """Verify the newest retained command against the releases held and keep it when it checks out;
+        a refusal is logged and sent as an event once (one for a release not held yet is tried again
+        when it arrives)."""
+        raw = self._command_raw
         key = _digest(raw)
-        if (key, release.version) in self._taken or key in self._refused:
-            return last
+        if not raw or key in self._tried:
+            return
+        version = None
         try:
-            command = verify_command(Envelope.from_json(raw), release, self.settings.trust, last)
-        except (ReleaseRejected, CommandRefused) as e:
-            self._refused.add(key)
-            reason = e.reason.value
-            log.info("event=sim_command_refused device=%s version=%d reason=%s detail=%r", self.device,
-                     release.version, reason, e.detail)
+            envelope = Envelope.from_json(raw)
+            version = WaveCommand.from_dict(dict(envelope.payload)).version  # malformed before unknown
+            release = next((r for r in held if r.version == version), None)
+            if release is None:
+                raise CommandRefused(CommandReason.UNKNOWN_VERSION, f"no release of {self.settings.model} "
+                                     f"version {version} is held here")
+            command = verify_command(envelope, release, self.settings.trust, self._commands.get(version))
+        except (CommandRefused, ReleaseRejected) as e:
+            waits = isinstance(e, CommandRefused) and e.reason is CommandReason.UNKNOWN_VERSION
+            if key in self._waiting:
+                return
+            (self._waiting if waits else self._tried).add(key)
+            reason = e.reason.value if isinstance(e, CommandRefused) else CommandReason.MALFORMED.value
+            log.info("event=sim_command_refused device=%s version=%s reason=%s detail=%r", self.device,
+                     version, reason, e.detail)
             await self._publish(self.settings.topics.events(self.device),
                                 Event(device=self.device, type="rollout.command_refused", severity="warning",
-                                      data={"model": release.model, "version": release.version,
+                                      data={"model": self.settings.model, "version": version,
                                             "reason": reason, "detail": e.detail}), retain=False)
-            return last
-        self._taken.add((key, release.version))
-        self._commands[release.version] = command
-        return command
+            return
+        self._tried.add(key)
+        self._commands[command.version] = command
+
+    def _halted(self, version: int | None) -> WaveCommand | None:
+        command = self._commands.get(version) if version is not None else None
+        return command if command is not None and command.state == "halted" else None
 
     async def _work(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -328,6 +353,9 @@ class SimDevice:
 
     async def _evaluate(self) -> None:
         desired = self._effective()
+        await self._take_command(self._held(desired))
+        if (halt := self._halted(self.active)) is not None and self._active_release is not None:
+            await self._roll_back(halt)
         if desired is None:
             return
         if desired.refusal is not None:
@@ -338,15 +366,10 @@ class SimDevice:
             return
         release = desired.payload
         assert release is not None
-        command = await self._command(release)
-        if command is not None and command.state == "halted":
-            if self.active == release.version:
-                await self._roll_back(release)
+        if self.active == release.version or desired.key in self._settled:
             return
-        if self.active == release.version or (release.version, release.issued_at) in self._rolled_back \
-                or desired.key in self._settled:
-            return
-        if not in_rollout(self.device, share(release, command), release.rollout.salt):
+        if not in_rollout(self.device, share(release, self._commands.get(release.version)),
+                          release.rollout.salt):
             return
         try:
             check_version(release.version, self.active, release.allow_downgrade)
@@ -357,7 +380,7 @@ class SimDevice:
         await self._apply(desired)
 
     async def _apply(self, desired: Desired) -> None:
-        """downloading → verifying → staged → active, a pause per step; a halt (or a newer desired
+        """downloading → verifying → staged → active, a pause per step; a halt (or another desired
         release) on the way stops it before the swap."""
         release = desired.payload
         assert release is not None
@@ -366,20 +389,27 @@ class SimDevice:
             await asyncio.sleep(self.settings.step_s)
             if (now := self._effective()) is None or now.key != desired.key:
                 return  # another release came: the work loop takes it next
-            command = await self._command(release)
-            if command is not None and command.state == "halted":
-                self._settled.add(desired.key)
-                await self._report(release.version, "failed", f"{ROLLOUT_HALTED}: halted before the swap")
+            await self._take_command(self._held(desired))
+            if (halt := self._halted(release.version)) is not None:
+                await self._report(release.version, "failed", _halt_reason(halt, "halted before the swap"))
                 return
-        self.previous, self.active = self.active, release.version
+        self.previous, self.active = (self.active, self._active_release), release.version
+        self._active_release = release
         await self._report(release.version, "active")
         await self._announce()
 
-    async def _roll_back(self, release: ReleasePayload) -> None:
-        self._rolled_back.add((release.version, release.issued_at))
-        if self.previous is None:  # nothing to go back to: keeps serving, says why
-            await self._report(release.version, "failed", f"{ROLLOUT_HALTED}: no previous version kept")
+    async def _roll_back(self, halt: WaveCommand) -> None:
+        """Back to the version served before the halted one (docs/design.md §12)."""
+        if self.previous is None:  # nothing kept to go back to: keeps serving, says why
+            await self._report(halt.version, "failed", _halt_reason(halt, "no previous version kept"))
+            self._active_release = None
             return
-        self.active, self.previous = self.previous, None
-        await self._report(release.version, "rolled_back", ROLLOUT_HALTED)
+        (self.active, self._active_release), self.previous = self.previous, None
+        await self._report(halt.version, "rolled_back", _halt_reason(halt))
         await self._announce()
+
+
+def _halt_reason(halt: WaveCommand, detail: str = "") -> str:
+    """``rollout_halted[: <the command's reason>]``, as the agent reports it."""
+    said = "; ".join(part for part in (halt.reason, detail) if part)
+    return f"{ROLLOUT_HALTED}: {said}" if said else ROLLOUT_HALTED

@@ -1,6 +1,6 @@
 """``edgecloud fleet simulate`` against a real mosquitto: the simulated devices take a release with waves
 only inside the share the signed wave commands say, roll back on a halt (a device offline during the
-halt when it returns), refuse a command signed by a stranger, say online and offline on their status,
+halt when it returns) and come back when the rollout resumes, refuse a command signed by a stranger, say online and offline on their status,
 and send telemetry that the committed schema takes, with per-version quality drawn from the truth."""
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from edgecloud.rollout import ROLLOUT_HALTED, WaveCommand, sign_command
 from edgecloud.signing import load_private_key, write_keypair
 from edgecloud_tools.faults.harness import wait_until
 from edgecloud_tools.fleet.simulate import device_ids
-from edgecloud_tools.services import ServiceProcess
+from edgecloud_tools.rig.services import ServiceProcess
 from tests.support.fleet import Recorder, schema
 
 if TYPE_CHECKING:
-    from edgecloud_tools.broker import LocalBroker
+    from edgecloud_tools.rig.broker import LocalBroker
 
 FLEET, GROUP, MODEL, SALT = "sim-fleet", "line-1", "digits", "line-1-salt"
 TOPICS = FleetTopics(FLEET)
@@ -155,10 +155,13 @@ def test_devices_take_a_release_only_inside_the_wave_and_roll_back_on_a_halt(fle
     assert wait_until(lambda: fleet.active_on(1) == set(ids), 30), sorted(fleet.active_on(2))
     back = fleet.reports(2)
     assert {d for d, b in back.items() if b["state"] == "rolled_back"} == second
-    assert {b["reason"] for d, b in back.items() if d in second} == {ROLLOUT_HALTED}
+    assert {b["reason"] for d, b in back.items() if d in second} == {f"{ROLLOUT_HALTED}: test"}
     # the shared report topic says the same as the model's own
     shared = {d: b for d, b in fleet.latest(TopicKind.REPORTED).items() if b["version"] == 2}
     assert shared == back
+    # a halt is the command's state, not remembered against the release: resuming brings them back
+    fleet.command(2, 1, "advancing")
+    assert wait_until(lambda: fleet.active_on(2) == second, 30), sorted(fleet.active_on(2))
 
     fleet.close()  # a clean stop says offline on every status
     assert wait_until(lambda: not fleet.online(), 10), sorted(fleet.online())
