@@ -5,7 +5,6 @@ the same model re-released while the traffic moves from batch 1 to batch 64 (doc
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from datetime import timedelta
@@ -23,6 +22,7 @@ from edgecloud_tools.faults.plan import Faults, Outcome, progress
 from edgecloud_tools.fleet.publish import ReleaseRequest, build_release, publish_release
 from edgecloud_tools.rig import servers
 from edgecloud_tools.rig.broker import LocalBroker
+from edgecloud_tools.rig.model_files import versioned_copy
 from edgecloud_tools.rig.services import ServiceProcess
 
 FLEET, GROUP, DEVICE = "faults", "line-1", "fleet-1"
@@ -164,15 +164,6 @@ def _renamed_output(model: Path, dest: Path) -> Path:
     return dest
 
 
-def _copy(model: Path, dest: Path, version: int) -> Path:
-    """``model`` and its card, the card saying ``version``."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(model, dest)
-    card = json.loads(Path(f"{model}.card.json").read_text())
-    Path(f"{dest}.card.json").write_text(json.dumps({**card, "version": version}))
-    return dest
-
-
 def bad_releases(f: Faults) -> Outcome:
     out = Outcome("bad_releases", "releases the agent must refuse (forged, unknown key, expired, not newer, "
                   "unloadable, renamed output, unreadable envelope) each reported with its exact reason "
@@ -182,7 +173,7 @@ def bad_releases(f: Faults) -> Outcome:
         now = utc_now()
 
         def forged() -> None:
-            _, payload = build_release(rig.request(_copy(model, d / "v2" / model.name, 2), 2))
+            _, payload = build_release(rig.request(versioned_copy(model, d / "v2" / model.name, 2), 2))
             envelope = sign_release(payload, load_private_key(rig.private)).to_dict()
             rig.send(json.dumps({**envelope, "payload": {**envelope["payload"], "version": 3}}).encode())
 
@@ -191,12 +182,13 @@ def bad_releases(f: Faults) -> Outcome:
         junk.write_bytes(b"\x08\x07" + bytes(range(256)) * 8)
         cases = {  # what → (publish it, the version reported, the reason code)
             "forged signature": (forged, 3, "bad_signature"),
-            "unknown key": (lambda: rig.publish(_copy(model, d / "v4" / model.name, 4), 4, key=rig.stranger),
-                            4, "unknown_key"),
-            "expired": (lambda: rig.publish(_copy(model, d / "v5" / model.name, 5), 5,
+            "unknown key": (lambda: rig.publish(versioned_copy(model, d / "v4" / model.name, 4), 4,
+                                                key=rig.stranger), 4, "unknown_key"),
+            "expired": (lambda: rig.publish(versioned_copy(model, d / "v5" / model.name, 5), 5,
                                             now=now - timedelta(days=2), expires_at=now - timedelta(days=1)),
                         5, "expired"),
-            "not newer": (lambda: rig.publish(_copy(model, d / "v0" / model.name, 0), 0), 0, "not_newer"),
+            "not newer": (lambda: rig.publish(versioned_copy(model, d / "v0" / model.name, 0), 0), 0,
+                          "not_newer"),
             "unloadable": (lambda: rig.publish(junk, 6), 6, "unloadable"),
             "renamed output": (lambda: rig.publish(_renamed_output(model, d / "v7" / model.name), 7), 7,
                                "contract_mismatch"),
@@ -226,7 +218,7 @@ def batch_mix(f: Faults) -> Outcome:
     out = Outcome("batch_mix", "the same model re-released as v2 while the traffic moves from batch 1 to "
                   "batch 64: the watch window compares like with like and passes (no rollback)")
     with Rig(f, "batch-mix", watch_s=f.plan.watch_s) as rig, servers.RssSampler(rig.agent.proc.pid) as rss:
-        v2 = _copy(f.models.edge, rig.d / "v2" / f.models.edge.name, 2)
+        v2 = versioned_copy(f.models.edge, rig.d / "v2" / f.models.edge.name, 2)
         with rig.load("b1") as small:
             small.wait_done(50)
             since = rig.mark

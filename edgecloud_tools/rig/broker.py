@@ -66,9 +66,11 @@ class LocalBroker:
     """One mosquitto process on ``HOST``; a context manager that starts and stops it."""
 
     def __init__(self, workdir: Path, *, users: Mapping[str, str] | None = None,
-                 tls: BrokerTLS | None = None, acl_file: Path | None = None) -> None:
+                 tls: BrokerTLS | None = None, acl_file: Path | None = None,
+                 options: Mapping[str, str | int] | None = None) -> None:
         """``users``: name → password (no anonymous clients then); ``acl_file``: mosquitto's
-        ``acl_file``, what each user may read and write."""
+        ``acl_file``, what each user may read and write; ``options``: more mosquitto.conf settings
+        (e.g. ``sys_interval``, ``max_queued_messages``)."""
         exe = mosquitto_path()
         if exe is None:
             raise RuntimeError(f"mosquitto is not installed: {INSTALL_HINT}")
@@ -77,6 +79,7 @@ class LocalBroker:
         self.users = dict(users or {})
         self.tls = tls
         self.acl_file = acl_file
+        self.options = dict(options or {})
         self.host = HOST
         self.port = free_loopback_port()
         self.log_path = self.workdir / "mosquitto.log"
@@ -97,6 +100,7 @@ class LocalBroker:
             lines.append(f"acl_file {self.acl_file}")
         if self.tls:
             lines += [f"cafile {self.tls.ca}", f"certfile {self.tls.cert}", f"keyfile {self.tls.key}"]
+        lines += [f"{key} {value}" for key, value in self.options.items()]
         path = self.workdir / "mosquitto.conf"
         path.write_text("\n".join(lines) + "\n")
         return path

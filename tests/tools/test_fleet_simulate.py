@@ -1,7 +1,8 @@
 """``edgecloud fleet simulate`` against a real mosquitto: the simulated devices take a release with waves
 only inside the share the signed wave commands say, roll back on a halt (a device offline during the
-halt when it returns) and come back when the rollout resumes, refuse a command signed by a stranger, say online and offline on their status,
-and send telemetry that the committed schema takes, with per-version quality drawn from the truth."""
+halt when it returns) and come back when the rollout resumes, refuse a command signed by a stranger,
+say online and offline on their status, and send telemetry that the committed schema takes, with
+per-version quality drawn from the truth."""
 
 from __future__ import annotations
 
