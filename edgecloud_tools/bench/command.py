@@ -11,6 +11,9 @@ Stages, in order (one progress line each on stderr):
   frames      640x480 JPEG frames: decode + pre-process beside the model, frames/s at 4 clients, and
               upstream bytes per escalated row, original frame vs tensor
   cold_start  agent start to READY=1, and its memory
+  fleet       only with --only fleet: 1,000 simulated devices and 5 agents on one mosquitto, the rollout
+              controller driving releases with waves: time to roll out a good release, the halt of a
+              confidently wrong one, false halts over 20 good ones, broker and controller load
 
 Clients are separate processes (tritonclient's gRPC client; plain HTTP/1.1 for FastAPI). The peers run
 in venvs the bench makes on first use ($EDGECLOUD_BENCH_PEERS); one that cannot be installed is
@@ -35,6 +38,7 @@ from pathlib import Path
 from edgecloud_tools.bench.agent_load import agent_load
 from edgecloud_tools.bench.cascade import cascade
 from edgecloud_tools.bench.cold_start import cold_start
+from edgecloud_tools.bench.fleet import fleet
 from edgecloud_tools.bench.floors import echoes, in_process
 from edgecloud_tools.bench.frames import frames
 from edgecloud_tools.bench.gateway_load import gateway_load
@@ -58,7 +62,10 @@ def floors(bench: Bench) -> dict:
 STAGES: dict[str, Callable[[Bench], dict]] = {
     "floors": floors, "agent": agent_load, "peers": peer_load, "gateway": gateway_load,
     "slow_cloud": slow_cloud, "cascade": cascade, "frames": frames, "cold_start": cold_start,
+    "fleet": fleet,
 }
+#: stages a run leaves out unless ``--only`` names them (the fleet runs for many minutes on its own)
+OPT_IN = ("fleet",)
 
 
 def run_stages(bench: Bench, names: list[str]) -> dict:
@@ -83,7 +90,7 @@ def run_bench(args: argparse.Namespace) -> int:
                                make_peers=not args.quick and not args.no_peer_install)
     models = Models(edge=args.edge, edge_fp32=args.edge_fp32, repository=args.repository,
                     cloud=args.repository / CLOUD.relative_to(REPOSITORY))
-    names = args.only or list(STAGES)
+    names = args.only or [name for name in STAGES if name not in OPT_IN]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="edgecloud-bench-"))

@@ -91,8 +91,31 @@ def slow_cloud(plt, r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def fleet_rollouts(plt, r: dict, path: Path) -> None:
+    """Devices serving the good release and the wrong one over time, with the wave commands."""
+    f = r.get("fleet") or {}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    runs = (("good", "a good release"), ("wrong", "a confidently wrong release"))
+    for ax, (key, title) in zip(axes, runs):
+        timeline = get(f, key, "timeline") or {}
+        points = timeline.get("serving") or []
+        ax.step([p[0] for p in points], [p[1] for p in points], where="post", color="#d62728", linewidth=2)
+        for seconds, wave, state in timeline.get("commands") or []:
+            ax.axvline(seconds, color="#7f7f7f" if state != "halted" else "#000000", linestyle=":")
+            ax.annotate(f"{state} {wave}", (seconds, 0), rotation=90, fontsize=7, va="bottom")
+        ax.set_title(f"{f.get('devices', '')} devices: {title}")
+        ax.set_xlabel("seconds after publishing")
+        ax.set_ylabel("devices serving it")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 #: file name → what draws it
 PLOTS = {"latency_cdf.png": latency_cdf, "throughput.png": throughput, "slow_cloud.png": slow_cloud}
+#: drawn only when the run has the fleet stage's figures
+FLEET_PLOTS = {"fleet_rollouts.png": fleet_rollouts}
 
 
 def plot(r: dict, out: Path) -> list[Path] | None:
@@ -104,6 +127,7 @@ def plot(r: dict, out: Path) -> list[Path] | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    for name, draw in PLOTS.items():
+    plots = {**PLOTS, **(FLEET_PLOTS if get(r, "fleet", "good") else {})}
+    for name, draw in plots.items():
         draw(plt, r, out / name)
-    return [out / name for name in PLOTS]
+    return [out / name for name in plots]

@@ -194,6 +194,49 @@ def start_section(r: dict) -> list[str]:
     return columns(head, rows) + _failed(r, "cold_start")
 
 
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} s"
+
+
+def fleet_section(r: dict) -> list[str]:
+    f = r.get("fleet") or {}
+    if "good" not in f:
+        return _failed(r, "fleet")
+    plan, good, wrong, status = f["plan"], f["good"], f["wrong"], f["status"]
+    controller = f["controller"]
+    waves = ", ".join(f"{w:g}" for w in plan["waves"])
+    rows = [
+        ["devices", f"{f['devices']:,} ({f['simulated']:,} simulated, {f['agents']} agents; "
+                    f"{f['online_at_start']:,} online at start)"],
+        ["broker messages/s (received + sent)", _n(f["broker_messages_per_s"])],
+        ["controller CPU, % of one core", f"{controller['cpu_percent']:.1f}"],
+        ["controller RSS peak MB", fmt_mb(controller["rss_peak_bytes"])],
+        [f"good release, waves {waves}, soak {plan['soak_s']:g} s: every online device on it",
+         _s(good["reached_all_online_s"]) + (" (halted)" if good["halted"] else "")],
+    ]
+    if wrong.get("halted"):
+        rows += [
+            ["wrong release: halted in wave (0-based), after", f"{wrong['halted_in_wave']}, "
+                                                              f"{_s(wrong['time_to_halt_s'])}"],
+            ["wrong release: devices ever active on it / inside the first wave",
+             f"{wrong['exposed_devices']} / {wrong['first_wave_devices']}"],
+            [f"wrong release: back on the previous version within {plan['back_within_s']:g} s",
+             f"{wrong['back_within_limit']} of {wrong['exposed_devices']} "
+             f"(slowest {_s(wrong['back_max_s'])})"],
+        ]
+    else:
+        rows.append(["wrong release", "NOT halted"])
+    rows += [
+        ["false halts of a good release", f"{f['false_halts']['halted']} of {f['false_halts']['runs']}"],
+        *([f"`{name.replace('_', ' ')}` (listens {status['listen_s']:g} s)",
+           f"{_s(t['seconds'])}" + (f" (exit {t['exit_code']}: {t.get('error', '')})" if t["exit_code"] else
+                                    f", {t['lines']} lines")]
+          for name, t in (("fleet status", status["fleet_status"]), ("fleet rollout status",
+                                                                     status["rollout_status"]))),
+    ]
+    return columns(["fleet", "figure"], rows)
+
+
 def _figure(g: Goal, v: float | None) -> str:
     if v is None:
         return "-"
@@ -215,7 +258,7 @@ def format_table(r: dict) -> str:
                 ("agent, floors and peers", batch1_section(r)), ("admission", open_loop_section(r)),
                 ("gateway", gateway_section(r)), ("slow cloud", slow_cloud_section(r)),
                 ("cascade", cascade_section(r)), ("frames", frames_section(r)),
-                ("start-up", start_section(r)),
+                ("start-up", start_section(r)), ("fleet", fleet_section(r)),
                 ("targets", targets_section(r))]
     out = []
     for title, lines in sections:

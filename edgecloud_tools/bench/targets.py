@@ -53,6 +53,32 @@ def _min(*values: float | None) -> float | None:
     return None if any(v is None for v in values) else min(values)
 
 
+def fleet_goals(f: dict) -> list[Goal]:
+    """The fleet's targets (issue 18), for a run of the fleet stage."""
+    plan, wrong = f.get("plan") or {}, f.get("wrong") or {}
+    limit = len(plan.get("waves", ())) * plan.get("soak_s", 0) + 60
+    return [
+        Goal("fleet: controller CPU <= 30% of a core", get(f, "controller", "cpu_percent"), None, "<=", 30,
+             "%", relative=False),
+        Goal("fleet: controller RSS <= 200 MB", get(f, "controller", "rss_peak_bytes"), None, "<=", 200e6,
+             "bytes", relative=False),
+        Goal("fleet: `fleet status` answers in < 2 s", get(f, "status", "fleet_status", "seconds"), None,
+             "<=", 2.0, "s", relative=False),
+        Goal("fleet: `fleet rollout status` answers in < 2 s", get(f, "status", "rollout_status", "seconds"),
+             None, "<=", 2.0, "s", relative=False),
+        Goal(f"fleet: a good release on every online device in <= waves x soak + 60 s ({limit:g} s)",
+             get(f, "good", "reached_all_online_s"), None, "<=", limit, "s", relative=False),
+        Goal("fleet: the wrong release halted in the first wave", wrong.get("halted_in_wave"), None, "==", 0,
+             "wave", relative=False),
+        Goal("fleet: devices ever active on the wrong release <= the first wave's",
+             wrong.get("exposed_devices"), wrong.get("first_wave_devices"), "<=", 1.0, "devices"),
+        Goal("fleet: each back on the previous version within 30 s of the halt", wrong.get("back_max_s"),
+             None, "<=", 30.0, "s", relative=False),
+        Goal("fleet: false halts of a good release", get(f, "false_halts", "halted"), None, "==", 0, "runs",
+             relative=False),
+    ]
+
+
 def goals(r: dict) -> list[Goal]:
     agent, floors = r.get("agent", {}), r.get("floors", {})
     peers, gateway = r.get("peers", {}), r.get("gateway", {})
@@ -88,4 +114,5 @@ def goals(r: dict) -> list[Goal]:
              floor64, ">=", 0.8, "/s"),
         Goal("cascade mean latency <= 0.35x cloud-only (30 ms WAN)", get(casc, "cascade", "mean_ms"),
              get(casc, "cloud only", "mean_ms"), "<=", 0.35, "ms"),
+        *(fleet_goals(r["fleet"]) if isinstance(r.get("fleet"), dict) else []),
     ]
