@@ -212,6 +212,7 @@ def _agent_config(rig_dir: Path, broker: LocalBroker, public: Path, plan: FleetP
 
 def _started(service: ServiceProcess, settle_s: float = 2.0) -> ServiceProcess:
     """Start a service that has no health check: it must still run after ``settle_s``."""
+    service.ready = lambda: True
     service.start()
     time.sleep(settle_s)
     if service.proc is None or service.proc.poll() is not None:
