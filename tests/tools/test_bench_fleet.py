@@ -16,10 +16,20 @@ from edgecloud_tools import cli
 from edgecloud_tools.rig.broker import INSTALL_HINT, mosquitto_path
 
 
+def _has_controller() -> bool:
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), \
+            pytest.raises(SystemExit) as done:
+        cli.main(["fleet", "controller", "--help"])
+    return done.value.code == 0
+
+
 @pytest.fixture(scope="module")
 def fleet_run(tmp_path_factory) -> tuple[dict, str, Path]:
     if mosquitto_path() is None:
         pytest.skip(f"mosquitto is not installed: {INSTALL_HINT}")
+    if not _has_controller():
+        pytest.skip("`edgecloud fleet controller` is not in this tree: the bench drives rollouts with it")
     tmp = tmp_path_factory.mktemp("bench-fleet")
     out = tmp / "results"
     printed = io.StringIO()
@@ -43,7 +53,7 @@ def test_the_quick_fleet_bench_has_every_figure(fleet_run) -> None:
     assert 0 < f["controller"]["cpu_percent"] < 100 * 2
     assert f["controller"]["rss_peak_bytes"] > 10e6
     good = f["good"]
-    assert not good["halted"] and good["reached_all_online_s"] > 0 and good["complete_command_s"] > 0
+    assert not good["halted"] and good["reached_all_online_s"] > 0
     assert good["timeline"]["serving"][-1][1] >= plan["agents"]
     for name in ("fleet_status", "rollout_status"):
         timing = f["status"][name]
