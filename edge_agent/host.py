@@ -48,8 +48,8 @@ class ModelStats(Stats):
         super().__init__()
         self.totals = totals
 
-    def record(self, call: CallRecord) -> None:
-        bins = confidence_bins(call.confidences)
+    def record(self, call: CallRecord, bins: Sequence[int] | None = None) -> None:
+        bins = confidence_bins(call.confidences) if bins is None else bins
         self.add(call, bins)
         self.totals.add(call, bins)
 
@@ -129,7 +129,8 @@ class ModelUnit:
     def readings(self) -> ModelReadings:
         return ModelReadings(name=self.name, snapshot=self.stats.snapshot, interval=self.stats.interval,
                              version=self.version, ready=lambda: self.ready, error=lambda: self.error,
-                             circuit_state=lambda: circuit_state(self.link), spool=self.spool)
+                             circuit_state=lambda: circuit_state(self.link), spool=self.spool,
+                             quality=self.cascade.quality if self.cascade else None)
 
     def follow(self, fleet: FleetLink, owns: Callable[[str | None], bool]) -> None:
         """Join the update path of the fleet (before the fleet link starts); a model that did not load
