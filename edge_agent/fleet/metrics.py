@@ -107,8 +107,7 @@ class AgentCollector(Collector):
             if model.quality is None:
                 continue
             for version, counts in model.quality.totals().items():
-                for reason, rows, agree in (("escalated", counts.escalated, counts.escalated_agree),
-                                            ("audit", counts.audited, counts.audit_agree)):
+                for reason, rows, agree in counts.by_reason():
                     family.add_metric((model.name, version, reason, "true"), agree)
                     family.add_metric((model.name, version, reason, "false"), rows - agree)
         return family

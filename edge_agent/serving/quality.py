@@ -17,6 +17,7 @@ import threading
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from edge_agent.serving.stats import CONFIDENCE_EDGES
+from edgecloud.mqtt.payloads import AgreementCounts
 
 BINS = len(CONFIDENCE_EDGES) - 1
 
@@ -110,9 +111,9 @@ class Quality:
             active.mark, active.mark_histogram = replace(counts), list(active.histogram)
             return figures
 
-    def totals(self) -> dict[str, Counts]:
+    def totals(self) -> dict[str, AgreementCounts]:
         """Every version's counts since the agent started, the active one's included."""
         with self._lock:
             versions = {version: replace(counts) for version, counts in self._earlier.items()}
             versions.setdefault(self._active.version, Counts()).add(self._active.counts)
-            return versions
+        return {version: AgreementCounts(**counts.to_dict()) for version, counts in versions.items()}

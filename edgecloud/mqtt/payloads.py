@@ -221,6 +221,11 @@ class AgreementCounts(Body):
             raise ValueError("more rows agree than the cloud answered")
         return self
 
+    def by_reason(self) -> tuple[tuple[str, int, int], ...]:
+        """(reason, rows the cloud answered, rows it answered as the edge did) for ``escalated`` and
+        ``audit``: the ``reason`` of the ``*agreement_rows_total`` series."""
+        return ("escalated", self.escalated, self.escalated_agree), ("audit", self.audited, self.audit_agree)
+
 
 class Quality(AgreementCounts):
     """How well a model's active version answers, live: counts over the interval (since the previous

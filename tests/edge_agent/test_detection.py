@@ -166,7 +166,8 @@ def test_detections_come_only_when_asked_for_and_an_empty_frame_is_labelled_none
 
 def test_empty_frames_are_audited_at_the_configured_share(tmp_path, detectors):
     """Frames with no box >= T never escalate by score; a share of them goes to the cloud in the
-    background, tagged empty_frame; frames with boxes are never sent as empty."""
+    background, tagged empty_frame; frames with boxes are never sent as empty (nor audited at all
+    here: ``audit_rate`` 0)."""
     edge, cloud_model = detectors
     share, requests, per_request = 0.25, 4, 200
     dark = png_frames(range(per_request - 20), top=60)
@@ -176,7 +177,7 @@ def test_empty_frames_are_audited_at_the_configured_share(tmp_path, detectors):
     cloud = frames_cloud(tmp_path, cloud_model)
     try:
         with start_agent(tmp_path / "edge", edge, cloud.port,
-                         cascade={"threshold": 0.0, "empty_audit_rate": share},
+                         cascade={"threshold": 0.0, "empty_audit_rate": share, "audit_rate": 0.0},
                          cloud={"max_per_s": 100000}) as agent:
             client = Client(agent.port)
             for _ in range(requests):
