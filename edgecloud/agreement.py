@@ -5,7 +5,8 @@ A classifier agrees when the top-1 class (argmax of the score output) is the sam
 detector agrees when a greedy match of same-label boxes at IoU >= :data:`MATCH_IOU` (only boxes scoring
 >= the card's ``score_threshold``) leaves no box of either side unmatched: the frame would be read the
 same way downstream (the same objects, where they are), whatever the scores. The match pairs the
-highest IoU first, so it does not depend on which side is called edge and which cloud.
+highest IoU first (equal IoUs by the boxes' coordinates), so it does not depend on which side is called
+edge and which cloud, nor on the order the boxes come in.
 """
 
 from __future__ import annotations
@@ -55,12 +56,16 @@ def boxes_match(edge_boxes: np.ndarray, edge_labels: np.ndarray, cloud_boxes: np
         return True
     if not np.array_equal(np.sort(edge_labels), np.sort(cloud_labels)):
         return False
+    edge_boxes = np.asarray(edge_boxes, dtype=np.float64).reshape(-1, 4)
+    cloud_boxes = np.asarray(cloud_boxes, dtype=np.float64).reshape(-1, 4)
     overlap = pairwise_iou(edge_boxes, cloud_boxes)
     overlap[edge_labels[:, None] != cloud_labels[None, :]] = -1.0
     for _ in range(edge_labels.size):
-        i, j = np.unravel_index(int(overlap.argmax()), overlap.shape)
-        if overlap[i, j] < iou:
+        best = overlap.max()
+        if best < iou:
             return False
+        ties = np.argwhere(overlap == best)
+        i, j = min(ties, key=lambda p: sorted((tuple(edge_boxes[p[0]]), tuple(cloud_boxes[p[1]]))))
         overlap[i, :] = -1.0
         overlap[:, j] = -1.0
     return True
