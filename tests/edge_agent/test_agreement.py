@@ -21,6 +21,7 @@ from edgecloud.mqtt.payloads import AgreementCounts
 from edgecloud.mqtt.topics import FleetTopics
 from edgecloud.protocol.parameters import AgentResponse
 from edgecloud_tools import cli
+from edgecloud_tools.fleet.status import collect, render_table
 from tests.support.fleet import FLEET, Recorder, Scrape, fleet_sections, schema
 from tests.support.net import wait_for
 from tests.support.onnx_models import linear_classifier
@@ -107,6 +108,10 @@ def test_the_device_counts_what_the_gateway_stored_per_version_and_reason(tmp_pa
             client.infer("clf", {"x": x}, escalate=("auto", "always", "background")[i % 3])
             assert answered(agent, "1", 16 * (i + 1))  # each call's background work is back
         counted = device_counts(Scrape(agent.metrics.port), "1")
+        # what `edgecloud fleet status` shows of it: the audit agreement of the active version
+        audited, audit_agree = counted["audit"]
+        view = collect(broker.mqtt_config(), FLEET, listen_s=1.0)
+        assert f"audit {audit_agree / audited:.1%} of {audited}" in render_table(view.sorted_rows())
     stored = stored_counts(cloud, "1")
     assert counted == stored
     for reason, (rows, agree) in counted.items():
