@@ -138,7 +138,7 @@ class Applier:
             self.store.prune(self.state)
 
     def halt(self, command: WaveCommand) -> bool:
-        """Roll back the version a rollout halted (docs/design.md §11) to the model served before it,
+        """Roll back the version a rollout halted (docs/design.md §12) to the model served before it,
         when that version serves here; True when it did. Not remembered as rolled back: the halt is the
         command's state, and a later ``advancing`` command that includes this device brings it back."""
         active = self.state.active

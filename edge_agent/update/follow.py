@@ -22,7 +22,7 @@
   internal error) is tried again with exponential backoff, until another message replaces it.
 - A new effective desired message while one is being handled cuts its watch window short
   (``Applier.watch_cut``): a rollback takes effect at once, not after ``watch_s``.
-- A release with waves (docs/design.md §11) is taken only while this device is inside the current
+- A release with waves (docs/design.md §12) is taken only while this device is inside the current
   wave's share, as the model's signed wave commands say (``waves.py``). A command that widens the share
   lets a release skipped for its share be tried again; a halt of the version serving here rolls it back
   to the model served before (a halt also cuts that version's watch window short), and a later

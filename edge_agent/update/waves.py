@@ -1,4 +1,4 @@
-"""The wave commands of one model's rollout, as this device takes them (docs/design.md §11).
+"""The wave commands of one model's rollout, as this device takes them (docs/design.md §12).
 
 The retained ``models/<name>/rollout`` topic holds the newest signed command for the model. A command is
 taken once it verifies against a release this device holds (the desired one or the one it serves)
@@ -69,7 +69,7 @@ class Waves:
         version = None
         try:
             envelope = Envelope.from_json(raw)
-            version = envelope.payload.get("version")
+            version = WaveCommand.from_dict(dict(envelope.payload)).version  # malformed before unknown
             release = next((r for r in held() if r.model == self.model and r.version == version), None)
             if release is None:  # tried again when a release arrives
                 raise CommandRefused(CommandReason.UNKNOWN_VERSION, f"no release of {self.model} version "

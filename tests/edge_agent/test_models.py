@@ -35,7 +35,7 @@ from tests.support.triton import run_triton
 from tests.support.update_fleet import GROUP, Fleet, toml
 
 if TYPE_CHECKING:
-    from edgecloud_tools.broker import LocalBroker
+    from edgecloud_tools.rig.broker import LocalBroker
 
 X_A = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
 X_B = np.random.default_rng(2).standard_normal((5, 6)).astype(np.float32)

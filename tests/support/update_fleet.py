@@ -23,14 +23,14 @@ from edgecloud.mqtt.topics import FleetTopics, Topic, TopicKind
 from edgecloud.release import Envelope, ReleasePayload, sign_release
 from edgecloud.signing import load_private_key, write_keypair
 from edgecloud_tools.fleet.publish import Published, ReleaseRequest, publish_release
-from edgecloud_tools.services import ServiceProcess
+from edgecloud_tools.rig.services import ServiceProcess
 from tests.support.fleet import FLEET, schema
 from tests.support.net import free_port, wait_for
 from tests.support.onnx_models import linear_classifier
 from tests.support.services import Client, GatewayCloud, start_agent
 
 if TYPE_CHECKING:
-    from edgecloud_tools.broker import LocalBroker
+    from edgecloud_tools.rig.broker import LocalBroker
 
 GROUP, NAME = "line-a", "inspection"
 TOPICS = FleetTopics(FLEET)
