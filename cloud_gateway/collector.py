@@ -13,7 +13,7 @@ a restart), and so is the latency histogram, which sums across devices. The esca
 the latest telemetry interval, 0 when it had no rows, so an idle device's series stay (at zero) rather
 than vanish; over longer windows, divide the counters' rates.
 
-A model's agreement with the cloud (telemetry's ``models[].quality``, docs/design.md §11) becomes
+A model's agreement with the cloud (telemetry's ``models[].quality``, docs/design.md §12) becomes
 ``edgecloud_device_model_agreement_rows_total`` (labels ``model``, ``version``, ``reason`` escalated or
 audit, ``agree`` true or false): the totals since that version became active on the device, kept per
 version, so a version a device left stays (no longer growing) beside the one it serves now; an agent

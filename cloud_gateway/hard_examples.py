@@ -335,7 +335,7 @@ class Agreement:
 def tally_agreement(answers: Iterable[Answer], output: str | None = None) -> tuple[list[Agreement], int]:
     """Per device, edge model version and reason: the rows with an edge prediction and those whose
     cloud top class (argmax of ``output``, default the first stored output, as the export's
-    ``cloud_prediction``) is the same, as the agent counts them (docs/design.md §11); and how many rows
+    ``cloud_prediction``) is the same, as the agent counts them (docs/design.md §12); and how many rows
     had no edge prediction to compare (a detector's). A row stored twice (same key) counts once."""
     seen: set[tuple[str, str, int, str]] = set()
     counts: dict[tuple[str, str, str], list[int]] = {}

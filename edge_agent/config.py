@@ -76,7 +76,7 @@ class CascadeSection(Section):
     scores: Literal["logits", "probabilities"] | None = None
     audit_rate: float = Field(0.02, ge=0, le=1, description="share of confident rows also sent, in "
                               "background, inside the escalation rate limit: the live estimate of the edge's "
-                              "accuracy (docs/design.md §11)")
+                              "accuracy (docs/design.md §12)")
     box_floor: float | None = Field(None, ge=0, le=1, description="box_low_share: boxes scoring below it are "
                                     "not counted at all; default 0.1")
     empty_audit_rate: float = Field(0.05, ge=0, le=1, description="detection: share of frames with no box "

@@ -1,4 +1,4 @@
-"""Whether the edge's answer for a row agrees with the cloud's (docs/design.md §11), the one rule the
+"""Whether the edge's answer for a row agrees with the cloud's (docs/design.md §12), the one rule the
 agent's live counts and the gateway's store both apply.
 
 A classifier agrees when the top-1 class (argmax of the score output) is the same on both sides. A

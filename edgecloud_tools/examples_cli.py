@@ -11,7 +11,7 @@ set: the images, the cloud's boxes above the card's score threshold in COCO ``[x
 pixels, and the card's labels as categories.
 
 ``edgecloud examples agreement`` says from the store's side what the agents count live (docs/design.md
-§11): per device, edge model version and reason, the rows the cloud answered in time and the share
+§12): per device, edge model version and reason, the rows the cloud answered in time and the share
 whose top class (argmax of the stored cloud output) is the edge's prediction. Audited rows (reason
 ``audit``) estimate the edge's accuracy on what it answers alone; escalated ones (``low_confidence``,
 ``forced``) how often the cloud overrules it where it was unsure. Replayed rows (``deferred``) are left

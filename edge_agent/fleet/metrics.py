@@ -99,7 +99,7 @@ class AgentCollector(Collector):
 
     def _agreement(self) -> CounterMetricFamily:
         """Rows the cloud answered in time per version served since the agent started, by whether it
-        agreed with the edge (docs/design.md §11): every series of a version at zero from its start."""
+        agreed with the edge (docs/design.md §12): every series of a version at zero from its start."""
         family = CounterMetricFamily(PREFIX + "agreement_rows", "Rows the cloud answered in time, escalated "
                                      "or audited, by whether it answered as the edge did",
                                      labels=("model", "version", "reason", "agree"))

@@ -56,7 +56,7 @@ class ModelReadings:
     circuit_state: Callable[[], str]
     #: its cases waiting for the cloud; None without a cloud
     spool: Backlog | None = None
-    #: its agreement with the cloud per version (docs/design.md §11); None while it does not serve
+    #: its agreement with the cloud per version (docs/design.md §12); None while it does not serve
     quality: Quality | None = None
 
 

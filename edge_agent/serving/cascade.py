@@ -409,7 +409,7 @@ class Cascade:
 
     def _sample(self, rows: np.ndarray, share: float) -> np.ndarray:
         """Each of ``rows`` with probability ``share``, as far as the escalation rate limit has tokens:
-        audits count inside the escalation budget, so the limit caps them too (docs/design.md §11); a
+        audits count inside the escalation budget, so the limit caps them too (docs/design.md §12); a
         row chosen that finds no token is not audited."""
         if not share or not rows.size:
             return rows[:0]
@@ -453,7 +453,7 @@ class Cascade:
                  prediction: list[int] | None, cloud_rows: Mapping[str, np.ndarray],
                  reason: EscalationReason) -> None:
         """Count how many of ``rows``, answered by the cloud in time, it answered as the edge did
-        (docs/design.md §11): ``edge`` holds the edge's own outputs for them, ``prediction`` the edge's
+        (docs/design.md §12): ``edge`` holds the edge's own outputs for them, ``prediction`` the edge's
         top class of each (a classifier's)."""
         model = call.model
         if model.detection is None:

@@ -1,4 +1,4 @@
-"""How well the served model answers, live, per version (docs/design.md §11): the rows it answered, its
+"""How well the served model answers, live, per version (docs/design.md §12): the rows it answered, its
 confidence histogram, and how often the cloud agreed with it on the rows the cloud answered in time,
 escalated (where the edge was unsure) and audited (a random share of confident rows: the unbiased
 estimate of the edge's accuracy on what it answers alone).

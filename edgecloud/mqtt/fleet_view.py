@@ -6,7 +6,7 @@ with where each stands. Read by the fleet collector and by ``edgecloud fleet sta
 Status and reported are retained, so every device that ever spoke shows up at once; telemetry is
 not, so the escalation rate and the agreement appear only for devices that report during the
 listening window. Telemetry without a model's ``quality`` (an older agent) or with one that does not
-read leaves its agreement unknown, never taken for agreement (docs/design.md §11).
+read leaves its agreement unknown, never taken for agreement (docs/design.md §12).
 A desired release is shown as published (its signature is the devices' to check), and each model of
 a device counts for the release its agent follows (docs/design.md §7). A release on the
 shared topic that its model's own topic holds as well is listed once.

@@ -206,7 +206,7 @@ class System(Body):
 
 class AgreementCounts(Body):
     """Rows a model version answered, the rows the cloud answered in time, and how many of them the cloud
-    answered as the edge did (docs/design.md §11)."""
+    answered as the edge did (docs/design.md §12)."""
 
     rows: Count = Field(description="rows the version answered")
     escalated: Count = Field(description="escalated rows (unsure, forced or background) the cloud answered "

@@ -2,7 +2,7 @@
 listening to their retained topics for a moment, printed as two tables.
 
 The devices' table says, per model, how often the cloud agreed with the active version on audited rows
-since that version became active (``audit 93.1% of 412``, docs/design.md §11): ``unknown`` when its
+since that version became active (``audit 93.1% of 412``, docs/design.md §12): ``unknown`` when its
 telemetry carries no agreement (an older agent) or one of another version, ``-`` when no telemetry
 came during the listening window.
 """

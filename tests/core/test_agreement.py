@@ -1,4 +1,4 @@
-"""The agreement rule (docs/design.md §11): a classifier's top class, a detector's greedy box match of
+"""The agreement rule (docs/design.md §12): a classifier's top class, a detector's greedy box match of
 same-label boxes at IoU >= 0.5 that must leave no box of either side unmatched."""
 
 from __future__ import annotations

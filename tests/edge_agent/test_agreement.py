@@ -1,4 +1,4 @@
-"""Agreement with the cloud, live, per model version (docs/design.md §11), on a real agent against a real
+"""Agreement with the cloud, live, per model version (docs/design.md §12), on a real agent against a real
 gateway and a real mosquitto: what the device counts is what the gateway stored for it, row for row and
 agreement for agreement; audits take their tokens from the escalation budget; a swap starts the new
 version's counts."""
