@@ -441,11 +441,11 @@ class Cascade:
                 return
             finally:
                 self._background_slots.release()
+            self._compare(call, edge, rows, prediction, cloud_rows, reason)
             if reason in AUDIT_REASONS:
-                self.stats.audit()
+                self.stats.audit()  # last: an audit counted is one fully handled
             else:
                 self._remember(call, rows, cloud_rows)
-            self._compare(call, edge, rows, prediction, cloud_rows, reason)
 
         self._background.submit(send)
 

@@ -187,10 +187,17 @@ def test_empty_frames_are_audited_at_the_configured_share(tmp_path, detectors):
                 assert r.parameters[AgentResponse.SOURCE] == "edge"
             stats = agent.unit("line").stats
             wait_for(lambda: stats.audited == requests, timeout=30)
+            scrape = Scrape(agent.metrics.port)
         stored = cloud.stored()
     finally:
         cloud.stop()
     assert stored and {e.reason for e in stored} == {"empty_frame"}
+    # counted as audits, each compared with the cloud's boxes: a dark frame it also finds empty agrees
+    audited = {agree: scrape.value("edgecloud_agreement_rows_total", model="line", reason="audit",
+                                   agree=agree) for agree in ("true", "false")}
+    assert audited["true"] + audited["false"] == len(stored)
+    cloud_empty = sum(e.cloud_outputs["scores"].max() < T for e in stored)
+    assert audited["true"] == cloud_empty
     assert all(e.row < len(dark) for e in stored), "a frame with a box is not an empty frame"
     assert all(e.edge_prediction is None for e in stored)
     n = requests * len(dark)
