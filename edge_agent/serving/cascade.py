@@ -255,7 +255,7 @@ class Cascade:
             degraded_rows=int(sent.size) if degraded else 0, rate_limited_rows=rate_limited,
             in_flight_limited_rows=in_flight_limited, reused_rows=int(reused.sum()),
             latency_s=time.perf_counter() - started, confidences=confidences), bins)
-        self.quality.answered(model.version, bins)
+        self.quality.answered(model.version, rows, bins)
         params = self._parameters(call, from_cloud, degraded, rate_limited)
         params[AgentResponse.ESCALATED] = bool(sent.size)
         params[AgentResponse.REUSED] = bool(reused.any())

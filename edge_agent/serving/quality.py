@@ -14,6 +14,7 @@ the cascade calls :meth:`answered` once per call and :meth:`compared` once per c
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from edge_agent.serving.stats import CONFIDENCE_EDGES
@@ -63,10 +64,6 @@ class Quality:
         #: counts of versions served before, since the agent started (for ``/metrics``)
         self._earlier: dict[str, Counts] = {}
 
-    @property
-    def version(self) -> str:
-        return self._active.version
-
     def activate(self, version: str) -> None:
         """``version`` serves from now on: its counts start from zero (the slot's swap hook)."""
         with self._lock:
@@ -74,13 +71,14 @@ class Quality:
             self._earlier.setdefault(old.version, Counts()).add(old.counts)
             self._active = _Active(version)
 
-    def answered(self, version: str, bins: list[int]) -> None:
-        """Count a call's rows (the histogram bins of their confidences) answered by ``version``."""
+    def answered(self, version: str, rows: int, bins: Sequence[int]) -> None:
+        """Count a call's ``rows`` answered by ``version`` and the histogram bins of their confidences
+        (a NaN confidence has none)."""
         with self._lock:
             active = self._active
             if version != active.version:  # a call on the model a swap just replaced
                 return
-            active.counts.rows += len(bins)
+            active.counts.rows += rows
             for b in bins:
                 active.histogram[b] += 1
 

@@ -136,7 +136,7 @@ def _collector_page() -> str:
     status = Status(device="press-7", state="online", agent_version="0", model="clf", active_version=1)
     collector.apply(Message(str(topics.status("press-7")), json.dumps(status.to_dict()).encode(), 1, True))
     quality = Quality("1")
-    quality.answered("1", [2, 9])
+    quality.answered("1", 2, [2, 9])
     quality.compared("1", audit=True, rows=1, agree=1)
     telemetry = {"device": "press-7", "seq": 0, "at": "2025-06-01T12:00:00Z", "model": "clf",
                  "model_version": 1, **stats.interval(), "spool_depth": 0, "circuit_state": "closed",

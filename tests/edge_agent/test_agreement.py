@@ -192,18 +192,18 @@ def test_a_swap_starts_the_new_versions_counts_and_the_old_ones_stop(tmp_path, b
 
 def test_counts_belong_to_the_version_serving_and_a_swap_starts_them_again():
     quality = Quality("1")
-    quality.answered("1", [9, 9, 0])
+    quality.answered("1", 3, [9, 9, 0])
     quality.compared("1", audit=True, rows=2, agree=1)
     quality.compared("1", audit=False, rows=1, agree=0)
     assert quality.interval() == {
         "version": "1", "rows": 3, "escalated": 1, "audited": 2, "audit_agree": 1, "escalated_agree": 0,
         "confidence_hist": [1, 0, 0, 0, 0, 0, 0, 0, 0, 2],
         "totals": {"rows": 3, "escalated": 1, "audited": 2, "audit_agree": 1, "escalated_agree": 0}}
-    quality.answered("1", [4])
+    quality.answered("1", 1, [4])
     quality.activate("2")  # a swap: what version 1 counted since the last interval stays version 1's
-    quality.answered("1", [5])  # a call that started on version 1 and ends after the swap
+    quality.answered("1", 1, [5])  # a call that started on version 1 and ends after the swap
     quality.compared("1", audit=False, rows=1, agree=1)
-    quality.answered("2", [5, 6])
+    quality.answered("2", 2, [5, 6])
     quality.compared("2", audit=True, rows=1, agree=1)
     second = quality.interval()
     assert second["version"] == "2" and second["confidence_hist"] == [0, 0, 0, 0, 0, 1, 1, 0, 0, 0]
