@@ -103,7 +103,7 @@ class ModelUnit:
             bucket = TokenBucket(cloud.max_per_s, cloud.burst)
             self.replayer = Replayer(self.spool, self.link, slot, config.spool.replay_interval_s)
         self.cascade = Cascade(slot, config.agent.device_id, self.link, self.spool, bucket,
-                               cloud.deadline_ms / 1000.0, config.cascade.audit_rate, stats=self.stats,
+                               cloud.deadline_ms / 1000.0, stats=self.stats,
                                max_in_flight=cloud.max_in_flight, frames=config.frames, decoding=decoding)
 
     @classmethod

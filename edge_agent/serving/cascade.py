@@ -138,7 +138,7 @@ class Cascade:
 
     def __init__(self, slot: ModelSlot, device_id: str, link: CloudLink | None = None,
                  spool: Spool | None = None, bucket: TokenBucket | None = None,
-                 deadline_s: float = 0.3, audit_rate: float = 0.0, stats: Stats | None = None,
+                 deadline_s: float = 0.3, stats: Stats | None = None,
                  max_in_flight: int = 16, frames: FramesSection | None = None,
                  decoding: threading.Semaphore | None = None) -> None:
         """``decoding``: the bound on requests decoding frames at once, shared by the agent's models
@@ -149,7 +149,6 @@ class Cascade:
         self.spool = spool
         self.bucket = bucket
         self.deadline_s = deadline_s
-        self.audit_rate = audit_rate
         self.stats = stats or Stats()
         # agreement with the cloud, per served version: a swap starts the new version's counts
         self.quality = Quality(slot.model.version)
@@ -403,7 +402,7 @@ class Cascade:
             confident[empty] = False  # an empty frame is audited at its own share
             if chosen.size:
                 self._in_background(call, chosen, "empty_frame")
-        chosen = self._sample(np.flatnonzero(confident), self.audit_rate)
+        chosen = self._sample(np.flatnonzero(confident), self.slot.flags.audit_rate)  # a reload applies too
         if chosen.size:
             self._in_background(call, chosen, "audit")
 

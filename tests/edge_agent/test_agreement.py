@@ -25,7 +25,7 @@ from edgecloud_tools.fleet.status import collect, render_table
 from tests.support.fleet import FLEET, Recorder, Scrape, fleet_sections, schema
 from tests.support.net import wait_for
 from tests.support.onnx_models import linear_classifier
-from tests.support.services import Client, GatewayCloud, start_agent
+from tests.support.services import Client, GatewayCloud, agent_config, start_agent
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -217,3 +217,18 @@ def test_counts_belong_to_the_version_serving_and_a_swap_starts_them_again():
     assert quality.totals() == {
         "1": AgreementCounts(rows=4, escalated=1, audited=5, audit_agree=4, escalated_agree=0),
         "2": AgreementCounts(rows=2, escalated=0, audited=1, audit_agree=1, escalated_agree=0)}
+
+
+def test_a_reload_changes_the_audit_share(tmp_path, models, cloud):
+    """``[cascade] audit_rate`` is re-read on a reload (SIGHUP), like the rest of ``[cascade]``."""
+    sections = {"agent": {"device_id": "d1"}, "cloud": {"max_per_s": 100000}}
+    x = np.random.default_rng(8).standard_normal((16, 8)).astype(np.float32)
+    state = tmp_path / "edge"
+    with start_agent(state, models[0], cloud.port, cascade={"threshold": 0.0, "audit_rate": 0.0},
+                     **sections) as agent, Client(agent.port) as client:
+        client.infer("clf", {"x": x})
+        agent.reload_cascade(agent_config(state, models[0], cloud.port,
+                                          cascade={"threshold": 0.0, "audit_rate": 1.0}, **sections))
+        client.infer("clf", {"x": x[::-1].copy()})
+        assert answered(agent, "1", 16)
+    assert stored_counts(cloud, "1")["audit"][0] == 16  # the second call's rows, all of them
