@@ -216,6 +216,7 @@ class DeviceTelemetry:
         hist = {"edges": HIST_EDGES, "counts": figures.confidence_hist}
         shared = {"counters": counters, "latency_ms": latency, "escalation_rate": rate,
                   "confidence_histogram": hist, "spool_depth": 0, "circuit_state": "closed"}
+        quality = self._quality(version, figures) if truth is not None else None
         body = Telemetry(
             device=self.device, seq=self.seq, model=self.model, model_version=version,
             latency_buckets={"le": list(LATENCY_BUCKETS),
@@ -224,11 +225,10 @@ class DeviceTelemetry:
                                  self.escalated_calls * ESCALATED_P50_MS / 1000, 6)}},
             system={"cpu_percent": None, "memory_used_bytes": None, "memory_total_bytes": None,
                     "temperatures_c": {}, "gpu_load_percent": None},
-            models=({"name": self.model, "model_version": version, "ready": True, **shared},),
+            models=({"name": self.model, "model_version": version, "ready": True, "quality": quality,
+                     **shared},),
             **shared).to_dict()
         self.seq += 1
-        if truth is not None:
-            body["models"][0]["quality"] = self._quality(version, figures)
         return body
 
     def _quality(self, version: int, figures: Interval) -> dict[str, Any]:

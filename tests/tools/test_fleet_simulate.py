@@ -226,9 +226,15 @@ def test_telemetry_takes_the_schema_and_draws_quality_per_version_from_the_truth
     assert wait_until(lambda: every_device_sent(1, 2), 30), len(bodies())
     fleet.release(2, (100,))
     assert wait_until(lambda: every_device_sent(2, 2), 30), len(bodies())
+    fleet.release(3, (100,))  # a version the truth does not name: no quality, as an older agent
+    assert wait_until(lambda: every_device_sent(3, 1), 30), len(bodies())
+    assert "quality" in validator.schema["properties"]["models"]["items"]["properties"]  # validated too
     per_device: dict[str, list[dict]] = {}
     for body in bodies():
         validator.validate(body)
+        if body["model_version"] == 3:
+            assert "quality" not in body["models"][0]
+            continue
         per_device.setdefault(body["device"], []).append(body)
     for device, messages in per_device.items():
         seqs = [b["seq"] for b in messages]
