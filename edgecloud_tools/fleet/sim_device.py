@@ -349,7 +349,10 @@ class SimDevice:
         while not stop.is_set():
             await self._wake.wait()
             self._wake.clear()
-            await self._evaluate()
+            try:
+                await self._evaluate()
+            except Exception:  # a bug must not leave this device deaf for the rest of the run
+                log.exception("event=sim_device_error device=%s", self.device)
 
     async def _evaluate(self) -> None:
         desired = self._effective()
