@@ -15,6 +15,8 @@ import pytest
 from edgecloud_tools import cli
 from edgecloud_tools.rig.broker import INSTALL_HINT, mosquitto_path
 
+pytestmark = pytest.mark.slow
+
 
 def _has_controller() -> bool:
     quiet = io.StringIO()

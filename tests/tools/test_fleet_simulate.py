@@ -168,6 +168,7 @@ def test_devices_take_a_release_only_inside_the_wave_and_roll_back_on_a_halt(fle
     assert wait_until(lambda: not fleet.online(), 10), sorted(fleet.online())
 
 
+@pytest.mark.slow
 def test_rollout_share_over_a_thousand_devices_is_within_five_points_of_each_wave(fleet_factory) -> None:
     fleet = fleet_factory(1000, interval=60, watch=str(TOPICS.every(TopicKind.STATUS)))
     ids = device_ids("sim", 1000)
