@@ -112,10 +112,10 @@ def fleet_rollouts(plt, r: dict, path: Path) -> None:
     plt.close(fig)
 
 
-#: file name → what draws it
-PLOTS = {"latency_cdf.png": latency_cdf, "throughput.png": throughput, "slow_cloud.png": slow_cloud}
-#: drawn only when the run has the fleet stage's figures
-FLEET_PLOTS = {"fleet_rollouts.png": fleet_rollouts}
+#: file name → what draws it, and the stages whose figures it shows (drawn when one of them ran)
+PLOTS = {"latency_cdf.png": (latency_cdf, ("floors", "agent", "peers")),
+         "throughput.png": (throughput, ("floors", "agent", "peers", "gateway")),
+         "slow_cloud.png": (slow_cloud, ("slow_cloud",)), "fleet_rollouts.png": (fleet_rollouts, ("fleet",))}
 
 
 def plot(r: dict, out: Path) -> list[Path] | None:
@@ -127,7 +127,9 @@ def plot(r: dict, out: Path) -> list[Path] | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    plots = {**PLOTS, **(FLEET_PLOTS if get(r, "fleet", "good") else {})}
-    for name, draw in plots.items():
-        draw(plt, r, out / name)
-    return [out / name for name in plots]
+    drawn = []
+    for name, (draw, stages) in PLOTS.items():
+        if any(stage in r for stage in stages):
+            draw(plt, r, out / name)
+            drawn.append(out / name)
+    return drawn

@@ -246,8 +246,8 @@ def _figure(g: Goal, v: float | None) -> str:
 def targets_section(r: dict) -> list[str]:
     rows = []
     for g in goals(r):
-        value = "-" if g.value is None else (f"{g.value:.2f}x" if g.relative else f"{g.value:g}")
-        limit = f"{g.op} {g.limit:g}{'x' if g.relative else ''}"
+        value = "-" if g.value is None else (f"{g.value:.2f}x" if g.relative else _figure(g, g.value))
+        limit = f"{g.op} " + (f"{g.limit:g}x" if g.relative else _figure(g, g.limit))
         rows.append([g.name, _figure(g, g.figure), _figure(g, g.baseline), value, limit,
                      {True: "met", False: "NOT MET", None: "n/a"}[g.met]])
     return columns(["target (issue 9)", "figure", "baseline", "ratio", "target", ""], rows)
