@@ -374,8 +374,12 @@ def fleet(bench: Bench) -> dict[str, Any]:
             elapsed = time.monotonic() - started
             cpu = servers.cpu_seconds(rig.controller.proc.pid) - cpu_before
         rate = rig.watch.rate(started)
+        last = runs[-1]["version"]
+        agents_on_last = sum(rig.watch.status.get(f"agent-{i}", {}).get("active_version") == last
+                             for i in range(plan.agents))
     return {"plan": dataclasses.asdict(plan), "devices": plan.devices + plan.agents,
             "simulated": plan.devices, "agents": plan.agents, "online_at_start": online,
+            "agents_on_last_release": agents_on_last,
             "broker_messages_per_s": rate, "seconds": round(elapsed, 1),
             "controller": {"cpu_percent": round(cpu / elapsed * 100, 1), "rss_peak_bytes": rss.peak},
             "good": runs[0], "wrong": bad, "status": statuses,

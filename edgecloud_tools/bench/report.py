@@ -208,6 +208,8 @@ def fleet_section(r: dict) -> list[str]:
     rows = [
         ["devices", f"{f['devices']:,} ({f['simulated']:,} simulated, {f['agents']} agents; "
                     f"{f['online_at_start']:,} online at start)"],
+        ["real agents serving the last good release at the end", f"{f['agents_on_last_release']} of "
+                                                                   f"{f['agents']}"],
         ["broker messages/s (received + sent)", _n(f["broker_messages_per_s"])],
         ["controller CPU, % of one core", f"{controller['cpu_percent']:.1f}"],
         ["controller RSS peak MB", fmt_mb(controller["rss_peak_bytes"])],

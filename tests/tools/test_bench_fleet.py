@@ -52,6 +52,7 @@ def test_the_quick_fleet_bench_has_every_figure(fleet_run) -> None:
     assert f["online_at_start"] >= plan["agents"] + plan["devices"] * (1 - plan["offline_share"]
                                                                        - plan["flaky_share"])
     assert f["broker_messages_per_s"] > 0
+    assert f["agents_on_last_release"] == plan["agents"]  # the real agents took every good release
     assert 0 < f["controller"]["cpu_percent"] < 100 * 2
     assert f["controller"]["rss_peak_bytes"] > 10e6
     good = f["good"]
