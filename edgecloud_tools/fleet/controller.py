@@ -43,13 +43,22 @@ from edgecloud.mqtt.client import Message, MqttClient, MqttConfig, MqttError
 from edgecloud.release import Gates
 from edgecloud.rollout import WaveCommand, command_keys, sign_command
 from edgecloud.signing import TrustStore, key_id, load_private_key
-from edgecloud_tools.fleet.controller_state import STATE_FILE, Decision, LeaseHeld, Rollout, SqliteState
-from edgecloud_tools.fleet.gates import Share, Verdict, control_baseline, judge
+from edgecloud_tools.fleet.controller_state import (
+    STATE_FILE,
+    ControllerState,
+    Decision,
+    LeaseHeld,
+    Rollout,
+    SqliteState,
+)
+from edgecloud_tools.fleet.gates import Share, Verdict, control_baseline, figure_pairs, judge
 from edgecloud_tools.fleet.rollout_view import Plan, RolloutView
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "controller.lock"
+#: a rollout still waiting for the same gates is logged again after this long (not on every judgement)
+WAIT_LOG_S = 60.0
 #: fault point for tests: "decided" SIGKILLs the controller right after it commits a decision, before
 #: it publishes the command
 FAULT_ENV = "EDGECLOUD_CONTROLLER_FAULT"
@@ -100,10 +109,6 @@ def _shares(baseline: dict[str, dict[str, float]]) -> dict[str, Share]:
     return {name: Share(**values) for name, values in baseline.items()}
 
 
-def _figures(figures: dict[str, float | int | str]) -> str:
-    return " ".join(f"{k}={v}" for k, v in figures.items())
-
-
 class Controller:
     """Drives the rollouts of one fleet until :meth:`run`'s ``stop`` is set."""
 
@@ -120,14 +125,15 @@ class Controller:
         self.lease = f"rollout-controller/{cfg.fleet}"
         self.rollouts: dict[tuple[str, int], Rollout] = {}
         self._inbox: queue.Queue[Message] = queue.Queue()
-        self._waiting: dict[tuple[str, int], str] = {}  # last reason logged per rollout
+        #: per rollout, the gates last logged as waiting and when (monotonic)
+        self._waiting: dict[tuple[str, int], tuple[str, float]] = {}
         self._ignored: set[tuple[str, int]] = set()
 
     def run(self, stop: threading.Event) -> None:
         """Lock, take the lease, connect and drive until ``stop``; LeaseHeld when another holds it."""
         cfg = self.config.controller
         lock = StateDirLock(cfg.state_dir)
-        state = SqliteState(cfg.state_dir / STATE_FILE)
+        state: ControllerState = SqliteState(cfg.state_dir / STATE_FILE)
         client = MqttClient(self.config.mqtt, on_message=self._inbox.put)
         try:
             state.acquire_lease(self.lease, cfg.controller_id, cfg.lease_s)
@@ -144,7 +150,7 @@ class Controller:
             state.close()
             lock.close()
 
-    def _loop(self, stop: threading.Event, state: SqliteState, client: MqttClient) -> None:
+    def _loop(self, stop: threading.Event, state: ControllerState, client: MqttClient) -> None:
         cfg = self.config.controller
         next_tick = renew_at = time.monotonic()
         connected_since: float | None = None
@@ -165,7 +171,7 @@ class Controller:
                 self.tick(state, client, time.time())
 
     # -- one pass over the plans ------------------------------------------------------------------------
-    def tick(self, state: SqliteState, client: MqttClient, now: float) -> None:
+    def tick(self, state: ControllerState, client: MqttClient, now: float) -> None:
         for model, plan in self.view.plans.items():
             key = (model, plan.release.version)
             if not self._drivable(plan):
@@ -190,7 +196,7 @@ class Controller:
                         f"with {self.key_id}")
         return False
 
-    def _reconcile(self, plan: Plan, rollout: Rollout | None, state: SqliteState, now: float) -> Rollout:
+    def _reconcile(self, plan: Plan, rollout: Rollout | None, state: ControllerState, now: float) -> Rollout:
         """The rollout as stored, a new one for a release seen the first time, or one moved by a newer
         command on the rollout topic than the last this controller signed (the operator's)."""
         release = plan.release
@@ -221,13 +227,13 @@ class Controller:
                              wave_started=min(command.issued_at.timestamp(), now),
                              issued_at=format_time(command.issued_at), outbox=None)
 
-    def _save(self, rollout: Rollout, state: SqliteState, now: float, reason: str,
+    def _save(self, rollout: Rollout, state: ControllerState, now: float, reason: str,
               figures: dict[str, float | int | str]) -> None:
         state.save(rollout, Decision(rollout.model, rollout.version, rollout.wave, rollout.state, now, reason,
                                      figures))
         self.rollouts[(rollout.model, rollout.version)] = rollout
 
-    def _judge(self, plan: Plan, rollout: Rollout, state: SqliteState, client: MqttClient,
+    def _judge(self, plan: Plan, rollout: Rollout, state: ControllerState, client: MqttClient,
                now: float) -> None:
         gates = plan.release.rollout.gates or Gates()
         key = (rollout.model, rollout.version)
@@ -237,18 +243,20 @@ class Controller:
         cohorts = self.view.cohorts(plan, self.view.period[rollout.model])
         verdict = judge(gates, cohorts, _shares(rollout.baseline))
         if verdict.outcome == "wait":
-            if self._waiting.get(key) != verdict.reason:
-                self._waiting[key] = verdict.reason
+            gates_waiting = " ".join(part.split(":", 1)[0] for part in verdict.reason.split("; "))
+            last = self._waiting.get(key)
+            if last is None or last[0] != gates_waiting or time.monotonic() - last[1] >= WAIT_LOG_S:
+                self._waiting[key] = (gates_waiting, time.monotonic())
                 log.info("event=rollout_waiting model=%s version=%d wave=%d soaked_s=%.0f reason=%r %s",
                          rollout.model, rollout.version, rollout.wave, soaked, verdict.reason,
-                         _figures(verdict.figures))
+                         figure_pairs(verdict.figures))
             return
         self._waiting.pop(key, None)
         baseline = {name: asdict(share) for name, share in control_baseline(cohorts).items()}
         self._decide(plan, rollout, verdict, baseline or rollout.baseline, state, client, now)
 
     def _decide(self, plan: Plan, rollout: Rollout, verdict: Verdict, baseline: dict[str, dict[str, float]],
-                state: SqliteState, client: MqttClient, now: float) -> None:
+                state: ControllerState, client: MqttClient, now: float) -> None:
         last = len(plan.waves) - 1
         if verdict.outcome == "fail":
             wave, command_state, event = rollout.wave, "halted", "rollout_halted"
@@ -267,13 +275,13 @@ class Controller:
         self._save(moved, state, now, verdict.reason, verdict.figures)
         log.info("event=%s model=%s version=%d wave=%d judged_wave=%d percent=%g reason=%r %s", event,
                  rollout.model, rollout.version, wave, rollout.wave, plan.waves[wave], verdict.reason,
-                 _figures(verdict.figures))
+                 figure_pairs(verdict.figures))
         if os.environ.get(FAULT_ENV) == "decided":
             os.kill(os.getpid(), signal.SIGKILL)
         self.view.open_period(rollout.model)
         self._publish(moved, state, client)
 
-    def _publish(self, rollout: Rollout, state: SqliteState, client: MqttClient) -> Rollout:
+    def _publish(self, rollout: Rollout, state: ControllerState, client: MqttClient) -> Rollout:
         """Hand the outbox's command to the broker (retained, QoS 1); kept for the next tick on failure."""
         topic = self.view.topics.rollout(rollout.model)
         try:

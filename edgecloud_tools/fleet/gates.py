@@ -182,6 +182,11 @@ def _latency(gates: Gates, cohorts: Cohorts, figures: Figures) -> Finding:
     return None
 
 
+def figure_pairs(figures: Figures) -> str:
+    """Figures as ``key=value`` pairs, for a log line or a table cell."""
+    return " ".join(f"{k}={v}" for k, v in figures.items())
+
+
 def judge(gates: Gates, cohorts: Cohorts, baseline: dict[str, Share] | None = None) -> Verdict:
     """Judge a soaked wave: the first gate that fails halts it; any gate still short of data makes it
     wait; else it passes. ``baseline`` (by ``agree``/``escalation``) stands in for a control side with

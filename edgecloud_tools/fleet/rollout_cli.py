@@ -31,7 +31,7 @@ from edgecloud.rollout import WaveCommand, command_keys, sign_command
 from edgecloud.signing import TrustStore, key_id, load_private_key
 from edgecloud_tools.fleet.controller import Controller, ControllerConfig
 from edgecloud_tools.fleet.controller_state import STATE_FILE, LeaseHeld, SqliteState
-from edgecloud_tools.fleet.gates import judge
+from edgecloud_tools.fleet.gates import figure_pairs, judge
 from edgecloud_tools.fleet.publish import mqtt_arguments, mqtt_config_from_args, mqtt_overrides
 from edgecloud_tools.fleet.rollout_view import RolloutView
 from edgecloud_tools.output import table
@@ -72,7 +72,7 @@ def register(actions: argparse._SubParsersAction) -> None:
     status.add_argument("--state-dir", type=Path, help="the controller's state directory (read only)")
     status.add_argument("--trusted-key", action="append", type=Path, metavar="PEM",
                         help="show only releases and commands that verify with these keys")
-    status.add_argument("--wait", type=float, default=1.0, metavar="SECONDS", help="default 1")
+    status.add_argument("--wait", type=float, default=0.5, metavar="SECONDS", help="default 0.5")
     mqtt_arguments(status)
     status.set_defaults(func=run_status)
     for verb, what in (("halt", "publish a signed halted command: devices roll back"),
@@ -166,7 +166,7 @@ def render_rollouts(rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
         d, now = r["devices"], r["now"]
-        figures = " ".join(f"{k}={v}" for k, v in now["figures"].items())
+        figures = figure_pairs(now["figures"])
         wave = f"{r['wave'] + 1}/{len(r['waves'])} ({r['percent']:g}%)"
         counts = (str(d[k]) for k in ("active", "pending", "rolled_back", "failed", "offline"))
         lines.append((r["model"], str(r["version"]), wave, r["state"], *counts, now["outcome"], figures))

@@ -8,7 +8,8 @@ interval counts to the device's sums for the version it names (``models[].qualit
 a ``seq`` already seen (QoS 1 delivers at least once). Telemetry without ``quality`` (an older agent)
 adds nothing: unknown, never agreement. With a trust store, releases and commands that do not verify
 are left out (and logged); without one (``rollout status`` of an operator with no keys at hand) they
-are shown as published.
+are shown as published. A group's devices are those whose status names the group (agents publish it);
+a device whose status does not is counted for a release addressed to it by name only.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from edgecloud_tools.fleet.gates import Cohorts, Counts
 
 log = logging.getLogger(__name__)
 
-#: the topics a rollout is read from (telemetry apart: the controller may take it shared)
+#: the retained topics a rollout is read from (plain subscriptions: a shared one gets no retained message)
 RETAINED_KINDS = (TopicKind.GROUP_DESIRED, TopicKind.GROUP_MODEL_DESIRED, TopicKind.DEVICE_DESIRED,
                   TopicKind.DEVICE_MODEL_DESIRED, TopicKind.ROLLOUT, TopicKind.STATUS, TopicKind.REPORTED,
                   TopicKind.MODEL_REPORTED)
