@@ -5,8 +5,8 @@ compared with, every decision with its figures, and the lease that lets one cont
 :class:`ControllerState` is the interface the controller uses; :class:`SqliteState` keeps it in one
 SQLite file (WAL, one transaction per change), so a controller killed at any point restarts on the last
 committed decision. A decision and the command it publishes are committed together, the command marked
-unpublished (an outbox): a restart publishes whatever the broker never acknowledged. A PostgreSQL store
-(docs/design.md §12) implements the same methods.
+unpublished (an outbox): a restart publishes whatever the broker never acknowledged. A PostgreSQL store,
+shared by controllers on several hosts, implements the same methods.
 """
 
 from __future__ import annotations

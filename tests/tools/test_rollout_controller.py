@@ -404,3 +404,23 @@ def test_bad_wave_options_exit_2_naming_the_flag(broker, keys, model, capsys, ex
         code = e.code
     assert code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_a_release_driven_by_another_key_is_left_alone(broker, keys, model, tmp_path, controllers,
+                                                       capsys) -> None:
+    """A release that names its controller key: a controller with another key does not drive it, the
+    operator's key cannot halt it, the named key can (devices trust it from the release alone)."""
+    controller_key = tmp_path / "keys" / "controller"
+    assert cli.main(["keygen", "--out", str(controller_key)]) == 0
+    publish_waves(broker, model, keys, "--controller-key", f"{controller_key}.pub")
+    devices = Devices(broker, 4, {1: 0.9, 2: 0.9}, TrustStore.from_files([Path(f"{keys}.pub")]))
+    controllers.append(controller := ControllerProcess(broker, keys, tmp_path / "state"))
+    run_until(devices, lambda: "event=rollout_not_driven model=inspection version=2" in controller.text(),
+              controller)
+    assert cli.main(["fleet", "rollout", "halt", MODEL, "2", "--reason", "x", f"--key={keys}.key",
+                     *broker_args(broker)]) == 2
+    assert "names controller key" in capsys.readouterr().err
+    assert cli.main(["fleet", "rollout", "halt", MODEL, "2", "--reason", "stop",
+                     f"--key={controller_key}.key", *broker_args(broker)]) == 0
+    run_until(devices, command_is(devices, 0, "halted"), controller)  # verified by the devices' rule
+    assert "event=rollout_command_adopted" not in controller.text()
