@@ -210,7 +210,7 @@ class Calibration:
 
 @dataclass(frozen=True, slots=True)
 class Gates:
-    """What a wave must show before the controller widens the rollout (docs/design.md §11); a gate
+    """What a wave must show before the controller widens the rollout (docs/design.md §12); a gate
     left out is not judged. Shares are fractions of 1; ``max_escalation_rise`` is relative (0.5: the
     new version may escalate half as much again as the previous one)."""
 
@@ -241,7 +241,7 @@ DEFAULT_CONFIDENCE = 0.95
 class Rollout:
     """The share of devices (0-100 %) that take the release, chosen by a hash of salt and device id.
 
-    With ``waves`` (increasing percents ending at 100, docs/design.md §11) the share grows wave by wave
+    With ``waves`` (increasing percents ending at 100, docs/design.md §12) the share grows wave by wave
     as signed wave commands say, and ``percent`` is the first wave; ``controller_key`` names the only
     key allowed to sign those commands (16 hex digits; the device's trusted keys otherwise), and
     ``controller_public_key`` (standard base64 of the raw 32-byte key) lets a device trust that key for

@@ -1,4 +1,4 @@
-"""Signed wave commands (docs/design.md §11): what moves a release with waves from one share of the fleet
+"""Signed wave commands (docs/design.md §12): what moves a release with waves from one share of the fleet
 to the next, or halts it.
 
 A command is retained on ``edgecloud/{fleet}/models/{model}/rollout`` in the same envelope as a release

@@ -40,12 +40,12 @@ from edgecloud.client import KServeClient
 from edgecloud.endpoint import free_loopback_port
 from edgecloud.modelcard import served_name
 from edgecloud.protocol.parameters import AgentRequest, AgentResponse
-from edgecloud_tools.broker import INSTALL_HINT, mosquitto_path
 from edgecloud_tools.cli import positive_int
 from edgecloud_tools.demo_detection import DETECTION_EDGE, DETECTION_REPOSITORY, run_detection_demo
 from edgecloud_tools.demo_fleet import WATCH_S, DemoFleet, UpdateOutcome
 from edgecloud_tools.output import stderr_line, table
-from edgecloud_tools.services import ServiceProcess
+from edgecloud_tools.rig.broker import INSTALL_HINT, mosquitto_path
+from edgecloud_tools.rig.services import ServiceProcess
 from edgecloud_tools.toolchain import (
     CLOUD_NAME,
     EDGE_INT8,

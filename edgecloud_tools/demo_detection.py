@@ -38,7 +38,7 @@ from edgecloud.modelcard import card_detection, card_preprocess, read_card, serv
 from edgecloud.preprocess import Preprocess
 from edgecloud.protocol.parameters import AgentRequest, AgentResponse
 from edgecloud_tools.output import stderr_line, table
-from edgecloud_tools.services import ServiceProcess
+from edgecloud_tools.rig.services import ServiceProcess
 from edgecloud_tools.toolchain import DET_CLOUD_NAME, DET_EDGE_INT8, MODELS_ENV, REPOSITORY
 from edgecloud_tools.toolchain.detection.metrics import Detections, MeanAP, mean_ap
 

@@ -15,8 +15,8 @@ from edgecloud.modelcard import read_card, served_name
 from edgecloud.mqtt.client import Message, MqttClient
 from edgecloud.mqtt.topics import FleetTopics
 from edgecloud.signing import write_keypair
-from edgecloud_tools.broker import LocalBroker
 from edgecloud_tools.fleet.publish import ReleaseRequest, publish_release
+from edgecloud_tools.rig.broker import LocalBroker
 
 FLEET, GROUP = "demo", "line-1"
 SETTLED = ("active", "failed", "rolled_back")

@@ -5,7 +5,7 @@ trailing spaces) on a terminal and in a pipe alike, so scripts and tests can rea
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from rich.console import Console
@@ -34,3 +34,17 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, justify: Sequ
 def stderr_line(text: str) -> None:
     """One progress line on stderr as it is (no markup, no wrapping, no colour in a pipe)."""
     Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True).print(text)
+
+
+def fmt_ms(v: float | None) -> str:
+    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+
+
+def fmt_mb(v: float | None) -> str:
+    return "-" if v is None else f"{v / 1e6:.1f}"
+
+
+def columns(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    """Columns padded to their widest cell; the first left-aligned, the others right-aligned."""
+    justify = ["left"] + ["right"] * (len(header) - 1)
+    return table(header, list(rows), justify=justify, indent="  ").splitlines()

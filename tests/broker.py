@@ -1,4 +1,4 @@
-"""A real mosquitto for tests (``edgecloud_tools.broker``), with fixtures and generated certificates.
+"""A real mosquitto for tests (``edgecloud_tools.rig.broker``), with fixtures and generated certificates.
 
 Use it as a pytest plugin (``pytest_plugins = ("tests.broker",)``): fixtures ``broker`` (anonymous),
 ``broker_factory`` (password file and/or TLS listener) and ``tls_files`` (a CA, a server certificate
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from edgecloud_tools.broker import HOST, INSTALL_HINT, BrokerTLS, LocalBroker, mosquitto_path
 from edgecloud_tools.certs import issue, make_ca
+from edgecloud_tools.rig.broker import HOST, INSTALL_HINT, BrokerTLS, LocalBroker, mosquitto_path
 
 
 @dataclass(frozen=True)

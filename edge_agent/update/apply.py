@@ -43,6 +43,7 @@ from edge_agent.serving.slot import EdgeModel, ModelSlot, load_edge_model
 from edge_agent.update.faults import FaultPoints
 from edge_agent.update.report import Reporter, one_line
 from edge_agent.update.staging import Runtime, check_contract, self_test
+from edge_agent.update.startup import load_slot
 from edge_agent.update.state import Pending, Release, Slot, StateStore, UpdateState
 from edge_agent.update.watch import figures, metered, regression
 from edgecloud.artifacts import TransportTLS, check_name, download, parse_uri
@@ -64,6 +65,7 @@ from edgecloud.release import (
     utc_now,
     verify_envelope,
 )
+from edgecloud.rollout import ROLLOUT_HALTED, WaveCommand
 from edgecloud.signing import TrustStore
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,42 @@ class Applier:
         self.reporter.failed(ident, f"{code}: {one_line(detail)}")
         if code != Reason.DOWNLOAD_FAILED.value:
             self.store.prune(self.state)
+
+    def halt(self, command: WaveCommand) -> bool:
+        """Roll back the version a rollout halted (docs/design.md §12) to the model served before it,
+        when that version serves here; True when it did. Not remembered as rolled back: the halt is the
+        command's state, and a later ``advancing`` command that includes this device brings it back."""
+        active = self.state.active
+        if active is None or active.version != command.version or active.model != command.model \
+                or as_int_version(self.slot.model.version) != command.version:
+            return False
+        before = self.state.previous
+        try:
+            previous = self._previous_model(before)
+        except Exception as e:  # its file went missing or no longer loads: keep serving what serves
+            log.error("event=rollout_halt_failed device=%s model=%s version=%d error=%r", self.device,
+                      command.model, command.version, str(e))
+            self.reporter.event("rollout.halt_failed", "error", model=command.model, version=command.version,
+                                detail=one_line(str(e)))
+            return False
+        self._retired.append(self.slot.swap(previous))
+        self._save(active=before, previous=None, pending=None)
+        reason = ROLLOUT_HALTED + (f": {one_line(command.reason)}" if command.reason else "")
+        self.reporter.enter(command.model, command.version, "rolled_back", reason=reason)
+        self.store.prune(self.state)
+        return True
+
+    def _previous_model(self, slot: Slot | None) -> EdgeModel:
+        """The model served before the active one: still loaded when it was replaced since the last
+        update, else loaded again from its slot (the configured model for None)."""
+        version = str(slot.version) if slot is not None else None
+        for model in self._retired:
+            if (version is not None and model.version == version) or (version is None and model.path == (
+                    self.config.model.path)):
+                self._retired.remove(model)
+                return model
+        model = load_slot(self.config, self.store, slot) if slot is not None else load_edge_model(self.config)
+        return metered(model)
 
     def close_retired(self) -> None:
         while self._retired:

@@ -22,12 +22,18 @@
   internal error) is tried again with exponential backoff, until another message replaces it.
 - A new effective desired message while one is being handled cuts its watch window short
   (``Applier.watch_cut``): a rollback takes effect at once, not after ``watch_s``.
+- A release with waves (docs/design.md §12) is taken only while this device is inside the current
+  wave's share, as the model's signed wave commands say (``waves.py``). A command that widens the share
+  lets a release skipped for its share be tried again; a halt of the version serving here rolls it back
+  to the model served before (a halt also cuts that version's watch window short), and a later
+  ``advancing`` command that includes this device brings it back.
 
 How one release is applied is ``apply.py``'s business.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,9 +48,10 @@ from edge_agent.serving.slot import ModelSlot
 from edge_agent.update.apply import Applier, Stopping
 from edge_agent.update.report import Reporter, identity
 from edge_agent.update.state import Release
+from edge_agent.update.waves import Waves, halted_version
 from edgecloud.clock import parse_time
 from edgecloud.mqtt.client import ConnectionState, Message
-from edgecloud.release import Envelope, Reason, ReleasePayload, ReleaseRejected, in_rollout
+from edgecloud.release import Envelope, Reason, ReleasePayload, ReleaseRejected
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +121,8 @@ class Follower:
         self._settled: set[str] = set()  # desired messages (by hash) handled for good
         self._handling = ""  # hash of the desired message the update thread took last
         self._retry = _Retry("", 0, 0.0)  # of the desired message that failed for a passing reason
+        self._outside: set[str] = set()  # settled desired messages skipped for their share, or halted
+        self.waves = Waves(device, model, applier.trust, reporter)
 
     def subscribe(self) -> None:
         """Device topics first; call before the link starts."""
@@ -122,6 +131,7 @@ class Follower:
             desired = topics.device_desired if scope == "device" else topics.group_desired
             topic = desired(self.device if scope == "device" else self.group, self.model if per_model else "")
             self.fleet.on(topic, lambda m, source=(scope, per_model): self._on_desired(source, m))
+        self.fleet.on(topics.rollout(self.model), self._on_rollout)
         self.fleet.client.add_state_listener(self._connection)
 
     def wake(self) -> None:
@@ -145,6 +155,13 @@ class Follower:
         elif raw is not None and raw != effective:
             reason = "device_desired_set" if source[0] == "group" and device_set else "older_than_other_topic"
             log.info("event=update_desired_ignored %s reason=%s", where, reason)
+        self._wake.set()
+
+    def _on_rollout(self, message: Message) -> None:
+        self.waves.received(message.payload)
+        pending = self.applier.state.pending
+        if pending is not None and halted_version(message.payload) == pending.release.version:
+            self.applier.watch_cut.set()  # a halt of the version being watched takes effect at once
         self._wake.set()
 
     def _connection(self, state: ConnectionState, _detail: str) -> None:  # paho's thread: no blocking
@@ -176,6 +193,7 @@ class Follower:
             self._wake.clear()
             self.reporter.flush()
             raw, key = self._take()
+            self._follow_waves(raw, key)
             if not raw or key in self._settled:
                 self._wake.wait()
                 continue
@@ -191,6 +209,31 @@ class Follower:
             elif not self._stopping.is_set():
                 self._settled.add(key)
 
+    def _follow_waves(self, raw: bytes | None, key: str) -> None:
+        """Take a new wave command: roll back a halted version serving here, and let a release skipped
+        for its share (or halted) be tried again under the new share."""
+        command = self.waves.take(lambda: self._held(raw))
+        if command is None:
+            return
+        if command.state == "halted" and self.applier.halt(command):
+            self._outside.add(key)
+        self._settled -= self._outside
+        self._outside.clear()
+
+    def _held(self, raw: bytes | None) -> list[ReleasePayload]:
+        """The verified releases this device holds: the effective desired one and the one serving."""
+        held = []
+        if raw:
+            with contextlib.suppress(ReleaseRejected):  # refused with its reason when it is handled
+                held.append(self.applier.verify(Envelope.from_json(raw)))
+        active = self.applier.state.active
+        if active is not None:
+            try:
+                held.append(ReleasePayload.from_dict(active.release))
+            except ReleaseRejected:  # verified when it was applied; a newer schema may not parse here
+                log.debug("event=update_active_release_unreadable device=%s", self.device)
+        return held
+
     def _handle(self, raw: bytes) -> bool:
         """Handle one desired message; True when it failed for a passing reason (retry later)."""
         ident = None
@@ -198,7 +241,7 @@ class Follower:
             envelope = Envelope.from_json(raw)
             ident = identity(envelope.payload)
             payload = self.applier.verify(envelope)
-            if self._wanted(payload):
+            if self._wanted(payload, _key(raw)):
                 self.applier.apply(envelope, payload)
             return False
         except Stopping:
@@ -212,12 +255,13 @@ class Follower:
             self.applier.refused(ident, "internal", f"{type(e).__name__}: {e}")
             return True
 
-    def _wanted(self, payload: ReleasePayload) -> bool:
-        """False for a verified release this device skips quietly: outside its rollout share, rolled
-        back before, or the version already active."""
+    def _wanted(self, payload: ReleasePayload, key: str) -> bool:
+        """False for a verified release this device skips quietly: outside its rollout share (the
+        current wave's), rolled back before, or the version already active."""
         where = f"device={self.device} model={payload.model} version={payload.version}"
-        if not in_rollout(self.device, payload.rollout.percent, payload.rollout.salt):
-            log.info("event=update_not_in_rollout %s percent=%g salt=%s", where, payload.rollout.percent,
+        if not self.waves.admits(payload):
+            self._outside.add(key)
+            log.info("event=update_not_in_rollout %s percent=%g salt=%s", where, self.waves.share(payload),
                      payload.rollout.salt)
             return False
         release = Release(payload.model, payload.version, payload.artifact.sha256)

@@ -93,7 +93,7 @@ class TopicKind(Enum):
     GROUP_MODEL_DESIRED = ("groups", "models/+/desired", True)
     #: one retained update report per model, so one model's report does not replace another's
     MODEL_REPORTED = ("devices", "models/+/reported", True)
-    #: the signed wave command of a model's rollout (docs/design.md §11): the name is the model's
+    #: the signed wave command of a model's rollout (docs/design.md §12): the name is the model's
     ROLLOUT = ("models", "rollout", True)
 
     def __init__(self, scope: str, suffix: str, retained: bool) -> None:

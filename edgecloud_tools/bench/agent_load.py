@@ -9,8 +9,8 @@ rather than letting every call wait. The agent's memory is sampled while it runs
 from __future__ import annotations
 
 from edgecloud.protocol.parameters import AgentRequest
-from edgecloud_tools.bench import servers
 from edgecloud_tools.bench.plan import CPU_STREAMS, OPEN_LOOP_FACTORS, Bench, progress
+from edgecloud_tools.rig import servers
 
 #: a call of the open loop that gets no answer within this is counted as an error, not waited for
 OPEN_LOOP_TIMEOUT_S = 10.0

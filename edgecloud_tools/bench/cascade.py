@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from edgecloud.protocol.parameters import AgentRequest, AgentResponse
-from edgecloud_tools.bench import servers
-from edgecloud_tools.bench.delay_proxy import DelayProxy
 from edgecloud_tools.bench.plan import WAN_MS, Bench, progress
+from edgecloud_tools.rig import servers
+from edgecloud_tools.rig.delay_proxy import DelayProxy
 from edgecloud_tools.toolchain import CLOUD_NAME
 from edgecloud_tools.toolchain.dataset import make_split
 

@@ -13,8 +13,8 @@ import threading
 import time
 import uuid
 
-from edgecloud_tools.bench import servers
 from edgecloud_tools.bench.plan import Bench, progress
+from edgecloud_tools.rig import servers
 
 READY_TIMEOUT_S = 60.0
 

@@ -24,32 +24,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
 
 from edgecloud_tools.bench.agent_load import agent_load
 from edgecloud_tools.bench.cascade import cascade
-from edgecloud_tools.bench.clients import ClientPool
 from edgecloud_tools.bench.cold_start import cold_start
 from edgecloud_tools.bench.floors import echoes, in_process
 from edgecloud_tools.bench.frames import frames
 from edgecloud_tools.bench.gateway_load import gateway_load
 from edgecloud_tools.bench.peer_load import peer_load
 from edgecloud_tools.bench.peers import venv_root
-from edgecloud_tools.bench.plan import FULL, QUICK, Bench, Models, model_input, progress
+from edgecloud_tools.bench.plan import FULL, QUICK, Bench, Models, progress
 from edgecloud_tools.bench.plots import plot
 from edgecloud_tools.bench.report import format_table
 from edgecloud_tools.bench.slow_cloud import slow_cloud
 from edgecloud_tools.bench.targets import goals
+from edgecloud_tools.rig.clients import ClientPool, model_input
+from edgecloud_tools.rig.machine import machine
 from edgecloud_tools.toolchain import CLOUD, EDGE_FP32, EDGE_INT8, REPOSITORY, check_found, models_dir
 
 
@@ -62,24 +59,6 @@ STAGES: dict[str, Callable[[Bench], dict]] = {
     "floors": floors, "agent": agent_load, "peers": peer_load, "gateway": gateway_load,
     "slow_cloud": slow_cloud, "cascade": cascade, "frames": frames, "cold_start": cold_start,
 }
-
-
-def machine(client_procs: int) -> dict:
-    with open("/proc/meminfo") as f:
-        total_kib = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    gpu = "a GPU (not used)" if Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") else "no GPU"
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"],
-                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": round(total_kib / 2**20, 1), "gpu": gpu,
-            "python": platform.python_version(), "onnxruntime": version("onnxruntime"),
-            "grpcio": version("grpcio"), "tritonclient": version("tritonclient"),
-            "platform": platform.platform(), "commit": commit, "client_procs": client_procs,
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def run_stages(bench: Bench, names: list[str]) -> dict:

@@ -14,10 +14,10 @@ import numpy as np
 from cloud_gateway.config import ModelConfig
 from edgecloud.backends import open_backend
 from edgecloud.backends.ort_session import OrtConfig
-from edgecloud_tools.bench import servers
 from edgecloud_tools.bench.echo import BARE_METHOD
 from edgecloud_tools.bench.plan import CPU_STREAMS, Bench, progress
-from edgecloud_tools.bench.stats import cdf, latency_summary, timed_calls
+from edgecloud_tools.rig import servers
+from edgecloud_tools.rig.stats import cdf, latency_summary, timed_calls
 from edgecloud_tools.toolchain import CLOUD_NAME
 from edgecloud_tools.toolchain.dataset import make_split
 

@@ -17,11 +17,11 @@ from edgecloud.backends import open_backend
 from edgecloud.modelcard import card_preprocess, read_card
 from edgecloud.preprocess import decode_frames
 from edgecloud.protocol.parameters import AgentRequest
-from edgecloud_tools.bench import servers
-from edgecloud_tools.bench.delay_proxy import DelayProxy
 from edgecloud_tools.bench.plan import Bench, progress
-from edgecloud_tools.bench.stats import latency_summary, timed_calls
 from edgecloud_tools.camera_frames import camera_frame
+from edgecloud_tools.rig import servers
+from edgecloud_tools.rig.delay_proxy import DelayProxy
+from edgecloud_tools.rig.stats import latency_summary, timed_calls
 from edgecloud_tools.toolchain.dataset import make_split
 
 FRAME_SIZE = (480, 640)

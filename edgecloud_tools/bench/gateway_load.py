@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from cloud_gateway.config import ModelConfig
 from edgecloud.endpoint import free_loopback_port
-from edgecloud_tools.bench import servers
 from edgecloud_tools.bench.peer_load import ensure_peer, measure
 from edgecloud_tools.bench.peers import MLSERVER, mlserver_server
 from edgecloud_tools.bench.plan import Bench
+from edgecloud_tools.rig import servers
 from edgecloud_tools.toolchain import CLOUD_NAME
 
 DEFAULTS = ModelConfig.model_fields

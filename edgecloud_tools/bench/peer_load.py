@@ -7,10 +7,10 @@ A peer whose venv is missing (quick mode) or cannot be made is reported "not ins
 from __future__ import annotations
 
 from edgecloud.endpoint import free_loopback_port
-from edgecloud_tools.bench import servers
 from edgecloud_tools.bench.peers import FASTAPI, MLSERVER, Peer, fastapi_server, mlserver_server, peer_python
 from edgecloud_tools.bench.plan import Bench, progress
-from edgecloud_tools.services import ServiceProcess
+from edgecloud_tools.rig import servers
+from edgecloud_tools.rig.services import ServiceProcess
 
 
 def ensure_peer(bench: Bench, peer: Peer):

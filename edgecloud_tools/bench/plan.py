@@ -7,11 +7,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgecloud.backends import open_backend
 from edgecloud.modelcard import served_name
-from edgecloud_tools.bench.clients import ClientPool, Target
-from edgecloud_tools.bench.servers import cpu_seconds
 from edgecloud_tools.output import stderr_line
+from edgecloud_tools.rig.clients import ClientPool, Target
+from edgecloud_tools.rig.servers import cpu_seconds
 
 
 @dataclass(frozen=True)
@@ -86,15 +85,6 @@ class Bench:
         result = self.pool.closed(target, streams, self.plan.duration_s, 0.0)
         used = cpu_seconds(pid) - before
         return round(used / result.ok * 1e6, 1) if result.ok else None
-
-
-def model_input(path: Path) -> dict[str, str]:
-    backend = open_backend(path)
-    try:
-        spec = backend.inputs[0]
-        return {"name": spec.name, "datatype": spec.datatype}
-    finally:
-        backend.close()
 
 
 def progress(message: str) -> None:

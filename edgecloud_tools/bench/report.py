@@ -4,33 +4,17 @@ its reason instead of figures."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from edgecloud_tools.bench.plan import CPU_STREAMS
 from edgecloud_tools.bench.targets import Goal, get, goals
-from edgecloud_tools.output import table
+from edgecloud_tools.output import columns, fmt_mb, fmt_ms
 
 
 def _n(v: float | None) -> str:
     return "-" if v is None else f"{v:,.0f}"
 
 
-def fmt_ms(v: float | None) -> str:
-    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
-
-
-def fmt_mb(v: float | None) -> str:
-    return "-" if v is None else f"{v / 1e6:.1f}"
-
-
 def _x(value: float | None, baseline: float | None) -> str:
     return "-" if value is None or not baseline else f"{value / baseline:.2f}x"
-
-
-def columns(header: list[str], rows: Iterable[list[str]]) -> list[str]:
-    """Columns padded to their widest cell; the first left-aligned, the others right-aligned."""
-    justify = ["left"] + ["right"] * (len(header) - 1)
-    return table(header, list(rows), justify=justify, indent="  ").splitlines()
 
 
 def _failed(r: dict, *stages: str) -> list[str]:

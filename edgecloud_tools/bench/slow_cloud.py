@@ -13,9 +13,9 @@ calls, which measures sharing 2 cores, not waiting.
 from __future__ import annotations
 
 from edgecloud.protocol.parameters import AgentRequest, AgentResponse
-from edgecloud_tools.bench import servers
-from edgecloud_tools.bench.delay_proxy import DelayProxy
 from edgecloud_tools.bench.plan import ESCALATING_CLIENTS, SLOW_CLOUD_MS, Bench, progress
+from edgecloud_tools.rig import servers
+from edgecloud_tools.rig.delay_proxy import DelayProxy
 
 #: every escalating client's call waits on the cloud, and edge-only calls still find a slot
 SIZED_FOR_ESCALATIONS = (f"[cloud]\nmax_in_flight = {ESCALATING_CLIENTS}\n"

@@ -7,7 +7,7 @@ import operator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from edgecloud_tools.bench.stats import ratio
+from edgecloud_tools.rig.stats import ratio
 
 OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
 

@@ -36,12 +36,11 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from edgecloud_tools.bench.clients import ClientPool
-from edgecloud_tools.bench.command import machine
-from edgecloud_tools.bench.plan import model_input
-from edgecloud_tools.bench.report import columns, fmt_mb, fmt_ms
 from edgecloud_tools.faults import fleet, identity, inputs, serving
 from edgecloud_tools.faults.plan import FULL, QUICK, Faults, Models, Outcome, Promises, progress
+from edgecloud_tools.output import columns, fmt_mb, fmt_ms
+from edgecloud_tools.rig.clients import ClientPool, model_input
+from edgecloud_tools.rig.machine import machine
 from edgecloud_tools.toolchain import EDGE_INT8, EDGE_V2_INT8, REPOSITORY, models_dir
 
 #: fault name → what plays it; the order of the run

@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgecloud.client import KServeClient
 from edgecloud.exposition import PREFIX
 from edgecloud.protocol.parameters import AgentRequest, AgentResponse
-from edgecloud_tools.bench.stats import latency_summary
 from edgecloud_tools.faults.plan import Outcome
+from edgecloud_tools.rig.stats import latency_summary
 
 
 def write_toml(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from edgecloud.modelcard import served_name
-from edgecloud_tools.bench.clients import ClientPool
+from edgecloud_tools.rig.clients import ClientPool
 from edgecloud_tools.toolchain.dataset import make_split
 
 

@@ -29,7 +29,7 @@ from tests.support.services import Client, GatewayCloud, start_agent
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from edgecloud_tools.broker import LocalBroker
+    from edgecloud_tools.rig.broker import LocalBroker
 
 TOPICS = FleetTopics(FLEET)
 X = np.random.default_rng(9).standard_normal((4, 8)).astype(np.float32)

@@ -12,7 +12,7 @@ import numpy as np
 from cloud_gateway.hard_examples import HardExampleStore
 from edgecloud.client import KServeClient
 from edgecloud.protocol.parameters import CloudRequest, EdgeSummary
-from edgecloud_tools.services import ServiceProcess
+from edgecloud_tools.rig.services import ServiceProcess
 from tests.support.net import free_port
 from tests.support.onnx_models import linear_classifier, reference_logits
 

@@ -32,7 +32,7 @@ from tests.support.fleet import ROOT, schema
 from tests.support.net import free_port, wait_for
 
 if TYPE_CHECKING:
-    from edgecloud_tools.broker import LocalBroker
+    from edgecloud_tools.rig.broker import LocalBroker
 
 
 TOPICS = FleetTopics("plant-1")

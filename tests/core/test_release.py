@@ -150,6 +150,9 @@ def test_unknown_payload_keys_are_signed_but_ignored(keys) -> None:
     lambda d: d["artifact"].update(format="tensorrt-plan"),
     lambda d: d["artifact"].update(size=-1),
     lambda d: d["rollout"].update(percent=101),
+    lambda d: d["rollout"].update(percent=100, waves=[100], gates={"confidence": 1.5}),
+    lambda d: d["rollout"].update(percent=100, waves=[100], gates={"min_devices": 0}),
+    lambda d: d["rollout"].update(controller_key="not-a-key-id"),
     lambda d: d["calibration"].update(threshold=1.5),
     lambda d: d.update(labels=[1, 2]),
     lambda d: d.update(allow_downgrade="yes"),
@@ -163,6 +166,21 @@ def test_malformed_payloads_are_rejected_after_the_signature(keys, mutate) -> No
     if data.get("expires_at") != data.get("issued_at"):  # the one rule a JSON Schema cannot state
         with pytest.raises(jsonschema.ValidationError):  # the schema refuses the same payloads
             jsonschema.validate({"payload": data, "key_id": kid, "signature": signature}, SCHEMA)
+
+
+@pytest.mark.parametrize("waves", [
+    {"percent": 5, "waves": [5, 5, 100]},  # not increasing
+    {"percent": 5, "waves": [5, 50]},  # not ending at 100
+    {"percent": 10, "waves": [5, 100]},  # percent is not the first wave
+])
+def test_a_wave_plan_out_of_order_is_malformed(keys, waves: dict) -> None:
+    """Rules across a plan's values, which its JSON Schema does not state."""
+    old, _, _, paths = keys
+    data = payload().to_dict()
+    data["rollout"].update(waves)
+    kid, signature = sign(old, data)
+    error = rejected(Reason.MALFORMED, Envelope(data, kid, signature), TrustStore.from_files(paths), now=NOW)
+    assert "rollout." in error.detail
 
 
 @pytest.mark.parametrize("text", ["", "not json", "[]", '{"payload": {}}',

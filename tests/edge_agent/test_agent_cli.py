@@ -13,7 +13,7 @@ from edge_agent.config import AgentConfig
 from edgecloud.client import KServeClient
 from edgecloud.config import build
 from edgecloud.errors import ConfigError
-from edgecloud_tools.services import ServiceProcess
+from edgecloud_tools.rig.services import ServiceProcess
 from tests.support.net import free_port
 from tests.support.onnx_models import linear_classifier, reference_logits
 

@@ -14,7 +14,7 @@ import pytest
 from edge_agent.cloud.link import CloudError, CloudLink
 from edgecloud.protocol.codec import InferRequest
 from edgecloud.protocol.parameters import AgentResponse
-from edgecloud_tools.bench.delay_proxy import DelayProxy
+from edgecloud_tools.rig.delay_proxy import DelayProxy
 from tests.support.net import wait_for
 from tests.support.onnx_models import linear_classifier
 from tests.support.services import Client, GatewayCloud, start_agent

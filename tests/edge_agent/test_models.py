@@ -27,15 +27,15 @@ from edgecloud.mqtt.topics import TopicKind
 from edgecloud.protocol.parameters import AgentResponse
 from edgecloud_tools.fleet.publish import ReleaseRequest, publish_release
 from edgecloud_tools.fleet.status import collect, render_table
-from tests.edge_agent.test_updater import GROUP, Fleet, toml
 from tests.support.fleet import FLEET, Recorder, Scrape, schema
 from tests.support.net import wait_for
 from tests.support.onnx_models import linear_classifier, reference_logits
 from tests.support.services import Client
 from tests.support.triton import run_triton
+from tests.support.update_fleet import GROUP, Fleet, toml
 
 if TYPE_CHECKING:
-    from edgecloud_tools.broker import LocalBroker
+    from edgecloud_tools.rig.broker import LocalBroker
 
 X_A = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
 X_B = np.random.default_rng(2).standard_normal((5, 6)).astype(np.float32)
@@ -207,14 +207,6 @@ def test_a_model_that_does_not_load_leaves_the_others_serving(tmp_path):
 
 
 # -- the fleet -----------------------------------------------------------------------------------------------
-@pytest.fixture
-def fleet(broker: LocalBroker, tmp_path: Path) -> Iterator[Fleet]:
-    fleet = Fleet(broker, tmp_path)
-    yield fleet
-    fleet.close()
-    assert not fleet.watcher.invalid, fleet.watcher.invalid
-
-
 def fleet_models(fleet: Fleet, edge: Path, names: str = "ab") -> dict[str, Path]:
     """Models named ``names``, each the fleet's base model (its contract, version 1 by its card)."""
     models = {}

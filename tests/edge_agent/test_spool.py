@@ -11,7 +11,7 @@ from edge_agent import disk_queue
 from edge_agent.cloud.spool import FAULT_ENV, Spool, encode_batch
 from edgecloud.protocol.codec import InferRequest, request_to_bytes
 from edgecloud.protocol.parameters import AgentResponse
-from edgecloud_tools.services import ServiceProcess
+from edgecloud_tools.rig.services import ServiceProcess
 from tests.support.fleet import Scrape
 from tests.support.net import free_port, wait_for
 from tests.support.onnx_models import linear_classifier

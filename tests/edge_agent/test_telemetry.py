@@ -17,7 +17,7 @@ from edgecloud.mqtt.client import MqttClient
 from edgecloud.mqtt.payloads import Counters, Event
 from edgecloud.mqtt.topics import FleetTopics, TopicKind
 from edgecloud.protocol.parameters import AgentResponse
-from edgecloud_tools.services import ServiceProcess
+from edgecloud_tools.rig.services import ServiceProcess
 from tests.support.fleet import FLEET, Recorder, Scrape, fleet_sections, schema
 from tests.support.net import free_port, wait_for
 from tests.support.onnx_models import linear_classifier
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
-    from edgecloud_tools.broker import LocalBroker
+    from edgecloud_tools.rig.broker import LocalBroker
 
 TOPICS = FleetTopics(FLEET)
 X = np.random.default_rng(3).standard_normal((4, 8)).astype(np.float32)

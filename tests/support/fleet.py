@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgecloud.mqtt.client import Message
 
 if TYPE_CHECKING:
-    from edgecloud_tools.broker import LocalBroker
+    from edgecloud_tools.rig.broker import LocalBroker
 
 ROOT = Path(__file__).resolve().parents[2]
 FLEET = "plant-1"

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from edgecloud_tools import cli
-from edgecloud_tools.bench import loadgen
-from edgecloud_tools.bench.delay_proxy import DelayProxy
 from edgecloud_tools.bench.peers import FASTAPI, Peer, peer_python
 from edgecloud_tools.bench.report import format_table
 from edgecloud_tools.bench.targets import Goal, goals
+from edgecloud_tools.rig import loadgen
+from edgecloud_tools.rig.delay_proxy import DelayProxy
 
 STAGES = ("floors", "agent", "peers", "gateway", "slow_cloud", "cascade", "frames", "cold_start")
 

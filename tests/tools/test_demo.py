@@ -15,8 +15,8 @@ from edgecloud.errors import ConfigError
 from edgecloud.files import file_sha256
 from edgecloud.modelcard import read_card
 from edgecloud_tools import cli
-from edgecloud_tools.broker import MOSQUITTO_ENV, mosquitto_path
 from edgecloud_tools.demo_fleet import DemoFleet
+from edgecloud_tools.rig.broker import MOSQUITTO_ENV, mosquitto_path
 from tests.conftest import CLOUD_REPO, EDGE_V2_INT8
 
 N = 60

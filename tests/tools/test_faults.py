@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from edgecloud_tools import cli
-from edgecloud_tools.broker import mosquitto_path
 from edgecloud_tools.faults import command
+from edgecloud_tools.rig.broker import mosquitto_path
 
 
 def run(tmp: Path, *flags: str) -> tuple[int, dict, str]:

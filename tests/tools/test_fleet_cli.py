@@ -31,7 +31,7 @@ from edgecloud_tools import cli
 from edgecloud_tools.fleet.status import collect, render_table
 
 if TYPE_CHECKING:
-    from edgecloud_tools.broker import LocalBroker
+    from edgecloud_tools.rig.broker import LocalBroker
 
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "protos/schemas/release.schema.json").read_text())

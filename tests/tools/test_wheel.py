@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from edgecloud_tools.broker import mosquitto_path
+from edgecloud_tools.rig.broker import mosquitto_path
 from tests.conftest import ROOT
 
 #: what a build reads; copied so that building leaves no build/ or egg-info in the checkout

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from edgecloud_tools.services import ServiceProcess
+from edgecloud_tools.rig.services import ServiceProcess
 
 PEERS_ENV = "EDGECLOUD_BENCH_PEERS"
 HERE = Path(__file__).resolve().parent

@@ -1,6 +1,6 @@
 """A load-generating client process: what a local app (or many devices) would send, timed per call.
 
-Run as ``python -m edgecloud_tools.bench.loadgen``; it reads one JSON spec per line on stdin, prepares
+Run as ``python -m edgecloud_tools.rig.loadgen``; it reads one JSON spec per line on stdin, prepares
 (connects, one untimed call per connection), writes ``{"ready": true}``, waits for the line ``go`` so
 that every client process of a run starts together, runs the pattern and writes one JSON result line.
 

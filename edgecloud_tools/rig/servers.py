@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from edgecloud.endpoint import free_loopback_port
-from edgecloud_tools.services import ServiceProcess
+from edgecloud_tools.rig.services import ServiceProcess
 from edgecloud_tools.toolchain import CLOUD_NAME
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -1,4 +1,4 @@
-"""The bench's side of the client processes (:mod:`edgecloud_tools.bench.loadgen`): started once, given
+"""The bench's side of the client processes (:mod:`edgecloud_tools.rig.loadgen`): started once, given
 one run at a time, started together, their results merged.
 
 Client processes, not threads of the bench: the clients must not share a GIL with the bench or with
@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from edgecloud_tools.bench.loadgen import MAX_CONNECTIONS
-from edgecloud_tools.bench.stats import cdf, latency_summary
+from edgecloud.backends import open_backend
+from edgecloud_tools.rig.loadgen import MAX_CONNECTIONS
+from edgecloud_tools.rig.stats import cdf, latency_summary
 
 #: connections per client process in an open loop
 OPEN_LOOP_CONNECTIONS = 8
@@ -81,7 +82,7 @@ class ClientPool:
         self._lines: list[queue.Queue] = []
         for i in range(procs):
             with open(log_dir / f"client-{i}.log", "ab") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "edgecloud_tools.bench.loadgen"],
+                proc = subprocess.Popen([sys.executable, "-m", "edgecloud_tools.rig.loadgen"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
             lines: queue.Queue = queue.Queue()
             threading.Thread(target=_pump, args=(proc, lines), daemon=True).start()
@@ -212,3 +213,12 @@ def _pump(proc: subprocess.Popen, lines: queue.Queue) -> None:
     for line in proc.stdout:
         lines.put(line)
     lines.put(None)
+
+
+def model_input(path: Path) -> dict[str, str]:
+    backend = open_backend(path)
+    try:
+        spec = backend.inputs[0]
+        return {"name": spec.name, "datatype": spec.datatype}
+    finally:
+        backend.close()
