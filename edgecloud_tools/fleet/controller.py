@@ -1,4 +1,4 @@
-"""The rollout controller (docs/design.md §11): drives every release with waves of one fleet.
+"""The rollout controller (docs/design.md §12): drives every release with waves of one fleet.
 
 It follows the retained desired topics (the releases, verified with the operator's keys: it drives only
 what it can verify, and only when its own key may sign the release's commands), the retained rollout

@@ -1,4 +1,4 @@
-"""Judging a wave against its gates (docs/design.md §11): pure figures in, a verdict out.
+"""Judging a wave against its gates (docs/design.md §12): pure figures in, a verdict out.
 
 Each side of the comparison is a cohort: the devices on the new version, and the devices still on the
 previous one over the same period (the control, so that a change in what the line sees is not blamed

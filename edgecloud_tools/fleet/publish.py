@@ -10,7 +10,7 @@ rollback is the same with
 ``allow_downgrade`` signed in, for an earlier version. The default rollout salt is the model name,
 so the devices chosen at a given percent stay the same from release to release (a stable canary
 ring); give ``--rollout-salt`` to pick another set. With ``--waves`` the release carries its staged
-rollout (docs/design.md §11): the first wave is its percent, ``--soak`` and ``--gate`` say what a wave
+rollout (docs/design.md §12): the first wave is its percent, ``--soak`` and ``--gate`` say what a wave
 must show, and ``--controller-key`` names the key of the controller that drives it.
 """
 
@@ -332,7 +332,7 @@ def _release_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rollout-percent", type=float, default=100.0, metavar="P",
                         help="0-100 (default 100)")
     parser.add_argument("--rollout-salt", help="rollout hash salt (default: the model name)")
-    waves = parser.add_argument_group("staged rollout (docs/design.md §11)")
+    waves = parser.add_argument_group("staged rollout (docs/design.md §12)")
     waves.add_argument("--waves", type=_waves, metavar="P1,P2,…,100",
                        help="increasing percents ending at 100; the first replaces --rollout-percent")
     waves.add_argument("--soak", metavar="DURATION", help="how long each wave runs before it is judged "

@@ -1,5 +1,5 @@
 """``edgecloud fleet controller`` and ``edgecloud fleet rollout status|halt|resume``: the service that
-drives releases with waves, and the operator's view of and hand on it (docs/design.md §11).
+drives releases with waves, and the operator's view of and hand on it (docs/design.md §12).
 
 ``halt`` publishes a signed ``halted`` command for the wave the rollout is in (devices that activated
 the version roll back; they count as outside the share); ``resume`` publishes ``advancing`` for the

@@ -1,4 +1,4 @@
-"""Rollouts as the fleet's topics describe them (docs/design.md §11): the releases with waves retained
+"""Rollouts as the fleet's topics describe them (docs/design.md §12): the releases with waves retained
 on desired topics, the wave command retained for each model, and the devices (online, group, version
 served and update state per model) with their agreement counts per version from telemetry. Read by the
 controller, which judges waves on it, and by ``edgecloud fleet rollout status``.

@@ -38,7 +38,7 @@ from edgecloud_tools.fleet.controller import FAULT_ENV
 from edgecloud_tools.fleet.controller_state import STATE_FILE, LeaseHeld, SqliteState
 
 if TYPE_CHECKING:
-    from edgecloud_tools.broker import LocalBroker
+    from edgecloud_tools.rig.broker import LocalBroker
 
 FLEET, GROUP, MODEL = "plant-1", "line-a", "inspection"
 TOPICS = FleetTopics(FLEET)
