@@ -62,6 +62,7 @@ class Devices:
         self.ever_on_new: set[str] = set()
         self._lock = threading.Lock()
         self._retained: dict[str, bytes] = {}
+        self.commands: list[bytes] = []  # every wave command received, in order
         self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", broker.port)
@@ -73,6 +74,8 @@ class Devices:
     def _on_message(self, _client: Any, _userdata: Any, message: paho.MQTTMessage) -> None:
         with self._lock:
             self._retained[message.topic] = bytes(message.payload)
+            if message.topic == str(TOPICS.rollout(MODEL)):
+                self.commands.append(bytes(message.payload))
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -301,16 +304,18 @@ def test_killed_controller_resumes_where_it_was(broker, keys, model, tmp_path, c
     assert (stored.wave, stored.state) == (1, "advancing") and stored.outbox is not None
 
     controllers.append(second := ControllerProcess(broker, keys, state_dir))
-    run_until(devices, command_is(devices, 1, "advancing"), second)
-    command = retained_command(devices)
-    assert command is not None and command.issued_at.strftime("%Y-%m-%dT%H:%M:%SZ") == stored.issued_at
-    second.process.send_signal(signal.SIGKILL)
+    run_until(devices, lambda: bool(devices.commands), second)
+    second.process.send_signal(signal.SIGKILL)  # in wave 1: its soak has only begun
     second.process.wait(10)
+    assert devices.commands[0] == (stored.outbox or "").encode()  # the decision the first one committed
 
     controllers.append(third := ControllerProcess(broker, keys, state_dir))
     run_until(devices, command_is(devices, 2, "complete"), third)
     decided = [(d.wave, d.state) for d in state.decisions(MODEL, 2) if d.figures]
     assert decided == [(1, "advancing"), (2, "advancing"), (2, "complete")]
+    payloads = [json.loads(c)["payload"] for c in devices.commands]
+    published = {p["issued_at"]: p["wave"] for p in payloads}
+    assert sorted(published.values()) == [1, 2, 2]  # each decision published once (whatever QoS 1 repeats)
     state.close()
 
 
