@@ -156,11 +156,13 @@ class Controller:
         connected_since: float | None = None
         while not stop.is_set():
             try:
-                self.view.apply(self._inbox.get(timeout=max(0.0, next_tick - time.monotonic())))
-                if time.monotonic() < next_tick:
-                    continue
+                message = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
             except queue.Empty:
                 pass
+            else:
+                self._apply(message)
+                if time.monotonic() < next_tick:
+                    continue
             now = time.monotonic()
             next_tick = now + cfg.judge_interval_s
             if now >= renew_at:
@@ -169,6 +171,13 @@ class Controller:
             connected_since = (connected_since or now) if client.is_connected else None
             if connected_since is not None and now - connected_since >= cfg.settle_s:
                 self.tick(state, client, time.time())
+
+    def _apply(self, message: Message) -> None:
+        """Fold one message; one that breaks the folding is dropped and logged, the service goes on."""
+        try:
+            self.view.apply(message)
+        except Exception as e:  # a device's bad message must not stop the fleet's rollouts
+            log.warning("event=controller_message_dropped topic=%s error=%r", message.topic, str(e))
 
     # -- one pass over the plans ------------------------------------------------------------------------
     def tick(self, state: ControllerState, client: MqttClient, now: float) -> None:

@@ -62,6 +62,20 @@ class Device:
     seq: int = -1
 
 
+def _listed(value: Any) -> list[dict[str, Any]]:
+    """The JSON objects of a list (a message's ``models``); [] for anything else."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _field(value: Any, *keys: str) -> Any:
+    """``value[k1][k2]…`` through JSON objects; None where one is missing or not an object."""
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
 def quality_counts(value: Any) -> tuple[int, Counts, Counts | None] | None:
     """A telemetry ``quality`` object as (version, interval counts, totals); None when absent or
     malformed (unknown)."""
@@ -122,8 +136,8 @@ class RolloutView:
                 device.group = body.get("group", device.group)
                 if isinstance(body.get("model"), str):
                     device.active[body["model"]] = body.get("active_version")
-                for served in body.get("models") or ():
-                    if isinstance(served, dict) and isinstance(served.get("name"), str):
+                for served in _listed(body.get("models")):
+                    if isinstance(served.get("name"), str):
                         device.active[served["name"]] = served.get("active_version")
             else:
                 model = parsed.model or body.get("model")
@@ -183,12 +197,12 @@ class RolloutView:
             if seq <= device.seq and device.seq - seq < 1_000_000:  # a duplicate (far below: a reset)
                 return
             device.seq = seq
-        for served in body.get("models") or ():
-            if not isinstance(served, dict) or served.get("name") not in self.plans:
+        for served in _listed(body.get("models")):
+            model = served.get("name")
+            if not isinstance(model, str) or model not in self.plans:
                 continue
-            model = served["name"]
-            p95 = ((served.get("latency_ms") or {}).get("edge") or {}).get("p95")
-            if isinstance(p95, (int, float)):
+            p95 = _field(served, "latency_ms", "edge", "p95")
+            if isinstance(p95, (int, float)) and not isinstance(p95, bool):
                 device.p95[model] = (served.get("model_version"), float(p95))
             found = quality_counts(served.get("quality"))
             if found is None:
@@ -232,8 +246,8 @@ class RolloutView:
         new: dict[str, Counts] = {}
         control: dict[str, Counts] = {}
         for (name, seen), c in counts.items():
-            if name in scope:
-                (new if seen == version else control)[name] = c
+            if name in scope:  # a device that moved during the period counts on both sides
+                (new if seen == version else control).setdefault(name, Counts()).add(c)
         took = failed = active = 0
         p95_new: list[float] = []
         p95_control: list[float] = []

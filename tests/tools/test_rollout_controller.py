@@ -228,16 +228,10 @@ def test_a_good_release_advances_through_every_wave(broker, keys, model, tmp_pat
     publish_waves(broker, model, keys)
     devices = Devices(broker, 24, {1: 0.9, 2: 0.9}, TrustStore.from_files([Path(f"{keys}.pub")]))
     controllers.append(controller := ControllerProcess(broker, keys, tmp_path / "state"))
-    seen: list[tuple[int, str]] = []
-
-    def complete() -> bool:
-        command = retained_command(devices)
-        if command is not None and (command.wave, command.state) not in seen:
-            seen.append((command.wave, command.state))
-        return command is not None and command.state == "complete"
-
-    run_until(devices, complete, controller)
+    run_until(devices, command_is(devices, 2, "complete"), controller)
     run_until(devices, lambda: devices.on_new(2) == 24, controller)
+    seen = [(c.wave, c.state) for c in map(WaveCommand.from_dict, (json.loads(p)["payload"]
+                                                                 for p in devices.commands))]
     assert seen == [(1, "advancing"), (2, "advancing"), (2, "complete")]
     log = controller.text()
     assert log.count("event=rollout_wave_advanced model=inspection version=2") == 2
