@@ -258,7 +258,8 @@ def cli_json(argv: list[str]) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-def test_a_bad_release_is_halted_in_the_first_wave(broker, keys, model, tmp_path, controllers) -> None:
+def test_a_bad_release_is_halted_in_the_first_wave(broker, keys, model, tmp_path, controllers,
+                                                    capsys) -> None:
     publish_waves(broker, model, keys)
     devices = Devices(broker, 24, {1: 0.9, 2: 0.45}, TrustStore.from_files([Path(f"{keys}.pub")]))
     controllers.append(controller := ControllerProcess(broker, keys, tmp_path / "state"))
@@ -275,6 +276,11 @@ def test_a_bad_release_is_halted_in_the_first_wave(broker, keys, model, tmp_path
     (row,) = status["rollouts"]
     assert (row["wave"], row["state"]) == (0, "halted")
     assert row["devices"]["rolled_back"] == len(devices.ever_on_new) and row["devices"]["active"] == 0
+    capsys.readouterr()
+    assert cli.main(["fleet", "rollout", "status", *broker_args(broker)]) == 0
+    header, line = capsys.readouterr().out.splitlines()
+    assert header.split()[:4] == ["MODEL", "VERSION", "WAVE", "STATE"]
+    assert line.split()[:5] == ["inspection", "2", "1/3", "(25%)", "halted"]
 
 
 def test_killed_controller_resumes_where_it_was(broker, keys, model, tmp_path, controllers) -> None:
