@@ -10,8 +10,8 @@ still on the previous version over the same period (edgecloud_tools.fleet.gates)
 advances (or completes, after the last), one that fails halts. Every decision is one log line with the
 figures that decided it, committed with the signed command before the command is published (an
 outbox), so a controller killed at any point resumes where it was and publishes what the broker never
-acknowledged. The counts of the wave in progress are kept in memory: after a restart they are summed
-afresh from then on (the wave's start and soak stand).
+acknowledged. The counts of the wave in progress are written at every judgement, and taken up again
+after a restart (what arrived between the last write and the kill is lost, a second's worth).
 
 One controller drives a fleet: an exclusive lock on the state directory, and a lease row in the
 state store renewed every third of its time (for a store shared between hosts). A second controller
@@ -128,6 +128,8 @@ class Controller:
         #: per rollout, the gates last logged as waiting and when (monotonic)
         self._waiting: dict[tuple[str, int], tuple[str, float]] = {}
         self._ignored: set[tuple[str, int]] = set()
+        #: by model, the version whose counts the view's period holds
+        self._counting: dict[str, int] = {}
 
     def run(self, stop: threading.Event) -> None:
         """Lock, take the lease, connect and drive until ``stop``; LeaseHeld when another holds it."""
@@ -190,6 +192,8 @@ class Controller:
                 rollout = self._publish(rollout, state, client)
             if rollout.state == "advancing" and rollout.outbox is None:
                 self._judge(plan, rollout, state, client, now)
+            if changed := self.view.take_changed(model):
+                state.save_counts(model, plan.release.version, changed)
 
     def _drivable(self, plan: Plan) -> bool:
         """Whether devices would take this controller's commands for the plan (logged once if not)."""
@@ -210,7 +214,16 @@ class Controller:
         command on the rollout topic than the last this controller signed (the operator's)."""
         release = plan.release
         command = self.view.command(release.model)
+        if rollout is not None and self._counting.get(release.model) != release.version:  # first look
+            self._counting[release.model] = release.version
+            counts = state.wave_counts(release.model, release.version)
+            self.view.open_period(release.model, counts)
+            log.info("event=rollout_resumed model=%s version=%d wave=%d state=%s devices=%d audited=%d",
+                     release.model, release.version, rollout.wave, rollout.state, len(counts),
+                     sum(c.audited for c in counts.values()))
         if rollout is None:
+            self._counting[release.model] = release.version
+            self.view.open_period(release.model)
             started = min(release.issued_at.timestamp(), now)
             rollout = Rollout(release.model, release.version, wave_started=started)
             reason = "release found"
@@ -223,11 +236,9 @@ class Controller:
         elif command is not None and (rollout.issued_at is None
                                       or command.issued_at > parse_time(rollout.issued_at)):
             rollout = self._adopted(rollout, command, now)
-            self._save(rollout, state, now, f"command adopted: {command.reason}", {})
+            self._save(rollout, state, now, f"command adopted: {command.reason}", {}, new_wave=True)
             log.info("event=rollout_command_adopted model=%s version=%d wave=%d state=%s reason=%r",
                      release.model, release.version, command.wave, command.state, command.reason)
-        if release.model not in self.view.period:
-            self.view.open_period(release.model)
         return rollout
 
     def _adopted(self, rollout: Rollout, command: WaveCommand, now: float) -> Rollout:
@@ -237,9 +248,9 @@ class Controller:
                              issued_at=format_time(command.issued_at), outbox=None)
 
     def _save(self, rollout: Rollout, state: ControllerState, now: float, reason: str,
-              figures: dict[str, float | int | str]) -> None:
-        state.save(rollout, Decision(rollout.model, rollout.version, rollout.wave, rollout.state, now, reason,
-                                     figures))
+              figures: dict[str, float | int | str], new_wave: bool = False) -> None:
+        decision = Decision(rollout.model, rollout.version, rollout.wave, rollout.state, now, reason, figures)
+        state.save(rollout, decision, new_wave=new_wave)
         self.rollouts[(rollout.model, rollout.version)] = rollout
 
     def _judge(self, plan: Plan, rollout: Rollout, state: ControllerState, client: MqttClient,
@@ -281,7 +292,7 @@ class Controller:
         moved = rollout.moved(wave=wave, state=command_state, wave_started=now, reason=verdict.reason,
                               issued_at=format_time(issued), baseline=baseline,
                               outbox=envelope.to_json().decode())
-        self._save(moved, state, now, verdict.reason, verdict.figures)
+        self._save(moved, state, now, verdict.reason, verdict.figures, new_wave=True)
         log.info("event=%s model=%s version=%d wave=%d judged_wave=%d percent=%g reason=%r %s", event,
                  rollout.model, rollout.version, wave, rollout.wave, plan.waves[wave], verdict.reason,
                  figure_pairs(verdict.figures))

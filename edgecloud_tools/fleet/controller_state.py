@@ -1,6 +1,7 @@
 """What the rollout controller keeps on disk: each rollout's wave, when that wave started, the last
 command it signed (and whether the broker has it yet), the control cohort's figures a last wave is
-compared with, every decision with its figures, and the lease that lets one controller drive a fleet.
+compared with, every decision with its figures, the counts summed so far in the wave in progress (per
+device and version, written every judgement), and the lease that lets one controller drive a fleet.
 
 :class:`ControllerState` is the interface the controller uses; :class:`SqliteState` keeps it in one
 SQLite file (WAL, one transaction per change), so a controller killed at any point restarts on the last
@@ -14,11 +15,16 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from edgecloud.errors import EdgecloudError
+from edgecloud_tools.fleet.gates import Counts
+
+#: per (device, version seen): a wave's counts
+WaveCounts = Mapping[tuple[str, int], Counts]
 
 STATE_FILE = "controller.sqlite3"
 
@@ -31,6 +37,10 @@ CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, version INTEGER NOT NULL,
     wave INTEGER NOT NULL, state TEXT NOT NULL, at REAL NOT NULL, reason TEXT NOT NULL,
     figures TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS wave_counts (
+    model TEXT NOT NULL, version INTEGER NOT NULL, device TEXT NOT NULL, seen INTEGER NOT NULL,
+    rows INTEGER NOT NULL, escalated INTEGER NOT NULL, audited INTEGER NOT NULL,
+    audit_agree INTEGER NOT NULL, PRIMARY KEY (model, version, device, seen));
 CREATE TABLE IF NOT EXISTS lease (
     name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL);
 """
@@ -84,8 +94,14 @@ class ControllerState(Protocol):
 
     def rollouts(self) -> dict[tuple[str, int], Rollout]: ...
 
-    def save(self, rollout: Rollout, decision: Decision | None = None) -> None:
-        """Write ``rollout`` and ``decision`` together, or neither."""
+    def save(self, rollout: Rollout, decision: Decision | None = None, new_wave: bool = False) -> None:
+        """Write ``rollout`` and ``decision`` together, or neither; ``new_wave`` drops the rollout's
+        counts in the same transaction."""
+
+    def save_counts(self, model: str, version: int, counts: WaveCounts) -> None:
+        """Write (replace) these entries of the wave's counts."""
+
+    def wave_counts(self, model: str, version: int) -> dict[tuple[str, int], Counts]: ...
 
     def decisions(self, model: str, version: int) -> list[Decision]: ...
 
@@ -125,9 +141,12 @@ class SqliteState:
         return {(r[0], r[1]): Rollout(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8])
                 for r in rows}
 
-    def save(self, rollout: Rollout, decision: Decision | None = None) -> None:
+    def save(self, rollout: Rollout, decision: Decision | None = None, new_wave: bool = False) -> None:
         r = rollout
         with self._transaction():
+            if new_wave:
+                self._db.execute("DELETE FROM wave_counts WHERE model = ? AND version = ?",
+                                 (r.model, r.version))
             self._db.execute("INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                              (r.model, r.version, r.wave, r.state, r.wave_started, r.issued_at, r.reason,
                               json.dumps(r.baseline), r.outbox))
@@ -136,6 +155,17 @@ class SqliteState:
                 self._db.execute("INSERT INTO decisions (model, version, wave, state, at, reason, figures) "
                                  "VALUES (?, ?, ?, ?, ?, ?, ?)",
                                  (d.model, d.version, d.wave, d.state, d.at, d.reason, json.dumps(d.figures)))
+
+    def save_counts(self, model: str, version: int, counts: WaveCounts) -> None:
+        with self._transaction():
+            rows = [(model, version, device, seen, c.rows, c.escalated, c.audited, c.audit_agree)
+                    for (device, seen), c in counts.items()]
+            self._db.executemany("INSERT OR REPLACE INTO wave_counts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def wave_counts(self, model: str, version: int) -> dict[tuple[str, int], Counts]:
+        rows = self._db.execute("SELECT device, seen, rows, escalated, audited, audit_agree FROM wave_counts "
+                                "WHERE model = ? AND version = ?", (model, version)).fetchall()
+        return {(r[0], r[1]): Counts(*r[2:]) for r in rows}
 
     def decisions(self, model: str, version: int) -> list[Decision]:
         rows = self._db.execute("SELECT model, version, wave, state, at, reason, figures FROM decisions "

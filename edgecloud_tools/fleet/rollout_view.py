@@ -110,6 +110,8 @@ class RolloutView:
         self.plans: dict[str, Plan] = {}  # by model: the newest release with waves
         #: by model: per (device, version), counts summed since :meth:`open_period`
         self.period: dict[str, dict[tuple[str, int], Counts]] = {}
+        #: by model: the (device, version) entries of ``period`` changed since :meth:`take_changed`
+        self._changed: dict[str, set[tuple[str, int]]] = {}
         #: by model: per (device, version), the totals of the latest telemetry
         self.totals: dict[str, dict[tuple[str, int], Counts]] = {}
 
@@ -210,6 +212,7 @@ class RolloutView:
             version, interval, totals = found
             if (period := self.period.get(model)) is not None:
                 period.setdefault((name, version), Counts()).add(interval)
+                self._changed.setdefault(model, set()).add((name, version))
             if totals is not None:
                 self.totals.setdefault(model, {})[(name, version)] = totals
 
@@ -229,9 +232,15 @@ class RolloutView:
             log.debug("event=rollout_command_not_for_plan model=%s reason=%r", model, str(e))
             return None
 
-    def open_period(self, model: str) -> None:
-        """Start summing ``model``'s telemetry afresh (a wave starts)."""
-        self.period[model] = {}
+    def open_period(self, model: str, counts: Mapping[tuple[str, int], Counts] | None = None) -> None:
+        """Start summing ``model``'s telemetry afresh (a wave starts), or from ``counts`` (a restart)."""
+        self.period[model] = dict(counts or {})
+        self._changed.pop(model, None)
+
+    def take_changed(self, model: str) -> dict[tuple[str, int], Counts]:
+        """The entries of ``model``'s period changed since the last call."""
+        period = self.period.get(model, {})
+        return {key: period[key] for key in self._changed.pop(model, ())}
 
     def in_scope(self, plan: Plan) -> dict[str, Device]:
         """The devices the plan's release addresses: its devices, and those of its groups."""

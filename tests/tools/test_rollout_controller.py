@@ -35,7 +35,8 @@ from edgecloud.rollout import (
 from edgecloud.signing import TrustStore, key_id, load_public_key
 from edgecloud_tools import cli
 from edgecloud_tools.fleet.controller import FAULT_ENV
-from edgecloud_tools.fleet.controller_state import STATE_FILE, LeaseHeld, SqliteState
+from edgecloud_tools.fleet.controller_state import STATE_FILE, Decision, LeaseHeld, Rollout, SqliteState
+from edgecloud_tools.fleet.gates import Counts
 
 if TYPE_CHECKING:
     from edgecloud_tools.rig.broker import LocalBroker
@@ -285,8 +286,8 @@ def test_a_bad_release_is_halted_in_the_first_wave(broker, keys, model, tmp_path
 
 def test_killed_controller_resumes_where_it_was(broker, keys, model, tmp_path, controllers) -> None:
     """Killed right after committing its first decision (before publishing it), then with SIGKILL in
-    the middle of wave 1: each restart publishes what the broker lacked and goes on, deciding each wave
-    once."""
+    the middle of wave 1: each restart publishes what the broker lacked, takes up the wave's counts
+    written so far and goes on, deciding each wave once."""
     state_dir = tmp_path / "state"
     publish_waves(broker, model, keys)
     devices = Devices(broker, 24, {1: 0.9, 2: 0.9}, TrustStore.from_files([Path(f"{keys}.pub")]))
@@ -305,12 +306,16 @@ def test_killed_controller_resumes_where_it_was(broker, keys, model, tmp_path, c
 
     controllers.append(second := ControllerProcess(broker, keys, state_dir))
     run_until(devices, lambda: bool(devices.commands), second)
+    assert devices.commands[0] == (stored.outbox or "").encode()  # the decision the first one committed
+    run_until(devices, lambda: bool(state.wave_counts(MODEL, 2)), second)  # wave 1's first counts written
     second.process.send_signal(signal.SIGKILL)  # in wave 1: its soak has only begun
     second.process.wait(10)
-    assert devices.commands[0] == (stored.outbox or "").encode()  # the decision the first one committed
+    kept = state.wave_counts(MODEL, 2)
 
     controllers.append(third := ControllerProcess(broker, keys, state_dir))
     run_until(devices, command_is(devices, 2, "complete"), third)
+    resumed = next(line for line in third.text().splitlines() if "event=rollout_resumed" in line)
+    assert kept and f"devices={len(kept)} audited={sum(c.audited for c in kept.values())}" in resumed
     decided = [(d.wave, d.state) for d in state.decisions(MODEL, 2) if d.figures]
     assert decided == [(1, "advancing"), (2, "advancing"), (2, "complete")]
     payloads = [json.loads(c)["payload"] for c in devices.commands]
@@ -429,3 +434,23 @@ def test_a_release_driven_by_another_key_is_left_alone(broker, keys, model, tmp_
                      f"--key={controller_key}.key", *broker_args(broker)]) == 0
     run_until(devices, command_is(devices, 0, "halted"), controller)  # verified by the devices' rule
     assert "event=rollout_command_adopted" not in controller.text()
+
+
+def test_a_decision_and_the_end_of_its_waves_counts_are_one_transaction(tmp_path) -> None:
+    state = SqliteState(tmp_path / STATE_FILE)
+    rollout = Rollout(MODEL, 2, wave=0, wave_started=1.0)
+    state.save(rollout)
+    state.save_counts(MODEL, 2, {("cam-1", 2): Counts(10, 1, 5, 4), ("cam-2", 1): Counts(20, 2, 6, 6)})
+    state.save_counts(MODEL, 2, {("cam-1", 2): Counts(30, 3, 9, 8)})  # the sums so far replace the old
+    counts = {("cam-1", 2): Counts(30, 3, 9, 8), ("cam-2", 1): Counts(20, 2, 6, 6)}
+    assert state.wave_counts(MODEL, 2) == counts
+    moved = rollout.moved(wave=1, issued_at="2026-01-01T00:00:00Z", outbox="{}")
+    broken = Decision(MODEL, 2, 1, "advancing", 2.0, "every gate held", {"agree_z": object()})
+    with pytest.raises(TypeError):  # fails after the counts went and the rollout moved: all rolled back
+        state.save(moved, broken, new_wave=True)
+    assert state.wave_counts(MODEL, 2) == counts and state.rollouts()[(MODEL, 2)] == rollout
+    decision = Decision(MODEL, 2, 1, "advancing", 2.0, "every gate held", {"agree_z": -3.1})
+    state.save(moved, decision, new_wave=True)
+    assert state.wave_counts(MODEL, 2) == {} and state.rollouts()[(MODEL, 2)] == moved
+    assert state.decisions(MODEL, 2) == [decision]
+    state.close()
