@@ -12,6 +12,14 @@ Counters are the device's totals since its agent started (Prometheus' ``rate()``
 a restart), and so is the latency histogram, which sums across devices. The escalation ratio is that of
 the latest telemetry interval, 0 when it had no rows, so an idle device's series stay (at zero) rather
 than vanish; over longer windows, divide the counters' rates.
+
+A model's agreement with the cloud (telemetry's ``models[].quality``, docs/design.md §12) becomes
+``edgecloud_device_model_agreement_rows_total`` (labels ``model``, ``version``, ``reason`` escalated or
+audit, ``agree`` true or false): the totals since that version became active on the device, kept per
+version, so a version a device left stays (no longer growing) beside the one it serves now; an agent
+restart or a version served again starts from zero, which ``rate()`` and ``increase()`` take as a
+counter reset. A model whose telemetry carries no quality (an older agent) has no such series: its
+agreement is unknown, never counted as agreement.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edgecloud.exposition import COUNTERS, LATENCY_BUCKETS, PREFIX, add_latency
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
 from edgecloud.mqtt.fleet_view import DeviceRow, FleetView, json_object
-from edgecloud.mqtt.payloads import LatencyBuckets
+from edgecloud.mqtt.payloads import AgreementCounts, LatencyBuckets, Quality
 from edgecloud.mqtt.topics import TopicKind
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,8 @@ DEVICE = PREFIX + "device_"
 LABELS = ("fleet", "device")
 #: seqs remembered per device to recognize a late duplicate; a seq further back is a restart from zero
 RECENT = 1024
+#: model versions whose agreement totals are kept per device (the oldest go first)
+VERSIONS_KEPT = 16
 
 
 class _Figures(BaseModel):
@@ -59,6 +69,7 @@ class ModelFigures(_Figures):
 
     name: str = Field(min_length=1)
     ready: bool | None = None
+    quality: Quality | None = None
 
 
 class TelemetryFigures(_Figures):
@@ -83,6 +94,8 @@ class DeviceTelemetry:
     missing: int = 0
     #: seq → ``at`` of the last RECENT messages: a resend carries the same ``at``
     recent: OrderedDict[int, str] = field(default_factory=OrderedDict)
+    #: (model, version) → its agreement totals since that version became active, the newest last
+    agreement: OrderedDict[tuple[str, int], AgreementCounts] = field(default_factory=OrderedDict)
 
     def accept(self, figures: TelemetryFigures, device: str) -> bool:
         """Count one message; True when it is new and the newest (it becomes ``latest``).
@@ -112,6 +125,13 @@ class DeviceTelemetry:
                         self.highest, seq, seq - self.highest - 1)
         self.highest = seq
         self.latest = figures
+        for served in figures.models:
+            if served.quality is not None:
+                key = (served.name, served.quality.version)
+                self.agreement.pop(key, None)
+                self.agreement[key] = served.quality.totals
+        while len(self.agreement) > VERSIONS_KEPT:
+            self.agreement.popitem(last=False)
         return True
 
 
@@ -208,6 +228,10 @@ class _Families:
                                       "the last telemetry interval", "model")
         self.model_spool = gauge("model_spool_depth", "The model's cases waiting in the spool", "model")
         self.model_circuit = gauge("model_circuit_open", "1 while the model's cloud circuit is open", "model")
+        self.agreement = counter("model_agreement_rows_total", "Rows the cloud answered in time for the "
+                                 "model version, escalated or audited, by whether it answered as the edge "
+                                 "did (since the version became active on the device)", "model", "version",
+                                 "reason", "agree")
 
     def add(self, fleet: str, row: DeviceRow, stream: DeviceTelemetry | None) -> None:
         labels = (fleet, row.device)
@@ -231,6 +255,10 @@ class _Families:
         self._telemetry(labels, stream, latest)
         for served in latest.models:
             self._model(labels, served)
+        for (model, version), totals in stream.agreement.items():
+            for reason, rows, agree in totals.by_reason():
+                self.agreement.add_metric((*labels, model, str(version), reason, "true"), agree)
+                self.agreement.add_metric((*labels, model, str(version), reason, "false"), rows - agree)
 
     def _telemetry(self, labels: tuple[str, str], stream: DeviceTelemetry, latest: TelemetryFigures) -> None:
         self._figures(labels, latest, self.counters, self.escalation)
@@ -272,4 +300,4 @@ class _Families:
         yield from (self.online, self.model, self.last_seen, *self.counters.values(), self.escalation,
                     self.latency, self.spool, self.circuit, self.seq, self.messages, self.duplicates,
                     self.missing, self.model_ready, *self.model_counters.values(), self.model_escalation,
-                    self.model_spool, self.model_circuit)
+                    self.model_spool, self.model_circuit, self.agreement)

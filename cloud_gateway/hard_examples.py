@@ -1,5 +1,6 @@
 """The hard-example store: every row the cloud answered for an edge device, kept for the next training
-round, and its export as a training set (``edgecloud examples export``).
+round, its export as a training set (``edgecloud examples export``), and how often the edge's
+prediction agreed with the cloud's answer (``edgecloud examples agreement``).
 
 SQLite in WAL mode. A row's key is (device, request_id, row, input_digest): the device is who the
 gateway authenticated (else who the caller said it is), so two devices that number their requests
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud_gateway.coco import COCO_FILE, DetectionExport, write_coco
+from edgecloud.agreement import top1
 from edgecloud.errors import EdgecloudError
 from edgecloud.files import atomic_open, atomic_write
 
@@ -265,6 +267,22 @@ class HardExampleStore:
             values["cloud_outputs"] = tensors_from_bytes(values["cloud_outputs"])
             yield HardExample(**values)
 
+    def answers(self, since: float | None = None, model: str | None = None) -> Iterator[Answer]:
+        """The rows the cloud answered in time (not replays: the device got no answer for those),
+        oldest first, with what agreement needs and nothing else (no inputs)."""
+        sql = ("SELECT device, request_id, row, input_digest, edge_model_version, reason, edge_prediction, "
+               "cloud_outputs FROM examples WHERE deferred = 0")
+        args: list[object] = []
+        for clause, value in (("created_at >= ?", since), ("cloud_model = ?", model)):
+            if value is not None:
+                sql += f" AND {clause}"
+                args.append(value)
+        with self._lock:
+            records = self._conn.execute(sql + " ORDER BY created_at, rowid", args).fetchall()
+        for device, request_id, row, digest, version, reason, prediction, outputs in records:
+            yield Answer((device, request_id, row, digest), version, reason, prediction,
+                         tensors_from_bytes(outputs))
+
     def export(self, path: Path, since: float | None = None, reason: str | None = None,
                model: str | None = None, detection: DetectionExport | None = None) -> int:
         """Write the selected rows as a training set ``.npz`` (see :func:`write_training_set`)."""
@@ -280,6 +298,65 @@ class HardExampleStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A stored row the cloud answered in time: its key, the edge's version, the reason it was sent,
+    the edge's prediction (None from a detector) and the cloud's outputs."""
+
+    key: tuple[str, str, int, str]
+    edge_model_version: str
+    reason: str
+    edge_prediction: int | None
+    cloud_outputs: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class Agreement:
+    """How many of a device's stored rows, for one edge model version and reason, the cloud answered as
+    the edge predicted."""
+
+    device: str
+    edge_model_version: str
+    reason: str
+    rows: int
+    agree: int
+
+    @property
+    def share(self) -> float | None:
+        return self.agree / self.rows if self.rows else None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"device": self.device, "edge_model_version": self.edge_model_version, "reason": self.reason,
+                "rows": self.rows, "agree": self.agree, "share": self.share}
+
+
+def tally_agreement(answers: Iterable[Answer], output: str | None = None) -> tuple[list[Agreement], int]:
+    """Per device, edge model version and reason: the rows with an edge prediction and those whose
+    cloud top class (argmax of ``output``, default the first stored output, as the export's
+    ``cloud_prediction``) is the same, as the agent counts them (docs/design.md §12); and how many rows
+    had no edge prediction to compare (a detector's). A row stored twice (same key) counts once."""
+    seen: set[tuple[str, str, int, str]] = set()
+    counts: dict[tuple[str, str, str], list[int]] = {}
+    unpredicted = 0
+    for answer in answers:
+        if answer.key in seen:
+            continue
+        seen.add(answer.key)
+        if answer.edge_prediction is None:
+            unpredicted += 1
+            continue
+        name = output or next(iter(answer.cloud_outputs))
+        if name not in answer.cloud_outputs:
+            raise EdgecloudError(f"--output {name!r}: not a stored cloud output; stored: "
+                                 f"{sorted(answer.cloud_outputs)}")
+        cloud = int(top1(np.asarray(answer.cloud_outputs[name])[None])[0])
+        tally = counts.setdefault((answer.key[0], answer.edge_model_version, answer.reason), [0, 0])
+        tally[0] += 1
+        tally[1] += int(cloud == answer.edge_prediction)
+    groups = sorted(counts, key=lambda g: (g[0], g[1].zfill(20), g[2]))  # version 10 after version 9
+    return [Agreement(*group, *counts[group]) for group in groups], unpredicted
 
 
 def image_suffix(value: object) -> str | None:

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", choices=("logits", "probabilities"), help="what the score output holds")
     p.add_argument("--deadline-ms", type=int, help="per-call deadline for escalations (default 300)")
     p.add_argument("--max-per-s", type=float, help="escalation rate limit, rows per second")
-    p.add_argument("--audit-rate", type=float, help="share of confident rows also sent to the cloud")
+    p.add_argument("--audit-rate", type=float, help="share of confident rows also sent to the cloud, inside "
+                   "the escalation rate limit (default 0.02; 0 turns audits off)")
     p.add_argument("--mqtt", help="HOST:PORT of the fleet's MQTT broker")
     p.add_argument("--fleet", help="fleet id (enables MQTT: status, updates, telemetry)")
     p.add_argument("--group", help="group whose releases this device follows")

@@ -74,7 +74,9 @@ class CascadeSection(Section):
     temperature: float | None = Field(None, gt=0)
     score_output: str | None = Field(None, description="output holding the class scores")
     scores: Literal["logits", "probabilities"] | None = None
-    audit_rate: float = Field(0.0, ge=0, le=1, description="share of confident rows also sent, in background")
+    audit_rate: float = Field(0.02, ge=0, le=1, description="share of confident rows also sent, in "
+                              "background, inside the escalation rate limit: the live estimate of the edge's "
+                              "accuracy (docs/design.md §12)")
     box_floor: float | None = Field(None, ge=0, le=1, description="box_low_share: boxes scoring below it are "
                                     "not counted at all; default 0.1")
     empty_audit_rate: float = Field(0.05, ge=0, le=1, description="detection: share of frames with no box "

@@ -48,8 +48,8 @@ class ModelStats(Stats):
         super().__init__()
         self.totals = totals
 
-    def record(self, call: CallRecord) -> None:
-        bins = confidence_bins(call.confidences)
+    def record(self, call: CallRecord, bins: Sequence[int] | None = None) -> None:
+        bins = confidence_bins(call.confidences) if bins is None else bins
         self.add(call, bins)
         self.totals.add(call, bins)
 
@@ -103,7 +103,7 @@ class ModelUnit:
             bucket = TokenBucket(cloud.max_per_s, cloud.burst)
             self.replayer = Replayer(self.spool, self.link, slot, config.spool.replay_interval_s)
         self.cascade = Cascade(slot, config.agent.device_id, self.link, self.spool, bucket,
-                               cloud.deadline_ms / 1000.0, config.cascade.audit_rate, stats=self.stats,
+                               cloud.deadline_ms / 1000.0, stats=self.stats,
                                max_in_flight=cloud.max_in_flight, frames=config.frames, decoding=decoding)
 
     @classmethod
@@ -129,7 +129,8 @@ class ModelUnit:
     def readings(self) -> ModelReadings:
         return ModelReadings(name=self.name, snapshot=self.stats.snapshot, interval=self.stats.interval,
                              version=self.version, ready=lambda: self.ready, error=lambda: self.error,
-                             circuit_state=lambda: circuit_state(self.link), spool=self.spool)
+                             circuit_state=lambda: circuit_state(self.link), spool=self.spool,
+                             quality=self.cascade.quality if self.cascade else None)
 
     def follow(self, fleet: FleetLink, owns: Callable[[str | None], bool]) -> None:
         """Join the update path of the fleet (before the fleet link starts); a model that did not load

@@ -78,7 +78,7 @@ class AgentCollector(Collector):
             if model.spool is not None:
                 depth.add_metric((model.name,), model.spool.depth())
                 dropped.add_metric((model.name,), model.spool.dropped)
-        yield from (info, ready, states, circuit_open)
+        yield from (info, ready, states, circuit_open, self._agreement())
         yield from admission_metrics(agent.admission())
         if depth.samples:
             yield from (depth, dropped)
@@ -96,6 +96,21 @@ class AgentCollector(Collector):
                 buckets = snapshot["latency_buckets"][path]
                 add_latency(histogram, (model, path), buckets["counts"], buckets["sum_s"])
         return histogram
+
+    def _agreement(self) -> CounterMetricFamily:
+        """Rows the cloud answered in time per version served since the agent started, by whether it
+        agreed with the edge (docs/design.md §12): every series of a version at zero from its start."""
+        family = CounterMetricFamily(PREFIX + "agreement_rows", "Rows the cloud answered in time, escalated "
+                                     "or audited, by whether it answered as the edge did",
+                                     labels=("model", "version", "reason", "agree"))
+        for model in self._agent.models:
+            if model.quality is None:
+                continue
+            for version, counts in model.quality.totals().items():
+                for reason, rows, agree in counts.by_reason():
+                    family.add_metric((model.name, version, reason, "true"), agree)
+                    family.add_metric((model.name, version, reason, "false"), rows - agree)
+        return family
 
     def _fleet(self) -> Iterator[Metric]:
         if self._agent.mqtt_connected is not None:

@@ -12,6 +12,7 @@ from edge_agent.cloud.circuit import CLOSED, HALF_OPEN, OPEN
 
 if TYPE_CHECKING:
     from edge_agent.cloud.link import CloudLink
+    from edge_agent.serving.quality import Quality
     from edgecloud.protocol.admission import AdmissionFigures
 
 #: circuit state reported when there is no usable cloud (none configured, or its contract differs)
@@ -55,6 +56,8 @@ class ModelReadings:
     circuit_state: Callable[[], str]
     #: its cases waiting for the cloud; None without a cloud
     spool: Backlog | None = None
+    #: its agreement with the cloud per version (docs/design.md §12); None while it does not serve
+    quality: Quality | None = None
 
 
 @dataclass(frozen=True)

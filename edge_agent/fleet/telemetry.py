@@ -149,7 +149,18 @@ class Telemetry:
         return payloads.ModelTelemetry(
             name=model.name, model_version=as_int_version(model.version()),
             ready=model.ready(), error=model.error(), **model.interval(),
-            spool_depth=model.spool.depth() if model.spool else 0, circuit_state=model.circuit_state())
+            spool_depth=model.spool.depth() if model.spool else 0, circuit_state=model.circuit_state(),
+            quality=Telemetry._quality(model))
+
+    @staticmethod
+    def _quality(model: ModelReadings) -> payloads.Quality | None:
+        """The active version's agreement over the interval and since it became active; None (left
+        out) for a model that does not serve, or whose version is not a number the topics can carry."""
+        if model.quality is None:
+            return None
+        figures = model.quality.interval()
+        version = as_int_version(figures.pop("version"))
+        return None if version is None else payloads.Quality(version=version, **figures)
 
     def _produce(self) -> None:
         try:

@@ -38,10 +38,12 @@ from edge_agent.cloud.link import CloudError, CloudIncompatible, CloudLink
 from edge_agent.cloud.ratelimit import TokenBucket
 from edge_agent.cloud.spool import Spool
 from edge_agent.config import FramesSection
+from edge_agent.serving.quality import Quality
 from edge_agent.serving.slot import EdgeModel, ModelSlot
-from edge_agent.serving.stats import CallRecord, Stats
+from edge_agent.serving.stats import CallRecord, Stats, confidence_bins
 from edge_agent.serving.streams import StreamMemory
 from edgecloud import __version__
+from edgecloud.agreement import frames_agree, top1
 from edgecloud.errors import InvalidInput, ModelNotFound
 from edgecloud.guards import InputContract
 from edgecloud.preprocess import Frames, Geometry, decode_frames, remap_boxes
@@ -136,7 +138,7 @@ class Cascade:
 
     def __init__(self, slot: ModelSlot, device_id: str, link: CloudLink | None = None,
                  spool: Spool | None = None, bucket: TokenBucket | None = None,
-                 deadline_s: float = 0.3, audit_rate: float = 0.0, stats: Stats | None = None,
+                 deadline_s: float = 0.3, stats: Stats | None = None,
                  max_in_flight: int = 16, frames: FramesSection | None = None,
                  decoding: threading.Semaphore | None = None) -> None:
         """``decoding``: the bound on requests decoding frames at once, shared by the agent's models
@@ -147,8 +149,10 @@ class Cascade:
         self.spool = spool
         self.bucket = bucket
         self.deadline_s = deadline_s
-        self.audit_rate = audit_rate
         self.stats = stats or Stats()
+        # agreement with the cloud, per served version: a swap starts the new version's counts
+        self.quality = Quality(slot.model.version)
+        slot.on_swap(lambda model: self.quality.activate(model.version))
         self.accepting = True
         self._slots = threading.BoundedSemaphore(max_in_flight)  # escalations waiting on the cloud
         # audits and background escalations never pile up behind a slow cloud
@@ -237,16 +241,20 @@ class Cascade:
                     self._slots.release()
             else:
                 degraded, in_flight_limited = True, int(sent.size)
-                self._degraded(call, self._upstream(call, sent, reason), sent.size, "in_flight_limit",
+                self._degraded(call, self._upstream(call, sent, reason)[0], sent.size, "in_flight_limit",
                                time.perf_counter())
             from_cloud[sent] = not degraded
-        self._maybe_audit(call, wants)
+        if options.escalate != "never":
+            self._maybe_audit(call, wants)
 
+        confidences = confidence.tolist()
+        bins = confidence_bins(confidences)
         self.stats.record(CallRecord(
             rows=rows, escalated_rows=int(sent.size), cloud_rows=int(from_cloud.sum() - reused.sum()),
             degraded_rows=int(sent.size) if degraded else 0, rate_limited_rows=rate_limited,
             in_flight_limited_rows=in_flight_limited, reused_rows=int(reused.sum()),
-            latency_s=time.perf_counter() - started, confidences=confidence.tolist()))
+            latency_s=time.perf_counter() - started, confidences=confidences), bins)
+        self.quality.answered(model.version, rows, bins)
         params = self._parameters(call, from_cloud, degraded, rate_limited)
         params[AgentResponse.ESCALATED] = bool(sent.size)
         params[AgentResponse.REUSED] = bool(reused.any())
@@ -304,24 +312,26 @@ class Cascade:
         granted = self.bucket.take(int(rows.size))
         return rows[:granted], int(rows.size - granted)
 
-    def _upstream(self, call: _Call, rows: np.ndarray, reason: EscalationReason) -> InferRequest:
+    def _upstream(self, call: _Call, rows: np.ndarray,
+                  reason: EscalationReason) -> tuple[InferRequest, list[int] | None]:
+        """The request that asks the cloud for ``rows``, and the edge's top class of each (None for a
+        detector: its answer is its boxes, not one class, and the store keeps the cloud's boxes)."""
         model, confidence = call.model, call.confidence
         scores = call.outputs[model.settings.score_output]
-        # a detector's answer is its boxes, not one class: the store keeps the cloud's boxes instead
-        prediction = None if model.detection else (
-            scores.reshape(scores.shape[0], -1)[rows].argmax(axis=1).tolist())
+        prediction = None if model.detection else top1(scores[rows]).tolist()
         summary = EdgeSummary(rows=rows.tolist(), prediction=prediction,
                               confidence=[round(float(c), 6) for c in confidence[rows]], reason=reason)
         params = {CloudRequest.REQUEST_ID: call.request_id, CloudRequest.DEVICE_ID: self.device_id,
                   CloudRequest.EDGE_MODEL_VERSION: model.version,
                   CloudRequest.EDGE_SUMMARY: summary.to_json()}
-        return InferRequest(model_name=self.link.model_name(model), model_version=self.link.cfg.model_version,
-                            id=call.request_id, inputs={k: v[rows] for k, v in call.request.inputs.items()},
-                            parameters=params)
+        request = InferRequest(model_name=self.link.model_name(model),
+                               model_version=self.link.cfg.model_version, id=call.request_id,
+                               inputs={k: v[rows] for k, v in call.request.inputs.items()}, parameters=params)
+        return request, prediction
 
     def _escalate(self, call: _Call, rows: np.ndarray, reason: EscalationReason) -> bool:
         """Ask the cloud for ``rows`` and merge its answer into the call's outputs; False when degraded."""
-        upstream = self._upstream(call, rows, reason)
+        upstream, prediction = self._upstream(call, rows, reason)
         size = upstream_bytes(upstream)
         self.stats.upstream(size)
         started = time.perf_counter()
@@ -331,6 +341,7 @@ class Cascade:
             self._degraded(call, upstream, rows.size, str(e), started,
                            keep=not isinstance(e, CloudIncompatible))
             return False
+        self._compare(call, call.outputs, rows, prediction, cloud_rows, reason)  # the edge's, before merging
         call.merge(rows, cloud_rows)
         self._remember(call, rows, cloud_rows)
         log.info("event=escalation request_id=%s rows=%d outcome=cloud bytes=%d latency_ms=%.1f",
@@ -391,21 +402,27 @@ class Cascade:
             confident[empty] = False  # an empty frame is audited at its own share
             if chosen.size:
                 self._in_background(call, chosen, "empty_frame")
-        chosen = self._sample(np.flatnonzero(confident), self.audit_rate)
+        chosen = self._sample(np.flatnonzero(confident), self.slot.flags.audit_rate)  # a reload applies too
         if chosen.size:
             self._in_background(call, chosen, "audit")
 
     def _sample(self, rows: np.ndarray, share: float) -> np.ndarray:
-        """Each of ``rows`` with probability ``share``."""
+        """Each of ``rows`` with probability ``share``, as far as the escalation rate limit has tokens:
+        audits count inside the escalation budget, so the limit caps them too (docs/design.md §12); a
+        row chosen that finds no token is not audited."""
         if not share or not rows.size:
             return rows[:0]
-        return rows[np.array([self._random.random() < share for _ in rows], dtype=bool)]
+        chosen = rows[np.array([self._random.random() < share for _ in rows], dtype=bool)]
+        if self.bucket is None or not chosen.size:
+            return chosen
+        return chosen[:self.bucket.take(int(chosen.size))]
 
     def _in_background(self, call: _Call, rows: np.ndarray, reason: EscalationReason) -> None:
         """Send ``rows`` to the cloud without the client waiting (audits, ``escalate=background``), at
         most as many at once as there are background slots. An unsure row that finds none, or whose
         cloud fails, is spooled, so the store still gets it; an audit that finds none is skipped."""
-        upstream = self._upstream(call, rows, reason)
+        upstream, prediction = self._upstream(call, rows, reason)
+        edge = dict(call.outputs)  # the edge's own answer for ``rows``, whatever is merged in later
         if not self._background_slots.acquire(blocking=False):
             if reason not in AUDIT_REASONS and self.spool is not None:
                 self.spool.put(upstream)
@@ -415,18 +432,35 @@ class Cascade:
 
         def send() -> None:
             try:
-                reply = self.link.ask(call.model, upstream, max(self.deadline_s, 5.0))
-                if reason in AUDIT_REASONS:
-                    self.stats.audit()
-                else:
-                    self._remember(call, rows, self._cloud_rows(call, reply, rows))
+                cloud_rows = self._cloud_rows(call, self.link.ask(call.model, upstream,
+                                                                  max(self.deadline_s, 5.0)), rows)
             except CloudError:
                 if self.spool is not None:
                     self.spool.put(upstream)
+                return
             finally:
                 self._background_slots.release()
+            self._compare(call, edge, rows, prediction, cloud_rows, reason)
+            if reason in AUDIT_REASONS:
+                self.stats.audit()  # last: an audit counted is one fully handled
+            else:
+                self._remember(call, rows, cloud_rows)
 
         self._background.submit(send)
+
+    def _compare(self, call: _Call, edge: Mapping[str, np.ndarray], rows: np.ndarray,
+                 prediction: list[int] | None, cloud_rows: Mapping[str, np.ndarray],
+                 reason: EscalationReason) -> None:
+        """Count how many of ``rows``, answered by the cloud in time, it answered as the edge did
+        (docs/design.md §12): ``edge`` holds the edge's own outputs for them, ``prediction`` the edge's
+        top class of each (a classifier's)."""
+        model = call.model
+        if model.detection is None:
+            agree = top1(cloud_rows[model.settings.score_output]) == np.asarray(prediction)
+        else:
+            edge_rows = {name: edge[name][rows] for name in model.detection.names()}
+            agree = frames_agree(model.detection, edge_rows, cloud_rows)
+        self.quality.compared(model.version, reason in AUDIT_REASONS, int(rows.size), int(agree.sum()))
 
     @staticmethod
     def _select_outputs(call: _Call, from_cloud: np.ndarray) -> dict[str, np.ndarray]:

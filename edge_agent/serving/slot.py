@@ -158,6 +158,12 @@ class ModelSlot:
         self._model = model
         self._flags = flags
         self._lock = threading.Lock()
+        self._on_swap: list[Callable[[EdgeModel], None]] = []
+
+    def on_swap(self, callback: Callable[[EdgeModel], None]) -> None:
+        """Call ``callback(new)`` at each swap, just before ``new`` serves (under the swap's lock, so it
+        must be quick): whatever is kept per version starts before the new version answers a call."""
+        self._on_swap.append(callback)
 
     @property
     def model(self) -> EdgeModel:
@@ -182,6 +188,8 @@ class ModelSlot:
                 except ModelLoadError as e:
                     log.warning("event=frames_input_dropped name=%s version=%s error=%r", new.name,
                                 new.version, str(e))
+            for callback in self._on_swap:
+                callback(new)
             self._model = new
         log.info("event=model_swapped name=%s from_version=%s to_version=%s", model.name, old.version,
                  model.version)

@@ -71,9 +71,10 @@ class Stats:
         self._buckets = {path: [0] * (len(LATENCY_BUCKETS) + 1) for path in PATHS}
         self._mark = self._interval_mark()
 
-    def record(self, call: CallRecord) -> None:
-        """Count one call: integer counters and a bisect per row, no numpy on the hot path."""
-        self.add(call, confidence_bins(call.confidences))
+    def record(self, call: CallRecord, bins: Sequence[int] | None = None) -> None:
+        """Count one call: integer counters and a bisect per row, no numpy on the hot path (``bins``:
+        the histogram bins of its confidences, when the caller found them already)."""
+        self.add(call, confidence_bins(call.confidences) if bins is None else bins)
 
     def add(self, call: CallRecord, bins: Sequence[int]) -> None:
         """:meth:`record` with the histogram bins of its confidences already found."""

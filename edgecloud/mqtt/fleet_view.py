@@ -1,10 +1,12 @@
 """The fleet as its retained topics describe it: one row per device (online, group, last seen) with
-a state per model it serves (active version, update state, escalation rate), folded from status,
-reported and telemetry messages, and the releases desired for groups and devices with where each
-stands. Read by the fleet collector and by ``edgecloud fleet status``.
+a state per model it serves (active version, update state, escalation rate, agreement with the cloud),
+folded from status, reported and telemetry messages, and the releases desired for groups and devices
+with where each stands. Read by the fleet collector and by ``edgecloud fleet status``.
 
 Status and reported are retained, so every device that ever spoke shows up at once; telemetry is
-not, so the escalation rate appears only for devices that report during the listening window.
+not, so the escalation rate and the agreement appear only for devices that report during the
+listening window. Telemetry without a model's ``quality`` (an older agent) or with one that does not
+read leaves its agreement unknown, never taken for agreement (docs/design.md §12).
 A desired release is shown as published (its signature is the devices' to check), and each model of
 a device counts for the release its agent follows (docs/design.md §7). A release on the
 shared topic that its model's own topic holds as well is listed once.
@@ -21,6 +23,7 @@ from typing import Any
 
 from edgecloud.clock import parse_time
 from edgecloud.mqtt.client import Message
+from edgecloud.mqtt.payloads import Quality
 from edgecloud.mqtt.topics import FleetTopics, ParsedTopic, TopicKind
 from edgecloud.release import Envelope, ReleasePayload, ReleaseRejected
 
@@ -39,6 +42,28 @@ class ModelState:
     update_progress: float | None = None
     update_reason: str | None = None
     escalation_rate: float | None = None
+    #: whether telemetry of this model was heard (its ``quality`` may still be unknown)
+    heard: bool = False
+    #: the agreement its telemetry last reported, for the version active then; None: unknown
+    quality: Quality | None = None
+
+    @property
+    def audit_agreement(self) -> tuple[int, int] | None:
+        """(audited rows the cloud answered as the edge did, audited rows) of the active version since
+        it became active; None when unknown (no quality, or one of another version than the active)."""
+        quality = self.quality
+        if quality is None or self.active_version not in (None, quality.version):
+            return None
+        return quality.totals.audit_agree, quality.totals.audited
+
+    def fold_quality(self, value: Any) -> None:
+        """A telemetry message's ``quality`` of this model: kept when it reads, else unknown."""
+        self.heard = True
+        try:
+            self.quality = None if value is None else Quality.model_validate(value)
+        except ValueError:
+            log.debug("event=fleet_quality_unreadable model=%s", self.name)
+            self.quality = None
 
     @property
     def update(self) -> str:
@@ -177,7 +202,9 @@ class FleetView:
         elif kind is TopicKind.TELEMETRY:
             row.escalation_rate = body.get("escalation_rate", row.escalation_rate)
             for served in _named(body.get("models")):
-                row.state(served["name"]).escalation_rate = served.get("escalation_rate")
+                state = row.state(served["name"])
+                state.escalation_rate = served.get("escalation_rate")
+                state.fold_quality(served.get("quality"))
 
     def sorted_rows(self) -> list[DeviceRow]:
         return [self.rows[d] for d in sorted(self.rows)]

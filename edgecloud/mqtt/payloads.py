@@ -204,6 +204,40 @@ class System(Body):
         None, description="Jetson power rails in milliwatts; absent elsewhere")
 
 
+class AgreementCounts(Body):
+    """Rows a model version answered, the rows the cloud answered in time, and how many of them the cloud
+    answered as the edge did (docs/design.md §12)."""
+
+    rows: Count = Field(description="rows the version answered")
+    escalated: Count = Field(description="escalated rows (unsure, forced or background) the cloud answered "
+                                         "in time")
+    audited: Count = Field(description="audited rows (a random share of confident ones) the cloud answered")
+    audit_agree: Count = Field(description="audited rows the cloud answered as the edge did")
+    escalated_agree: Count = Field(description="escalated rows the cloud answered as the edge did")
+
+    @model_validator(mode="after")
+    def _agree_within_compared(self) -> AgreementCounts:
+        if self.audit_agree > self.audited or self.escalated_agree > self.escalated:
+            raise ValueError("more rows agree than the cloud answered")
+        return self
+
+    def by_reason(self) -> tuple[tuple[str, int, int], ...]:
+        """(reason, rows the cloud answered, rows it answered as the edge did) for ``escalated`` and
+        ``audit``: the ``reason`` of the ``*agreement_rows_total`` series."""
+        return ("escalated", self.escalated, self.escalated_agree), ("audit", self.audited, self.audit_agree)
+
+
+class Quality(AgreementCounts):
+    """How well a model's active version answers, live: counts over the interval (since the previous
+    message, or since the version became active) and ``totals`` since it became active. Audit agreement
+    estimates the edge's accuracy against the cloud on the rows it answers alone."""
+
+    version: Version = Field(description="the version counted (the model's active one)")
+    confidence_hist: list[Count] = Field(min_length=10, max_length=10,
+                                         description="rows of the interval per tenth of confidence, [0, 1]")
+    totals: AgreementCounts = Field(description="counts since the version became active")
+
+
 class ModelTelemetry(Body):
     """One served model's figures, as the device-level ones of :class:`Telemetry` (which total every
     model's) but its own."""
@@ -218,6 +252,8 @@ class ModelTelemetry(Body):
     confidence_histogram: Histogram
     spool_depth: Count
     circuit_state: CircuitState
+    quality: Annotated[Quality | None, Omitted] = Field(
+        None, description="agreement with the cloud of the active version (older agents send none: unknown)")
 
 
 class Telemetry(Body):

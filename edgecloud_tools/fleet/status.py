@@ -1,5 +1,10 @@
 """``edgecloud fleet status``: the fleet's devices and the releases desired for them, collected by
 listening to their retained topics for a moment, printed as two tables.
+
+The devices' table says, per model, how often the cloud agreed with the active version on audited rows
+since that version became active (``audit 93.1% of 412``, docs/design.md §12): ``unknown`` when its
+telemetry carries no agreement (an older agent) or one of another version, ``-`` when no telemetry
+came during the listening window.
 """
 
 from __future__ import annotations
@@ -36,10 +41,21 @@ def collect(config: MqttConfig, fleet: str, listen_s: float = 2.0, connect_timeo
     return view
 
 
+def agreement(state: ModelState) -> str:
+    """The audit agreement of a model's active version, as the table shows it."""
+    if not state.heard:
+        return "-"
+    figures = state.audit_agreement
+    if figures is None:
+        return "unknown"
+    agree, audited = figures
+    return f"audit {agree / audited:.1%} of {audited}" if audited else "audit - of 0"
+
+
 def render_table(rows: list[DeviceRow]) -> str:
     """A line per device, or per model of a device that serves several (its first model first, each
-    with its own escalation rate)."""
-    header = ("DEVICE", "ONLINE", "MODEL", "ACTIVE", "UPDATE", "ESCALATION", "LAST SEEN")
+    with its own escalation rate); each with its model's audit agreement."""
+    header = ("DEVICE", "ONLINE", "MODEL", "ACTIVE", "UPDATE", "ESCALATION", "AGREEMENT", "LAST SEEN")
     lines = []
     for row in rows:
         online = "-" if row.online is None else ("yes" if row.online else "no")
@@ -48,7 +64,7 @@ def render_table(rows: list[DeviceRow]) -> str:
             rate = state.escalation_rate if len(states) > 1 else row.escalation_rate
             lines.append((row.device, online, state.name or row.model or "-",
                           "-" if state.active_version is None else str(state.active_version), state.update,
-                          "-" if rate is None else f"{rate:.1%}",
+                          "-" if rate is None else f"{rate:.1%}", agreement(state),
                           format_time(row.last_seen) if row.last_seen else "-"))
     return table(header, lines)
 

@@ -158,6 +158,46 @@ def test_each_models_own_figures_are_series_of_their_own_beside_the_devices_tota
     assert value("edgecloud_device_telemetry_seq") == 0  # dropped whole
 
 
+def quality(version: int, audited: int, audit_agree: int, escalated: int = 0,
+            escalated_agree: int = 0) -> dict:
+    """A model's telemetry ``quality`` whose totals are the given counts (its interval: the same)."""
+    counts = {"rows": 100, "escalated": escalated, "audited": audited, "audit_agree": audit_agree,
+              "escalated_agree": escalated_agree}
+    return {"version": version, **counts, "confidence_hist": [0] * 9 + [100], "totals": counts}
+
+
+def test_agreement_is_a_series_per_version_and_unknown_without_quality() -> None:
+    collector = FleetCollector(build(MqttConfig, {}), FLEET)
+    registry = CollectorRegistry()
+    registry.register(collector)
+
+    def agreement(device: str, version: str, reason: str, agree: str) -> float | None:
+        return registry.get_sample_value("edgecloud_device_model_agreement_rows_total", {
+            "fleet": FLEET, "device": device, "model": "clf", "version": version, "reason": reason,
+            "agree": agree})
+
+    def served(version: int, **fields: object) -> list[dict]:
+        return [{"name": "clf", "model_version": version, "ready": True, "counters": {"requests": 1},
+                 "escalation_rate": 0.0, "spool_depth": 0, "circuit_state": "closed", **fields}]
+
+    collector.apply(telemetry("cam-1", 0, models=served(2, quality=quality(2, 40, 38, 10, 6))))
+    assert [agreement("cam-1", "2", "audit", a) for a in ("true", "false")] == [38, 2]
+    assert [agreement("cam-1", "2", "escalated", a) for a in ("true", "false")] == [6, 4]
+    collector.apply(telemetry("cam-1", 1, models=served(3, quality=quality(3, 5, 1))))  # a new version
+    assert [agreement("cam-1", "3", "audit", a) for a in ("true", "false")] == [1, 4]
+    assert [agreement("cam-1", "2", "audit", a) for a in ("true", "false")] == [38, 2]  # kept, not growing
+    # an older agent sends no quality: its agreement is unknown, not a series at zero
+    collector.apply(telemetry("old", 0, models=served(2)))
+    assert registry.get_sample_value("edgecloud_device_model_requests_total",
+                                     {"fleet": FLEET, "device": "old", "model": "clf"}) == 1
+    assert all(agreement("old", "2", reason, a) is None for reason in ("audit", "escalated")
+               for a in ("true", "false"))
+    # more rows agreeing than were compared does not read: the message is dropped whole
+    collector.apply(telemetry("cam-1", 2, models=served(3, quality=quality(3, 5, 6))))
+    seq = registry.get_sample_value("edgecloud_device_telemetry_seq", {"fleet": FLEET, "device": "cam-1"})
+    assert seq == 1
+
+
 def test_gateway_collects_per_device_metrics_from_real_agents(broker: LocalBroker, tmp_path: Path) -> None:
     edge = linear_classifier(tmp_path / "edge.onnx", card={"name": "clf", "version": 3})
     cloud = GatewayCloud(tmp_path / "cloud", linear_classifier(tmp_path / "cloud.onnx", seed=1), "clf",
@@ -193,6 +233,12 @@ def test_gateway_collects_per_device_metrics_from_real_agents(broker: LocalBroke
         assert scrape.value("edgecloud_device_model_ready", device="d1", model="clf") == 1
         assert scrape.value("edgecloud_device_cloud_answers_total", device="d2") == 4
         assert scrape.value("edgecloud_device_escalated_rows_total", device="d1") == 0
+        # the forced rows, each compared by d2 with its own answer; d1 sent nothing (escalate=never)
+        agreement = "edgecloud_device_model_agreement_rows_total"
+        assert sum(scrape.value(agreement, device="d2", model="clf", version="3", reason="escalated",
+                                agree=a) for a in ("true", "false")) == 4
+        assert scrape.value(agreement, device="d1", model="clf", version="3", reason="audit",
+                            agree="false") == 0
         latency = "edgecloud_device_request_latency_seconds_count"
         assert scrape.value(latency, device="d1", path="edge") == 3
         assert scrape.value(latency, device="d2", path="escalated") == 1

@@ -1,11 +1,12 @@
 """The hard-example store on its own: one row per (device, request_id, row, input), a reused request id
-counted, an old store migrated, bounds, threads, and the export as a training set through
-``edgecloud examples export``."""
+counted, an old store migrated, bounds, threads, the export as a training set through
+``edgecloud examples export``, and the agreement through ``edgecloud examples agreement``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sqlite3
 import threading
@@ -231,3 +232,38 @@ def test_export_merges_replicas_by_device_request_id_row_and_input(tmp_path):
     data = np.load(out)
     assert sorted(zip(data["device"], data["request_id"])) == [
         ("line-1", "frame-1"), ("line-1", "frame-1"), ("press-1", "frame-0"), ("press-2", "frame-0")]
+
+
+def test_agreement_per_device_version_and_reason_from_one_or_several_stores(tmp_path, capsys):
+    """Rows answered in time only (a replay is not), each row once across replicas, a detector's rows
+    (no edge prediction) left out and counted; the cloud's answer is the argmax of ``--output``."""
+    one, two = tmp_path / "replica-0.db", tmp_path / "replica-1.db"
+
+    def answered(request_id: str, row: int, cloud_top: int, **fields) -> HardExample:
+        logits = np.full(4, -1.0, dtype=np.float32)
+        logits[cloud_top] = 1.0
+        return dataclasses.replace(example(request_id, row, **fields), cloud_outputs={"logits": logits})
+
+    with HardExampleStore(one) as store:  # edge_prediction is row % 4
+        store.add([answered("a", 0, 0, reason="audit"), answered("a", 1, 1, reason="audit"),
+                   answered("a", 2, 3, reason="audit"), answered("b", 0, 2, reason="low_confidence"),
+                   answered("c", 1, 1, reason="audit", device="line-2"),
+                   dataclasses.replace(answered("d", 0, 0, reason="audit"), deferred=True),
+                   dataclasses.replace(answered("e", 0, 0, reason="empty_frame"), edge_prediction=None),
+                   dataclasses.replace(answered("f", 1, 1, reason="audit"), edge_model_version="10")])
+    with HardExampleStore(two) as store:
+        store.add([answered("a", 0, 0, reason="audit"), answered("g", 3, 0, reason="audit")])
+    assert run_cli("examples", "agreement", "--store", str(one), "--store", str(two), "--json") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["without_edge_prediction"] == 1
+    assert [tuple(r.values()) for r in printed["rows"]] == [
+        ("line-1", "3", "audit", 4, 2, 0.5), ("line-1", "3", "low_confidence", 1, 0, 0.0),
+        ("line-1", "10", "audit", 1, 1, 1.0), ("line-2", "3", "audit", 1, 1, 1.0)]
+    assert list(printed["rows"][0]) == ["device", "edge_model_version", "reason", "rows", "agree", "share"]
+    assert run_cli("examples", "agreement", "--store", str(one), "--since", "1h") == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].split() == ["DEVICE", "VERSION", "REASON", "ROWS", "AGREE", "SHARE"]
+    assert out.splitlines()[1].split() == ["line-1", "3", "audit", "3", "2", "66.7%"]
+    assert "1 rows without an edge prediction" in err
+    with pytest.raises(EdgecloudError, match="--output 'scores': not a stored cloud output"):
+        run_cli("examples", "agreement", "--store", str(one), "--output", "scores")

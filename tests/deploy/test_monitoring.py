@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cloud_gateway import Gateway, gateway_config
 from cloud_gateway.collector import FleetCollector
+from edge_agent.serving.quality import Quality
 from edge_agent.serving.stats import CallRecord, Stats
 from edgecloud.config import build
 from edgecloud.mqtt.client import Message, MqttConfig
@@ -57,6 +58,20 @@ def test_promtool_accepts_the_rules():
 def test_the_rules_fire_on_the_series_they_watch(tmp_path):
     labels = 'fleet="plant-a", device="press-7"'
     edge_fast = "_bucket{%s, path=\"edge\", le=\"%s\"}"
+    agreement = ('edgecloud_device_model_agreement_rows_total{%s, model="clf", version="%s", reason="%s", '
+                 'agree="%s"}')
+    # per minute: version 3 agrees on 5 of 10 audits, version 2 on 19 of 20, version 4 on none, of too few
+    audits = [{"series": agreement % (labels, version, reason, agree), "values": values}
+              for version, reason, agree, values in (
+                  ("3", "audit", "true", "0+5x30"), ("3", "audit", "false", "0+5x30"),
+                  ("3", "escalated", "true", "0+0x30"), ("2", "audit", "true", "0+19x30"),
+                  ("2", "audit", "false", "0+1x30"), ("4", "audit", "true", "0+0x30"),
+                  ("4", "audit", "false", "0+1x30"))]
+    low_agreement = {"exp_labels": {"severity": "critical", "fleet": "plant-a", "model": "clf",
+                                    "version": "3"},
+                     "exp_annotations": {
+                         "summary": "Model clf v3: the cloud agrees with only 50% of its audited rows",
+                         "description": _rule("EdgecloudAuditAgreementLow")["annotations"]["description"]}}
     tests = {"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": [{
         "interval": "1m",
         "input_series": [
@@ -68,6 +83,7 @@ def test_the_rules_fire_on_the_series_they_watch(tmp_path):
             {"series": f"edgecloud_device_model_ready{{{labels}, model=\"clf\"}}", "values": "1x20"},
             *({"series": "edgecloud_device_request_latency_seconds" + edge_fast % (labels, le), "values": v}
               for le, v in (("0.01", "0+0x30"), ("0.05", "0+0x30"), ("0.1", "0+50x30"), ("+Inf", "0+50x30"))),
+            *audits,
         ],
         "alert_rule_test": [
             {"eval_time": "10m", "alertname": "EdgecloudDeviceOffline",
@@ -78,6 +94,8 @@ def test_the_rules_fire_on_the_series_they_watch(tmp_path):
             {"eval_time": "25m", "alertname": "EdgecloudEdgeLatencyHigh",
              "exp_alerts": [_alert("EdgecloudEdgeLatencyHigh", "press-7: p99 of edge answers is 99.5ms")]},
             {"eval_time": "25m", "alertname": "EdgecloudCircuitOpen", "exp_alerts": []},
+            {"eval_time": "25m", "alertname": "EdgecloudAuditAgreementLow", "exp_alerts": [low_agreement]},
+            {"eval_time": "8m", "alertname": "EdgecloudAuditAgreementLow", "exp_alerts": []},  # not 5 min yet
             {"eval_time": "10m", "alertname": "EdgecloudModelNotReady",
              "exp_alerts": [_alert("EdgecloudModelNotReady", "press-7: model weld is not serving",
                                    model="weld")]},
@@ -88,11 +106,15 @@ def test_the_rules_fire_on_the_series_they_watch(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _rule(name: str) -> dict:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return next(r for g in groups for r in g["rules"] if r["alert"] == name)
+
+
 def _alert(name: str, summary: str, **labels: str) -> dict:
     """The alert ``name`` for press-7 of plant-a (and ``labels``) as promtool must find it: its
     labels, the summary rendered, and its description as the rules file says it."""
-    groups = yaml.safe_load(RULES.read_text())["groups"]
-    rule = next(r for g in groups for r in g["rules"] if r["alert"] == name)
+    rule = _rule(name)
     annotations = {"summary": summary}
     if "description" in rule["annotations"]:
         annotations["description"] = rule["annotations"]["description"]
@@ -113,10 +135,14 @@ def _collector_page() -> str:
                             in_flight_limited_rows=0, latency_s=0.03, confidences=(0.2, 0.9)))
     status = Status(device="press-7", state="online", agent_version="0", model="clf", active_version=1)
     collector.apply(Message(str(topics.status("press-7")), json.dumps(status.to_dict()).encode(), 1, True))
+    quality = Quality("1")
+    quality.answered("1", 2, [2, 9])
+    quality.compared("1", audit=True, rows=1, agree=1)
     telemetry = {"device": "press-7", "seq": 0, "at": "2025-06-01T12:00:00Z", "model": "clf",
                  "model_version": 1, **stats.interval(), "spool_depth": 0, "circuit_state": "closed",
                  "models": [{"name": "clf", "model_version": 1, "ready": True, **stats.interval(),
-                             "spool_depth": 0, "circuit_state": "closed"}]}
+                             "spool_depth": 0, "circuit_state": "closed",
+                             "quality": {**quality.interval(), "version": 1}}]}
     collector.apply(Message(str(topics.telemetry("press-7")), json.dumps(telemetry).encode(), 1, False))
     registry = CollectorRegistry()
     registry.register(collector)

@@ -1,6 +1,7 @@
 """Defect detection at the edge (docs/design.md §10): a detector's frames through tritonclient, per-frame
 decisions of box_mean and box_low_share, boxes out as JSON with the cloud's for escalated frames,
-empty frames audited, and a cloud detector of another shape refused while the edge serves on."""
+empty frames audited, escalated frames compared box for box, and a cloud detector of another shape
+refused while the edge serves on."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from edgecloud.preprocess import Preprocess, decode_frames
 from edgecloud.protocol.parameters import DETECTIONS, AgentResponse
 from edgecloud_tools import cli
 from tests.support.detectors import LABELS, detection_card, grid_detector, run_detector
+from tests.support.fleet import Scrape
 from tests.support.images import encode
 from tests.support.net import wait_for
 from tests.support.services import Client, GatewayCloud, start_agent
@@ -166,7 +168,8 @@ def test_detections_come_only_when_asked_for_and_an_empty_frame_is_labelled_none
 
 def test_empty_frames_are_audited_at_the_configured_share(tmp_path, detectors):
     """Frames with no box >= T never escalate by score; a share of them goes to the cloud in the
-    background, tagged empty_frame; frames with boxes are never sent as empty."""
+    background, tagged empty_frame; frames with boxes are never sent as empty (nor audited at all
+    here: ``audit_rate`` 0)."""
     edge, cloud_model = detectors
     share, requests, per_request = 0.25, 4, 200
     dark = png_frames(range(per_request - 20), top=60)
@@ -176,7 +179,7 @@ def test_empty_frames_are_audited_at_the_configured_share(tmp_path, detectors):
     cloud = frames_cloud(tmp_path, cloud_model)
     try:
         with start_agent(tmp_path / "edge", edge, cloud.port,
-                         cascade={"threshold": 0.0, "empty_audit_rate": share},
+                         cascade={"threshold": 0.0, "empty_audit_rate": share, "audit_rate": 0.0},
                          cloud={"max_per_s": 100000}) as agent:
             client = Client(agent.port)
             for _ in range(requests):
@@ -184,10 +187,17 @@ def test_empty_frames_are_audited_at_the_configured_share(tmp_path, detectors):
                 assert r.parameters[AgentResponse.SOURCE] == "edge"
             stats = agent.unit("line").stats
             wait_for(lambda: stats.audited == requests, timeout=30)
+            scrape = Scrape(agent.metrics.port)
         stored = cloud.stored()
     finally:
         cloud.stop()
     assert stored and {e.reason for e in stored} == {"empty_frame"}
+    # counted as audits, each compared with the cloud's boxes: a dark frame it also finds empty agrees
+    audited = {agree: scrape.value("edgecloud_agreement_rows_total", model="line", reason="audit",
+                                   agree=agree) for agree in ("true", "false")}
+    assert audited["true"] + audited["false"] == len(stored)
+    cloud_empty = sum(e.cloud_outputs["scores"].max() < T for e in stored)
+    assert audited["true"] == cloud_empty
     assert all(e.row < len(dark) for e in stored), "a frame with a box is not an empty frame"
     assert all(e.edge_prediction is None for e in stored)
     n = requests * len(dark)
@@ -309,3 +319,49 @@ def test_a_detection_card_picks_box_mean_and_a_release_keeps_the_detection_outpu
     assert after.model_version == "2"
     want = above(run_detector(bare, tensor(list(data))), 0)
     assert [d["label"] for d in json.loads(after.outputs[DETECTIONS][0])] == [LABELS[c] for c, _, _ in want]
+
+
+def cell_agreement(edge: dict[str, np.ndarray], cloud: dict[str, np.ndarray], row: int) -> bool | None:
+    """Whether a grid detector's frame agrees between two detectors, worked out cell by cell: the boxes
+    of different cells never overlap, so each box can only match the other side's box of its own cell
+    (the same cell, shrunk by its score on each side: concentric squares). None for a frame with a
+    score or an IoU within 1e-3 of its threshold, which float noise could tip either way."""
+    agree = True
+    for k in range(edge["scores"].shape[1]):
+        e, c = edge["scores"][row, k], cloud["scores"][row, k]
+        sides = [out["boxes"][row, k, 2] - out["boxes"][row, k, 0] for out in (edge, cloud)]
+        iou = (min(sides) / max(sides)) ** 2
+        if min(abs(e - T), abs(c - T)) < 1e-3 or (e >= T and c >= T and abs(iou - 0.5) < 1e-3):
+            return None
+        same_class = edge["classes"][row, k] == cloud["classes"][row, k]
+        if (e >= T) != (c >= T) or (e >= T and not (same_class and iou >= 0.5)):
+            agree = False
+    return agree
+
+
+def test_escalated_frames_agree_when_their_boxes_match_box_for_box(tmp_path, detectors):
+    """Agreement of a detector (docs/design.md §12), counted by the agent on the frames the cloud
+    answered: the edge's boxes (not the cloud's merged in their place) against the cloud's, same label
+    and IoU >= 0.5, none left over on either side."""
+    edge, cloud_model = detectors
+    candidates = png_frames(range(200))
+    edge_out, cloud_out = (run_detector(model, tensor(candidates)) for model in (edge, cloud_model))
+    calls = [(data, verdict) for row, data in enumerate(candidates)
+             if (verdict := cell_agreement(edge_out, cloud_out, row)) is not None][:40]
+    expected = sum(verdict for _, verdict in calls)
+    assert len(calls) == 40 and 0 < expected < 40, "the frames must both agree and disagree"
+    cloud = frames_cloud(tmp_path, cloud_model)
+    try:
+        with start_agent(tmp_path / "edge", edge, cloud.port, cloud={"max_per_s": 100000},
+                         cascade={"audit_rate": 0.0, "empty_audit_rate": 0.0}) as agent, \
+                Client(agent.port) as client:
+            for i in range(0, 40, 8):
+                batch = np.array([data for data, _ in calls[i:i + 8]], dtype=np.object_)
+                assert client.infer("line", {"frames": batch}, escalate="always").parameters[
+                    AgentResponse.SOURCE] == "cloud"
+            scrape = Scrape(agent.metrics.port)
+    finally:
+        cloud.stop()
+    counted = {agree: scrape.value("edgecloud_agreement_rows_total", model="line", version="1",
+                                   reason="escalated", agree=agree) for agree in ("true", "false")}
+    assert counted == {"true": expected, "false": 40 - expected}

@@ -351,3 +351,30 @@ def test_a_device_counts_under_the_release_its_agent_follows_for_each_model() ->
                            ("group line-a", "b", 3, {"active": ("cam-1",)})]  # not under a's shared
     retain(TOPICS.device_desired("cam-1", "b"), "b", 5, 3)
     assert ("device cam-1", "b", 5, {"pending": ("cam-1",)}) in standings()
+
+
+def test_status_shows_the_audit_agreement_of_the_active_version_or_unknown() -> None:
+    view = FleetView("plant-1")
+    totals = {"rows": 5000, "escalated": 300, "audited": 412, "audit_agree": 383, "escalated_agree": 200}
+    quality = {"version": 4, **totals, "confidence_hist": [0] * 10, "totals": totals}
+
+    def telemetry(device: str, **fields: Any) -> Message:
+        body = {"at": "2025-06-01T12:00:00Z", "models": [{"name": "inspection", **fields}]}
+        return Message(str(TOPICS.telemetry(device)), json.dumps(body).encode(), 1, False)
+
+    for device in ("cam-1", "cam-2", "cam-3", "cam-4", "cam-5"):
+        status = Status(device=device, state="online", agent_version="0.1.0", model="inspection",
+                        active_version=4)
+        view.apply(Message(str(TOPICS.status(device)), json.dumps(status.to_dict()).encode(), 1, True))
+    view.apply(telemetry("cam-1", quality=quality))
+    view.apply(telemetry("cam-2"))  # an older agent: no quality
+    view.apply(telemetry("cam-3", quality={**quality, "version": 3}))  # of the version before
+    view.apply(telemetry("cam-4", quality={**quality, "audit_agree": 500}))  # does not read
+    # cam-5: no telemetry during the listening window
+    lines = render_table(view.sorted_rows()).splitlines()
+    assert lines[0].split()[5:8] == ["ESCALATION", "AGREEMENT", "LAST"]
+    column = lines[0].index("AGREEMENT")
+    assert [line[column:].split("  ")[0].strip() for line in lines[1:]] == [
+        "audit 93.0% of 412", "unknown", "unknown", "unknown", "-"]
+    assert view.rows["cam-1"].models["inspection"].audit_agreement == (383, 412)
+    assert view.rows["cam-2"].models["inspection"].audit_agreement is None
