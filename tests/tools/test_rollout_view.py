@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from edgecloud.clock import utc_now
 from edgecloud.mqtt.client import Message
+from edgecloud.mqtt.payloads import AgreementCounts, Quality
 from edgecloud.mqtt.topics import FleetTopics
 from edgecloud.release import Artifact, ReleasePayload, Rollout, sign_release
 from edgecloud.signing import TrustStore, generate_key, key_id
@@ -90,3 +91,16 @@ def test_malformed_messages_are_dropped_and_change_nothing() -> None:
     view.apply(message(TOPICS.rollout("inspection"), b"{}"))
     assert view.period["inspection"] == {}
     assert view.command("inspection") is None
+
+
+def test_the_agents_quality_payload_is_read() -> None:
+    """The telemetry model agents publish (edgecloud.mqtt.payloads.Quality), not a hand-written dict."""
+    view = RolloutView("plant-1", TRUST)
+    view.apply(message(TOPICS.group_desired("line-a", "inspection"), release(2)))
+    view.open_period("inspection")
+    totals = AgreementCounts(rows=500, escalated=40, audited=30, audit_agree=27, escalated_agree=30)
+    quality = Quality(rows=100, escalated=8, audited=6, audit_agree=5, escalated_agree=6, version=2,
+                      confidence_hist=[10] * 10, totals=totals)
+    view.apply(telemetry("cam-1", 1, quality.to_dict()))
+    assert view.period["inspection"] == {("cam-1", 2): Counts(100, 8, 6, 5)}
+    assert view.totals["inspection"] == {("cam-1", 2): Counts(500, 40, 30, 27)}
