@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import queue
 import signal
 import threading
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from edgecloud.clock import format_time, utc_now
 from edgecloud.config import build, merge, read_toml
 from edgecloud.errors import ConfigError, EdgecloudError
 from edgecloud.logs import setup_logging
-from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
+from edgecloud.mqtt.client import MqttClient, MqttConfig
 from edgecloud.release import Gates
 from edgecloud.rollout import WaveCommand, command_keys, sign_command
 from edgecloud.signing import TrustStore, key_id, load_private_key
@@ -34,6 +32,7 @@ from edgecloud_tools.fleet.controller_state import STATE_FILE, LeaseHeld, Sqlite
 from edgecloud_tools.fleet.gates import figure_pairs, judge
 from edgecloud_tools.fleet.publish import mqtt_arguments, mqtt_config_from_args, mqtt_overrides
 from edgecloud_tools.fleet.rollout_view import RolloutView
+from edgecloud_tools.fleet.status import listen
 from edgecloud_tools.output import table
 
 log = logging.getLogger(__name__)
@@ -115,19 +114,7 @@ def run_controller(args: argparse.Namespace) -> int:
 def gather(config: MqttConfig, view: RolloutView, listen_s: float, timeout_s: float,
            telemetry: bool = True) -> RolloutView:
     """Fold what the view's topics hold (retained) and bring in ``listen_s`` seconds into ``view``."""
-    inbox: queue.Queue[Message] = queue.Queue()
-    with MqttClient(config, on_message=inbox.put) as client:
-        client.wait_connected(timeout_s)
-        for wildcard in view.filters(telemetry):
-            client.subscribe(wildcard)
-        deadline = time.monotonic() + listen_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                view.apply(inbox.get(timeout=remaining))
-            except queue.Empty:
-                break
-    while not inbox.empty():
-        view.apply(inbox.get_nowait())
+    listen(config, view.filters(telemetry), view.apply, listen_s, timeout_s)
     return view
 
 
