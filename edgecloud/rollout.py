@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, Literal, get_args
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, GetPydanticSchema, TypeAdapter, ValidationError
 
 from edgecloud.clock import format_time
 from edgecloud.errors import EdgecloudError
@@ -83,12 +84,26 @@ class WaveCommand:
 
 
 _COMMAND = TypeAdapter(WaveCommand)
+#: the payload exactly as it was signed, described by WaveCommand
+SignedCommand = Annotated[Mapping[str, Any], GetPydanticSchema(lambda _type, handler: handler(WaveCommand))]
 
 
-def sign_command(command: WaveCommand, key: Ed25519PrivateKey) -> Envelope:
+@dataclass(frozen=True)
+class CommandEnvelope(Envelope):
+    """Retained on edgecloud/{fleet}/models/{model}/rollout: a release's envelope (same signing, same
+    parsing) whose payload is a :class:`WaveCommand`; ``protos/schemas/rollout.schema.json`` is
+    generated from it."""
+
+    __pydantic_config__ = ConfigDict(title="edgecloud signed wave command",
+                                     json_schema_extra={"additionalProperties": False})
+
+    payload: SignedCommand
+
+
+def sign_command(command: WaveCommand, key: Ed25519PrivateKey) -> CommandEnvelope:
     data = command.to_dict()
     kid, signature = sign(key, data)
-    return Envelope(data, kid, signature)
+    return CommandEnvelope(data, kid, signature)
 
 
 def public_key_b64(key: Ed25519PublicKey) -> str:

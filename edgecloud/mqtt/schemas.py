@@ -20,6 +20,7 @@ from pydantic_core import core_schema
 
 from edgecloud.mqtt.payloads import Event, Reported, Status, Telemetry
 from edgecloud.release import Envelope
+from edgecloud.rollout import CommandEnvelope
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT_DIR = ROOT / "protos" / "schemas"
@@ -28,7 +29,7 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 #: keys written first, for a reader; the rest as generated (fields in model order, keywords sorted)
 _FIRST = ("title", "description", "type", "required")
 PAYLOADS: dict[str, type] = {"status": Status, "reported": Reported, "events": Event, "telemetry": Telemetry,
-                             "release": Envelope}
+                             "release": Envelope, "rollout": CommandEnvelope}
 
 
 def _as_sent(field: Any) -> Any:

@@ -9,13 +9,16 @@ one every model shares (``model/desired``, which agents that predate the topics 
 rollback is the same with
 ``allow_downgrade`` signed in, for an earlier version. The default rollout salt is the model name,
 so the devices chosen at a given percent stay the same from release to release (a stable canary
-ring); give ``--rollout-salt`` to pick another set.
+ring); give ``--rollout-salt`` to pick another set. With ``--waves`` the release carries its staged
+rollout (docs/design.md §12): the first wave is its percent, ``--soak`` and ``--gate`` say what a wave
+must show, and ``--controller-key`` names the key of the controller that drives it.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import os
 import re
 import socket
@@ -26,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import TypeAdapter, ValidationError
 
 from edgecloud.artifacts import TransportTLS, check_name, gateway_uri, parse_uri, upload
 from edgecloud.backends import backend_class, backend_key_for
@@ -40,6 +45,7 @@ from edgecloud.mqtt.client import MqttClient, MqttConfig
 from edgecloud.mqtt.fleet_view import FleetView
 from edgecloud.mqtt.topics import FleetTopics, Topic, TopicKind
 from edgecloud.release import (
+    GATE_KEYS,
     Artifact,
     Calibration,
     Envelope,
@@ -49,13 +55,21 @@ from edgecloud.release import (
     Rollout,
     sign_release,
 )
-from edgecloud.signing import load_private_key
+from edgecloud.rollout import public_key_b64
+from edgecloud.signing import key_id, load_private_key, load_public_key
 from edgecloud_tools.fleet.status import collect, render_releases, render_table
 
 DEFAULT_EXPIRY = timedelta(days=30)
 CALIBRATION_KEYS = ("policy", "temperature", "threshold", "score_output", "scores")
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+#: modules that add actions to ``edgecloud fleet`` (each has ``register(actions)``), after these here
+FLEET_ACTION_MODULES = ("edgecloud_tools.fleet.rollout_cli",)
+#: the flag that sets each key of ``rollout``, for error messages
+_ROLLOUT_FLAGS = {"percent": "--rollout-percent", "salt": "--rollout-salt", "waves": "--waves",
+                  "gates": "--gate", "controller_key": "--controller-key",
+                  "controller_public_key": "--controller-key"}
+_ROLLOUT = TypeAdapter(Rollout)
 PASSWORD_ENV = "EDGECLOUD_MQTT_PASSWORD"
 TOKEN_ENV = "EDGECLOUD_GATEWAY_TOKEN"
 
@@ -77,6 +91,9 @@ class ReleaseRequest:
     uri: str | None = None
     rollout_percent: float = 100.0
     rollout_salt: str | None = None
+    waves: tuple[float, ...] | None = None  # with waves the first is the percent
+    gates: Mapping[str, float] = field(default_factory=dict)  # keys of edgecloud.release.Gates
+    controller_key: Ed25519PublicKey | None = None
     expires_at: datetime | None = None  # default: issued_at + 30 days
     calibration: Mapping[str, Any] = field(default_factory=dict)  # flags; win over the model card
     publisher: str | None = None
@@ -90,11 +107,16 @@ class Published:
     envelope: Envelope
 
 
+def parse_duration(text: str) -> timedelta | None:
+    """``30d``, ``12h``, ``90m``, ``3600s``; None for anything else."""
+    m = _DURATION.match(text)
+    return timedelta(**{_UNITS[m.group(2)]: int(m.group(1))}) if m else None
+
+
 def parse_expires(text: str, now: datetime) -> datetime:
     """``30d``, ``12h``, ``90m``, ``3600s`` from ``now``, or an RFC 3339 time."""
-    m = _DURATION.match(text)
-    if m:
-        return now + timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    if (duration := parse_duration(text)) is not None:
+        return now + duration
     try:
         return parse_time(text)
     except ValueError:
@@ -146,6 +168,28 @@ def _artifact_uri(request: ReleaseRequest, sha256: str, artifact_format: str) ->
                        tls=request.gateway_tls is not None)
 
 
+def build_rollout(request: ReleaseRequest) -> Rollout:
+    """The release's rollout from the request, checked as a device parses it; ConfigError naming the
+    flag of the first bad value."""
+    data: dict[str, Any] = {"percent": request.rollout_percent, "salt": request.rollout_salt or request.name}
+    if request.waves is not None:
+        data.update(waves=list(request.waves), percent=request.waves[0] if request.waves else 0)
+    if request.gates:
+        data["gates"] = dict(request.gates)
+    if request.controller_key is not None:
+        data.update(controller_key=key_id(request.controller_key),
+                    controller_public_key=public_key_b64(request.controller_key))
+    try:
+        return _ROLLOUT.validate_python(data)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        loc = [str(part) for part in first["loc"]]
+        flag = f"--gate {loc[1]}" if loc[0] == "gates" and len(loc) > 1 else _ROLLOUT_FLAGS.get(loc[0], "")
+        raise ConfigError(f"{flag}: rollout.{'.'.join(loc)}: {first['msg']}") from None
+    except ReleaseRejected as e:
+        raise ConfigError(f"{'--waves' if request.waves else '--rollout-percent'}: {e.detail}") from None
+
+
 def _shipped_backend(model: Path) -> type[Backend]:
     """The backend whose releases carry ``model``, chosen by its file suffix."""
     try:
@@ -189,9 +233,9 @@ def build_release(request: ReleaseRequest,
         raise ConfigError(f"--expires {format_time(request.expires_at)} is not in the future")
     try:  # everything that can be wrong with the request, before uploading anything
         calibration = Calibration.from_dict(values)
-        rollout = Rollout(request.rollout_percent, request.rollout_salt or request.name)
     except ReleaseRejected as e:
         raise ConfigError(e.detail) from None
+    rollout = build_rollout(request)
     sha256, size = file_sha256(request.model), request.model.stat().st_size
     artifact_format = backend.release_format
     uri = _artifact_uri(request, sha256, artifact_format)
@@ -237,7 +281,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                 description="Listen to status, reported, telemetry and desired topics "
                                             "and print the devices and the releases retained for them "
                                             "(active, pending, rolled back or failed on which devices).")
-    _mqtt_arguments(status)
+    mqtt_arguments(status)
     status.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
                         help="how long to collect messages (default 2)")
     status.set_defaults(func=run_status)
@@ -251,14 +295,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clear.add_argument("--model", help="only this model's release (default: every model's)")
     clear.add_argument("--wait", type=float, default=1.0, metavar="SECONDS",
                        help="how long to listen for the releases retained (default 1)")
-    _mqtt_arguments(clear)
+    mqtt_arguments(clear)
     clear.set_defaults(func=run_clear)
+    for name in FLEET_ACTION_MODULES:
+        importlib.import_module(name).register(actions)
 
 
-def _mqtt_arguments(parser: argparse.ArgumentParser) -> None:
+def mqtt_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The broker options every fleet action takes (``required=False`` where a config file may give
+    them)."""
     group = parser.add_argument_group("broker")
-    group.add_argument("--mqtt", required=True, metavar="HOST:PORT", help="the fleet's MQTT broker")
-    group.add_argument("--fleet", required=True, help="fleet id (topic level edgecloud/<fleet>/…)")
+    group.add_argument("--mqtt", required=required, metavar="HOST:PORT", help="the fleet's MQTT broker")
+    group.add_argument("--fleet", required=required, help="fleet id (topic level edgecloud/<fleet>/…)")
     group.add_argument("--mqtt-username", help=f"user name; the password is read from ${PASSWORD_ENV}")
     group.add_argument("--mqtt-ca", type=Path, help="CA of the broker's certificate (enables TLS)")
     group.add_argument("--mqtt-cert", type=Path, help="client certificate for mutual TLS")
@@ -284,6 +332,15 @@ def _release_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rollout-percent", type=float, default=100.0, metavar="P",
                         help="0-100 (default 100)")
     parser.add_argument("--rollout-salt", help="rollout hash salt (default: the model name)")
+    waves = parser.add_argument_group("staged rollout (docs/design.md §12)")
+    waves.add_argument("--waves", type=_waves, metavar="P1,P2,…,100",
+                       help="increasing percents ending at 100; the first replaces --rollout-percent")
+    waves.add_argument("--soak", metavar="DURATION", help="how long each wave runs before it is judged "
+                       "(10m, 1h, 600s): gate soak_s")
+    waves.add_argument("--gate", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"a gate, repeatable; keys: {', '.join(k for k in GATE_KEYS if k != 'soak_s')}")
+    waves.add_argument("--controller-key", type=Path, metavar="PUBLIC_KEY_PEM",
+                       help="the only key allowed to sign this release's wave commands (carried in it)")
     parser.add_argument("--expires", default="30d", help="duration (30d, 12h) or RFC 3339 time (default 30d)")
     parser.add_argument("--publisher", help="who publishes (default: user@host)")
     cal = parser.add_argument_group("calibration (default: the model card's)")
@@ -295,17 +352,51 @@ def _release_arguments(parser: argparse.ArgumentParser) -> None:
     plan = parser.add_argument_group("TensorRT plan releases")
     plan.add_argument("--tensorrt-version", help="TensorRT version the plan was built with")
     plan.add_argument("--target-device", help="device model the plan was built on")
-    _mqtt_arguments(parser)
+    mqtt_arguments(parser)
 
 
-def mqtt_config_from_args(args: argparse.Namespace) -> MqttConfig:
-    data: dict[str, Any] = host_port("--mqtt", args.mqtt)
+def _waves(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated percents."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated percents like 5,25,100") from None
+
+
+def parse_gates(soak: str | None, gates: list[str]) -> dict[str, float]:
+    """``--soak`` and ``--gate KEY=VALUE`` flags as the keys of ``rollout.gates``; ConfigError naming the
+    flag of a bad one (the values' ranges are checked with the rollout)."""
+    out: dict[str, float] = {}
+    if soak is not None:
+        duration = parse_duration(soak)
+        if duration is None:
+            raise ConfigError(f"--soak {soak!r}: give a duration like 10m, 1h or 600s")
+        out["soak_s"] = duration.total_seconds()
+    for item in gates:
+        name, sep, value = item.partition("=")
+        if not sep or name not in GATE_KEYS or name == "soak_s":
+            keys = ", ".join(k for k in GATE_KEYS if k != "soak_s")
+            raise ConfigError(f"--gate {item!r}: give KEY=VALUE with KEY one of {keys} (soak: --soak)")
+        try:
+            out[name] = int(value) if name == "min_devices" else float(value)
+        except ValueError:
+            raise ConfigError(f"--gate {name}: {value!r} is not a number") from None
+    return out
+
+
+def mqtt_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``[mqtt]`` keys the broker options give (none for options left out)."""
+    data: dict[str, Any] = host_port("--mqtt", args.mqtt) if args.mqtt else {}
     if args.mqtt_username:
         data["username"] = args.mqtt_username
         data["password"] = os.environ.get(PASSWORD_ENV)
     if args.mqtt_ca or args.mqtt_cert:
         data["tls"] = {"ca": args.mqtt_ca, "cert": args.mqtt_cert, "key": args.mqtt_key}
-    return build(MqttConfig, data, source="--mqtt options")
+    return data
+
+
+def mqtt_config_from_args(args: argparse.Namespace) -> MqttConfig:
+    return build(MqttConfig, mqtt_overrides(args), source="--mqtt options")
 
 
 def _gateway_tls(args: argparse.Namespace) -> TransportTLS | None:
@@ -321,11 +412,18 @@ def run_publish(args: argparse.Namespace) -> int:
         if not (args.tensorrt_version and args.target_device):
             raise ConfigError("give --tensorrt-version and --target-device together")
         plan_target = PlanTarget(args.tensorrt_version, args.target_device)
+    controller_key = None
+    if args.controller_key is not None:
+        try:
+            controller_key = load_public_key(args.controller_key)
+        except ConfigError as e:
+            raise ConfigError(f"--controller-key: {e}") from None
     request = ReleaseRequest(
         model=args.model, name=args.name, version=args.version, key=args.key, fleet=args.fleet,
         group=args.group, device=args.device, gateway=args.gateway, gateway_tls=_gateway_tls(args),
         gateway_token=os.environ.get(TOKEN_ENV), uri=args.uri, rollout_percent=args.rollout_percent,
-        rollout_salt=args.rollout_salt, expires_at=parse_expires(args.expires, now),
+        rollout_salt=args.rollout_salt, waves=args.waves, gates=parse_gates(args.soak, args.gate),
+        controller_key=controller_key, expires_at=parse_expires(args.expires, now),
         calibration={k: getattr(args, k) for k in CALIBRATION_KEYS}, publisher=args.publisher,
         allow_downgrade=args.allow_downgrade, plan_target=plan_target)
     published = publish_release(request, mqtt_config_from_args(args), now=now, timeout_s=args.timeout)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from edgecloud.clock import format_time
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
@@ -20,24 +20,32 @@ from edgecloud.mqtt.topics import TopicKind, Wildcard
 from edgecloud_tools.output import table
 
 
+def listen(config: MqttConfig, filters: Sequence[Wildcard], apply: Callable[[Message], object],
+           listen_s: float, connect_timeout_s: float) -> None:
+    """Hand ``apply`` what ``filters`` hold retained and what arrives within ``listen_s`` seconds, one
+    message at a time on this thread."""
+    inbox: queue.Queue[Message] = queue.Queue()
+    with MqttClient(config, on_message=inbox.put) as client:
+        client.wait_connected(connect_timeout_s)
+        for wildcard in filters:
+            client.subscribe(wildcard)
+        deadline = time.monotonic() + listen_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                apply(inbox.get(timeout=remaining))
+            except queue.Empty:
+                break
+    while not inbox.empty():
+        apply(inbox.get_nowait())
+
+
 def collect(config: MqttConfig, fleet: str, listen_s: float = 2.0, connect_timeout_s: float = 10.0,
             filters: Sequence[Wildcard] = ()) -> FleetView:
     """Subscribe to the fleet's status, reported, telemetry and desired topics (or to ``filters``)
     for ``listen_s`` seconds."""
     view = FleetView(fleet)
-    inbox: queue.Queue[Message] = queue.Queue()
-    with MqttClient(config, on_message=inbox.put) as client:
-        client.wait_connected(connect_timeout_s)
-        for wildcard in filters or [view.topics.every(k) for k in TopicKind if k is not TopicKind.EVENTS]:
-            client.subscribe(wildcard)
-        deadline = time.monotonic() + listen_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                view.apply(inbox.get(timeout=remaining))
-            except queue.Empty:
-                break
-    while not inbox.empty():
-        view.apply(inbox.get_nowait())
+    listen(config, filters or [view.topics.every(k) for k in TopicKind if k is not TopicKind.EVENTS],
+           view.apply, listen_s, connect_timeout_s)
     return view
 
 
