@@ -32,7 +32,7 @@ from typing import Any
 
 from edgecloud.mqtt.client import Message, MqttClient
 from edgecloud.mqtt.topics import FleetTopics, TopicKind
-from edgecloud.release import Envelope, Gates, Rollout, in_rollout, sign_release
+from edgecloud.release import in_rollout, sign_release
 from edgecloud.signing import load_private_key, write_keypair
 from edgecloud_tools.bench.plan import Bench, progress
 from edgecloud_tools.faults.harness import wait_until, write_toml
@@ -179,19 +179,17 @@ class FleetRig:
         return [*device_ids("sim", self.plan.devices), *(f"agent-{i}" for i in range(self.plan.agents))]
 
     def publish(self, version: int) -> float:
-        """Sign and publish ``version`` of the edge model with the plan's waves and gates, through
-        ``fleet publish``'s own building (upload to the gateway included); returns when it was sent."""
+        """Sign and publish ``version`` of the edge model with the plan's waves and gates, built as
+        ``fleet publish`` builds it (upload to the gateway included); returns when it was sent."""
         model = versioned_copy(self.bench.models.edge, self.d / "releases" / f"v{version}" /
                                self.bench.models.edge.name, version)
+        plan = self.plan
         request = ReleaseRequest(model=model, name=self.model, version=version, key=self.key, fleet=FLEET,
                                  group=GROUP, gateway=f"127.0.0.1:{self.gateway.port}",
-                                 publisher="edgecloud-bench")
-        topics, payload = build_release(request)
-        plan = self.plan
-        rollout = Rollout(percent=plan.waves[0], salt=SALT, waves=plan.waves,
-                          gates=Gates(soak_s=plan.soak_s, min_devices=plan.min_devices, **GATES))
-        envelope: Envelope = sign_release(dataclasses.replace(payload, rollout=rollout),
-                                          load_private_key(self.key))
+                                 publisher="edgecloud-bench", rollout_salt=SALT, waves=plan.waves,
+                                 gates={"soak_s": plan.soak_s, "min_devices": plan.min_devices, **GATES})
+        topics, payload = build_release(request)  # uploads the file; published below, timed
+        envelope = sign_release(payload, load_private_key(self.key))
         sent = time.monotonic()
         for topic in topics:
             self.client.publish(topic, envelope.to_json(), qos=1, retain=True)
