@@ -130,8 +130,8 @@ class SimDevice:
     _desired: dict[Source, Desired | None] = field(default_factory=lambda: dict.fromkeys(SOURCES), init=False)
     _command_raw: bytes = field(default=b"", init=False)
     _commands: dict[int, WaveCommand] = field(default_factory=dict, init=False)  # last taken, by version
-    _tried: set[str] = field(default_factory=set, init=False)  # command keys taken or refused for good
-    _waiting: set[str] = field(default_factory=set, init=False)  # command keys whose release is not held
+    _tried: str = field(default="", init=False)  # key of the newest command once taken or refused for good
+    _waiting: str = field(default="", init=False)  # key of the newest command while its release is not held
     _active_release: ReleasePayload | None = field(default=None, init=False)
     _settled: set[str] = field(default_factory=set, init=False)  # desired keys failed for good
     _unsent: dict[str, bytes] = field(default_factory=dict, init=False)  # retained reports, by topic
@@ -314,7 +314,7 @@ class SimDevice:
         when it arrives)."""
         raw = self._command_raw
         key = _digest(raw)
-        if not raw or key in self._tried:
+        if not raw or key == self._tried:
             return
         version = None
         try:
@@ -327,9 +327,9 @@ class SimDevice:
             command = verify_command(envelope, release, self.settings.trust, self._commands.get(version))
         except (CommandRefused, ReleaseRejected) as e:
             waits = isinstance(e, CommandRefused) and e.reason is CommandReason.UNKNOWN_VERSION
-            if key in self._waiting:
+            if waits and key == self._waiting:
                 return
-            (self._waiting if waits else self._tried).add(key)
+            self._waiting, self._tried = (key, self._tried) if waits else ("", key)
             reason = e.reason.value if isinstance(e, CommandRefused) else CommandReason.MALFORMED.value
             log.info("event=sim_command_refused device=%s version=%s reason=%s detail=%r", self.device,
                      version, reason, e.detail)
@@ -338,7 +338,7 @@ class SimDevice:
                                       data={"model": self.settings.model, "version": version,
                                             "reason": reason, "detail": e.detail}), retain=False)
             return
-        self._tried.add(key)
+        self._tried = key
         self._commands[command.version] = command
 
     def _halted(self, version: int | None) -> WaveCommand | None:
