@@ -10,20 +10,20 @@ import sys
 from edgecloud import __version__
 from edgecloud.errors import EdgecloudError, exit_status
 
-#: modules that add sub-commands, in the order they appear in --help
-COMMAND_MODULES: tuple[str, ...] = (
-    "edgecloud_tools.bench.command",
-    "edgecloud_tools.certs",
-    "edgecloud_tools.demo",
-    "edgecloud_tools.doctor",
-    "edgecloud_tools.examples_cli",
-    "edgecloud_tools.faults.command",
-    "edgecloud_tools.engine_cli",
-    "edgecloud_tools.fleet.keys_cli",
-    "edgecloud_tools.fleet.publish",
-    "edgecloud_tools.fleet.simulate",  # adds to publish's ``fleet`` command
-    "edgecloud_tools.toolchain.cli",
-)
+#: each command → the module that registers it, in the order --help lists them
+COMMANDS: dict[str, str] = {
+    "bench": "edgecloud_tools.bench.command",
+    "certs": "edgecloud_tools.certs",
+    "demo": "edgecloud_tools.demo",
+    "doctor": "edgecloud_tools.doctor",
+    "examples": "edgecloud_tools.examples_cli",
+    "faults": "edgecloud_tools.faults.command",
+    "engine": "edgecloud_tools.engine_cli",
+    "keygen": "edgecloud_tools.fleet.keys_cli",
+    "fleet": "edgecloud_tools.fleet.publish",
+    "calibrate": "edgecloud_tools.toolchain.cli",
+    "models": "edgecloud_tools.toolchain.cli",
+}
 
 
 def positive_int(text: str) -> int:
@@ -34,18 +34,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of ``argv``'s command alone when it names one (only that command's module is
+    imported: ``fleet status`` on a line's laptop does not wait for the bench's imports), else of
+    every command (``--help``, a typo)."""
     parser = argparse.ArgumentParser(prog="edgecloud", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edgecloud {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    command = next((arg for arg in argv or () if not arg.startswith("-")), None)
+    modules = [COMMANDS[command]] if command in COMMANDS else COMMANDS.values()
+    for name in dict.fromkeys(modules):
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; exit 0 done, 2 bad usage or configuration, 1 failure (docs/design.md §9)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except EdgecloudError as e:

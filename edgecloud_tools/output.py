@@ -1,34 +1,33 @@
-"""What the operator tools print besides their own sentences: aligned tables and progress lines,
+"""What the operator tools print besides their own sentences: aligned tables, and progress lines
 through rich. Tables come out as plain text (no colour, no borders, columns two spaces apart, no
 trailing spaces) on a terminal and in a pipe alike, so scripts and tests can read them."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
+from rich.cells import cell_len
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 Justify = Literal["left", "right"]
-#: wide enough that no table wraps
-_WIDTH = 10_000
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, justify: Sequence[Justify] = (),
           indent: str = "") -> str:
-    """``rows`` under ``header``, each column as wide as its widest cell; ``justify`` per column
-    (default: left); every line starts with ``indent``. Cells are text as given (never markup)."""
-    grid = Table(box=None, show_edge=False, pad_edge=False, padding=(0, 1), header_style="none")
-    for i, name in enumerate(header):
-        grid.add_column(Text(name), justify=justify[i] if i < len(justify) else "left", no_wrap=True)
-    for row in rows:
-        grid.add_row(*map(Text, row))
-    out = io.StringIO()
-    Console(file=out, width=_WIDTH, color_system=None, highlight=False, emoji=False).print(grid)
-    return "\n".join(indent + line.rstrip() for line in out.getvalue().splitlines())
+    """``rows`` under ``header``, each column as wide as its widest cell (in terminal cells, so wide
+    characters line up) and two spaces apart; ``justify`` per column (default: left); every line
+    starts with ``indent``. Cells are text as given (never markup). Padded here rather than laid out
+    by rich's Table, which takes 0.4 s for the 1,000 lines of a fleet's status."""
+    grid = [list(header), *(list(row) for row in rows)]
+    widths = [max(cell_len(line[i]) for line in grid if i < len(line)) for i in range(len(header))]
+
+    def pad(i: int, cell: str) -> str:
+        gap = " " * (widths[i] - cell_len(cell))
+        return gap + cell if i < len(justify) and justify[i] == "right" else cell + gap
+
+    return "\n".join((indent + "  ".join(pad(i, cell) for i, cell in enumerate(line))).rstrip()
+                     for line in grid)
 
 
 def stderr_line(text: str) -> None:

@@ -35,13 +35,12 @@ from edgecloud.mqtt.topics import FleetTopics, TopicKind
 from edgecloud.release import in_rollout, sign_release
 from edgecloud.signing import load_private_key, write_keypair
 from edgecloud_tools.bench.plan import Bench, progress
-from edgecloud_tools.faults.harness import wait_until, write_toml
 from edgecloud_tools.fleet.publish import ReleaseRequest, build_release
 from edgecloud_tools.fleet.simulate import SPARE_FILES, device_ids, raise_open_files
 from edgecloud_tools.rig import servers
 from edgecloud_tools.rig.broker import LocalBroker
 from edgecloud_tools.rig.model_files import versioned_copy
-from edgecloud_tools.rig.services import ServiceProcess
+from edgecloud_tools.rig.services import ServiceProcess, wait_until, write_toml
 
 FLEET, GROUP, SALT = "bench", "line-1", "bench-waves"
 #: what the releases really do: every version answers as the first, but the wrong one

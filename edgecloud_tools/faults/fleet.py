@@ -17,13 +17,13 @@ from edgecloud.mqtt.client import Message, MqttClient
 from edgecloud.mqtt.topics import FleetTopics
 from edgecloud.release import sign_release
 from edgecloud.signing import load_private_key, write_keypair
-from edgecloud_tools.faults.harness import Load, agent_count, escalate, wait_until, write_toml
+from edgecloud_tools.faults.harness import Load, agent_count, escalate
 from edgecloud_tools.faults.plan import Faults, Outcome, progress
 from edgecloud_tools.fleet.publish import ReleaseRequest, build_release, publish_release
 from edgecloud_tools.rig import servers
 from edgecloud_tools.rig.broker import LocalBroker
 from edgecloud_tools.rig.model_files import versioned_copy
-from edgecloud_tools.rig.services import ServiceProcess
+from edgecloud_tools.rig.services import ServiceProcess, wait_until, write_toml
 
 FLEET, GROUP, DEVICE = "faults", "line-1", "fleet-1"
 #: telemetry interval of the agent: several messages inside a short broker outage

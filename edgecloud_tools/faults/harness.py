@@ -9,13 +9,12 @@ processes).
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,28 +27,8 @@ from edgecloud.client import KServeClient
 from edgecloud.exposition import PREFIX
 from edgecloud.protocol.parameters import AgentRequest, AgentResponse
 from edgecloud_tools.faults.plan import Outcome
+from edgecloud_tools.rig.services import wait_until
 from edgecloud_tools.rig.stats import latency_summary
-
-
-def write_toml(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
-    """The flat ``[section] key = value`` TOML the services' configs need (JSON strings, numbers,
-    booleans and lists are valid TOML values)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
 
 
 def agent_metric(port: int, name: str) -> float | None:

@@ -19,9 +19,10 @@ from edgecloud.files import file_sha256
 from edgecloud.protocol.parameters import CloudRequest, EdgeSummary
 from edgecloud.release import ReleaseRejected
 from edgecloud_tools.certs import issue, make_ca
-from edgecloud_tools.faults.harness import stored_rows, write_toml
+from edgecloud_tools.faults.harness import stored_rows
 from edgecloud_tools.faults.plan import Faults, Outcome
 from edgecloud_tools.rig import servers
+from edgecloud_tools.rig.services import write_toml
 from edgecloud_tools.toolchain import CLOUD_NAME
 
 OPERATOR = "ops"

@@ -14,10 +14,11 @@ import numpy as np
 from edgecloud._generated.inference import grpc_service_pb2 as pb
 from edgecloud.client import KServeClient
 from edgecloud.endpoint import free_loopback_port
-from edgecloud_tools.faults.harness import Load, escalate, stored_rows, wait_until
+from edgecloud_tools.faults.harness import Load, escalate, stored_rows
 from edgecloud_tools.faults.plan import Faults, Outcome, progress
 from edgecloud_tools.faults.serving import REPLAY_TIMEOUT_S
 from edgecloud_tools.rig import servers
+from edgecloud_tools.rig.services import wait_until
 
 #: a BYTES bomb's size: just under the agent's largest accepted request (16 MiB)
 BOMB_BYTES = 16_000_000

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from edgecloud.endpoint import free_loopback_port
 from edgecloud_tools.bench.agent_load import SHED
-from edgecloud_tools.faults.harness import Load, agent_count, escalate, stored_once, wait_until, write_toml
+from edgecloud_tools.faults.harness import Load, agent_count, escalate, stored_once
 from edgecloud_tools.faults.plan import Faults, Outcome, progress
 from edgecloud_tools.rig import servers
 from edgecloud_tools.rig.clients import Target
 from edgecloud_tools.rig.delay_proxy import DelayProxy
-from edgecloud_tools.rig.services import ServiceProcess
+from edgecloud_tools.rig.services import ServiceProcess, wait_until, write_toml
 
 #: the agent's escalation deadline (its default), which every answer promise is built on
 DEADLINE_MS = 300

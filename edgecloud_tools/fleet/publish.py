@@ -64,7 +64,7 @@ CALIBRATION_KEYS = ("policy", "temperature", "threshold", "score_output", "score
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 #: modules that add actions to ``edgecloud fleet`` (each has ``register(actions)``), after these here
-FLEET_ACTION_MODULES = ("edgecloud_tools.fleet.rollout_cli",)
+FLEET_ACTION_MODULES = ("edgecloud_tools.fleet.rollout_cli", "edgecloud_tools.fleet.simulate")
 #: the flag that sets each key of ``rollout``, for error messages
 _ROLLOUT_FLAGS = {"percent": "--rollout-percent", "salt": "--rollout-salt", "waves": "--waves",
                   "gates": "--gate", "controller_key": "--controller-key",
@@ -282,8 +282,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                             "and print the devices and the releases retained for them "
                                             "(active, pending, rolled back or failed on which devices).")
     mqtt_arguments(status)
-    status.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
-                        help="how long to collect messages (default 2)")
+    status.add_argument("--wait", type=float, default=1.0, metavar="SECONDS",
+                        help="how long to collect messages (default 1: the retained ones arrive at "
+                             "once; telemetry, every device's interval_s)")
     status.set_defaults(func=run_status)
     clear = actions.add_parser("clear", help="remove the release retained for a group or a device",
                                description="Publish an empty retained message on the desired topics "

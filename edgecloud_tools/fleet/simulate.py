@@ -150,15 +150,9 @@ def _seconds(text: str) -> float:
     return value
 
 
-def fleet_actions(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The sub-commands of ``edgecloud fleet`` (registered by the publish module, listed before this
-    one in edgecloud_tools.cli)."""
-    fleet = sub.choices["fleet"]
-    return next(a for a in fleet._actions if isinstance(a, argparse._SubParsersAction))
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = fleet_actions(sub).add_parser(
+def register(actions: argparse._SubParsersAction) -> None:
+    """``edgecloud fleet simulate`` (the ``fleet`` command's actions are publish.py's)."""
+    p = actions.add_parser(
         "simulate", help="many simulated devices that follow releases and waves, until stopped",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mqtt", required=True, metavar="HOST:PORT", help="the fleet's MQTT broker (plaintext)")

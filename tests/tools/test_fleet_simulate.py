@@ -23,9 +23,8 @@ from edgecloud.mqtt.topics import FleetTopics, TopicKind
 from edgecloud.release import Artifact, ReleasePayload, Rollout, in_rollout, sign_release
 from edgecloud.rollout import ROLLOUT_HALTED, WaveCommand, sign_command
 from edgecloud.signing import load_private_key, write_keypair
-from edgecloud_tools.faults.harness import wait_until
 from edgecloud_tools.fleet.simulate import device_ids
-from edgecloud_tools.rig.services import ServiceProcess
+from edgecloud_tools.rig.services import ServiceProcess, wait_until
 from tests.support.fleet import Recorder, schema
 
 if TYPE_CHECKING:
