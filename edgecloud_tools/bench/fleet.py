@@ -175,7 +175,7 @@ class FleetRig:
 
     @property
     def devices(self) -> list[str]:
-        return [*device_ids("sim", self.plan.devices), *(f"agent-{i}" for i in range(self.plan.agents))]
+        return [*device_ids("sim", self.plan.devices), *agent_ids(self.plan)]
 
     def publish(self, version: int) -> float:
         """Sign and publish ``version`` of the edge model with the plan's waves and gates, built as
@@ -193,6 +193,15 @@ class FleetRig:
         for topic in topics:
             self.client.publish(topic, envelope.to_json(), qos=1, retain=True)
         return sent
+
+
+def agent_ids(plan: FleetPlan) -> list[str]:
+    """The real agents' device ids: the first inside the first wave's share, so that a real agent takes
+    the wrong release and is rolled back by the halt; the others as they come."""
+    names = (f"agent-{i}" for i in range(1_000_000))
+    first = next(d for d in names if in_rollout(d, plan.waves[0], SALT))
+    others = [f"agent-{i}" for i in range(plan.agents) if f"agent-{i}" != first]
+    return [first, *others][:plan.agents]
 
 
 def _truth(path: Path, wrong: int) -> Path:
@@ -242,9 +251,9 @@ def fleet_rig(bench: Bench, plan: FleetPlan, wrong_version: int) -> Iterator[Fle
             started.append(gateway.start())
             config = _agent_config(d, broker, public, plan)
             agents = []
-            for i in range(plan.agents):
-                agents.append(servers.agent(d, bench.models.edge, f"agent-{i}", config=config,
-                                            device_id=f"agent-{i}").start())
+            for device in agent_ids(plan):
+                agents.append(servers.agent(d, bench.models.edge, device, config=config,
+                                            device_id=device).start())
                 started.append(agents[-1])
             base = f"{broker.host}:{broker.port}"
             simulator = ServiceProcess("fleet-simulate", [], 0, d / "simulate.log", command=_cli(
@@ -324,6 +333,7 @@ def wrong_rollout(rig: FleetRig, version: int, previous: int) -> dict[str, Any]:
     out.update(timeline=watch.timeline(version, sent), halted_in_wave=halt.get("wave"),
                halt_reason=halt.get("reason"),
                time_to_halt_s=round(halt_at - sent, 1), exposed_devices=len(exposed()),
+               exposed_agents=sorted(d for d in exposed() if d in agent_ids(plan)),
                activated_after_halt=len(late), back_on_previous=len(on_previous),
                back_within_limit=sum(s <= plan.back_within_s for s in delays),
                back_max_s=round(max(delays), 1) if delays else None,
@@ -372,8 +382,8 @@ def fleet(bench: Bench) -> dict[str, Any]:
             cpu = servers.cpu_seconds(rig.controller.proc.pid) - cpu_before
         rate = rig.watch.rate(started)
         last = runs[-1]["version"]
-        agents_on_last = sum(rig.watch.status.get(f"agent-{i}", {}).get("active_version") == last
-                             for i in range(plan.agents))
+        agents_on_last = sum(rig.watch.status.get(device, {}).get("active_version") == last
+                             for device in agent_ids(plan))
     return {"plan": dataclasses.asdict(plan), "devices": plan.devices + plan.agents,
             "simulated": plan.devices, "agents": plan.agents, "online_at_start": online,
             "agents_on_last_release": agents_on_last,
