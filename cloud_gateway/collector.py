@@ -36,7 +36,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgecloud.exposition import COUNTERS, LATENCY_BUCKETS, PREFIX, add_latency
+from edgecloud.metrics.buckets import LATENCY_BUCKETS, add_latency
+from edgecloud.metrics.names import COUNTERS, PREFIX
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
 from edgecloud.mqtt.fleet_view import DeviceRow, FleetView, json_object
 from edgecloud.mqtt.payloads import AgreementCounts, LatencyBuckets, Quality

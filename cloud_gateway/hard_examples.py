@@ -26,8 +26,8 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -41,34 +41,10 @@ log = logging.getLogger(__name__)
 
 #: SQLite ``user_version`` of the current layout; 0 is a store keyed by (request_id, row) alone
 SCHEMA_VERSION = 2
-TABLE = """
-CREATE TABLE {name} (
-    request_id TEXT NOT NULL,
-    row INTEGER NOT NULL,
-    device TEXT NOT NULL,
-    edge_model_version TEXT NOT NULL,
-    cloud_model TEXT NOT NULL,
-    cloud_model_version TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    deferred INTEGER NOT NULL,
-    edge_prediction INTEGER,
-    edge_confidence REAL,
-    inputs BLOB NOT NULL,
-    cloud_outputs BLOB NOT NULL,
-    created_at REAL NOT NULL,
-    input_digest TEXT NOT NULL,
-    PRIMARY KEY (device, request_id, row, input_digest)
-)"""
 INDEX = "CREATE INDEX IF NOT EXISTS examples_created_at ON examples (created_at)"
-COLUMNS = ("request_id", "row", "device", "edge_model_version", "cloud_model", "cloud_model_version",
-           "reason", "deferred", "edge_prediction", "edge_confidence", "inputs", "cloud_outputs",
-           "created_at")
 #: a stored row whose (device, request_id, row) another input already holds
 REUSED = ("SELECT 1 FROM examples WHERE device = ? AND request_id = ? AND row = ? AND input_digest <> ? "
           "LIMIT 1")
-#: export keys that are not tensors; an input named like one of them cannot be exported
-META_KEYS = ("request_id", "row", "device", "reason", "deferred", "edge_model_version", "cloud_model",
-             "cloud_model_version", "edge_prediction", "edge_confidence", "cloud_prediction", "created_at")
 CLOUD_PREFIX = "cloud."
 #: how an encoded frame begins, and the suffix its exported file gets
 IMAGE_MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"))
@@ -101,6 +77,40 @@ class HardExample:
     def key(self) -> tuple[str, str, int, str]:
         """What makes a row unique in a store and across stores: (device, request_id, row, digest)."""
         return self.device, self.request_id, int(self.row), input_digest(self.inputs)
+
+
+#: the SQLite column of each field type of :class:`HardExample` (as annotated): the record is declared
+#: once, and the table, its insert and its reads are made from it
+_SQL_TYPES = {"str": "TEXT NOT NULL", "int": "INTEGER NOT NULL", "bool": "INTEGER NOT NULL",
+              "float": "REAL NOT NULL", "int | None": "INTEGER", "float | None": "REAL",
+              "Mapping[str, np.ndarray]": "BLOB NOT NULL"}
+_FIELDS = {f.name: f.type for f in fields(HardExample)}
+COLUMNS = tuple(_FIELDS)
+#: fields stored as ``.npz`` bytes, and those stored as SQLite integers
+TENSORS = frozenset(name for name, kind in _FIELDS.items() if kind.startswith("Mapping"))
+_INTEGERS = frozenset(name for name, kind in _FIELDS.items() if kind in ("int", "bool"))
+TABLE = "\n".join(["CREATE TABLE {name} (",
+                    *(f"    {name} {_SQL_TYPES[kind]}," for name, kind in _FIELDS.items()),
+                    "    input_digest TEXT NOT NULL,",
+                    "    PRIMARY KEY (device, request_id, row, input_digest)",
+                    ")"])
+#: export keys that are not tensors; an input named like one of them cannot be exported
+META_KEYS = frozenset({*(name for name in COLUMNS if name not in TENSORS), "cloud_prediction"})
+
+
+def _to_row(example: HardExample) -> tuple:
+    """A record's column values, in :data:`COLUMNS` order."""
+    return tuple(tensors_to_bytes(value) if name in TENSORS else int(value) if name in _INTEGERS else value
+                 for name, value in ((name, getattr(example, name)) for name in COLUMNS))
+
+
+def _from_row(values: Sequence[object]) -> HardExample:
+    """Inverse of :func:`_to_row`."""
+    record = dict(zip(COLUMNS, values))
+    for name in TENSORS:
+        record[name] = tensors_from_bytes(record[name])  # type: ignore[arg-type]
+    record.update((name, bool(record[name])) for name, kind in _FIELDS.items() if kind == "bool")
+    return HardExample(**record)  # type: ignore[arg-type]
 
 
 def _storable(array: np.ndarray) -> np.ndarray:
@@ -186,10 +196,7 @@ class HardExampleStore:
         """Store ``examples`` in one transaction; rows already stored (same key) are skipped. Returns
         how many were new; a new one whose request id and row another input already holds is counted
         in :attr:`reused_request_ids` and logged."""
-        rows = [((e.request_id, int(e.row), e.device, e.edge_model_version, e.cloud_model,
-                  e.cloud_model_version, e.reason, int(e.deferred), e.edge_prediction, e.edge_confidence,
-                  tensors_to_bytes(e.inputs), tensors_to_bytes(e.cloud_outputs), e.created_at), e.key)
-                for e in examples]
+        rows = [(_to_row(e), e.key) for e in examples]
         insert = (f"INSERT OR IGNORE INTO examples ({', '.join(COLUMNS)}, input_digest) "
                   f"VALUES ({', '.join('?' * (len(COLUMNS) + 1))})")
         added, reused = 0, []
@@ -260,12 +267,8 @@ class HardExampleStore:
             sql += " WHERE " + " AND ".join(where)
         with self._lock:
             records = self._conn.execute(sql + " ORDER BY created_at, rowid", args).fetchall()
-        for r in records:
-            values = dict(zip(COLUMNS, r))
-            values["deferred"] = bool(values["deferred"])
-            values["inputs"] = tensors_from_bytes(values["inputs"])
-            values["cloud_outputs"] = tensors_from_bytes(values["cloud_outputs"])
-            yield HardExample(**values)
+        for record in records:
+            yield _from_row(record)
 
     def answers(self, since: float | None = None, model: str | None = None) -> Iterator[Answer]:
         """The rows the cloud answered in time (not replays: the device got no answer for those),

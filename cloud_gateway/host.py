@@ -19,7 +19,6 @@ from collections.abc import Mapping
 import numpy as np
 
 from cloud_gateway.auth import TokenTable
-from cloud_gateway.collaboration import Collaboration, read_collaboration
 from cloud_gateway.hard_examples import HardExample, HardExampleStore
 from cloud_gateway.repository import ModelRepository, ServedModel
 from edgecloud import __version__
@@ -27,7 +26,7 @@ from edgecloud.errors import ModelNotFound, ModelUnavailable
 from edgecloud.guards import InputContract
 from edgecloud.protocol.codec import InferRequest, InferResponse, ModelMetadata
 from edgecloud.protocol.outputs import check_requested, select_outputs
-from edgecloud.protocol.parameters import CloudResponse
+from edgecloud.protocol.parameters import CloudResponse, Collaboration
 from edgecloud.protocol.servicer import PeerInfo
 from edgecloud.tensors import check_inputs
 
@@ -81,7 +80,7 @@ class GatewayHost:
         model = self.repository.get(request.model_name, request.model_version)
         rows = check_inputs(model.contract.expected(request.inputs), request.inputs, model.name)
         check_requested(model.name, request.outputs, [o.name for o in model.outputs])
-        collab = read_collaboration(request, rows)
+        collab = Collaboration.read(request.parameters, request.id, rows)
         device = self._device(peer, collab.device_id)
         inputs, params = request.inputs, {}
         if model.preprocess is not None and model.preprocess.frames in inputs:

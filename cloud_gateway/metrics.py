@@ -19,7 +19,9 @@ from cloud_gateway.config import GatewayConfig
 from cloud_gateway.hard_examples import HardExampleStore
 from cloud_gateway.repository import ModelRepository
 from edgecloud.errors import ConfigError
-from edgecloud.exposition import PREFIX, MetricsServer, add_latency, admission_metrics, cumulative
+from edgecloud.metrics.buckets import add_latency, cumulative
+from edgecloud.metrics.exposition import MetricsServer, admission_metrics
+from edgecloud.metrics.names import PREFIX
 from edgecloud.protocol.admission import Admission
 from edgecloud.protocol.statistics import InferenceStatistics
 

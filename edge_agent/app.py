@@ -17,8 +17,8 @@ from edge_agent.serving.stats import Stats
 from edge_agent.update.startup import load_startup
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import ModelLoadError
-from edgecloud.exposition import MetricsServer
 from edgecloud.heap import return_large_blocks
+from edgecloud.metrics.exposition import MetricsServer
 from edgecloud.protocol.admission import Admission
 from edgecloud.protocol.health_port import HealthPort, start_health_port
 from edgecloud.protocol.server import RestOptions, RunningServer, start_server

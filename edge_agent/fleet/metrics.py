@@ -21,14 +21,9 @@ from edge_agent.cloud.circuit import CLOSED, HALF_OPEN, OPEN
 from edge_agent.fleet.readings import DISABLED, AgentReadings
 from edge_agent.fleet.telemetry import Telemetry
 from edge_agent.serving.stats import PATHS
-from edgecloud.exposition import (
-    COUNTERS,
-    PREFIX,
-    MetricsServer,
-    MetricsUnavailable,
-    add_latency,
-    admission_metrics,
-)
+from edgecloud.metrics.buckets import add_latency
+from edgecloud.metrics.exposition import MetricsServer, MetricsUnavailable, admission_metrics
+from edgecloud.metrics.names import COUNTERS, PREFIX
 
 log = logging.getLogger(__name__)
 

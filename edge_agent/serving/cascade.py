@@ -56,8 +56,8 @@ from edgecloud.protocol.parameters import (
     DETECTIONS,
     AgentRequest,
     AgentResponse,
-    CloudRequest,
     CloudResponse,
+    Collaboration,
     EdgeSummary,
     EscalationReason,
 )
@@ -321,9 +321,7 @@ class Cascade:
         prediction = None if model.detection else top1(scores[rows]).tolist()
         summary = EdgeSummary(rows=rows.tolist(), prediction=prediction,
                               confidence=[round(float(c), 6) for c in confidence[rows]], reason=reason)
-        params = {CloudRequest.REQUEST_ID: call.request_id, CloudRequest.DEVICE_ID: self.device_id,
-                  CloudRequest.EDGE_MODEL_VERSION: model.version,
-                  CloudRequest.EDGE_SUMMARY: summary.to_json()}
+        params = Collaboration(call.request_id, self.device_id, model.version, summary).parameters()
         request = InferRequest(model_name=self.link.model_name(model),
                                model_version=self.link.cfg.model_version, id=call.request_id,
                                inputs={k: v[rows] for k, v in call.request.inputs.items()}, parameters=params)

@@ -11,7 +11,7 @@ from math import isnan
 
 import numpy as np
 
-from edgecloud.exposition import LATENCY_BUCKETS, bucket_of, cumulative
+from edgecloud.metrics.buckets import LATENCY_BUCKETS, bucket_of, cumulative
 
 CONFIDENCE_EDGES = tuple(i / 10 for i in range(11))
 _LAST_BIN = len(CONFIDENCE_EDGES) - 2

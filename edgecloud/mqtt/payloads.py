@@ -114,7 +114,7 @@ class Event(Body):
 # -- telemetry --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Metric:
-    """The Prometheus counter a telemetry counter is also exposed as (see edgecloud.exposition)."""
+    """The Prometheus counter a telemetry counter is also exposed as (see edgecloud.metrics.names)."""
 
     name: str
 

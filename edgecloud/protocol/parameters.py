@@ -8,8 +8,11 @@ choice its value travels as. A new parameter is one line in the class of its dir
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -137,3 +140,51 @@ class EdgeSummary(BaseModel):
         if len(set(summary.rows)) != len(summary.rows) or min(summary.rows, default=0) < 0:
             raise InvalidInput(f"parameter '{key}': rows must be distinct non-negative indices")
         return summary
+
+
+@dataclass(frozen=True, slots=True)
+class Collaboration:
+    """What an escalation says about itself (the ``CloudRequest`` parameters), declared once: the agent
+    writes it (:meth:`parameters`), the gateway reads it back (:meth:`read`) and keeps it beside each
+    row in its store. ``summary`` is None for a plain inference call.
+
+    A malformed ``edgecloud.edge_summary`` is refused (INVALID_ARGUMENT) rather than guessed at: the
+    hard-example store is training data, and a wrong row index would pair an input with another row's
+    edge prediction."""
+
+    request_id: str
+    device_id: str
+    edge_model_version: str
+    summary: EdgeSummary | None
+    deferred: bool = False
+
+    def parameters(self) -> dict[str, Any]:
+        """The request parameters that carry it (``deferred`` only when set: a replay's)."""
+        params: dict[str, Any] = {CloudRequest.REQUEST_ID: self.request_id,
+                                  CloudRequest.DEVICE_ID: self.device_id,
+                                  CloudRequest.EDGE_MODEL_VERSION: self.edge_model_version}
+        if self.summary is not None:
+            params[CloudRequest.EDGE_SUMMARY] = self.summary.to_json()
+        if self.deferred:
+            params[CloudRequest.DEFERRED] = True
+        return params
+
+    @classmethod
+    def read(cls, parameters: Mapping[str, object], request_id: str, rows: int) -> Collaboration:
+        """The collaboration a request's ``parameters`` carry (``request_id``: its own id; ``rows``: its
+        batch size). Without ``edgecloud.request_id`` the request's own id is used, else, for an
+        escalation (which is kept under it), a fresh one; a plain call without either has none."""
+        def value(key: CloudRequest, default: object) -> Any:
+            found = parameters.get(key, default)
+            if not key.accepts(found):
+                raise InvalidInput(f"parameter '{key}' must be a {key.choice}, got {type(found).__name__}")
+            return found
+
+        deferred = value(CloudRequest.DEFERRED, False)
+        summary_text = str(value(CloudRequest.EDGE_SUMMARY, ""))
+        request_id = str(value(CloudRequest.REQUEST_ID, "")) or request_id
+        return cls(request_id=request_id or (uuid.uuid4().hex if summary_text else ""),
+                   device_id=str(value(CloudRequest.DEVICE_ID, "")),
+                   edge_model_version=str(value(CloudRequest.EDGE_MODEL_VERSION, "")),
+                   summary=EdgeSummary.parse(summary_text, rows) if summary_text else None,
+                   deferred=deferred)

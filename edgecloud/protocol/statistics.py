@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from edgecloud.exposition import LATENCY_BUCKETS, bucket_of
+from edgecloud.metrics.buckets import LATENCY_BUCKETS, bucket_of
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgecloud.client import KServeClient
-from edgecloud.exposition import PREFIX
+from edgecloud.metrics.names import PREFIX
 from edgecloud.protocol.parameters import AgentRequest, AgentResponse
 from edgecloud_tools.faults.plan import Outcome
 from edgecloud_tools.rig.services import wait_until

@@ -25,7 +25,7 @@ from pydantic import Field, ValidationError
 
 from edgecloud.config import Section
 from edgecloud.errors import ConfigError
-from edgecloud.exposition import LATENCY_BUCKETS
+from edgecloud.metrics.buckets import LATENCY_BUCKETS
 from edgecloud.mqtt.payloads import Telemetry
 
 #: the confidence histogram's 10 bins over [0, 1]; rows below the threshold (0.5) are the escalated ones

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from cloud_gateway import cli
 from cloud_gateway.collector import FleetCollector
 from edgecloud.config import build
-from edgecloud.exposition import LATENCY_BUCKETS
+from edgecloud.metrics.buckets import LATENCY_BUCKETS
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig
 from edgecloud.mqtt.payloads import Status
 from edgecloud.mqtt.topics import FleetTopics

@@ -8,7 +8,13 @@ import json
 import pytest
 
 from edgecloud.errors import InvalidInput
-from edgecloud.protocol.parameters import AgentRequest, AgentResponse, CloudRequest, EdgeSummary
+from edgecloud.protocol.parameters import (
+    AgentRequest,
+    AgentResponse,
+    CloudRequest,
+    Collaboration,
+    EdgeSummary,
+)
 
 WIRE = {
     "edgecloud.escalate": "string", "edgecloud.threshold": "double",
@@ -64,3 +70,18 @@ def test_malformed_edge_summaries_are_refused(text: str, rows: int, message: str
     with pytest.raises(InvalidInput) as info:
         EdgeSummary.parse(text, rows)
     assert "parameter 'edgecloud.edge_summary'" in str(info.value) and message in str(info.value)
+
+
+def test_the_collaboration_the_agent_writes_is_the_one_the_gateway_reads() -> None:
+    summary = EdgeSummary(rows=(3, 7), prediction=(1, 0), confidence=(0.41, 0.2), reason="low_confidence")
+    written = Collaboration("req-9", "press-7", "4", summary)
+    assert Collaboration.read(written.parameters(), "ignored", rows=2) == written
+    replayed = Collaboration("req-9", "press-7", "4", summary, deferred=True)
+    assert replayed.parameters()[CloudRequest.DEFERRED] is True
+    assert Collaboration.read(replayed.parameters(), "", rows=2) == replayed
+    plain = Collaboration.read({}, "", rows=1)  # a plain inference call: no id, no summary
+    assert (plain.request_id, plain.summary, plain.deferred) == ("", None, False)
+    with pytest.raises(InvalidInput, match=r"edgecloud\.device_id"):
+        Collaboration.read({CloudRequest.DEVICE_ID: True}, "", rows=1)
+    with pytest.raises(InvalidInput, match="names 2 rows, the request carries 3"):
+        Collaboration.read(written.parameters(), "", rows=3)

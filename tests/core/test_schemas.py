@@ -7,7 +7,7 @@ import json
 
 import jsonschema
 
-from edgecloud.exposition import COUNTERS
+from edgecloud.metrics.names import COUNTERS
 from edgecloud.mqtt import schemas
 from edgecloud.mqtt.payloads import UPDATE_STATES, Counters
 

@@ -1,65 +1,26 @@
-"""Prometheus exposition shared by the agent's and the gateway's ``/metrics``: the HTTP endpoint of a
-service's own registry (``/metrics`` only; any other path is 404), the metric names of the cascade's
-counters, so a device's figures carry the same names whether scraped from the agent or from the
-gateway's fleet collector, the latency histogram's buckets, and the admission figures both services
-expose under the same names.
-
-Latencies are histograms, not summaries: bucket counts add up across devices and replicas
-(``histogram_quantile(0.99, sum by (le) (rate(…_bucket[5m])))``), quantiles do not. One set of
-buckets serves the edge's milliseconds and the cloud's hundreds of milliseconds, so the agent's, the
-gateway's and the collector's series can be compared and summed (docs/design.md §9).
-"""
+"""The HTTP endpoint of a service's own registry (``/metrics`` only; any other path is 404), and the
+admission figures both services expose under the same names."""
 
 from __future__ import annotations
 
 import logging
 import socket
 import threading
-from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
-from itertools import accumulate
+from collections.abc import Iterator
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, core, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from edgecloud.endpoint import parse_endpoint
 from edgecloud.errors import EdgecloudError
-from edgecloud.mqtt.payloads import Counters, Metric
+from edgecloud.metrics.names import PREFIX
 from edgecloud.protocol.admission import AdmissionFigures
 
 log = logging.getLogger(__name__)
 
-PREFIX = "edgecloud_"
-
-#: cascade counter (key of the agent's stats and of telemetry ``counters``) → (metric name, help)
-COUNTERS = {key: (next(m.name for m in field.metadata if isinstance(m, Metric)), field.description or "")
-            for key, field in Counters.model_fields.items()}
-
-
-#: upper bounds (seconds) of the latency buckets, +Inf implied: fine from 0.5 ms (edge answers) to
-#: 100s of ms (escalations over a WAN, the gateway's batching window), coarse up to 5 s
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 PATH = "/metrics"
-
-
-def bucket_of(seconds: float) -> int:
-    """Index of the bucket a latency falls in (``len(LATENCY_BUCKETS)`` for +Inf): the first bound
-    at or above it, as Prometheus' ``le`` says."""
-    return bisect_left(LATENCY_BUCKETS, seconds)
-
-
-def cumulative(counts: Iterable[int]) -> list[int]:
-    """Per-bucket counts → the cumulative counts a histogram exposes (the last is every call)."""
-    return list(accumulate(counts))
-
-
-def add_latency(family: HistogramMetricFamily, labels: Sequence[str], counts: Sequence[int],
-                sum_s: float) -> None:
-    """One labelled histogram from cumulative ``counts`` (one per bound of LATENCY_BUCKETS, then +Inf)."""
-    bounds = [*(f"{b:g}" for b in LATENCY_BUCKETS), "+Inf"]
-    family.add_metric(list(labels), list(zip(bounds, counts)), sum_s)
 
 
 def admission_metrics(figures: AdmissionFigures) -> Iterator[core.Metric]:
