@@ -139,8 +139,10 @@ class Applier:
 
     def halt(self, command: WaveCommand) -> bool:
         """Roll back the version a rollout halted (docs/design.md §12) to the model served before it,
-        when that version serves here; True when it did. Not remembered as rolled back: the halt is the
-        command's state, and a later ``advancing`` command that includes this device brings it back."""
+        when that version serves here, and report ``rolled_back`` with reason ``rollout_halted`` (the
+        controller's own reason goes in a ``rollout.halted`` event); True when it did. Not remembered
+        as rolled back: the halt is the command's state, and a later ``advancing`` command that includes
+        this device brings it back."""
         active = self.state.active
         if active is None or active.version != command.version or active.model != command.model \
                 or as_int_version(self.slot.model.version) != command.version:
@@ -156,8 +158,9 @@ class Applier:
             return False
         self._retired.append(self.slot.swap(previous))
         self._save(active=before, previous=None, pending=None)
-        reason = ROLLOUT_HALTED + (f": {one_line(command.reason)}" if command.reason else "")
-        self.reporter.enter(command.model, command.version, "rolled_back", reason=reason)
+        self.reporter.event("rollout.halted", "warning", model=command.model, version=command.version,
+                            wave=command.wave, reason=one_line(command.reason))
+        self.reporter.enter(command.model, command.version, "rolled_back", reason=ROLLOUT_HALTED)
         self.store.prune(self.state)
         return True
 

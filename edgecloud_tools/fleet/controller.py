@@ -38,7 +38,6 @@ from pydantic import Field
 
 from edgecloud.clock import format_time, parse_time
 from edgecloud.config import Section
-from edgecloud.errors import ConfigError
 from edgecloud.mqtt.client import Message, MqttClient, MqttConfig, MqttError
 from edgecloud.release import Gates
 from edgecloud.rollout import WaveCommand, command_keys, sign_command
@@ -70,7 +69,8 @@ class ControllerSection(Section):
     fleet: str = Field(min_length=1, description="fleet id (topic level edgecloud/<fleet>/…)")
     state_dir: Path = Field(description="directory of the state database and its lock")
     key: Path = Field(description="Ed25519 private key that signs wave commands")
-    trusted_keys: tuple[Path, ...] = Field((), description="public keys releases are verified with")
+    trusted_keys: tuple[Path, ...] = Field((), description="public keys releases are verified with "
+                                                           "(default: the controller's own key's)")
     controller_id: str = Field(default_factory=socket.gethostname,
                                description="holder name of the lease (the same across restarts)")
     judge_interval_s: float = Field(1.0, gt=0, description="how often waves are judged")
@@ -117,10 +117,10 @@ class Controller:
         self.config = config
         self.key = load_private_key(cfg.key)
         self.key_id = key_id(self.key.public_key())
-        self.trust = TrustStore.from_files(cfg.trusted_keys)
-        if not self.trust.keys:
-            raise ConfigError("controller.trusted_keys: give at least one public key (--trusted-key) to "
-                              "verify releases with")
+        # releases are verified before they are driven: a forged release must not get gates waived
+        # for a real one of the same version. Without --trusted-key, its own key signs the releases.
+        self.trust = (TrustStore.from_files(cfg.trusted_keys) if cfg.trusted_keys
+                      else TrustStore({self.key_id: self.key.public_key()}))
         self.view = RolloutView(cfg.fleet, self.trust)
         self.lease = f"rollout-controller/{cfg.fleet}"
         self.rollouts: dict[tuple[str, int], Rollout] = {}

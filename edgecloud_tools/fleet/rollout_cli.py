@@ -52,7 +52,8 @@ def register(actions: argparse._SubParsersAction) -> None:
     controller.add_argument("--key", type=Path, help="Ed25519 private key that signs wave commands")
     controller.add_argument("--state-dir", type=Path, help="where the state database and its lock live")
     controller.add_argument("--trusted-key", action="append", type=Path, metavar="PEM",
-                            help="public key to verify releases with (repeatable)")
+                            help="public key to verify releases with (repeatable; default: the "
+                                 "public half of --key)")
     controller.add_argument("--controller-id", help="lease holder name, the same across restarts "
                                                     "(default: the host name)")
     controller.add_argument("--judge-interval", type=float, metavar="SECONDS", help="default 1")

@@ -13,7 +13,7 @@ rollout relies on (docs/design.md §6-§8, §12), with no model file behind it:
   serving): a release is taken only while the device is inside the current share
   (:func:`edgecloud.rollout.share`, :func:`edgecloud.release.in_rollout`); on ``halted`` (a share of 0)
   a device serving that version goes back to the one it served before and reports ``rolled_back`` with
-  ``rollout_halted[: <the command's reason>]`` (on its return, for a device that was offline), and a
+  reason ``rollout_halted`` (on its return, for a device that was offline), and a
   later ``advancing`` that includes it brings it back. A refused command is logged and sent as a
   ``rollout.command_refused`` event, once (as ``edge_agent/update/waves.py`` does);
 - ``models/<name>/reported`` and the shared ``model/reported`` through downloading → verifying →
@@ -408,7 +408,7 @@ class SimDevice:
             self._active_release = None
             return
         (self.active, self._active_release), self.previous = self.previous, None
-        await self._report(halt.version, "rolled_back", _halt_reason(halt))
+        await self._report(halt.version, "rolled_back", ROLLOUT_HALTED)
         await self._announce()
 
 

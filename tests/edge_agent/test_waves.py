@@ -81,8 +81,10 @@ def test_waves_widen_the_share_and_a_halt_rolls_back_with_zero_failed_calls(flee
         send_command(fleet, command(fleet, 2, 1, "halted", reason="max_agree_drop: 0.41 below"))
         for device in (first, second):
             report = fleet.watcher.wait_report(device, "rolled_back", 2)
-            assert report["reason"] == "rollout_halted: max_agree_drop: 0.41 below"
-            assert report["active_version"] == 1
+            assert (report["reason"], report["active_version"]) == ("rollout_halted", 1)
+            halted = fleet.watcher.wait_event(device, "rollout.halted")["data"]
+            assert (halted["version"], halted["wave"]) == (2, 1)
+            assert halted["reason"] == "max_agree_drop: 0.41 below"
             assert fleet.watcher.status_says(device, 1)
             loads[device].wait("1", calls=loads[device].versions["1"] + 20)
             assert state_file(fleet, device)["active"] is None  # the configured model serves again

@@ -170,13 +170,16 @@ def publish_waves(broker: LocalBroker, model: Path, keys: Path, *extra: str) -> 
 class ControllerProcess:
     """``edgecloud fleet controller`` in its own process, its log kept in a file."""
 
-    def __init__(self, broker: LocalBroker, keys: Path, state_dir: Path, env: dict[str, str] | None = None):
+    def __init__(self, broker: LocalBroker, keys: Path, state_dir: Path, env: dict[str, str] | None = None,
+                 trusted: bool = True):
+        """``trusted`` False: the command line of docs/design.md §12 alone (no --trusted-key: the releases
+        are verified with the controller's own key, which signed them here)."""
         config = state_dir.parent / "controller.toml"
         config.write_text("[controller]\nsettle_s = 0.3\nlease_s = 6\n")
         self.log = state_dir.parent / f"controller-{time.monotonic_ns()}.log"
         argv = [sys.executable, "-m", "edgecloud_tools.cli", "fleet", "controller", "--config", str(config),
-                "--key", f"{keys}.key", "--trusted-key", f"{keys}.pub", "--state-dir", str(state_dir),
-                "--judge-interval", "0.1", *broker_args(broker)]
+                "--key", f"{keys}.key", *(["--trusted-key", f"{keys}.pub"] if trusted else []),
+                "--state-dir", str(state_dir), "--judge-interval", "0.1", *broker_args(broker)]
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(argv, stdout=out, stderr=out, env={**os.environ, **(env or {})})
 
@@ -263,7 +266,7 @@ def test_a_bad_release_is_halted_in_the_first_wave(broker, keys, model, tmp_path
                                                     capsys) -> None:
     publish_waves(broker, model, keys)
     devices = Devices(broker, 24, {1: 0.9, 2: 0.45}, TrustStore.from_files([Path(f"{keys}.pub")]))
-    controllers.append(controller := ControllerProcess(broker, keys, tmp_path / "state"))
+    controllers.append(controller := ControllerProcess(broker, keys, tmp_path / "state", trusted=False))
     run_until(devices, command_is(devices, 0, "halted"), controller)
     command = retained_command(devices)
     assert command is not None and command.reason.startswith("max_agree_drop: audit agreement")
