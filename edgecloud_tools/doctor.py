@@ -231,6 +231,11 @@ def check_broker(device: Device) -> Check:
     if config.fleet.name is None:
         return skipped("broker", "no fleet.name configured (stand-alone device)")
     mqtt = config.mqtt.model_copy(update={"client_id": f"edgecloud-doctor-{config.agent.device_id}"})
+    files = {name: getattr(mqtt.tls, name) for name in ("ca", "cert", "key")} if mqtt.tls else {}
+    missing = [f"mqtt.tls.{name} {path}" for name, path in files.items()
+               if path is not None and not Path(path).is_file()]
+    if missing:  # the TLS library would say "No such file or directory" without naming it
+        return fail("broker", f"{', '.join(missing)}: no such file; fix the path")
     try:
         with MqttClient(mqtt) as client:
             client.wait_connected(device.timeout_s)

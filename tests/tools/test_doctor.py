@@ -70,6 +70,12 @@ def test_a_reachable_cloud_and_broker_with_its_ca_are_ok(tmp_path, cloud, broker
     assert checks["broker"].status == "FAIL"
     assert "check mqtt.host, mqtt.port, mqtt.tls" in checks["broker"].message
 
+    gone = {**broker.mqtt_section(), "tls": {"ca": str(tmp_path / "moved" / "ca.pem")}}  # not named before
+    checks = by_name(run_checks(Device(config(tmp_path, fleet={"name": "plant-1"}, mqtt=gone), timeout_s=2)))
+    assert checks["broker"].status == "FAIL"
+    moved = tmp_path / "moved" / "ca.pem"
+    assert checks["broker"].message == f"mqtt.tls.ca {moved}: no such file; fix the path"
+
 
 def test_what_is_wrong_is_one_line_each_saying_what_to_fix(tmp_path) -> None:
     dead = free_port()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -98,6 +99,17 @@ def test_keygen_writes_a_private_and_a_public_key(tmp_path: Path, capsys: pytest
     assert cli.main(["keygen", "--out", str(prefix)]) == 2  # refuses to overwrite a key
     assert "exists" in capsys.readouterr().err
     assert cli.main(["keygen", "--out", str(prefix), "--force"]) == 0
+
+
+def test_a_private_key_made_inside_a_clone_is_ignored_by_git() -> None:
+    """``edgecloud keygen --out keys/release`` in a checkout: the private key must not be one ``git add .``
+    away from a commit; the public key may be committed."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        pytest.skip("needs a git checkout of the project")
+    ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "--no-index", "keys/release.key",
+                              "keys/release.pub"], capture_output=True, text=True, check=False)
+    assert ignored.stdout.split() == ["keys/release.key"], ignored.stderr
 
 
 def test_publish_uploads_signs_and_retains_the_release(broker, gateway, key, model, tmp_path, capsys) -> None:
