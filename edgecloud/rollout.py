@@ -15,7 +15,7 @@ import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -29,7 +29,6 @@ from edgecloud.signing import KEY_ID_PATTERN, TrustStore, key_id, sign, verify
 
 SCHEMA_VERSION = 1
 WaveState = Literal["advancing", "halted", "complete"]
-WAVE_STATES = get_args(WaveState)
 #: the reason a device reports when a halt rolls it back
 ROLLOUT_HALTED = "rollout_halted"
 

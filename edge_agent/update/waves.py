@@ -98,9 +98,5 @@ class Waves:
         return share(release, self.taken.get(release.version))
 
     def admits(self, release: ReleasePayload) -> bool:
-        """Whether this device is inside ``release``'s current share (docs/design.md §9 with its wave)."""
+        """Whether this device is inside ``release``'s share now (docs/design.md §6 at its wave's percent)."""
         return in_rollout(self.device, self.share(release), release.rollout.salt)
-
-    def halted(self, version: int) -> WaveCommand | None:
-        command = self.taken.get(version)
-        return command if command is not None and command.state == "halted" else None
